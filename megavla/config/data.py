@@ -1,0 +1,57 @@
+"""Data settings: which shard sets, how they are mixed, chunked, normalized and batched."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .core import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # Named shard sets (name -> directory written by `megavla data synth` or a converter).
+    sources: dict[str, str] = field(default_factory=dict)
+    # Sampling weight per source name (`data.mixture.human=0.5`); unnamed sources get weight 1.
+    # Weights are normalized, so {robot: 1, human: 1} is the paper's 50/50 co-training mix.
+    mixture: dict[str, float] = field(default_factory=dict)
+    # Held-out shard sets for validation loss (name -> directory).
+    val_sources: dict[str, str] = field(default_factory=dict)
+    # Keep this fraction of scene x task combos (nested: the 0.25 set is inside the 0.5 set).
+    diversity_fraction: float = 1.0
+    diversity_seed: int = 0
+    # Restrict to / exclude explicit combos ("scene:task" strings); empty = no restriction.
+    include_combos: list[str] = field(default_factory=list)
+    exclude_combos: list[str] = field(default_factory=list)
+    # Action chunk length H, max action / state dims (padded with masks).
+    chunk_length: int = 10
+    max_action_dim: int = 32
+    max_state_dim: int = 32
+    cameras: list[str] = field(default_factory=lambda: ["head", "left_wrist", "right_wrist"])
+    image_size: int = 224
+    batch_size: int = 8
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    # Timesteps drawn from one decoded episode before moving on (amortizes tar reading).
+    samples_per_episode: int = 4
+    seed: int = 0
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    normalization: Literal["quantile", "zscore", "none"] = "quantile"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.diversity_fraction <= 1.0:
+            raise ConfigError(f"diversity_fraction={self.diversity_fraction} must be in [0, 1]")
+        for name, value in [("chunk_length", self.chunk_length), ("batch_size", self.batch_size),
+                            ("max_action_dim", self.max_action_dim), ("image_size", self.image_size),
+                            ("samples_per_episode", self.samples_per_episode)]:
+            if value <= 0:
+                raise ConfigError(f"{name}={value} must be positive")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
+        for name, weight in self.mixture.items():
+            if name not in self.sources:
+                raise ConfigError(f"mixture.{name}: no source named {name!r}; sources are {sorted(self.sources)}")
+            if weight < 0:
+                raise ConfigError(f"mixture.{name}={weight} must be >= 0")
+        bad = [c for c in self.cameras if c not in ("head", "left_wrist", "right_wrist")]
+        if bad:
+            raise ConfigError(f"cameras: unknown camera {bad[0]!r}; choose from head, left_wrist, right_wrist")
