@@ -1,0 +1,54 @@
+"""The one config system: strict keys, typed values, dotted overrides, YAML inheritance."""
+import pytest
+
+from megavla.config import Config, ConfigError, load_config, to_dict, write_yaml
+
+
+def test_defaults_build_and_round_trip(tmp_path):
+    cfg = load_config()
+    write_yaml(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config(None, ["data.sources={robot: /r, human: /h}", "data.mixture.human=0.25",
+                             "data.chunk_length=50", "data.cameras=[head]"])
+    assert cfg.data.sources == {"robot": "/r", "human": "/h"}
+    assert cfg.data.mixture == {"human": 0.25}
+    assert cfg.data.chunk_length == 50 and cfg.data.cameras == ["head"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.chunk_lenght=3", "Did you mean 'chunk_length'"),
+    ("nope.x=1", "unknown config key 'nope'"),
+    ("data.on_bad_sample=maybe", "choose one of ['skip', 'fail']"),
+    ("data.chunk_length=abc", "data.chunk_length: expected an integer"),
+    ("data.diversity_fraction=1.5", "must be in [0, 1]"),
+    ("data.mixture.human=0.5", "no source named 'human'"),
+    ("data.cameras=[head, chest]", "unknown camera 'chest'"),
+    ("data.batch_size", "must look like dotted.key=value"),
+])
+def test_bad_values_name_the_key_and_fix(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+
+
+def test_yaml_defaults_inheritance_and_override_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  batch_size: 4\n  chunk_length: 7\n")
+    (tmp_path / "run.yaml").write_text("defaults: [base.yaml]\ndata:\n  batch_size: 16\n")
+    cfg = load_config(tmp_path / "run.yaml", ["data.chunk_length=9"])
+    assert (cfg.data.batch_size, cfg.data.chunk_length) == (16, 9)
+
+
+def test_missing_or_malformed_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_config_is_a_dataclass_tree():
+    assert isinstance(load_config(), Config)
