@@ -1,0 +1,72 @@
+"""Choosing between a Triton kernel and its plain-torch reference.
+
+Every op in ``megavla.kernels`` takes ``impl="auto" | "triton" | "torch"``:
+
+* ``"torch"``  - the plain-torch reference (always available, differentiable, any device).
+* ``"triton"`` - the fused Triton kernel; an error if it cannot run on these tensors.
+* ``"auto"``   - Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1`` was set before
+  the kernel modules were imported (CPU interpreter, used by tests); else torch.
+
+Triton decides at ``@triton.jit`` decoration time whether a kernel is interpreted, so the interpreter
+state that matters is the one at import time (`INTERPRETED_AT_IMPORT`), not the current environment.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "triton", "torch")
+INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:  # triton ships with CUDA torch; on a CPU box it is an optional extra
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    TRITON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_warned_env_change = False
+
+
+def triton_available() -> bool:
+    return TRITON_IMPORT_ERROR is None
+
+
+def triton_can_run(*tensors: torch.Tensor) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on these tensors, and if not, why."""
+    if not triton_available():
+        return False, f"triton does not import ({TRITON_IMPORT_ERROR}); pip install 'megavla[triton]'"
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    if devices == {"cuda"}:
+        return True, ""
+    if devices <= {"cpu"} and INTERPRETED_AT_IMPORT:
+        return True, ""
+    if devices <= {"cpu"}:
+        global _warned_env_change
+        if os.environ.get("TRITON_INTERPRET", "0") == "1" and not _warned_env_change:
+            _warned_env_change = True
+            logger.warning(
+                "TRITON_INTERPRET=1 was set after megavla.kernels was imported; the kernels were "
+                "compiled for GPU, so CPU tensors use the torch reference. Set it before importing.")
+        return False, ("tensors are on CPU and TRITON_INTERPRET=1 was not set before importing "
+                       "megavla.kernels")
+    return False, f"tensors on devices {sorted(devices)}; Triton needs all on one CUDA device"
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor, op: str = "kernel") -> str:
+    """Return "triton" or "torch" for this call, raising a clear error for impossible requests."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLS} (config field model.kernels)")
+    if impl == "torch":
+        return "torch"
+    ok, why = triton_can_run(*tensors)
+    if impl == "triton" and not ok:
+        raise RuntimeError(f"{op}: impl='triton' cannot run: {why}. Use impl='auto' or 'torch'.")
+    return "triton" if ok else "torch"
