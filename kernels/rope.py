@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_impl
+from .dispatch import resolve_impl, triton_available
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
@@ -40,5 +40,65 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
     return apply_rope_reference(x, positions, theta)
 
 
-def _triton_apply_rope(x, positions, theta):  # replaced in step 2
-    return apply_rope_reference(x, positions, theta)
+# ----------------------------------------------------------------------------- Triton
+if triton_available():
+    from .dispatch import tl, triton
+
+    @triton.jit
+    def _rope_kernel(X, Y, POS, INV_FREQ, L, NH, HALF, sxb, sxh, sxl, syb, syh, syl, spb, spl,
+                     SIN_SIGN: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr):
+        """One program per (batch, run of positions): cos/sin computed once per position and applied to
+        every head. SIN_SIGN=-1 applies the inverse rotation, which is the backward pass."""
+        b = tl.program_id(0)
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        cols = tl.arange(0, BLOCK_HALF)[None, :]
+        m = (heads < NH) & (cols < HALF)
+        inv_freq = tl.load(INV_FREQ + cols, mask=cols < HALF, other=0.0)
+        for i in range(0, ROWS):
+            l = tl.program_id(1) * ROWS + i
+            if l < L:
+                angle = tl.load(POS + b.to(tl.int64) * spb + l * spl).to(tl.float32) * inv_freq
+                cos = tl.cos(angle)
+                sin = tl.sin(angle) * SIN_SIGN
+                xo = b.to(tl.int64) * sxb + heads * sxh + l * sxl + cols
+                yo = b.to(tl.int64) * syb + heads * syh + l * syl + cols
+                x1 = tl.load(X + xo, mask=m, other=0.0).to(tl.float32)
+                x2 = tl.load(X + xo + HALF, mask=m, other=0.0).to(tl.float32)
+                tl.store(Y + yo, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=m)
+                tl.store(Y + yo + HALF, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=m)
+
+
+def _launch_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sin_sign: int) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, nh, length, d = x.shape
+    y = torch.empty((b, length, nh, d), dtype=x.dtype, device=x.device).transpose(1, 2) \
+        if x.stride(1) == d and x.stride(2) == nh * d else torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows = max(1, min(length, triton.cdiv(b * length, 1024))) if x.is_cuda else length
+    if x.numel():
+        _rope_kernel[(b, triton.cdiv(length, rows))](
+            x, y, positions, inv_freq, length, nh, d // 2, x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2), positions.stride(0), positions.stride(1),
+            SIN_SIGN=sin_sign, ROWS=rows, BLOCK_H=triton.next_power_of_2(nh),
+            BLOCK_HALF=triton.next_power_of_2(d // 2))
+    return y
+
+
+class RopeFunction(torch.autograd.Function):
+    """Rotation by position; the backward is the inverse rotation of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, positions, theta):
+        inv_freq = rope_inv_freq(x.shape[-1], theta, x.device)
+        ctx.save_for_backward(positions, inv_freq)
+        return _launch_rope(x, positions, inv_freq, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        positions, inv_freq = ctx.saved_tensors
+        return _launch_rope(g, positions, inv_freq, -1), None, None
+
+
+def _triton_apply_rope(x, positions, theta):
+    return RopeFunction.apply(x, positions, theta)
