@@ -1,0 +1,160 @@
+"""Shard-set layout and ``manifest.json``: what the writer produces and the reader relies on.
+
+A **shard set** is one directory::
+
+    <set>/shard-000000.tar     WebDataset tars, one sample per episode (format.episode_to_sample),
+    <set>/shard-000001.tar     written with webdataset.TarWriter (ustar, mtime 0: same seed -> same bytes)
+    <set>/norm_stats.json      per-embodiment normalization stats (see data_shards/stats.py)
+    <set>/manifest.json        written LAST: its presence means the set is complete
+
+``megavla data synth --out DIR`` writes **one shard set per embodiment family** — ``DIR/robot``
+(``robot/*`` episodes) and ``DIR/human`` (``human/*``) — so a weighted mixture is just two sources::
+
+    data.sources={robot: DIR/robot, human: DIR/human}  data.mixture.human=0.5
+
+(the reader draws from each set by weight, with no per-sample embodiment filter, and each set
+carries its own stats). Tools that take a ``DIR`` (inspect / stats / verify) accept a set or a
+directory holding several sets (``find_shard_sets``).
+
+``manifest.json`` (``format_version`` 1; paths are relative to the set directory)::
+
+    {"format_version": 1,
+     "episode_format_version": 1,                         data_shards.format.FORMAT_VERSION
+     "shards": [{"path": "shard-000000.tar",
+                 "samples": n, "episodes": n,              equal: one sample per episode
+                 "steps": n, "valid_steps": n,             sum of T / of step_valid
+                 "embodiments": {"robot/arm": n, ...},     episodes per embodiment
+                 "combos": ["<scene>:<task>", ...],        sorted by (scene, task)
+                 "first_key": "...", "last_key": "...",
+                 "bytes": n, "sha256": "<hex>"}, ...],
+     "totals": {"shards": n, "samples": n, "episodes": n, "steps": n, "valid_steps": n, "bytes": n,
+                "embodiments": {"robot/arm": episodes},
+                "steps_per_embodiment": {"robot/arm": steps},
+                "combos": {"robot/arm": ["0:0", "0:1", ...]}},   scene x task combos per embodiment
+     "target_shard_bytes": n,
+     "generator": {...}}                                   how the episodes were made (synth args)
+
+A shard holds at most ``target_shard_bytes`` unless one episode alone is larger (then it is alone
+in its shard).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+SHARD_FIELDS = ("path", "samples", "episodes", "steps", "embodiments", "combos", "bytes", "sha256")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or malformed; the message names the file and field."""
+
+
+def embodiment_family(embodiment: str) -> str:
+    """``robot/arm`` -> ``robot``: the shard set an episode goes to in ``megavla data synth``."""
+    return embodiment.split("/", 1)[0]
+
+
+def combo_sort_key(combo: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in combo.split(":"))
+
+
+def shard_row(path: str, episodes: list[dict[str, Any]], num_bytes: int, sha256: str) -> dict[str, Any]:
+    """One ``shards`` entry from per-episode facts (key, embodiment, combo, steps, valid_steps)."""
+    embodiments: dict[str, int] = {}
+    for e in episodes:
+        embodiments[e["embodiment"]] = embodiments.get(e["embodiment"], 0) + 1
+    return {
+        "path": path,
+        "samples": len(episodes),
+        "episodes": len(episodes),
+        "steps": sum(e["steps"] for e in episodes),
+        "valid_steps": sum(e["valid_steps"] for e in episodes),
+        "embodiments": dict(sorted(embodiments.items())),
+        "combos": sorted({e["combo"] for e in episodes}, key=combo_sort_key),
+        "first_key": episodes[0]["key"] if episodes else None,
+        "last_key": episodes[-1]["key"] if episodes else None,
+        "bytes": num_bytes,
+        "sha256": sha256,
+    }
+
+
+def totals(rows: list[dict[str, Any]], combos_per_embodiment: dict[str, set[str]],
+           steps_per_embodiment: dict[str, int]) -> dict[str, Any]:
+    embodiments: dict[str, int] = {}
+    for row in rows:
+        for emb, n in row["embodiments"].items():
+            embodiments[emb] = embodiments.get(emb, 0) + n
+    return {
+        "shards": len(rows),
+        "samples": sum(r["samples"] for r in rows),
+        "episodes": sum(r["episodes"] for r in rows),
+        "steps": sum(r["steps"] for r in rows),
+        "valid_steps": sum(r.get("valid_steps", r["steps"]) for r in rows),
+        "bytes": sum(r["bytes"] for r in rows),
+        "embodiments": dict(sorted(embodiments.items())),
+        "steps_per_embodiment": dict(sorted(steps_per_embodiment.items())),
+        "combos": {emb: sorted(c, key=combo_sort_key) for emb, c in sorted(combos_per_embodiment.items())},
+    }
+
+
+def load_manifest(set_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``<set_dir>/manifest.json``; ManifestError names the file, field and fix."""
+    path = Path(set_dir) / MANIFEST_FILE
+    if not path.is_file():
+        partial = sorted(p.name for p in Path(set_dir).glob("*.partial"))
+        hint = (f" ({len(partial)} *.partial files: a write died midway; rerun the writer)"
+                if partial else "")
+        raise ManifestError(f"{path}: missing: not a complete shard set{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this code "
+                            f"reads {MANIFEST_VERSION}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ManifestError(f"{path}: field 'shards' must be a list")
+    for i, row in enumerate(shards):
+        missing = [f for f in SHARD_FIELDS if f not in row]
+        if missing:
+            raise ManifestError(f"{path}: shards[{i}] lacks field(s) {missing}")
+        if Path(row["path"]).is_absolute() or ".." in Path(row["path"]).parts:
+            raise ManifestError(f"{path}: shards[{i}].path={row['path']!r} must be relative to the set")
+    if "totals" not in manifest:
+        raise ManifestError(f"{path}: field 'totals' missing")
+    return manifest
+
+
+def shard_paths(set_dir: str | os.PathLike) -> list[str]:
+    """Absolute shard paths of a set, in manifest order (what a reader hands to webdataset)."""
+    return [str(Path(set_dir) / row["path"]) for row in load_manifest(set_dir)["shards"]]
+
+
+def find_shard_sets(root: str | os.PathLike, max_depth: int = 3) -> tuple[list[Path], list[Path]]:
+    """(complete sets, incomplete dirs) under ``root``: dirs with a manifest.json, and dirs that
+    hold shard tars or *.partial files but no manifest (an unfinished or crashed write)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    complete: list[Path] = []
+    incomplete: list[Path] = []
+
+    def walk(d: Path, depth: int) -> None:
+        if (d / MANIFEST_FILE).is_file():
+            complete.append(d)
+            return
+        if any(d.glob(SHARD_GLOB)) or any(d.glob("*.partial")):
+            incomplete.append(d)
+        if depth < max_depth:
+            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+                walk(sub, depth + 1)
+
+    walk(root, 0)
+    return complete, incomplete

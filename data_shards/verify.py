@@ -1,0 +1,210 @@
+"""Integrity check of a shard set: sizes + sha256 vs the manifest, every sample parsed, JPEGs decoded.
+
+Each problem names the shard, the sample key and the member where known. Errors make
+``megavla data verify`` exit non-zero; warnings (a stale file the manifest does not list) do not.
+Checks per shard: file present; size and sha256 as in the manifest; the tar reads to its end (a
+truncated tar is reported after the last good member); every sample parses with
+``format.sample_to_episode`` (missing members, wrong shapes, NaN/inf, bad JSON); no duplicate
+keys; no members outside the episode format; every JPEG decodes and all frames of a camera have
+one size; sample / step / embodiment counts equal the manifest row. Per set: manifest and
+norm_stats.json readable, stats cover the embodiments the manifest lists.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import simplejpeg
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from .format import ARRAY_KEYS, CAMERAS, EpisodeFormatError, sample_to_episode
+from .manifest import SHARD_GLOB, ManifestError, load_manifest
+from .stats import load_norm_stats
+
+log = logging.getLogger(__name__)
+
+_KNOWN_MEMBER = re.compile(r"^(meta\.json|(%s)\.npy|(%s)\.\d{4}\.jpg)$" % (
+    "|".join(ARRAY_KEYS), "|".join(CAMERAS)))
+
+
+@dataclass
+class Problem:
+    shard: str
+    message: str
+    key: str | None = None
+    member: str | None = None
+    severity: str = "error"  # "error" | "warning"
+
+    def __str__(self) -> str:
+        where = self.shard + (f" key={self.key}" if self.key else "") + (
+            f" member={self.member}" if self.member else "")
+        return f"{self.severity.upper()} {where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    set_dir: str
+    shards: int = 0
+    samples: int = 0
+    frames_decoded: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def bad_shards(self) -> list[str]:
+        return sorted({p.shard for p in self.errors})
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_tar_samples(path: Path, problems: list[Problem]) -> Iterator[dict[str, Any]]:
+    """Group tar members into samples (webdataset's key/suffix split); a read error becomes a
+    Problem naming the last good member, and the sample being read is yielded with ``__error__``."""
+    current: dict[str, Any] | None = None
+    last_member = None
+    with open(path, "rb") as f:
+        try:
+            for member in tar_file_iterator(f):
+                prefix, suffix = base_plus_ext(member["fname"])
+                if prefix is None:
+                    problems.append(Problem(str(path), "member name has no key.suffix form",
+                                            member=member["fname"]))
+                    continue
+                if current is not None and prefix != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": prefix}
+                if suffix in current:
+                    problems.append(Problem(str(path), "duplicate member", key=prefix, member=suffix))
+                current[suffix] = member["data"]
+                last_member = member["fname"]
+        except Exception as e:  # noqa: BLE001 - tarfile raises several types for damaged archives
+            after = f"after member {last_member}" if last_member else "before the first member"
+            problems.append(Problem(str(path), f"unreadable tar {after}: {type(e).__name__}: "
+                                    f"{str(e).split(' @ ')[0]} (truncated or corrupt)",
+                                    key=current["__key__"] if current else None))
+            if current is not None:
+                current["__error__"] = True
+    if current is not None:
+        yield current
+
+
+def _member_of(message: str, where: str, key: str) -> str | None:
+    """The member an EpisodeFormatError names ("<where>:<key>.<member>: ..." or "missing member 'x'")."""
+    missing = re.search(r"missing member '([^']+)'", message)
+    if missing:
+        return missing.group(1)
+    prefix = f"{where}:{key}."
+    return message[len(prefix):].split(": ", 1)[0] if message.startswith(prefix) else None
+
+
+def _check_images(path: str, key: str, sample: dict[str, Any], report: VerifyReport) -> None:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for member in sorted(k for k in sample if k.endswith(".jpg")):
+        try:
+            image = simplejpeg.decode_jpeg(sample[member])
+        except Exception as e:  # noqa: BLE001 - simplejpeg raises ValueError/RuntimeError variants
+            report.problems.append(Problem(path, f"JPEG does not decode ({e})", key=key, member=member))
+            continue
+        report.frames_decoded += 1
+        cam = member.split(".", 1)[0]
+        if shapes.setdefault(cam, image.shape) != image.shape:
+            report.problems.append(Problem(path, f"frame shape {image.shape} differs from this "
+                                           f"camera's first frame {shapes[cam]}", key=key, member=member))
+
+
+def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_images: bool = True,
+                 check_sha: bool = True) -> None:
+    where = str(path)
+    if not path.is_file():
+        report.problems.append(Problem(where, "shard file missing"))
+        return
+    size = path.stat().st_size
+    if size != row["bytes"]:
+        report.problems.append(Problem(where, f"size {size} bytes, manifest says {row['bytes']}"))
+    if check_sha:
+        digest = _file_sha256(path)
+        if digest != row["sha256"]:
+            report.problems.append(Problem(where, f"sha256 {digest[:16]}... != manifest "
+                                           f"{row['sha256'][:16]}... (file changed or corrupt)"))
+    samples = steps = 0
+    embodiments: dict[str, int] = {}
+    seen: set[str] = set()
+    for sample in iter_tar_samples(path, report.problems):
+        key = sample["__key__"]
+        samples += 1
+        if key in seen:
+            report.problems.append(Problem(where, "duplicate sample key", key=key))
+        seen.add(key)
+        for member in sample:
+            if not member.startswith("__") and not _KNOWN_MEMBER.match(member):
+                report.problems.append(Problem(where, "member not in the episode format", key=key,
+                                               member=member))
+        try:
+            ep = sample_to_episode(sample, where=where)
+        except EpisodeFormatError as e:
+            report.problems.append(Problem(where, str(e), key=key, member=_member_of(str(e), where, key)))
+            continue
+        steps += ep.num_steps
+        embodiments[ep.embodiment] = embodiments.get(ep.embodiment, 0) + 1
+        if check_images:
+            _check_images(where, key, sample, report)
+    report.samples += samples
+    if samples != row["samples"]:
+        report.problems.append(Problem(where, f"{samples} samples read, manifest says {row['samples']}"))
+    if not any(p.shard == where and p.severity == "error" for p in report.problems):
+        if steps != row["steps"] or embodiments != row["embodiments"]:
+            report.problems.append(Problem(where, f"steps {steps} / embodiments {embodiments} differ "
+                                           f"from manifest {row['steps']} / {row['embodiments']}"))
+
+
+def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: bool = True,
+                     progress: bool = False) -> VerifyReport:
+    set_dir = Path(set_dir)
+    report = VerifyReport(str(set_dir))
+    try:
+        manifest = load_manifest(set_dir)
+    except ManifestError as e:
+        report.problems.append(Problem(str(set_dir), str(e)))
+        return report
+    try:
+        stats = load_norm_stats(set_dir)
+        missing = sorted(set(manifest["totals"].get("embodiments", {})) - set(stats))
+        if missing:
+            report.problems.append(Problem(str(set_dir / "norm_stats.json"),
+                                           f"no stats for embodiments {missing}"))
+    except (FileNotFoundError, ValueError) as e:
+        report.problems.append(Problem(str(set_dir / "norm_stats.json"), str(e)))
+    rows = manifest["shards"]
+    listed = {row["path"] for row in rows}
+    for extra in sorted(p.name for p in set_dir.glob(SHARD_GLOB) if p.name not in listed):
+        report.problems.append(Problem(str(set_dir / extra), "shard file not listed in manifest.json "
+                                       "(ignored by readers)", severity="warning"))
+    iterator: Any = rows
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(rows, desc=f"verify {set_dir.name}", unit="shard")
+    for row in iterator:
+        verify_shard(set_dir / row["path"], row, report, check_images=check_images, check_sha=check_sha)
+        report.shards += 1
+    for p in report.problems:
+        (log.error if p.severity == "error" else log.warning)("%s", p)
+    return report
