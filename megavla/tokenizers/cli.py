@@ -1,0 +1,186 @@
+"""``megavla tokenizer train``: train the text and FAST tokenizers on one or more shard sets.
+
+    megavla tokenizer train --shards DIR [DIR ...] --out OUT [--text-vocab N] [--fast-vocab N]
+                            [--chunk-length H] [--fast-scale S] [--chunk-stride K]
+
+Reads every episode of the shard sets (``shard-*.tar`` in each DIR, with its ``norm_stats.json``):
+
+* text corpus: each episode's instruction and its subtask texts;
+* FAST corpus: the action chunks the pipeline will tokenize, i.e. ``a[t:t+H]`` of the episode's
+  *valid* dims (``action_mask``), normalized per embodiment with the shard sets' stats (quantile
+  mode maps [q01, q99] to [-1, 1]); only full chunks whose steps are all ``step_valid`` are used
+  (padded tails and tracker dropouts would teach BPE padding artefacts), with start stride K.
+
+Writes ``OUT/text.model``, ``OUT/fast.model``, ``OUT/fast.json`` and ``OUT/tokenizers.json`` (the
+corpus counts and settings). Bad samples are counted, logged with shard and key, and skipped
+(``--on-bad-sample fail`` raises instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from megavla.data_shards.format import EpisodeFormatError, sample_to_episode
+
+from .fast import FastTokenizer, train_fast_tokenizer
+from .text import TextTokenizer, train_text_tokenizer
+
+log = logging.getLogger(__name__)
+
+TEXT_FILE, FAST_PREFIX, SUMMARY_FILE = "text.model", "fast", "tokenizers.json"
+
+
+@dataclass
+class CorpusCounts:
+    episodes: int = 0
+    bad_samples: int = 0
+    texts: int = 0
+    chunks: int = 0
+    short_episodes: int = 0  # fewer steps than the chunk length: no full chunk
+    chunks_with_invalid_steps: int = 0
+    per_embodiment_chunks: dict[str, int] = field(default_factory=dict)
+    per_embodiment_dims: dict[str, list[int]] = field(default_factory=dict)  # valid dims seen
+
+
+def shard_paths(shard_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    paths: list[str] = []
+    for d in map(Path, shard_dirs):
+        found = sorted(d.glob("shard-*.tar"))
+        if not found:
+            raise FileNotFoundError(f"{d}: no shard-*.tar files; is this a shard set written by "
+                                    "`megavla data synth` (or a converter)?")
+        paths += [str(p) for p in found]
+    return paths
+
+
+def _read_norm_stats(shard_dirs: Sequence[str | os.PathLike]) -> dict:
+    from megavla.data.normalize import load_norm_stats, merge_norm_stats  # torch import: lazy
+
+    return merge_norm_stats([load_norm_stats(Path(d) / "norm_stats.json") for d in shard_dirs])
+
+
+def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
+                  on_bad_sample: str = "skip"):
+    """Episodes of all shard sets in a fixed order; unreadable tars / bad samples counted + logged."""
+
+    def on_tar_error(exc: Exception) -> bool:
+        if on_bad_sample == "fail":
+            return False  # re-raise
+        counts.bad_samples += 1
+        log.warning("skipping unreadable tar data: %s", exc)
+        return True
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shard_paths(shard_dirs)),
+                                wds.tarfile_to_samples(handler=on_tar_error))
+    for sample in pipeline:
+        try:
+            ep = sample_to_episode(sample, where=sample.get("__url__", ""))
+        except EpisodeFormatError as e:
+            if on_bad_sample == "fail":
+                raise
+            counts.bad_samples += 1
+            log.warning("skipping bad sample: %s", e)
+            continue
+        counts.episodes += 1
+        yield ep
+
+
+def episode_chunks(actions: np.ndarray, action_mask: np.ndarray, step_valid: np.ndarray,
+                   chunk_length: int, stride: int, counts: CorpusCounts) -> Iterator[np.ndarray]:
+    """Full chunks a[t:t+H] of the valid dims whose steps are all valid (actions already normalized)."""
+    T = actions.shape[0]
+    if T < chunk_length:
+        counts.short_episodes += 1
+        return
+    valid_dims = actions[:, action_mask]
+    for t in range(0, T - chunk_length + 1, stride):
+        if not step_valid[t:t + chunk_length].all():
+            counts.chunks_with_invalid_steps += 1
+            continue
+        yield valid_dims[t:t + chunk_length]
+
+
+def train_tokenizers(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                     text_vocab: int = 1024, fast_vocab: int = 1024, chunk_length: int = 10,
+                     fast_scale: float = 10.0, chunk_stride: int = 1, normalization: str = "quantile",
+                     on_bad_sample: str = "skip") -> tuple[TextTokenizer, FastTokenizer]:
+    """Train both tokenizers on the shard sets; write them to ``out_dir`` and return them."""
+    from megavla.data.normalize import Normalizer
+
+    if chunk_length <= 0 or chunk_stride <= 0:
+        raise ValueError(f"chunk_length={chunk_length} and chunk_stride={chunk_stride} must be positive")
+    out = Path(out_dir)
+    shard_paths(shard_dirs)  # fail on a wrong directory before reading anything else
+    normalizer = Normalizer(_read_norm_stats(shard_dirs), mode=normalization)
+    counts = CorpusCounts()
+    texts: list[str] = []
+    chunks: list[np.ndarray] = []
+    for ep in tqdm(iter_episodes(shard_dirs, counts, on_bad_sample), desc="reading episodes",
+                   unit="ep", disable=None):
+        texts.append(ep.instruction)
+        texts += [s.text for s in ep.subtasks]
+        actions = normalizer.normalize(ep.actions, ep.embodiment, "actions")
+        before = len(chunks)
+        chunks += episode_chunks(actions, ep.action_mask, ep.step_valid, chunk_length, chunk_stride, counts)
+        emb = counts.per_embodiment_chunks
+        emb[ep.embodiment] = emb.get(ep.embodiment, 0) + len(chunks) - before
+        dims = counts.per_embodiment_dims.setdefault(ep.embodiment, [])
+        dims += sorted({c.shape[1] for c in chunks[before:]} - set(dims))
+    counts.texts, counts.chunks = len(texts), len(chunks)
+    log.info("tokenizer corpus: %s", counts)
+    if counts.episodes == 0:
+        raise ValueError(f"no readable episodes in {list(map(str, shard_dirs))} "
+                         f"({counts.bad_samples} bad samples skipped)")
+    if not chunks:
+        raise ValueError(f"no full, valid action chunks of length {chunk_length} in "
+                         f"{counts.episodes} episodes ({counts.short_episodes} shorter than the chunk, "
+                         f"{counts.chunks_with_invalid_steps} chunks with invalid steps); "
+                         "lower --chunk-length")
+    text_tok = train_text_tokenizer(texts, out / TEXT_FILE, vocab_size=text_vocab)
+    fast_tok = train_fast_tokenizer(chunks, vocab_size=fast_vocab, scale=fast_scale, out_path=out / FAST_PREFIX)
+    summary = {"shards": [str(d) for d in shard_dirs], "chunk_length": chunk_length,
+               "chunk_stride": chunk_stride, "normalization": normalization, "counts": asdict(counts),
+               "text": {"file": TEXT_FILE, "vocab_size": text_tok.vocab_size, "requested": text_vocab},
+               "fast": dict(fast_tok.metadata(), files=[f"{FAST_PREFIX}.model", f"{FAST_PREFIX}.json"])}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return text_tok, fast_tok
+
+
+def load_tokenizers(out_dir: str | os.PathLike) -> tuple[TextTokenizer, FastTokenizer]:
+    """The pair written by ``train_tokenizers`` (``OUT/text.model``, ``OUT/fast.{model,json}``)."""
+    out = Path(out_dir)
+    return TextTokenizer.load(out / TEXT_FILE), FastTokenizer.load(out / FAST_PREFIX)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megavla tokenizer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train text + FAST tokenizers on shard sets")
+    tr.add_argument("--shards", nargs="+", required=True, metavar="DIR", help="shard set directories")
+    tr.add_argument("--out", required=True, help="output directory")
+    tr.add_argument("--text-vocab", type=int, default=1024, help="text vocab upper bound (default 1024)")
+    tr.add_argument("--fast-vocab", type=int, default=1024, help="FAST vocab upper bound (default 1024)")
+    tr.add_argument("--chunk-length", type=int, default=10, help="action chunk length H (default 10)")
+    tr.add_argument("--fast-scale", type=float, default=10.0, help="DCT coefficient scale (default 10)")
+    tr.add_argument("--chunk-stride", type=int, default=1, help="step between chunk starts (default 1)")
+    tr.add_argument("--normalization", choices=("quantile", "zscore", "none"), default="quantile")
+    tr.add_argument("--on-bad-sample", choices=("skip", "fail"), default="skip")
+    args = parser.parse_args(argv)
+    text_tok, fast_tok = train_tokenizers(
+        args.shards, args.out, text_vocab=args.text_vocab, fast_vocab=args.fast_vocab,
+        chunk_length=args.chunk_length, fast_scale=args.fast_scale, chunk_stride=args.chunk_stride,
+        normalization=args.normalization, on_bad_sample=args.on_bad_sample)
+    print(f"wrote {Path(args.out) / TEXT_FILE} ({text_tok.vocab_size} pieces), "
+          f"{Path(args.out) / FAST_PREFIX}.model/.json ({fast_tok.vocab_size} pieces, "
+          f"coefficients [{fast_tok.min_coeff}, {fast_tok.max_coeff}])")
+    return 0
