@@ -158,6 +158,8 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
             if not member.startswith("__") and not _KNOWN_MEMBER.match(member):
                 report.problems.append(Problem(where, "member not in the episode format", key=key,
                                                member=member))
+        if sample.get("__error__"):
+            continue  # cut off by the read error already reported for this key
         try:
             ep = sample_to_episode(sample, where=where)
         except EpisodeFormatError as e:
