@@ -7,9 +7,10 @@ import pickle
 
 import numpy as np
 import pytest
-import webdataset as wds
 
-from megavla.data_shards.format import Episode, Subtask, episode_to_sample
+from megavla.data_shards.format import Episode, Subtask
+from megavla.data_shards.manifest import shard_paths
+from megavla.data_shards.writer import ShardSetWriter
 from megavla.tokenizers import (FastTokenizer, TextTokenizer, load_tokenizers, train_fast_tokenizer,
                                 train_text_tokenizer, train_tokenizers)
 from megavla.tokenizers.fast import dct_coefficients
@@ -163,21 +164,10 @@ def _episode(rng, embodiment, idx, steps, action_dim, gripper_masked, dropout):
                    action_mask=mask, step_valid=valid, frames={})
 
 
-def _write_shard_set(path, episodes):
-    path.mkdir(parents=True)
-    with wds.TarWriter(str(path / "shard-000000.tar")) as sink:
+def _write_shard_set(path, episodes, **kwargs):
+    with ShardSetWriter(path, **kwargs) as writer:
         for ep in episodes:
-            sink.write(episode_to_sample(ep))
-    stats = {}
-    for emb in {ep.embodiment for ep in episodes}:
-        acts = np.concatenate([ep.actions for ep in episodes if ep.embodiment == emb])
-        state = np.concatenate([ep.state for ep in episodes if ep.embodiment == emb])
-        stats[emb] = {k: {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(),
-                          "q01": np.quantile(a, 0.01, axis=0).tolist(), "q99": np.quantile(a, 0.99, axis=0).tolist()}
-                      for k, a in (("actions", acts), ("state", state))}
-        stats[emb]["num_steps"] = len(acts)
-    (path / "norm_stats.json").write_text(json.dumps(stats))
-    (path / "manifest.json").write_text(json.dumps({"shards": ["shard-000000.tar"]}))
+            writer.write(ep)
 
 
 def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
@@ -185,15 +175,18 @@ def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
     robot = [_episode(rng, "robot/arm", i, 24, 7, False, False) for i in range(6)]
     robot.append(_episode(rng, "robot/arm", 6, 5, 7, False, False))  # shorter than a chunk
     human = [_episode(rng, "human/ego", i, 20, 7, True, i == 0) for i in range(4)]
-    _write_shard_set(tmp_path / "robot", robot)
-    _write_shard_set(tmp_path / "human", human)
-    # A corrupt shard: counted and skipped, never silently.
-    (tmp_path / "human" / "shard-000001.tar").write_bytes(rng.bytes(700))
+    human.append(_episode(rng, "human/ego", 4, 20, 7, True, False))  # its shard gets corrupted
+    _write_shard_set(tmp_path / "synth" / "robot", robot)
+    _write_shard_set(tmp_path / "synth" / "human", human, target_shard_bytes=1)  # one episode a shard
+    # A corrupt shard listed in the manifest: counted and skipped, never silently.
+    last = shard_paths(tmp_path / "synth" / "human")[-1]
+    with open(last, "wb") as f:
+        f.write(rng.bytes(700))
 
     from megavla.tokenizers.cli import main
     out = tmp_path / "tok"
     with caplog.at_level("WARNING"):
-        assert main(["train", "--shards", str(tmp_path / "robot"), str(tmp_path / "human"), "--out", str(out),
+        assert main(["train", "--shards", str(tmp_path / "synth"), "--out", str(out),
                      "--text-vocab", "400", "--fast-vocab", "300", "--chunk-length", "8"]) == 0
     summary = json.loads((out / "tokenizers.json").read_text())
     counts = summary["counts"]
@@ -213,12 +206,15 @@ def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
     assert -40 <= fast_tok.min_coeff and fast_tok.max_coeff <= 40
     # The FAST tokenizer round-trips a normalized robot chunk within the proven bound.
     from megavla.data.normalize import Normalizer, load_norm_stats
-    norm = Normalizer(load_norm_stats(tmp_path / "robot" / "norm_stats.json"))
+    norm = Normalizer(load_norm_stats(tmp_path / "synth" / "robot" / "norm_stats.json"))
     chunk = norm.normalize(robot[0].actions, "robot/arm")[:8]
     recon = fast_tok.decode(fast_tok.encode(chunk), 8, 7)
     assert np.abs(recon - chunk).max() <= fast_tok.error_bound(8)[1] + 1e-6
 
-    with pytest.raises(FileNotFoundError, match="shard-"):
+    with pytest.raises(FileNotFoundError, match="no shard set"):
         train_tokenizers([tmp_path / "tok"], tmp_path / "x")
     with pytest.raises(ValueError, match="lower --chunk-length"):
-        train_tokenizers([tmp_path / "robot"], tmp_path / "y", chunk_length=100)
+        train_tokenizers([tmp_path / "synth" / "robot"], tmp_path / "y", chunk_length=100)
+    (tmp_path / "synth" / "robot" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="unfinished write"):
+        train_tokenizers([tmp_path / "synth"], tmp_path / "z")

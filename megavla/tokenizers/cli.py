@@ -3,7 +3,8 @@
     megavla tokenizer train --shards DIR [DIR ...] --out OUT [--text-vocab N] [--fast-vocab N]
                             [--chunk-length H] [--fast-scale S] [--chunk-stride K]
 
-Reads every episode of the shard sets (``shard-*.tar`` in each DIR, with its ``norm_stats.json``):
+Reads every episode of the shard sets (the shards listed in each set's ``manifest.json``, with its
+``norm_stats.json``; a DIR may also hold several sets, as ``megavla data synth --out DIR`` writes):
 
 * text corpus: each episode's instruction and its subtask texts;
 * FAST corpus: the action chunks the pipeline will tokenize, i.e. ``a[t:t+H]`` of the episode's
@@ -30,6 +31,9 @@ import webdataset as wds
 from tqdm import tqdm
 
 from megavla.data_shards.format import EpisodeFormatError, sample_to_episode
+from megavla.data_shards.manifest import MANIFEST_FILE, find_shard_sets
+from megavla.data_shards.manifest import shard_paths as manifest_shard_paths
+from megavla.data_shards.stats import NORM_STATS_FILE
 
 from .fast import FastTokenizer, train_fast_tokenizer
 from .text import TextTokenizer, train_text_tokenizer
@@ -51,21 +55,29 @@ class CorpusCounts:
     per_embodiment_dims: dict[str, list[int]] = field(default_factory=dict)  # valid dims seen
 
 
-def shard_paths(shard_dirs: Sequence[str | os.PathLike]) -> list[str]:
-    paths: list[str] = []
+def resolve_shard_sets(shard_dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Complete shard sets (dirs with manifest.json) named by, or found under, each given dir.
+
+    ``megavla data synth --out DIR`` writes DIR/robot and DIR/human: DIR itself is accepted.
+    An incomplete set (shards but no manifest: a write died) is an error, never half-read.
+    """
+    sets: list[Path] = []
     for d in map(Path, shard_dirs):
-        found = sorted(d.glob("shard-*.tar"))
-        if not found:
-            raise FileNotFoundError(f"{d}: no shard-*.tar files; is this a shard set written by "
-                                    "`megavla data synth` (or a converter)?")
-        paths += [str(p) for p in found]
-    return paths
+        complete, incomplete = find_shard_sets(d)
+        if incomplete:
+            raise ValueError(f"{incomplete[0]}: shard files but no {MANIFEST_FILE}: an unfinished write; "
+                             "rerun the writer (or `megavla data synth --overwrite`)")
+        if not complete:
+            raise FileNotFoundError(f"{d}: no shard set (no {MANIFEST_FILE} in it or below); pass a "
+                                    "directory written by `megavla data synth` or a converter")
+        sets += complete
+    return sets
 
 
-def _read_norm_stats(shard_dirs: Sequence[str | os.PathLike]) -> dict:
+def _read_norm_stats(shard_sets: Sequence[Path]) -> dict:
     from megavla.data.normalize import load_norm_stats, merge_norm_stats  # torch import: lazy
 
-    return merge_norm_stats([load_norm_stats(Path(d) / "norm_stats.json") for d in shard_dirs])
+    return merge_norm_stats([load_norm_stats(d / NORM_STATS_FILE) for d in shard_sets])
 
 
 def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
@@ -79,7 +91,8 @@ def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
         log.warning("skipping unreadable tar data: %s", exc)
         return True
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shard_paths(shard_dirs)),
+    urls = [url for d in resolve_shard_sets(shard_dirs) for url in manifest_shard_paths(d)]
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls),
                                 wds.tarfile_to_samples(handler=on_tar_error))
     for sample in pipeline:
         try:
@@ -119,8 +132,7 @@ def train_tokenizers(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.
     if chunk_length <= 0 or chunk_stride <= 0:
         raise ValueError(f"chunk_length={chunk_length} and chunk_stride={chunk_stride} must be positive")
     out = Path(out_dir)
-    shard_paths(shard_dirs)  # fail on a wrong directory before reading anything else
-    normalizer = Normalizer(_read_norm_stats(shard_dirs), mode=normalization)
+    normalizer = Normalizer(_read_norm_stats(resolve_shard_sets(shard_dirs)), mode=normalization)
     counts = CorpusCounts()
     texts: list[str] = []
     chunks: list[np.ndarray] = []
