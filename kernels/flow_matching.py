@@ -35,10 +35,11 @@ def flow_noise_reference(actions: torch.Tensor, noise: torch.Tensor, t: torch.Te
 def flow_matching_loss_reference(v, actions, noise, dim_mask, time_mask) -> torch.Tensor:
     mask = time_mask[:, :, None] & dim_mask[:, None, :]
     diff = v.to(torch.float32) - (noise.to(torch.float32) - actions.to(torch.float32))
-    # where(), not multiply: a NaN/inf in a padded position must not poison the sample's loss
-    sq = torch.where(mask, diff * diff, torch.zeros((), dtype=torch.float32, device=v.device))
+    # where() before squaring, not a multiply: a NaN/inf in a padded position must reach neither the
+    # loss nor (through d(diff^2) = 2 diff) the gradient
+    diff = torch.where(mask, diff, torch.zeros((), dtype=torch.float32, device=v.device))
     count = mask.sum(dim=(1, 2)).to(torch.float32)
-    total = sq.sum(dim=(1, 2))
+    total = (diff * diff).sum(dim=(1, 2))
     return torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
 
 

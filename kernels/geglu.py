@@ -28,7 +28,8 @@ if triton_available():
     def _gelu_tanh_parts(g):
         """gelu_tanh(g) and its derivative; tanh(z) written as 2*sigmoid(2z) - 1 (portable, fp32)."""
         c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
-        z = c * (g + 0.044715 * g * g * g)
+        # clamp: tanh is +-1 in fp32 beyond |z| ~ 9, and exp(-2z) must not overflow (interpreter warns)
+        z = tl.minimum(tl.maximum(c * (g + 0.044715 * g * g * g), -15.0), 15.0)
         t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
         gelu = 0.5 * g * (1.0 + t)
         dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g)
