@@ -1,0 +1,160 @@
+"""What every rank of a launched job runs: set up torch.distributed from the job, call the trainer.
+
+Preemption / time limit, end to end:
+1. SLURM (or the local controller) sends SIGUSR2 ``signal_delay_s`` before the limit; a preemption
+   or `job._interrupt()` sends SIGTERM (+ USR2). The trainer's own handler (installed inside
+   ``run``) sets a flag, the ranks agree at the next step boundary, save, and ``run`` returns the
+   trainer's ``EXIT_PREEMPTED`` code.
+2. Rank 0 then hands over to submitit's USR2 handler (saved before the trainer replaced it): it calls
+   :meth:`TrainTask.checkpoint`, which returns the same task with ``resume="auto"`` and one more
+   requeue counted, pickles it and runs ``scontrol requeue`` (locally: exit code 144, which makes the
+   local controller restart every rank).
+3. The requeued job loads the newest complete checkpoint; rank 0 logs and records (launch.json
+   ``events``) the step it resumed from. After ``max_requeues`` requeues ``checkpoint`` returns None
+   and the job ends as failed instead of looping.
+A signal that lands before the trainer installed its handler reaches submitit's handler directly:
+same requeue, resuming from the last periodic checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from megavla.config import Config, load_config
+
+from . import rundir
+
+log = logging.getLogger(__name__)
+
+
+def resolve_entry(spec: str) -> tuple[Callable[..., int], int | None]:
+    """``"pkg.module:function"`` -> (function, the module's EXIT_PREEMPTED or None)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RuntimeError(f"launch.entry={spec!r}: cannot import {module_name!r} ({e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RuntimeError(f"launch.entry={spec!r}: {module_name} has no function {attr!r}")
+    return fn, getattr(module, "EXIT_PREEMPTED", None)
+
+
+def setup_distributed_env(cfg: Config) -> submitit.helpers.TorchDistributedEnvironment:
+    """Export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the submitit job.
+
+    CUDA_VISIBLE_DEVICES is narrowed to this rank's GPU only on GPU jobs; CPU ranks leave it alone.
+    ``overwrite=True`` because a requeued local task inherits nothing, but a job launched from inside
+    another job (a sweep driver in an allocation) would otherwise refuse to start.
+    """
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    dist_env.export(set_cuda_visible_devices=cfg.launch.gpus_per_node > 0, overwrite=True)
+    if cfg.launch.master_addr:
+        os.environ["MASTER_ADDR"] = cfg.launch.master_addr
+    return dist_env
+
+
+def restart_count() -> int:
+    """How often SLURM has restarted this job (requeues by SLURM itself count too)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """The submitted callable. Holds only the run directory: the config is read from its
+    config.yaml on every (re)start, so nothing but a path and a counter is pickled by submitit."""
+
+    def __init__(self, run_dir: str, requeues: int = 0) -> None:
+        self.run_dir = str(run_dir)
+        self.requeues = requeues
+
+    def _config(self) -> Config:
+        return load_config(Path(self.run_dir) / rundir.CONFIG_FILE)
+
+    def __call__(self, resume: str | None = "auto") -> int:
+        if not logging.getLogger().handlers:  # a fresh job process: same log format as the CLI
+            from megavla.cli import setup_logging
+            setup_logging()
+        cfg = self._config()
+        job_env = submitit.JobEnvironment()
+        dist_env = setup_distributed_env(cfg)
+        rank = dist_env.rank
+        attempt = max(self.requeues, restart_count())
+        if rank == 0:
+            self._record_start(cfg, job_env, dist_env, attempt, resume)
+        if attempt > cfg.launch.max_requeues:
+            msg = f"requeued {attempt} times, more than launch.max_requeues={cfg.launch.max_requeues}"
+            if rank == 0:
+                rundir.update_launch_record(self.run_dir, status="failed", error=msg)
+            raise RuntimeError(msg)
+
+        entry, preempted_code = resolve_entry(cfg.launch.entry)
+        submitit_usr2 = signal.getsignal(job_env._usr_sig())
+        code = int(entry(cfg, resume=resume) or 0)
+
+        if code == 0:
+            if rank == 0:
+                ckpt = rundir.latest_checkpoint(self.run_dir)
+                rundir.update_launch_record(self.run_dir, status="finished",
+                                            final_step=ckpt[1] if ckpt else None)
+            return 0
+        if preempted_code is not None and code == preempted_code:
+            return self._after_preemption(rank, submitit_usr2, job_env)
+        if rank == 0:
+            rundir.update_launch_record(self.run_dir, status="failed", error=f"trainer exit code {code}")
+        raise RuntimeError(f"trainer {cfg.launch.entry} exited with code {code} (run dir {self.run_dir})")
+
+    def _record_start(self, cfg: Config, job_env: Any, dist_env: Any, attempt: int,
+                      resume: str | None) -> None:
+        ckpt = rundir.latest_checkpoint(self.run_dir) if resume else None
+        event: dict[str, Any] = {"event": "start", "job_id": job_env.job_id, "attempt": attempt,
+                                 "resume_step": ckpt[1] if ckpt else None}
+        if attempt > 0:
+            where = f"step {ckpt[1]} ({ckpt[0]})" if ckpt else "scratch (no checkpoint found)"
+            log.warning("run %s: requeue %d/%d, resuming from %s", self.run_dir, attempt,
+                        cfg.launch.max_requeues, where)
+        elif ckpt:
+            log.info("run %s: resuming from step %d (%s)", self.run_dir, ckpt[1], ckpt[0])
+        rundir.update_launch_record(
+            self.run_dir, status="running", job_id=job_env.job_id, attempt=attempt,
+            nodes=list(job_env.hostnames), world_size=dist_env.world_size,
+            master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", append_event=event)
+
+    def _after_preemption(self, rank: int, submitit_usr2: Any, job_env: Any) -> int:
+        """The trainer saved because of a signal: rank 0 requeues through submitit's handler."""
+        ckpt = rundir.latest_checkpoint(self.run_dir)
+        if rank != 0:
+            return 0
+        rundir.update_launch_record(self.run_dir, status="requeued",
+                                    append_event={"event": "preempted", "job_id": job_env.job_id,
+                                                  "saved_step": ckpt[1] if ckpt else None})
+        if not callable(submitit_usr2):
+            log.warning("preempted outside a submitit job: not requeued (resume with --resume auto)")
+            return 0
+        try:
+            # Calls self.checkpoint(), dumps the new submission, requeues, then sys.exit(-1).
+            submitit_usr2(job_env._usr_sig(), None)
+        except subprocess.CalledProcessError as e:
+            # `scontrol requeue` refused: SLURM is already requeueing this job (scontrol requeue
+            # or a preemption with requeue). The dumped submission resumes with "auto" anyway.
+            log.warning("scontrol requeue failed (%s); SLURM is requeueing the job itself", e)
+            raise SystemExit(-1) from None
+        return 0
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        max_requeues = self._config().launch.max_requeues
+        if self.requeues >= max_requeues:
+            log.error("run %s: not requeued, launch.max_requeues=%d reached", self.run_dir, max_requeues)
+            rundir.update_launch_record(self.run_dir, status="failed",
+                                        error=f"preempted after {max_requeues} requeues")
+            return None
+        return submitit.helpers.DelayedSubmission(TrainTask(self.run_dir, self.requeues + 1), "auto")
