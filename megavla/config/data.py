@@ -36,6 +36,9 @@ class DataConfig:
     seed: int = 0
     on_bad_sample: Literal["skip", "fail"] = "skip"
     normalization: Literal["quantile", "zscore", "none"] = "quantile"
+    # Smallest q99-q01 range (quantile) or std (zscore) used as a divisor: degenerate dims (e.g. a
+    # constant gripper) use it, with a warning, instead of dividing by ~0.
+    normalization_floor: float = 1e-3
 
     def validate(self) -> None:
         if not 0.0 <= self.diversity_fraction <= 1.0:
@@ -45,6 +48,12 @@ class DataConfig:
                             ("samples_per_episode", self.samples_per_episode)]:
             if value <= 0:
                 raise ConfigError(f"{name}={value} must be positive")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
+        if self.normalization_floor <= 0:
+            raise ConfigError(f"normalization_floor={self.normalization_floor} must be positive")
+        if not self.cameras:
+            raise ConfigError("cameras is empty; list at least one of head, left_wrist, right_wrist")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers} must be >= 0")
         for name, weight in self.mixture.items():

@@ -1,0 +1,159 @@
+"""One (episode, timestep) -> one training sample (numpy), and a list of samples -> megavla.batch.Batch.
+
+Per sample (see megavla/batch.py for the fields):
+
+* images: only frame ``t`` of each camera in ``data.cameras`` order is decoded (simplejpeg), resized to
+  ``image_size`` if the stored size differs; an absent camera gives zeros and ``image_mask`` False.
+* state: ``state[t]`` normalized, zero-padded to ``max_state_dim`` (``state_mask`` marks native dims).
+* actions: the chunk ``a[t : t+H]`` normalized, zero-padded to ``max_action_dim``. ``action_time_mask``
+  is False past the episode end and where ``step_valid`` is False; those steps hold zeros.
+  ``action_dim_mask`` is the episode's ``action_mask`` (gripper dims off for human data), padded False.
+* fast_tokens: FAST tokens of the normalized chunk restricted to the supervised dims, ``[H, d]``; masked
+  steps are forward-filled from the last valid step (a smooth signal for the DCT; they carry no
+  new information), so every chunk has exactly H steps.
+* text_tokens: instruction, ``encode(text, add_bos=True, add_eos=False)``.
+* subtask_tokens: the subtask whose ``[start, end)`` holds ``t`` (else the last one started before ``t``;
+  none -> empty), ``encode(text, add_bos=False, add_eos=True)``: the high-level head's target ends in EOS.
+
+Token sequences are right-padded to the longest in the batch (at least 1) with the text tokenizer's
+``pad_id`` (0 for FAST), masks mark valid tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+
+from megavla.batch import Batch
+from megavla.data_shards.format import EMBODIMENT_IDS, Episode, EpisodeFormatError
+
+from .normalize import Normalizer
+
+
+class ImageDecodeError(EpisodeFormatError):
+    """A stored JPEG frame cannot be decoded."""
+
+
+def decode_frame(jpeg: bytes, size: int, where: str) -> np.ndarray:
+    """JPEG bytes -> uint8 [3, size, size]."""
+    try:
+        # min_height/min_width let libjpeg-turbo downscale in the DCT domain when frames are larger.
+        rgb = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_height=size, min_width=size)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ImageDecodeError(f"{where}: JPEG frame cannot be decoded ({e})") from None
+    if rgb.shape[0] != size or rgb.shape[1] != size:
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def check_episode_dims(ep: Episode, normalizer: Normalizer | None, max_state_dim: int,
+                       max_action_dim: int, where: str) -> None:
+    """Shapes that format.validate_episode cannot know: config maxima and the norm stats' dims."""
+    S, A = ep.state.shape[1], ep.actions.shape[1]
+    if S > max_state_dim or A > max_action_dim:
+        raise EpisodeFormatError(f"{where}.state.npy/actions.npy: dims state={S} actions={A} exceed "
+                                 f"data.max_state_dim={max_state_dim} / data.max_action_dim={max_action_dim}")
+    if normalizer is not None:
+        for kind, d in (("state", S), ("actions", A)):
+            want = normalizer.dim(ep.embodiment, kind)
+            if d != want:
+                raise EpisodeFormatError(f"{where}.{kind}.npy: wrong shape, {d} dims but the "
+                                         f"{ep.embodiment} norm stats have {want}")
+
+
+def active_subtask(ep: Episode, t: int) -> str:
+    started = [s for s in ep.subtasks if s.start <= t]
+    for s in started:
+        if t < s.end:
+            return s.text
+    return max(started, key=lambda s: s.start).text if started else ""
+
+
+def _encode_text(tok, text: str, **kw) -> list[int]:
+    return [] if tok is None or not text else list(tok.encode(text, **kw))
+
+
+def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[str], image_size: int,
+                 chunk_length: int, max_state_dim: int, max_action_dim: int,
+                 normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
+                 text_cache: dict | None = None) -> dict[str, Any]:
+    T, H = ep.num_steps, chunk_length
+    images = np.zeros((len(cameras), 3, image_size, image_size), np.uint8)
+    image_mask = np.zeros(len(cameras), bool)
+    for c, cam in enumerate(cameras):
+        if cam in ep.frames:
+            images[c] = decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg")
+            image_mask[c] = True
+
+    S, A = ep.state.shape[1], ep.actions.shape[1]
+    state = ep.state[t : t + 1]
+    idx = np.arange(t, t + H)
+    in_episode = idx < T
+    clipped = np.minimum(idx, T - 1)
+    time_mask = in_episode & ep.step_valid[clipped]
+    chunk = ep.actions[clipped]
+    if normalizer is not None:
+        state = normalizer.normalize(state, ep.embodiment, "state")
+        chunk = normalizer.normalize(chunk, ep.embodiment, "actions")
+    chunk = np.asarray(chunk, np.float32)
+
+    state_out = np.zeros(max_state_dim, np.float32)
+    state_out[:S] = state[0]
+    state_mask = np.zeros(max_state_dim, bool)
+    state_mask[:S] = True
+    actions_out = np.zeros((H, max_action_dim), np.float32)
+    actions_out[:, :A] = np.where(time_mask[:, None], chunk, 0.0)
+    dim_mask = np.zeros(max_action_dim, bool)
+    dim_mask[:A] = ep.action_mask
+
+    fast: list[int] = []
+    if fast_tokenizer is not None:
+        # Forward-fill masked steps from the last valid one (t itself is valid: see pipeline sampling).
+        last = np.maximum.accumulate(np.where(time_mask, np.arange(H), 0))
+        fast = list(fast_tokenizer.encode(chunk[last][:, ep.action_mask]))
+
+    cache = text_cache if text_cache is not None else {}
+    if "instruction" not in cache:
+        cache["instruction"] = _encode_text(text_tokenizer, ep.instruction, add_bos=True, add_eos=False)
+    subtask = active_subtask(ep, t)
+    if ("subtask", subtask) not in cache:
+        cache[("subtask", subtask)] = _encode_text(text_tokenizer, subtask, add_bos=False, add_eos=True)
+    return {
+        "images": images, "image_mask": image_mask, "state": state_out, "state_mask": state_mask,
+        "actions": actions_out, "action_dim_mask": dim_mask, "action_time_mask": time_mask,
+        "text_tokens": cache["instruction"], "subtask_tokens": cache[("subtask", subtask)],
+        "fast_tokens": fast, "embodiment": EMBODIMENT_IDS[ep.embodiment],
+        "meta": {"source": source, "key": ep.key, "scene": ep.scene, "task": ep.task, "timestep": t},
+    }
+
+
+def _pad_tokens(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(1, max(len(s) for s in seqs))
+    tokens = torch.full((len(seqs), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.int64)
+            mask[i, : len(s)] = True
+    return tokens, mask
+
+
+def collate_samples(samples: list[dict[str, Any]], text_pad_id: int = 0, fast_pad_id: int = 0) -> Batch:
+    def stack(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([s[name] for s in samples]))
+
+    text, text_mask = _pad_tokens([s["text_tokens"] for s in samples], text_pad_id)
+    subtask, subtask_mask = _pad_tokens([s["subtask_tokens"] for s in samples], text_pad_id)
+    fast, fast_mask = _pad_tokens([s["fast_tokens"] for s in samples], fast_pad_id)
+    meta = {k: [s["meta"][k] for s in samples] for k in samples[0]["meta"]}
+    return Batch(
+        images=stack("images"), image_mask=stack("image_mask"),
+        text_tokens=text, text_mask=text_mask, state=stack("state"), state_mask=stack("state_mask"),
+        actions=stack("actions"), action_dim_mask=stack("action_dim_mask"),
+        action_time_mask=stack("action_time_mask"), fast_tokens=fast, fast_mask=fast_mask,
+        subtask_tokens=subtask, subtask_mask=subtask_mask,
+        embodiment=torch.tensor([s["embodiment"] for s in samples], dtype=torch.int64), meta=meta,
+    )

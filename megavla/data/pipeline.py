@@ -1,0 +1,432 @@
+"""Streaming reader: shard sets -> megavla.batch.Batch, resumable bit-exactly.
+
+Stream of one (rank, logical worker) -- a pure function of (seed, rank, world size, num workers, worker,
+index), with no hidden RNG state:
+
+1. Shards. Per source, the manifest's shards that hold at least one kept combo are split by *slot*
+   (``rank * W + worker``; ``shards[slot::slots]``; when a source has fewer shards than slots every
+   slot reads all of them, logged). A slot reads its shards endlessly, in a fresh permutation per
+   epoch (``RNG(seed, source, rank, worker, epoch)``): resampling without repeats inside an epoch.
+2. Episodes. Tar members are read with webdataset's ``tar_file_iterator`` + ``group_by_keys``; for
+   episodes of excluded combos (combo read from the key) only the tiny ``meta.json`` is read, and
+   the episode is counted (``excluded_episode``). Bad input -- a truncated or corrupt tar
+   (``bad_shard``: the rest of that shard is skipped), a missing member, wrong shape, NaN/inf, no valid
+   step (``bad_sample``), an undecodable frame (``bad_image``) -- is logged with shard and key and
+   counted, or raises :class:`DataError` when ``data.on_bad_sample = "fail"``.
+3. Mixture. A deterministic weighted round robin (mixture.py) picks the source of each accepted
+   episode; ``samples_per_episode`` timesteps are drawn among the episode's valid steps with
+   ``RNG(seed, rank, worker, episode index)``.
+4. Shuffle window. Episodes are drawn until the window holds ``shuffle_buffer`` samples; the window is
+   permuted with ``RNG(seed, rank, worker, window index)`` and emitted; only then is the next window
+   read. Each sample decodes only its frame t (collate.py), ``batch_size`` samples make a Batch.
+5. torch DataLoader (``batch_size=None``): batch i of a rank comes from logical worker ``i % W``.
+
+Restore guarantee (``StreamingLoader.state_dict`` / ``load_state_dict``): with the same shard sets,
+data settings, seed, world size and ``num_workers``, the batches after a restore are bit-identical to
+the batches an uninterrupted reader would have produced after the same number of consumed batches:
+no sample is lost and none is replayed to the trainer. The cost is internal: each worker re-reads the
+episodes of its current shuffle window (at most ``shuffle_buffer`` samples' episodes plus the tar
+members skipped to reach the saved offsets) without emitting them. Skip counters continue from their
+saved values. Changing any stream setting, the world size or ``num_workers`` is refused
+(:class:`LoaderStateError`); a different shard set contents under the same manifest is not detected.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from megavla.config.core import ConfigError
+from megavla.config.data import DataConfig
+from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
+
+from .collate import build_sample, check_episode_dims, collate_samples
+from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
+from .mixture import WeightedRoundRobin, combo_of_key, select_combos
+from .normalize import Normalizer, load_norm_stats, merge_norm_stats
+
+log = logging.getLogger(__name__)
+
+# RNG stream tags: SeedSequence([seed, TAG, ...]) keeps the streams independent.
+_TAG_SHARD_ORDER, _TAG_TIMESTEPS, _TAG_WINDOW = 1, 2, 3
+_COUNTERS = ("bad_shard", "bad_sample", "bad_image", "excluded_episode", "episodes", "samples")
+
+
+class DataError(RuntimeError):
+    """Bad input met with data.on_bad_sample='fail', or a source that yields nothing usable."""
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    episodes: int
+    combos: list[str]
+    embodiments: list[str]
+
+
+def read_manifest(directory: str | Path) -> list[ShardInfo]:
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no manifest.json; data.sources must name shard set directories "
+                          "written by `megavla data synth` (or the shard writer)")
+    try:
+        manifest = json.loads(path.read_text())
+        shards = [ShardInfo(path=str(directory / s["path"]) if not Path(s["path"]).is_absolute() else s["path"],
+                            episodes=int(s.get("episodes", s.get("samples", 0))), combos=list(s["combos"]),
+                            embodiments=list(s.get("embodiments", []))) for s in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: manifest is malformed ({e!r}); expected "
+                          '{"shards": [{"path", "episodes", "combos", "embodiments", ...}]}') from None
+    if not shards:
+        raise ConfigError(f"{path}: the manifest lists no shards")
+    return shards
+
+
+class Counters:
+    """Skip counters of one worker; every count of bad input is logged with its location."""
+
+    def __init__(self, on_bad: str, values: dict[str, int] | None = None):
+        self.on_bad, self.muted = on_bad, False
+        self.values = {k: 0 for k in _COUNTERS}
+        self.values.update(values or {})
+
+    def add(self, kind: str, n: int = 1) -> None:
+        if not self.muted:
+            self.values[kind] = self.values.get(kind, 0) + n
+
+    def bad(self, kind: str, message: str) -> None:
+        if self.on_bad == "fail":
+            raise DataError(f"{message} (data.on_bad_sample=fail; set it to 'skip' to count and skip)")
+        if not self.muted:
+            self.values[kind] = self.values.get(kind, 0) + 1
+            log.warning("skipped %s: %s [%s so far: %d]", kind, message, kind, self.values[kind])
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs, fixed at build time (travels to DataLoader workers by fork/pickle)."""
+
+    cfg: DataConfig
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    sources: dict[str, list[ShardInfo]]  # eligible shards per source (hold a kept combo)
+    weights: dict[str, float]
+    kept_combos: set[str]
+    normalizer: Normalizer | None
+    text_tokenizer: Any = None
+    fast_tokenizer: Any = None
+    stream_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+
+class ShardCursor:
+    """One source's endless episode stream for one (rank, worker), positioned by (draw, offset)."""
+
+    def __init__(self, plan: Plan, name: str, worker: int, counters: Counters):
+        self.plan, self.name, self.counters = plan, name, counters
+        all_shards = plan.sources[name]
+        slot = plan.rank * max(1, plan.num_workers) + worker
+        self.shards = all_shards[slot :: plan.slots] if len(all_shards) >= plan.slots else all_shards
+        self.key_seed = [plan.seed, _TAG_SHARD_ORDER, sorted(plan.sources).index(name), plan.rank, worker]
+        self.draw, self.offset = 0, 0
+        self._groups: Iterator[dict] | None = None
+        self._path = ""
+
+    def position(self) -> dict[str, int]:
+        return {"draw": self.draw, "offset": self.offset}
+
+    def _shard_of_draw(self, draw: int) -> ShardInfo:
+        n = len(self.shards)
+        order = np.random.default_rng(self.key_seed + [draw // n]).permutation(n)
+        return self.shards[int(order[draw % n])]
+
+    def _select(self, fname: str) -> bool:
+        """Read every member of kept episodes; only meta.json of excluded ones (cheap skip)."""
+        prefix, suffix = base_plus_ext(fname)
+        combo = combo_of_key(Path(prefix).name) if prefix else None
+        return combo is None or combo in self.plan.kept_combos or suffix == "meta.json"
+
+    def _open(self) -> None:
+        self._path = self._shard_of_draw(self.draw).path
+        self._groups = self._iter_groups(self._path)
+
+    def _iter_groups(self, path: str) -> Iterator[dict]:
+        with open(path, "rb") as stream:
+            files = ({**f, "__url__": path} for f in tar_file_iterator(stream, select_files=self._select))
+            yield from group_by_keys(files)
+
+    def seek(self, draw: int, offset: int) -> None:
+        """Reopen shard ``draw`` and skip ``offset`` tar groups (counters muted by the caller)."""
+        self.draw, self.offset, self._groups = draw, 0, None
+        while self.offset < offset:
+            if self._next_group() is None:
+                break
+
+    def _next_group(self) -> dict | None:
+        """Next raw tar group of the current shard; None when the shard ended (or broke) -> next draw."""
+        if self._groups is None:
+            try:
+                self._open()
+            except OSError as e:
+                self.counters.bad("bad_shard", f"{self._path or self.name}: cannot open shard ({e})")
+                self._next_draw()
+                return None
+        try:
+            group = next(self._groups)  # type: ignore[arg-type]
+        except StopIteration:
+            self._next_draw()
+            return None
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            self.counters.bad("bad_shard", f"{self._path}: truncated or corrupt tar after {self.offset} "
+                                           f"samples ({e}); rest of the shard skipped")
+            self._next_draw()
+            return None
+        self.offset += 1
+        return group
+
+    def _next_draw(self) -> None:
+        self.draw, self.offset, self._groups = self.draw + 1, 0, None
+
+    def next_episode(self) -> tuple[Episode, str]:
+        cfg, failed_draws, last_draw = self.plan.cfg, 0, self.draw
+        while True:
+            group = self._next_group()
+            if self.draw != last_draw:
+                failed_draws, last_draw = failed_draws + 1, self.draw
+                if failed_draws > 2 * len(self.shards) + 2:
+                    raise DataError(f"source {self.name!r} (rank {self.plan.rank}): {failed_draws} shard "
+                                    "draws in a row gave no usable episode; check `megavla data verify` "
+                                    "and the diversity/include settings")
+            if group is None:
+                continue
+            key = group.get("__key__", "?")
+            where = f"{self._path}:{key}"
+            combo = combo_of_key(Path(key).name)
+            if combo is not None and combo not in self.plan.kept_combos:
+                self.counters.add("excluded_episode")
+                continue
+            try:
+                ep = sample_to_episode(group, where=self._path)
+                if ep.combo not in self.plan.kept_combos:
+                    self.counters.add("excluded_episode")
+                    continue
+                check_episode_dims(ep, self.plan.normalizer, cfg.max_state_dim, cfg.max_action_dim, where)
+                if not ep.step_valid.any():
+                    raise EpisodeFormatError(f"{where}.step_valid.npy: no valid step to sample")
+            except EpisodeFormatError as e:
+                self.counters.bad("bad_sample", str(e))
+                continue
+            return ep, where
+
+
+class WorkerStream:
+    """The batches of one logical worker of one rank, starting from a saved worker state (or fresh)."""
+
+    def __init__(self, plan: Plan, worker: int, state: dict[str, Any] | None = None):
+        self.plan, self.worker = plan, worker
+        self.counters = Counters(plan.cfg.on_bad_sample)
+        self.cursors = {n: ShardCursor(plan, n, worker, self.counters) for n in sorted(plan.weights)}
+        self.mixer = WeightedRoundRobin(plan.weights)
+        self.window, self.pos, self.episodes = -1, 0, 0
+        self.items: list[tuple] = []
+        self.window_start: dict[str, Any] = {}
+        if state is not None:
+            self._restore(state)
+
+    def _rng(self, tag: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.plan.seed, tag, self.plan.rank, self.worker, index])
+
+    def _fill_window(self) -> None:
+        cfg = self.plan.cfg
+        self.window_start = {"sources": {n: c.position() for n, c in self.cursors.items()},
+                             "credits": self.mixer.state_dict(), "episodes": self.episodes}
+        items: list[tuple] = []
+        while len(items) < max(1, cfg.shuffle_buffer):
+            name = self.mixer.next()
+            ep, where = self.cursors[name].next_episode()
+            valid = np.flatnonzero(ep.step_valid)
+            rng = self._rng(_TAG_TIMESTEPS, self.episodes)
+            steps = rng.choice(valid, size=cfg.samples_per_episode, replace=valid.size < cfg.samples_per_episode)
+            self.episodes += 1
+            self.counters.add("episodes")
+            text_cache: dict = {}  # one tokenization of the instruction/subtasks per episode
+            items.extend((ep, int(t), name, where, text_cache) for t in steps)
+        order = self._rng(_TAG_WINDOW, self.window).permutation(len(items))
+        self.items, self.pos = [items[i] for i in order], 0
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["window"] < 0:
+            self.counters.values.update(state["counters"])
+            return
+        start = state["window_start"]
+        self.counters.muted = True  # the replay re-reads what was counted before the save
+        for name, cursor in self.cursors.items():
+            cursor.seek(start["sources"][name]["draw"], start["sources"][name]["offset"])
+        self.mixer.load_state_dict(start["credits"])
+        self.episodes, self.window = start["episodes"], state["window"]
+        self._fill_window()
+        self.pos = state["pos"]
+        self.counters.muted = False
+        self.counters.values = {k: int(v) for k, v in state["counters"].items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "pos": self.pos, "window_start": self.window_start,
+                "counters": dict(self.counters.values)}
+
+    def batches(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+        plan, cfg = self.plan, self.plan.cfg
+        text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
+        while True:
+            samples = []
+            while len(samples) < cfg.batch_size:
+                if self.pos >= len(self.items):
+                    self.window += 1
+                    self._fill_window()
+                ep, t, name, where, cache = self.items[self.pos]
+                self.pos += 1
+                try:
+                    samples.append(build_sample(
+                        ep, t, source=name, where=where, cameras=list(cfg.cameras), image_size=cfg.image_size,
+                        chunk_length=cfg.chunk_length, max_state_dim=cfg.max_state_dim,
+                        max_action_dim=cfg.max_action_dim, normalizer=plan.normalizer,
+                        text_tokenizer=plan.text_tokenizer, fast_tokenizer=plan.fast_tokenizer,
+                        text_cache=cache))
+                except EpisodeFormatError as e:
+                    self.counters.bad("bad_image", f"{e} (timestep {t})")
+            self.counters.add("samples", len(samples))
+            yield collate_samples(samples, text_pad_id=int(text_pad)), self.state_dict()
+
+
+class MixtureStream(IterableDataset):
+    """IterableDataset of (Batch, logical worker, worker state) for one rank."""
+
+    def __init__(self, plan: Plan, worker_states: list[dict | None], worker_offset: int):
+        self.plan, self.worker_states, self.worker_offset = plan, worker_states, worker_offset
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # DataLoader asks workers round-robin from physical worker 0; rotating the logical ids makes
+        # batch i come from logical worker i % W even when a restored run starts mid-cycle.
+        worker = (physical + self.worker_offset) % len(self.worker_states)
+        stream = WorkerStream(self.plan, worker, self.worker_states[worker])
+        for batch, state in stream.batches():
+            yield batch, worker, state
+
+
+def _keep_as_is(item):
+    return item
+
+
+class StreamingLoader:
+    """Endless iterable of Batch for one rank, with ``state_dict``/``load_state_dict``/``skip_counts``.
+
+    Each ``iter()`` starts a torch DataLoader at the current state, so iterating again continues the
+    stream rather than restarting it.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.normalizer = plan.normalizer
+        self.num_workers = plan.num_workers
+        self._worker_states: list[dict | None] = [None] * max(1, plan.num_workers)
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        n = len(self._worker_states)
+        dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.plan.num_workers,
+                            collate_fn=_keep_as_is,
+                            prefetch_factor=2 if self.plan.num_workers > 0 else None)
+        for batch, worker, state in loader:
+            self._worker_states[worker] = state
+            self._consumed += 1
+            yield batch
+
+    def _current(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "rank": self.plan.rank, "world_size": self.plan.world_size,
+                "num_workers": self.plan.num_workers, "batches_consumed": self._consumed,
+                "stream": self.plan.stream_settings, "workers": self._worker_states}
+
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._current()))  # a deep copy in plain JSON types
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_compatible(state, self._current())
+        self._worker_states = [None if w is None else dict(w) for w in state["workers"]]
+        self._consumed = int(state["batches_consumed"])
+
+    def skip_counts(self) -> dict[str, int]:
+        """Summed over this rank's workers, as of the last consumed batch."""
+        return sum_counters(self._worker_states)
+
+
+def _resolve_weights(sources: dict[str, str], mixture: dict[str, float]) -> dict[str, float]:
+    return {name: float(mixture.get(name, 1.0)) for name in sources}
+
+
+def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None, rank: int = 0,
+                 world_size: int = 1, norm_stats: dict | None = None, seed: int | None = None,
+                 split: str = "train") -> StreamingLoader:
+    """The trainer's reader. ``split="val"`` reads ``data.val_sources`` (equal weights, all combos)."""
+    data_cfg.validate()
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
+    val = split == "val"
+    sources = data_cfg.val_sources if val else data_cfg.sources
+    if not sources:
+        raise ConfigError(f"data.{'val_sources' if val else 'sources'} is empty; name at least one shard set "
+                          "directory (e.g. data.sources.robot=/tmp/s)")
+    weights = _resolve_weights(sources, {} if val else data_cfg.mixture)
+    manifests = {name: read_manifest(d) for name, d in sources.items() if weights[name] > 0}
+    universe = {c for shards in manifests.values() for s in shards for c in s.combos}
+    fraction = 1.0 if val else data_cfg.diversity_fraction
+    kept = select_combos(universe, fraction, data_cfg.diversity_seed,
+                         data_cfg.include_combos, data_cfg.exclude_combos)
+    eligible: dict[str, list[ShardInfo]] = {}
+    slots = world_size * max(1, data_cfg.num_workers)
+    for name, shards in manifests.items():
+        eligible[name] = [s for s in shards if kept.intersection(s.combos)]
+        if not eligible[name]:
+            raise ConfigError(f"source {name!r} ({sources[name]}): no shard holds a kept combo "
+                              f"(diversity_fraction={fraction}, {len(kept)} of {len(universe)} combos kept)")
+        if len(eligible[name]) < slots:
+            log.warning("source %s: %d shards < %d ranks x workers; every slot reads all of them (in its "
+                        "own order)", name, len(eligible[name]), slots)
+        log.info("source %s: %d/%d shards hold kept combos", name, len(eligible[name]), len(shards))
+    log.info("diversity: keeping %d of %d scene x task combos (fraction %.3f)", len(kept), len(universe), fraction)
+
+    normalizer = None
+    if data_cfg.normalization != "none":
+        if norm_stats is None:
+            norm_stats = merge_norm_stats([load_norm_stats(Path(sources[n]) / "norm_stats.json") for n in manifests])
+        missing = {e for shards in manifests.values() for s in shards for e in s.embodiments} - set(norm_stats)
+        if missing:
+            raise ConfigError(f"norm stats lack embodiments {sorted(missing)} that the manifests list")
+        normalizer = Normalizer(norm_stats, data_cfg.normalization, data_cfg.normalization_floor)
+    seed = data_cfg.seed if seed is None else seed
+    settings = {
+        "seed": seed, "split": split,
+        "weights": weights, "shards": {n: [Path(s.path).name for s in v] for n, v in eligible.items()},
+        "kept_combos": sorted(kept), **{k: getattr(data_cfg, k) for k in (
+            "chunk_length", "max_action_dim", "max_state_dim", "cameras", "image_size", "batch_size",
+            "shuffle_buffer", "samples_per_episode", "normalization")},
+    }
+    plan = Plan(cfg=data_cfg, seed=seed, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
+                sources=eligible, weights={n: weights[n] for n in manifests}, kept_combos=kept,
+                normalizer=normalizer, text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
+                stream_settings=json.loads(json.dumps(settings)))
+    return StreamingLoader(plan)
