@@ -1,10 +1,21 @@
-"""Model settings (owned by megavla/model). Presets live in megavla/model/presets.py + configs/."""
+"""Model settings (owned by megavla/model). Presets live in megavla/model/presets.py + configs/.
+
+Every size field defaults to ``None`` = "take it from the preset"; set one to override the preset
+(``model.width=768``). ``megavla.model.presets.resolve(cfg)`` returns a copy with all sizes filled.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
 from .core import ConfigError
+
+# Fields that a preset fills (None here = use the preset's value).
+SIZE_FIELDS = (
+    "image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "vision_mlp_dim",
+    "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+    "expert_width", "expert_mlp_dim", "text_vocab_size", "fast_vocab_size",
+)
 
 
 @dataclass
@@ -13,6 +24,67 @@ class ModelConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     attention: Literal["auto", "flash", "flex", "sdpa", "eager"] = "auto"
 
+    # --- vision tower (SigLIP-style ViT), one image per camera
+    image_size: int | None = None
+    patch_size: int | None = None
+    vision_width: int | None = None
+    vision_depth: int | None = None
+    vision_heads: int | None = None
+    vision_mlp_dim: int | None = None
+    # --- backbone (Gemma-style decoder); the expert shares depth, num_heads, num_kv_heads, head_dim
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int | None = None
+    # --- action expert (own, narrower weights)
+    expert_width: int | None = None
+    expert_mlp_dim: int | None = None
+    # --- vocabularies: model vocab = text + FAST (offset by text_vocab_size) + 2 start markers
+    text_vocab_size: int | None = None
+    fast_vocab_size: int | None = None
+    rope_theta: float = 10000.0
+
+    # --- action / state interface (must match data.chunk_length / max_action_dim / max_state_dim)
+    chunk_length: int = 10
+    action_dim: int = 32
+    state_dim: int = 32
+    # discrete: pi0.5 state tokens in the prefix (state_bins bins over [-1, 1]);
+    # continuous: one projected state token in the expert suffix (pi0).
+    state_mode: Literal["discrete", "continuous"] = "discrete"
+    state_bins: int = 256
+    # adarms: pi0.5 adaptive RMSNorm in the expert; mlp: pi0 time embedding mixed into action tokens.
+    time_conditioning: Literal["adarms", "mlp"] = "adarms"
+    # No gradient from the flow loss into the backbone (the expert sees detached backbone K/V).
+    knowledge_insulation: bool = True
+
+    # --- loss weights (0 = objective off, its compute skipped)
+    flow_weight: float = 1.0
+    fast_weight: float = 1.0
+    subtask_weight: float = 1.0
+
+    activation_checkpointing: bool = False
+
+    # --- nominal sequence lengths, used only for FLOPs accounting (flops_per_sample)
+    num_cameras: int = 3
+    text_len: int = 48
+    subtask_len: int = 16
+    fast_len: int = 64
+
     def validate(self) -> None:
         if not self.preset:
             raise ConfigError("preset must be a non-empty name")
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}={value} must be positive (or null for the preset's value)")
+        for name in ("chunk_length", "action_dim", "state_dim", "state_bins", "num_cameras"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("flow_weight", "fast_weight", "subtask_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 turns the objective off)")
+        if self.flow_weight == 0 and self.fast_weight == 0 and self.subtask_weight == 0:
+            raise ConfigError("flow_weight, fast_weight and subtask_weight are all 0: nothing to train; "
+                              "set at least one > 0")

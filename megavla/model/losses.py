@@ -1,0 +1,93 @@
+"""The three objectives' pieces: flow matching, FAST cross-entropy, subtask cross-entropy.
+
+Flow matching (pi0 convention, t = 1 is noise): t ~ Beta(1.5, 1) * 0.999 + 0.001,
+x_t = t * eps + (1 - t) * a, target u = eps - a; per-sample MSE over the supervised elements
+(action_dim_mask x action_time_mask, via megavla.kernels.flow_matching_loss), averaged over samples
+with at least one supervised element. Unsupervised action entries (a human's gripper, padded dims,
+steps past the episode end) are zeroed *before* noising, so garbage there reaches neither the
+loss nor the model's input. Cross-entropies average over valid target tokens of the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megavla.batch import Batch
+from megavla.kernels import flow_matching_loss, flow_noise, mean_over_supervised_samples
+
+TIME_BETA_ALPHA, TIME_BETA_BETA = 1.5, 1.0
+
+
+def check_batch(model, batch: Batch) -> None:
+    """Shapes and id ranges the model relies on, with the config field to fix."""
+    cfg = model.cfg
+    b, h, a = batch.actions.shape
+    if h != cfg.chunk_length or a != cfg.action_dim:
+        raise ValueError(f"batch.actions is [B, {h}, {a}] but the model has model.chunk_length="
+                         f"{cfg.chunk_length}, model.action_dim={cfg.action_dim}; make them equal to "
+                         f"data.chunk_length / data.max_action_dim")
+    if batch.state.shape[1] != cfg.state_dim:
+        raise ValueError(f"batch.state has {batch.state.shape[1]} dims but model.state_dim={cfg.state_dim}; "
+                         f"make it equal to data.max_state_dim")
+    for name, ids, mask, limit, field in (
+            ("text_tokens", batch.text_tokens, batch.text_mask, cfg.text_vocab_size, "text_vocab_size"),
+            ("subtask_tokens", batch.subtask_tokens, batch.subtask_mask, cfg.text_vocab_size, "text_vocab_size"),
+            ("fast_tokens", batch.fast_tokens, batch.fast_mask, cfg.fast_vocab_size, "fast_vocab_size")):
+        if ids.numel() and bool(((ids < 0) | (ids >= limit))[mask].any()):
+            bad = int(ids[mask].max())
+            raise ValueError(f"batch.{name} holds id {bad} outside [0, {limit}); set model.{field} to "
+                             f"the tokenizer's vocab_size (>= {bad + 1})")
+
+
+def clean_actions(batch: Batch) -> torch.Tensor:
+    """actions with every unsupervised entry set to 0 (where(), so NaN garbage is removed too)."""
+    mask = batch.action_dim_mask[:, None, :] & batch.action_time_mask[:, :, None]
+    return torch.where(mask, batch.actions, torch.zeros((), dtype=batch.actions.dtype, device=mask.device))
+
+
+def sample_time(batch_size: int, device: torch.device) -> torch.Tensor:
+    beta = torch.distributions.Beta(torch.tensor(TIME_BETA_ALPHA, device=device),
+                                    torch.tensor(TIME_BETA_BETA, device=device))
+    return beta.sample((batch_size,)) * 0.999 + 0.001
+
+
+def noisy_actions(actions: torch.Tensor, noise: torch.Tensor | None, time: torch.Tensor | None, impl: str):
+    """-> (t [B], eps [B, H, A], x_t [B, H, A]); noise / time drawn when not given."""
+    t = sample_time(actions.shape[0], actions.device) if time is None else time.to(actions.device)
+    eps = torch.randn_like(actions) if noise is None else noise.to(actions)
+    return t, eps, flow_noise(actions, eps, t, impl=impl)
+
+
+def flow_supervised(batch: Batch) -> torch.Tensor:
+    """float [B]: 1 for samples with at least one supervised action element."""
+    return (batch.action_dim_mask.any(dim=1) & batch.action_time_mask.any(dim=1)).float()
+
+
+def flow_loss(v: torch.Tensor, actions: torch.Tensor, noise: torch.Tensor, batch: Batch, impl: str):
+    """-> (batch flow loss, per-sample losses [B]); actions must be `clean_actions(batch)`."""
+    per_sample = flow_matching_loss(v, actions.to(v.dtype), noise.to(v.dtype), batch.action_dim_mask,
+                                    batch.action_time_mask, impl=impl)
+    return mean_over_supervised_samples(per_sample, batch.action_dim_mask, batch.action_time_mask), per_sample
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """Mean CE over valid tokens -> (mean, per-sample CE sum [B], per-sample count [B])."""
+    b, length, vocab = logits.shape
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
+    ce = F.cross_entropy(logits.float().reshape(b * length, vocab), safe.reshape(-1), reduction="none")
+    ce = torch.where(mask, ce.view(b, length), torch.zeros((), device=ce.device))
+    per_sum, count = ce.sum(dim=1), mask.sum(dim=1).float()
+    return per_sum.sum() / count.sum().clamp_min(1.0), per_sum, count
+
+
+def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.Tensor,
+                       denom: torch.Tensor, batch: Batch, summed: bool = False) -> None:
+    """out[name] = value (detached); out[f"{name}/{id}"] = sum(numer) / sum(denom) over that embodiment.
+    For the flow loss numer = per-sample loss and denom = supervised flags (numer is masked here)."""
+    out[name] = value.detach()
+    numer, denom = numer.detach(), denom.detach().to(numer.dtype)
+    if not summed:
+        numer = numer * denom
+    for emb in torch.unique(batch.embodiment).tolist():
+        sel = batch.embodiment == emb
+        out[f"{name}/{emb}"] = numer[sel].sum() / denom[sel].sum().clamp_min(1.0)

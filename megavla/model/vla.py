@@ -1,0 +1,249 @@
+"""The pi0.5-style VLA: SigLIP tower + Gemma backbone + action expert, trained on three objectives.
+
+Module tree (parameter names; HF PaliGemma names in brackets for the weight loader)::
+
+    VLA
+    ├── vision: VisionTower                          [vision_tower.vision_model]
+    │   ├── patch_embed: Conv2d(3, Wv, p, stride p)   [embeddings.patch_embedding]
+    │   ├── pos_embed: Parameter [N, Wv]              [embeddings.position_embedding.weight]
+    │   ├── layers.{i}: layer_norm1, self_attn.{q,k,v,out}_proj (bias), layer_norm2, mlp.fc1/fc2
+    │   │                                             [encoder.layers.{i}.<same names>]
+    │   └── post_layernorm                            [post_layernorm]
+    ├── projector: Linear(Wv, W)                      [multi_modal_projector.linear]
+    ├── embed_tokens: Embedding(text + FAST + 2, W)   [language_model.embed_tokens]; tied output head
+    ├── backbone: GemmaStack                          [language_model]
+    │   ├── layers.{i}: input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+    │   │               mlp.{gate,up,down}_proj        [layers.{i}.<same names>]
+    │   └── norm                                      [norm]
+    ├── state_embed: Embedding(state_bins, W)         (state_mode=discrete)
+    └── expert: ActionExpert
+        ├── stack: GemmaStack (width We, same depth/heads/head_dim; norms are AdaRMSNorm.dense with
+        │          time_conditioning=adarms)
+        ├── action_in_proj, action_out_proj, time_mlp_in/out (adarms) | action_time_mlp_in/out (mlp)
+        └── state_proj (state_mode=continuous)
+
+Vocabulary rows of ``embed_tokens``: [0, text_vocab) text, [text_vocab, text_vocab + fast_vocab)
+FAST (batch FAST ids are FAST-local; the model adds ``fast_offset``), then SUBTASK_START and
+FAST_START markers that open the two LM-suffix segments.
+
+Sequence (kinds of megavla.kernels.AttentionLayout)::
+
+    PREFIX    [camera tokens (absent cameras invalid) | text | state tokens (discrete)]  bidirectional
+    LM_SUFFIX [SUBTASK_START, subtask..., FAST_START, fast...]                            causal
+    EXPERT    [(state token) action tokens x_t]    sees prefix + itself, never LM_SUFFIX
+
+RoPE positions count valid tokens; expert positions continue right after the prefix (as at
+inference, where no LM suffix exists). Images enter unscaled, text/state embeddings x sqrt(W)
+(= HF PaliGemma, which divides image features by sqrt(W) before Gemma's x sqrt(W)).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megavla.batch import Batch
+from megavla.config.model import ModelConfig
+from megavla.kernels import EXPERT, LM_SUFFIX, PREFIX, AttentionLayout
+
+from . import inference, losses
+from .expert import ActionExpert
+from .gemma import GemmaStack, SharedAttention, Stream, run_shared_layers
+from .presets import resolve
+from .vision import VisionTower, encode_cameras
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    """A run of backbone tokens: embeddings [B, L, W], valid [B, L], kind [B, L], positions [B, L]."""
+    x: torch.Tensor
+    valid: torch.Tensor
+    kind: torch.Tensor
+    positions: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["Tokens"]) -> "Tokens":
+        return Tokens(*(torch.cat([getattr(p, f) for p in parts], dim=1)
+                        for f in ("x", "valid", "kind", "positions")))
+
+
+class VLA(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg = resolve(cfg)
+        self.cfg = cfg
+        impl = cfg.kernels
+        self.vision = VisionTower(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_depth,
+                                  cfg.vision_heads, cfg.vision_mlp_dim)
+        self.projector = nn.Linear(cfg.vision_width, cfg.width)
+        self.fast_offset = cfg.text_vocab_size
+        self.subtask_start_id = cfg.text_vocab_size + cfg.fast_vocab_size
+        self.fast_start_id = self.subtask_start_id + 1
+        self.vocab_size = self.fast_start_id + 1
+        self.embed_tokens = nn.Embedding(self.vocab_size, cfg.width)
+        self.backbone = GemmaStack(cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
+                                   cfg.head_dim, impl=impl)
+        self.state_embed = nn.Embedding(cfg.state_bins, cfg.width) if cfg.state_mode == "discrete" else None
+        self.expert = ActionExpert(cfg.expert_width, cfg.depth, cfg.expert_mlp_dim, cfg.num_heads,
+                                   cfg.num_kv_heads, cfg.head_dim, cfg.action_dim, cfg.state_dim,
+                                   cfg.time_conditioning, cfg.state_mode == "continuous", impl)
+        self.vision.checkpoint_layers = cfg.activation_checkpointing
+        self.apply(_init_weights)
+
+    # ------------------------------------------------------------------ token assembly
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        return x * torch.tensor(self.cfg.width ** 0.5, dtype=x.dtype)
+
+    def prefix_tokens(self, batch: Batch) -> Tokens:
+        """Camera + text (+ discrete state) tokens with positions counting valid tokens only."""
+        img, img_valid = encode_cameras(self.vision, self.projector, batch.images, batch.image_mask)
+        parts_x = [img, self._embed_ids(batch.text_tokens)]
+        parts_valid = [img_valid, batch.text_mask]
+        if self.state_embed is not None:
+            bins = self.cfg.state_bins
+            idx = ((batch.state.clamp(-1.0, 1.0) + 1.0) * 0.5 * bins).floor().long().clamp(0, bins - 1)
+            state_x = self.state_embed(idx)
+            parts_x.append(state_x * torch.tensor(self.cfg.width ** 0.5, dtype=state_x.dtype))
+            parts_valid.append(batch.state_mask)
+        x = torch.cat([p.to(self.embed_tokens.weight.dtype) for p in parts_x], dim=1)
+        valid = torch.cat(parts_valid, dim=1)
+        positions = (torch.cumsum(valid.long(), dim=1) - 1).clamp_min(0)
+        return Tokens(x, valid, torch.full_like(positions, PREFIX), positions)
+
+    def lm_suffix_tokens(self, batch: Batch, prefix: Tokens, with_subtask: bool, with_fast: bool):
+        """[SUBTASK_START, subtask..., FAST_START, fast...] -> (Tokens, {"subtask": start, "fast": start})."""
+        b, dev = batch.batch_size, batch.text_tokens.device
+        ids, valid, starts, length = [], [], {}, 0
+        one = torch.ones(b, 1, dtype=torch.bool, device=dev)
+        if with_subtask:
+            starts["subtask"] = length
+            ids += [torch.full((b, 1), self.subtask_start_id, device=dev), batch.subtask_tokens]
+            valid += [one, batch.subtask_mask]
+            length += 1 + batch.subtask_tokens.shape[1]
+        if with_fast:
+            starts["fast"] = length
+            ids += [torch.full((b, 1), self.fast_start_id, device=dev), batch.fast_tokens + self.fast_offset]
+            valid += [one, batch.fast_mask]
+        ids_t, valid_t = torch.cat(ids, dim=1), torch.cat(valid, dim=1)
+        # padded ids may be anything; embed a safe id there (the token is invalid anyway)
+        ids_t = torch.where(valid_t, ids_t, torch.zeros_like(ids_t))
+        positions = prefix_length(prefix)[:, None] + (torch.cumsum(valid_t.long(), dim=1) - 1).clamp_min(0)
+        return Tokens(self._embed_ids(ids_t), valid_t, torch.full_like(positions, LM_SUFFIX), positions), starts
+
+    def expert_tokens(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, prefix: Tokens):
+        """Expert stream + its kind/valid: positions continue right after the prefix."""
+        state = batch.state * batch.state_mask
+        x, cond = self.expert.embed(x_t, t, state)
+        b, length = x.shape[:2]
+        positions = prefix_length(prefix)[:, None] + torch.arange(length, device=x.device)[None, :]
+        kind = torch.full((b, length), EXPERT, dtype=prefix.kind.dtype, device=x.device)
+        valid = torch.ones(b, length, dtype=torch.bool, device=x.device)
+        return Stream(x, positions, cond), kind, valid
+
+    def shared_attention(self, bb_layout, ex_layout, cache=None) -> SharedAttention:
+        return SharedAttention(bb_layout, ex_layout, cache, self.cfg.knowledge_insulation,
+                               self.cfg.rope_theta, self.cfg.kernels, self.cfg.attention)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Backbone hidden (before the final norm) -> logits over the whole vocabulary (tied head)."""
+        normed, _ = self.backbone.norm(hidden)
+        return normed @ self.embed_tokens.weight.t()
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: Batch, noise: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Weighted loss of the objectives with weight > 0 (others are not computed) + detached
+        per-objective and per-embodiment values ("flow/<embodiment id>", ...) for logging."""
+        cfg = self.cfg
+        losses.check_batch(self, batch)
+        use_flow, use_fast, use_subtask = cfg.flow_weight > 0, cfg.fast_weight > 0, cfg.subtask_weight > 0
+        prefix = self.prefix_tokens(batch)
+        parts, starts = [prefix], {}
+        if use_fast or use_subtask:
+            suffix, starts = self.lm_suffix_tokens(batch, prefix, use_subtask, use_fast)
+            parts.append(suffix)
+        bb = Tokens.cat(parts)
+        bb_layout = AttentionLayout.from_kinds(bb.kind, bb.valid)
+        ex = ex_layout = None
+        if use_flow:
+            actions = losses.clean_actions(batch)
+            t, noise, x_t = losses.noisy_actions(actions, noise, time, cfg.kernels)
+            ex, ex_kind, ex_valid = self.expert_tokens(x_t, t, batch, prefix)
+            ex_layout = AttentionLayout.from_kinds(torch.cat([bb.kind, ex_kind], 1),
+                                                   torch.cat([bb.valid, ex_valid], 1), ex.x.shape[1])
+        bb_h, ex_h, _ = run_shared_layers(self.backbone, self.expert.stack if use_flow else None,
+                                          Stream(bb.x, bb.positions), ex, self.shared_attention(bb_layout, ex_layout),
+                                          checkpoint=cfg.activation_checkpointing and self.training)
+        out: dict[str, torch.Tensor] = {}
+        total = bb_h.new_zeros((), dtype=torch.float32)
+        if use_flow:
+            v = self.expert.velocity(ex_h, ex.cond, cfg.chunk_length)
+            flow, per_sample = losses.flow_loss(v, actions, noise, batch, cfg.kernels)
+            total = total + cfg.flow_weight * flow
+            losses.log_per_embodiment(out, "flow", flow, per_sample, losses.flow_supervised(batch), batch)
+        lm_start = prefix.x.shape[1]
+        for name, use, weight in (("subtask", use_subtask, cfg.subtask_weight), ("fast", use_fast, cfg.fast_weight)):
+            if not use:
+                continue
+            targets = batch.subtask_tokens if name == "subtask" else batch.fast_tokens + self.fast_offset
+            mask = batch.subtask_mask if name == "subtask" else batch.fast_mask
+            begin = lm_start + starts[name]  # hidden at the start marker predicts the first token
+            logits = self.logits(bb_h[:, begin:begin + targets.shape[1]])
+            ce, per_sample_sum, per_sample_count = losses.token_ce(logits, targets, mask)
+            total = total + weight * ce
+            losses.log_per_embodiment(out, name, ce, per_sample_sum, per_sample_count, batch, summed=True)
+        out["loss"] = total
+        return out
+
+    # ------------------------------------------------------------------ inference / probes
+    @torch.no_grad()
+    def sample_actions(self, batch: Batch, num_steps: int = 10, noise: torch.Tensor | None = None,
+                       use_cache: bool = True) -> torch.Tensor:
+        """Euler-integrate the expert's velocity from t=1 (noise) to t=0 -> actions [B, H, A] fp32."""
+        return inference.sample_actions(self, batch, num_steps, noise, use_cache)
+
+    @torch.no_grad()
+    def predict_subtask(self, batch: Batch, max_len: int = 16, eos_id: int | None = None,
+                        use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy next-subtask text -> (token ids [B, max_len], valid mask [B, max_len])."""
+        return inference.greedy_decode(self, batch, "subtask", max_len, eos_id, use_cache)
+
+    @torch.no_grad()
+    def predict_fast(self, batch: Batch, max_len: int = 64, eos_id: int | None = None,
+                     use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy FAST tokens (FAST-local ids) after the batch's subtask tokens -> (ids, mask)."""
+        return inference.greedy_decode(self, batch, "fast", max_len, eos_id, use_cache)
+
+    def decode_fast(self, tokens, fast_tokenizer, horizon: int | None = None, dim: int | None = None):
+        """FAST-local token ids (list or 1-D tensor) -> action chunk [H, dim] via the FAST tokenizer."""
+        return inference.decode_fast(self, tokens, fast_tokenizer, horizon, dim)
+
+    @torch.no_grad()
+    def embed_prefix(self, batch: Batch) -> torch.Tensor:
+        """Mean over valid prefix tokens of the backbone's final (normed) hidden states -> [B, W] fp32."""
+        return inference.embed_prefix(self, batch)
+
+
+def prefix_length(prefix: Tokens) -> torch.Tensor:
+    """Valid prefix tokens per sample [B]: the first position after the prefix."""
+    return prefix.valid.long().sum(dim=1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_model(cfg: ModelConfig) -> VLA:
+    """The model for a (possibly partial) ModelConfig; sizes missing from cfg come from its preset."""
+    model = VLA(cfg)
+    logger.info("built VLA preset=%s: %.1fM parameters", model.cfg.preset,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
