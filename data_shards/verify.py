@@ -207,6 +207,7 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
     for row in iterator:
         verify_shard(set_dir / row["path"], row, report, check_images=check_images, check_sha=check_sha)
         report.shards += 1
-    for p in report.problems:
-        (log.error if p.severity == "error" else log.warning)("%s", p)
+    log.info("verify %s: %d shards, %d samples, %d frames decoded, %d errors, %d warnings", set_dir,
+             report.shards, report.samples, report.frames_decoded, len(report.errors),
+             len(report.problems) - len(report.errors))
     return report

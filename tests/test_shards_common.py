@@ -50,6 +50,12 @@ def fake_generate_episode(embodiment, scene, task, episode, image_size=224, came
     return make_episode(embodiment, scene, task, episode, steps=6, image_size=image_size, seed=seed)
 
 
+def crashing_generate_episode(embodiment, scene, task, episode, image_size=224, cameras=None, seed=0):
+    if (scene, task, episode) == (1, 0, 1):
+        raise RuntimeError("simulated generator crash")
+    return fake_generate_episode(embodiment, scene, task, episode, image_size, cameras, seed)
+
+
 def test_toy_episodes_are_deterministic_and_distinct():
     a, b = make_episode(seed=1), make_episode(seed=1)
     assert np.array_equal(a.actions, b.actions) and a.frames == b.frames

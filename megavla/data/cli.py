@@ -1,0 +1,313 @@
+"""``megavla data synth | inspect | stats | verify``: make and check shard sets.
+
+``synth --out DIR`` writes one shard set per embodiment family, ``DIR/robot`` and ``DIR/human``
+(layout: data_shards/manifest.py), so training mixes them with
+``data.sources={robot: DIR/robot, human: DIR/human} data.mixture.human=0.5``. The other commands
+take a shard set or a directory holding several.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import multiprocessing
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from megavla.data_shards.format import EMBODIMENT_IDS, EpisodeFormatError, sample_to_episode
+from megavla.data_shards.manifest import (ManifestError, embodiment_family, find_shard_sets,
+                                          load_manifest)
+from megavla.data_shards.stats import (DEFAULT_NUM_BINS, NORM_STATS_FILE, NormStatsAccumulator,
+                                       compare_norm_stats, write_json_atomic)
+from megavla.data_shards.verify import Problem, iter_tar_samples, verify_shard_set
+from megavla.data_shards.writer import ShardSetWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GENERATOR = "megavla.data_shards.synth:generate_episode"
+
+
+# ---------------------------------------------------------------------------------------- synth
+def _resolve(spec: str) -> Callable[..., Any]:
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"megavla data synth: --generator {spec!r} not importable ({e}); expected "
+                         "MODULE:FUNCTION with the signature of data_shards.synth.generate_episode")
+
+
+_worker_generate: Callable[..., Any] | None = None
+_worker_kwargs: dict[str, Any] = {}
+
+
+def _worker_init(spec: str, kwargs: dict[str, Any]) -> None:
+    global _worker_generate, _worker_kwargs
+    _worker_generate, _worker_kwargs = _resolve(spec), kwargs
+
+
+def _worker_run(job: tuple[str, int, int, int]):
+    assert _worker_generate is not None
+    return _worker_generate(*job, **_worker_kwargs)
+
+
+def synth(args: argparse.Namespace) -> int:
+    embodiments = [e.strip() for e in args.embodiments.split(",") if e.strip()]
+    unknown = [e for e in embodiments if e not in EMBODIMENT_IDS]
+    if unknown or not embodiments:
+        log.error("--embodiments: unknown %s; choose from %s", unknown, sorted(EMBODIMENT_IDS))
+        return 2
+    for name, value in (("scenes", args.scenes), ("tasks", args.tasks),
+                        ("episodes-per-combo", args.episodes_per_combo), ("image-size", args.image_size)):
+        if value <= 0:
+            log.error("--%s=%d must be positive", name, value)
+            return 2
+    gen_kwargs: dict[str, Any] = {"image_size": args.image_size, "seed": args.seed}
+    if args.cameras:
+        gen_kwargs["cameras"] = tuple(c.strip() for c in args.cameras.split(","))
+    _resolve(args.generator)  # fail before any work if the generator is missing
+    jobs = [(emb, s, t, e) for emb in embodiments for s in range(args.scenes)
+            for t in range(args.tasks) for e in range(args.episodes_per_combo)]
+    families = sorted({embodiment_family(e) for e in embodiments})
+    out = Path(args.out)
+    start = time.perf_counter()
+    writers = {}
+    for fam in families:  # all created (and checked) before any is entered
+        generator = {"generator": args.generator, "scenes": args.scenes, "tasks": args.tasks,
+                     "episodes_per_combo": args.episodes_per_combo, "image_size": args.image_size,
+                     "seed": args.seed, "cameras": args.cameras or "default",
+                     "embodiments": [e for e in embodiments if embodiment_family(e) == fam]}
+        try:
+            writers[fam] = ShardSetWriter(out / fam, target_shard_bytes=int(args.shard_size_mb * 2**20),
+                                          generator=generator, overwrite=args.overwrite)
+        except FileExistsError as e:
+            log.error("%s", e)
+            return 2
+    with ExitStack() as stack:
+        for writer in writers.values():
+            stack.enter_context(writer)
+        if args.workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context().Pool(
+                args.workers, initializer=_worker_init, initargs=(args.generator, gen_kwargs)))
+            # imap keeps job order: shards are identical whatever the worker count.
+            episodes = pool.imap(_worker_run, jobs, chunksize=max(1, min(8, len(jobs) // (4 * args.workers))))
+        else:
+            _worker_init(args.generator, gen_kwargs)
+            episodes = map(_worker_run, jobs)
+        for job, ep in tqdm(zip(jobs, episodes), total=len(jobs), desc="synth", unit="ep",
+                            disable=args.no_progress):
+            if (ep.embodiment, ep.scene, ep.task, ep.episode) != job:
+                raise RuntimeError(f"generator returned {ep.key} for job {job}")
+            writers[embodiment_family(ep.embodiment)].write(ep)
+    elapsed = time.perf_counter() - start
+    log.info("synth: %d episodes in %.1f s (%.1f episodes/s, %d workers)", len(jobs), elapsed,
+             len(jobs) / elapsed, args.workers)
+    _print_inspect([out / fam for fam in families], [])
+    sources = ", ".join(f"{fam}: {out / fam}" for fam in families)
+    mixture = ", ".join(f"{fam}: {1 / len(families):.2g}" for fam in families)
+    print(f"\ntrain on it with: data.sources={{{sources}}} data.mixture={{{mixture}}}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- inspect
+def _sets(root: str) -> tuple[list[Path], list[Path]]:
+    complete, incomplete = find_shard_sets(root)
+    for d in incomplete:
+        log.warning("%s: shard files but no manifest.json: an unfinished or crashed write "
+                    "(rerun the writer; readers refuse it)", d)
+    if not complete:
+        log.error("%s: no shard set (no manifest.json here or in subdirectories)", root)
+    return complete, incomplete
+
+
+def _combo_shape(combos: list[str]) -> str:
+    scenes = {c.split(":")[0] for c in combos}
+    tasks = {c.split(":")[1] for c in combos}
+    return f"{len(combos)} ({len(scenes)} scenes x {len(tasks)} tasks)"
+
+
+def summarize(set_dir: Path) -> dict[str, Any]:
+    m = load_manifest(set_dir)
+    t = m["totals"]
+    missing = [r["path"] for r in m["shards"] if not (set_dir / r["path"]).is_file()]
+    resized = [r["path"] for r in m["shards"] if (set_dir / r["path"]).is_file()
+               and (set_dir / r["path"]).stat().st_size != r["bytes"]]
+    return {"set": str(set_dir), "shards": t["shards"], "bytes": t["bytes"], "episodes": t["episodes"],
+            "steps": t["steps"], "valid_steps": t.get("valid_steps", t["steps"]),
+            "embodiments": {emb: {"episodes": n, "steps": t["steps_per_embodiment"].get(emb, 0),
+                                  "combos": len(t["combos"].get(emb, [])),
+                                  "combo_shape": _combo_shape(t["combos"].get(emb, []))}
+                            for emb, n in t["embodiments"].items()},
+            "norm_stats": (set_dir / NORM_STATS_FILE).is_file(), "missing_shards": missing,
+            "size_mismatch": resized, "generator": m.get("generator", {})}
+
+
+def _print_inspect(sets: list[Path], incomplete: list[Path]) -> list[dict[str, Any]]:
+    rows = [summarize(s) for s in sets]
+    header = f"{'shard set':<28} {'embodiment':<15} {'episodes':>8} {'steps':>9}  " \
+             f"{'scene x task combos':<30} {'shards':>6} {'MB':>9}"
+    print(header)
+    print("-" * len(header))
+    by_emb: dict[str, list[int]] = {}
+    for r in rows:
+        for i, (emb, e) in enumerate(sorted(r["embodiments"].items())):
+            tail = f"{r['shards']:>6} {r['bytes'] / 1e6:>9.1f}" if i == 0 else ""
+            print(f"{r['set'] if i == 0 else '':<28} {emb:<15} {e['episodes']:>8} {e['steps']:>9}  "
+                  f"{e['combo_shape']:<30} {tail}")
+            acc = by_emb.setdefault(emb, [0, 0])
+            acc[0] += e["episodes"]
+            acc[1] += e["steps"]
+        for name in r["missing_shards"]:
+            print(f"  ! {r['set']}/{name}: listed in the manifest but missing")
+        for name in r["size_mismatch"]:
+            print(f"  ! {r['set']}/{name}: size differs from the manifest (run `megavla data verify`)")
+        if not r["norm_stats"]:
+            print(f"  ! {r['set']}: no {NORM_STATS_FILE} (run `megavla data stats {r['set']} --write`)")
+    print("-" * len(header))
+    robot = sum(v[0] for k, v in by_emb.items() if k.startswith("robot/"))
+    human = sum(v[0] for k, v in by_emb.items() if k.startswith("human/"))
+    print(f"{'total':<28} {'robot / human':<15} {f'{robot} / {human}':>8} "
+          f"{sum(r['steps'] for r in rows):>9}  {'':<30} {sum(r['shards'] for r in rows):>6} "
+          f"{sum(r['bytes'] for r in rows) / 1e6:>9.1f}")
+    for d in incomplete:
+        print(f"  ! {d}: incomplete (no manifest.json)")
+    return rows
+
+
+def inspect(args: argparse.Namespace) -> int:
+    sets, incomplete = _sets(args.dir)
+    if not sets:
+        return 1
+    if args.json:
+        print(json.dumps([summarize(s) for s in sets], indent=1))
+    else:
+        rows = _print_inspect(sets, incomplete)
+        if any(r["missing_shards"] or r["size_mismatch"] for r in rows):
+            return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- stats
+def recompute_stats(set_dir: Path, num_bins: int = DEFAULT_NUM_BINS,
+                    progress: bool = True) -> tuple[dict[str, Any], list[Problem]]:
+    """Norm stats from the shards on disk (manifest order, images not decoded); bad samples are
+    skipped and returned as problems."""
+    acc = NormStatsAccumulator(num_bins=num_bins)
+    problems: list[Problem] = []
+    rows = load_manifest(set_dir)["shards"]
+    for row in tqdm(rows, desc=f"stats {set_dir.name}", unit="shard", disable=not progress):
+        path = set_dir / row["path"]
+        if not path.is_file():
+            problems.append(Problem(str(path), "shard file missing"))
+            continue
+        for sample in iter_tar_samples(path, problems):
+            if sample.get("__error__"):
+                continue
+            try:
+                acc.add(sample_to_episode(sample, where=str(path)))
+            except EpisodeFormatError as e:
+                problems.append(Problem(str(path), str(e), key=sample["__key__"]))
+    for p in problems:
+        log.warning("stats: skipped: %s", p)
+    return acc.finalize(), problems
+
+
+def stats(args: argparse.Namespace) -> int:
+    sets, _ = _sets(args.dir)
+    if not sets:
+        return 1
+    bad = 0
+    for set_dir in sets:
+        new, problems = recompute_stats(set_dir, args.num_bins, progress=not args.no_progress)
+        bad += len(problems)
+        stored_path = set_dir / NORM_STATS_FILE
+        stored = json.loads(stored_path.read_text()) if stored_path.is_file() else {}
+        print(f"{set_dir}: recomputed over " + ", ".join(
+            f"{emb} {e['num_episodes']} episodes / {e['num_steps']} valid steps" for emb, e in new.items())
+            + (f"; {len(problems)} bad samples skipped" if problems else ""))
+        if not stored:
+            print(f"  no stored {NORM_STATS_FILE}")
+        else:
+            diffs = compare_norm_stats(stored, new)
+            for emb in sorted(new):
+                for name in ("state", "actions"):
+                    parts = [f"{k} {diffs[f'{emb}.{name}.{k}']:.3g}" for k in ("mean", "std", "q01", "q99")]
+                    qerr = max(new[emb][name]["quantile_error"])
+                    print(f"  {emb:<12} {name:<8} max |stored - recomputed|: {', '.join(parts)} "
+                          f"(quantile bin width <= {qerr:.3g})")
+            print(f"  largest difference: {max(diffs.values()):.3g}")
+        if args.write:
+            write_json_atomic(stored_path, new)
+            print(f"  wrote {stored_path}")
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------------------- verify
+def verify(args: argparse.Namespace) -> int:
+    sets, incomplete = _sets(args.dir)
+    if not sets:
+        return 1
+    failed = bool(incomplete)
+    for set_dir in sets:
+        report = verify_shard_set(set_dir, check_images=not args.no_images, progress=not args.no_progress)
+        for p in report.problems:
+            print(p)
+        status = "OK" if report.ok else f"{len(report.errors)} errors in {len(report.bad_shards)} shards"
+        print(f"{set_dir}: {report.shards} shards, {report.samples} samples, "
+              f"{report.frames_decoded} JPEGs decoded: {status}")
+        failed |= not report.ok
+    for d in incomplete:
+        print(f"ERROR {d}: incomplete shard set (no manifest.json)")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megavla data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="generate mini-world episodes into DIR/robot and DIR/human")
+    p.add_argument("--out", required=True, help="output directory (one shard set per embodiment family)")
+    p.add_argument("--scenes", type=int, default=8)
+    p.add_argument("--tasks", type=int, default=6)
+    p.add_argument("--episodes-per-combo", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embodiments", default="robot/arm,human/ego", help="comma-separated")
+    p.add_argument("--cameras", default="", help="comma-separated; default: the generator's")
+    p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (MiB)")
+    p.add_argument("--workers", type=int, default=2, help="generator processes (<=1: in-process)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shard sets in --out")
+    p.add_argument("--generator", default=DEFAULT_GENERATOR, help="MODULE:FUNCTION making one Episode")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=synth)
+    p = sub.add_parser("inspect", help="summary: episodes, steps, combos, bytes, shards")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=inspect)
+    p = sub.add_parser("stats", help="recompute norm stats and compare with the stored file")
+    p.add_argument("dir")
+    p.add_argument("--write", action="store_true", help="replace the stored norm_stats.json")
+    p.add_argument("--num-bins", type=int, default=DEFAULT_NUM_BINS)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=stats)
+    p = sub.add_parser("verify", help="sha256, parse every sample, decode every JPEG")
+    p.add_argument("dir")
+    p.add_argument("--no-images", action="store_true", help="skip JPEG decoding")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ManifestError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
