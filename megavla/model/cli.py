@@ -1,0 +1,58 @@
+"""``megavla model summary CONFIG [dotted.overrides ...]``: parameters per part and FLOPs per sample."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megavla.config import load_config
+
+from .flops import flops_breakdown, meta_model, parameter_counts, token_counts
+from .presets import resolve
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def summary(config: str | None, overrides: list[str]) -> str:
+    cfg = load_config(config, overrides)
+    mcfg = resolve(cfg.model)
+    counts = parameter_counts(meta_model(mcfg))
+    flops = flops_breakdown(mcfg)
+    tok = token_counts(mcfg)
+    lines = [f"model preset {mcfg.preset}: image {mcfg.image_size}/{mcfg.patch_size}, vision "
+             f"{mcfg.vision_width}x{mcfg.vision_depth}, backbone {mcfg.width}x{mcfg.depth} "
+             f"(mlp {mcfg.mlp_dim}, heads {mcfg.num_heads}/{mcfg.num_kv_heads}x{mcfg.head_dim}), expert "
+             f"{mcfg.expert_width} (mlp {mcfg.expert_mlp_dim}), time={mcfg.time_conditioning}, "
+             f"state={mcfg.state_mode}, KI={mcfg.knowledge_insulation}",
+             "", f"{'part':<10} {'parameters':>14} {'':>9}"]
+    counts["vlm"] = counts["vision"] + counts["backbone"]  # the PaliGemma part
+    for part, label in (("vision", "vision"), ("backbone", "backbone"), ("vlm", "vision+bb"),
+                        ("expert", "expert"), ("total", "total")):
+        lines.append(f"{label:<10} {counts[part]:>14,d} {_human(counts[part]):>9}")
+    lines += ["", f"tokens per sample: {tok['patches']} image patches ({mcfg.num_cameras} cameras), "
+              f"backbone {tok['backbone']}, expert {tok['expert']}, LM targets {tok['lm_targets']}",
+              f"{'forward FLOPs':<14} {'per sample':>12}"]
+    for part in ("vision", "backbone", "expert", "attention", "lm_head"):
+        lines.append(f"{part:<14} {_human(flops[part]):>12}")
+    lines.append(f"training FLOPs per sample (3 x forward): {flops['train_total']:.4g} "
+                 f"({_human(flops['train_total'])})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megavla model", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("summary", help="parameters per part and training FLOPs per sample")
+    p.add_argument("config", help="YAML config file (e.g. configs/pi05-3b.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.width=1024")
+    args = parser.parse_args(argv)
+    print(summary(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
