@@ -1,0 +1,242 @@
+"""Load PaliGemma (SigLIP + Gemma) weights from a local Hugging Face safetensors directory.
+
+    from megavla.model.pretrained import load_paligemma, paligemma_size_overrides
+    cfg = ModelConfig(preset="pi05-3b", **paligemma_size_overrides(hf_dir))   # optional: sizes from config.json
+    model = build_model(cfg)
+    report = load_paligemma(model, hf_dir)     # before deepspeed.initialize (ZeRO-3 partitions params)
+
+What is loaded (HF name -> MegaVLA name; see the module tree in vla.py):
+
+    vision_tower[.vision_model].embeddings.patch_embedding      -> vision.patch_embed
+    vision_tower[.vision_model].embeddings.position_embedding   -> vision.pos_embed
+    vision_tower[.vision_model].encoder.layers.{i}.<rest>       -> vision.layers.{i}.<rest>
+    vision_tower[.vision_model].post_layernorm                  -> vision.post_layernorm
+    multi_modal_projector.linear                                -> projector
+    language_model[.model].embed_tokens  (rows [0, text_vocab)) -> embed_tokens
+    language_model[.model].layers.{i}.<rest>                    -> backbone.layers.{i}.<rest>
+    language_model[.model].norm                                 -> backbone.norm
+
+Both checkpoint layouts are read: the Hub / ``save_pretrained`` layout (``language_model.model.*``,
+``vision_tower.vision_model.*``) and the in-memory transformers>=4.52 names (``model.language_model.*``).
+
+Not loaded, on purpose, and listed in the report:
+* ``lm_head.weight``: MegaVLA ties its output head to ``embed_tokens`` (as PaliGemma does); a
+  checkpoint whose head differs from its embedding is refused (strict) or warned about.
+* ``vision_tower.head.*``: SigLIP's attention-pooling head; PaliGemma uses the unpooled patch
+  features and so does MegaVLA.
+* Embedding rows beyond ``text_vocab_size`` (PaliGemma: 257216 rows, of which the last 64 pad the
+  table past the 257152-token Gemma + location + segmentation vocabulary); MegaVLA's FAST rows and
+  its two start markers are new and keep their random init, as does everything outside the
+  backbone (action expert, state embedding).
+
+Anything else in the checkpoint is *unexpected*; any backbone parameter the checkpoint does not
+fill is *missing*; a shape mismatch names both shapes and the config field to change. With
+``strict=True`` (default) unexpected or missing keys raise ``PretrainedLoadError``.
+
+Numerics: MegaVLA's math is Hugging Face's (vision.py, gemma.py), so in fp32 the loaded model's
+image features and LM hidden states match ``PaliGemmaForConditionalGeneration`` (tests/test_pretrained.py).
+Two conventions differ without changing any number: HF PaliGemma counts RoPE positions from 1,
+MegaVLA from 0 (RoPE attention depends only on position differences); HF takes float pixels
+normalized with mean 0.5 / std 0.5, MegaVLA takes uint8 and maps x -> 2x/255 - 1 (the same values).
+PaliGemma 2 (Gemma 2 backbone: extra norms, soft-capping) is a different architecture and refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class PretrainedLoadError(ValueError):
+    """The checkpoint does not fit the model: the message names the key, the shapes and the fix."""
+
+
+# (regex over the canonical HF name, MegaVLA name template). Canonical = after _canonical().
+_RULES: list[tuple[re.Pattern, str]] = [(re.compile(p), t) for p, t in [
+    (r"vision\.embeddings\.patch_embedding\.(weight|bias)", r"vision.patch_embed.\1"),
+    (r"vision\.embeddings\.position_embedding\.weight", "vision.pos_embed"),
+    (r"vision\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
+    (r"vision\.post_layernorm\.(weight|bias)", r"vision.post_layernorm.\1"),
+    (r"projector\.linear\.(weight|bias)", r"projector.\1"),
+    (r"lm\.embed_tokens\.weight", "embed_tokens.weight"),
+    (r"lm\.layers\.(\d+)\.(.+)", r"backbone.layers.\1.\2"),
+    (r"lm\.norm\.weight", "backbone.norm.weight"),
+]]
+_IGNORED = [(re.compile(r"vision\.head\..+"), "SigLIP pooling head (PaliGemma uses patch features)"),
+            (re.compile(r"lm_head\.weight"), "output head (tied to embed_tokens in MegaVLA)")]
+# Model parameters the checkpoint is expected to fill; the rest of the model is new.
+PRETRAINED_SCOPE = ("vision.", "projector.", "embed_tokens.", "backbone.")
+_PREFIXES = [  # HF layouts -> canonical short prefixes
+    ("model.vision_tower.vision_model.", "vision."), ("model.vision_tower.", "vision."),
+    ("vision_tower.vision_model.", "vision."), ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
+    ("language_model.model.", "lm."), ("model.language_model.", "lm."),
+    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+]
+
+
+def _canonical(name: str) -> str | None:
+    for prefix, short in _PREFIXES:
+        if name.startswith(prefix):
+            return short + name[len(prefix):]
+    return None
+
+
+def hf_to_megavla_name(name: str) -> str | None:
+    """MegaVLA parameter name of an HF PaliGemma tensor name, or None if it has none."""
+    canon = _canonical(name)
+    if canon is None:
+        return None
+    for pattern, template in _RULES:
+        if pattern.fullmatch(canon):
+            return pattern.sub(template, canon)
+    return None
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)  # MegaVLA parameter names filled
+    missing: list[str] = field(default_factory=list)  # in PRETRAINED_SCOPE, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys with no MegaVLA home
+    ignored: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it is not loaded
+    not_pretrained: list[str] = field(default_factory=list)  # model parameters outside the scope
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)} tensors, missing {len(self.missing)}, unexpected "
+                f"{len(self.unexpected)}, ignored {len(self.ignored)}, new (not pretrained) "
+                f"{len(self.not_pretrained)}" + "".join(f"; {n}" for n in self.notes))
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory (expected a Hugging Face "
+                                "PaliGemma directory with *.safetensors; nothing is downloaded)")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (convert .bin checkpoints with "
+                                "transformers' save_pretrained(safe_serialization=True))")
+    return files
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    cfg_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path).parent / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing; the PaliGemma directory needs its config.json")
+    return json.loads(cfg_path.read_text())
+
+
+def paligemma_size_overrides(path: str | Path) -> dict[str, Any]:
+    """ModelConfig size fields read from a PaliGemma ``config.json`` (use with any preset)."""
+    hf = read_hf_config(path)
+    text, vision = hf.get("text_config", {}), hf.get("vision_config", {})
+    if hf.get("model_type") != "paligemma" or text.get("model_type", "gemma") != "gemma":
+        raise PretrainedLoadError(f"{path}: model_type={hf.get('model_type')!r} with text model "
+                                  f"{text.get('model_type')!r}; only PaliGemma 1 (Gemma 1 backbone) is supported")
+    act = text.get("hidden_activation") or text.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise PretrainedLoadError(f"{path}: text activation {act!r}; MegaVLA's GeGLU is gelu(tanh)")
+    rope = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta", 10000.0))
+    heads = text["num_attention_heads"]
+    return dict(
+        image_size=vision["image_size"], patch_size=vision["patch_size"],
+        vision_width=vision["hidden_size"], vision_depth=vision["num_hidden_layers"],
+        vision_heads=vision["num_attention_heads"], vision_mlp_dim=vision["intermediate_size"],
+        width=text["hidden_size"], depth=text["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads", heads),
+        head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+        mlp_dim=text["intermediate_size"], rope_theta=float(rope),
+        # The whole embedding table (PaliGemma: 257216 rows = 257152 tokens + the <image> id and
+        # padding): every pretrained row is kept; the presets' 257152 drops the unused 64.
+        text_vocab_size=int(text["vocab_size"]),
+    )
+
+
+def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+    """Copy PaliGemma weights from ``path`` (dir of *.safetensors, or one file) into ``model`` (a VLA).
+
+    Tensors are read one at a time (a 3B checkpoint never sits twice in memory) and cast to each
+    parameter's dtype. Returns a LoadReport; logs its summary.
+    """
+    path = Path(path)
+    params = dict(model.named_parameters())
+    report = LoadReport()
+    filled: set[str] = set()
+    head: torch.Tensor | None = None
+    embed: torch.Tensor | None = None
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                canon = _canonical(key) or key
+                why = next((w for p, w in _IGNORED if p.fullmatch(canon)), None)
+                if why is not None:
+                    report.ignored[key] = why
+                    if canon == "lm_head.weight":
+                        head = f.get_tensor(key)
+                    continue
+                name = hf_to_megavla_name(key)
+                if name is None or name not in params:
+                    report.unexpected.append(key if name is None else f"{key} (-> {name}, not in model)")
+                    continue
+                tensor = f.get_tensor(key)
+                param = params[name]
+                if name == "embed_tokens.weight":
+                    embed = tensor
+                    # rows above the text vocabulary are FAST ids + markers (VLA.fast_offset)
+                    text_vocab = int(getattr(model, "fast_offset", param.shape[0]))
+                    _copy_embedding(param, tensor, key, text_vocab, report)
+                elif tuple(tensor.shape) != tuple(param.shape):
+                    raise PretrainedLoadError(
+                        f"{file}:{key} has shape {tuple(tensor.shape)} but MegaVLA's {name} is "
+                        f"{tuple(param.shape)}; build the model with paligemma_size_overrides({str(path)!r})")
+                else:
+                    with torch.no_grad():
+                        param.copy_(tensor.to(param.dtype))
+                filled.add(name)
+    report.loaded = sorted(filled)
+    report.missing = sorted(n for n in params if n.startswith(PRETRAINED_SCOPE) and n not in filled)
+    report.not_pretrained = sorted(n for n in params if not n.startswith(PRETRAINED_SCOPE))
+    if head is not None and embed is not None and not (head.shape == embed.shape and torch.equal(head, embed)):
+        msg = "checkpoint lm_head.weight differs from its embed_tokens; MegaVLA ties them (head not loaded)"
+        if strict:
+            raise PretrainedLoadError(f"{path}: {msg}")
+        report.notes.append(msg)
+    if strict and (report.missing or report.unexpected):
+        raise PretrainedLoadError(f"{path}: checkpoint does not fit the model: missing "
+                                  f"{report.missing[:5]}{'...' if len(report.missing) > 5 else ''} "
+                                  f"({len(report.missing)}), unexpected {report.unexpected[:5]} "
+                                  f"({len(report.unexpected)}); pass strict=False to load what fits")
+    for key in report.unexpected:
+        log.warning("pretrained: unexpected checkpoint key %s (not loaded)", key)
+    for name in report.missing:
+        log.warning("pretrained: %s not in the checkpoint (keeps its random init)", name)
+    log.info("pretrained %s: %s", path, report.summary())
+    return report
+
+
+def _copy_embedding(param: nn.Parameter, tensor: torch.Tensor, key: str, text_vocab: int,
+                    report: LoadReport) -> None:
+    """Rows [0, n) of the text vocabulary; FAST rows and markers (above text_vocab) stay new."""
+    if tensor.shape[1] != param.shape[1]:
+        raise PretrainedLoadError(f"{key}: embedding width {tensor.shape[1]} != model width "
+                                  f"{param.shape[1]}; set model.width={tensor.shape[1]}")
+    rows = min(text_vocab, tensor.shape[0])
+    with torch.no_grad():
+        param[:rows].copy_(tensor[:rows].to(param.dtype))
+    if tensor.shape[0] > rows:
+        report.notes.append(f"embedding rows [{rows}, {tensor.shape[0]}) of the checkpoint not loaded "
+                            f"(beyond model.text_vocab_size={text_vocab})")
+    if rows < text_vocab:
+        report.notes.append(f"text rows [{rows}, {text_vocab}) not in the checkpoint (random init)")
+

@@ -1,0 +1,138 @@
+"""PaliGemma weights -> MegaVLA: a tiny random HF PaliGemma, saved locally, must give the same
+image features, LM hidden states and logits in MegaVLA (fp32, CPU). Nothing is downloaded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # test-only dependency (extras "test")
+
+from megavla.batch import Batch  # noqa: E402
+from megavla.config.model import ModelConfig  # noqa: E402
+from megavla.kernels import LM_SUFFIX, AttentionLayout  # noqa: E402
+from megavla.model.gemma import Stream, run_shared_layers  # noqa: E402
+from megavla.model.pretrained import (PretrainedLoadError, hf_to_megavla_name, load_paligemma,  # noqa: E402
+                                      paligemma_size_overrides)
+from megavla.model.vla import VLA, Tokens, prefix_length  # noqa: E402
+
+HF_VOCAB, IMAGE_TOKEN = 260, 259
+TEXT_VOCAB = 256  # MegaVLA keeps rows [0, 256): exercises the "rows beyond text vocab" path
+
+
+def _tiny_paligemma(tmp_path, seed=0):
+    cfg = transformers.PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                           vision_use_head=False),
+        text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=HF_VOCAB),
+        image_token_index=IMAGE_TOKEN, projection_dim=64, hidden_size=64)
+    torch.manual_seed(seed)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    # HF inits norms to identity (LayerNorm 1/0, Gemma RMSNorm 0): randomize everything so that a
+    # swapped or dropped tensor in the loader shows up in the outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1)
+            if name.endswith("weight") and ("layer_norm" in name or "post_layernorm" in name):
+                p.add_(1.0)  # SigLIP LayerNorm scales around 1 (Gemma's RMSNorm already is 1 + w)
+    path = tmp_path / "paligemma"
+    model.save_pretrained(path)
+    return model, path
+
+
+def _batch(images, prompt, state_dim=4):
+    b = images.shape[0]
+    return Batch(images=images, image_mask=torch.ones(b, 1, dtype=torch.bool), text_tokens=prompt,
+                 text_mask=torch.ones_like(prompt, dtype=torch.bool), state=torch.zeros(b, state_dim),
+                 state_mask=torch.zeros(b, state_dim, dtype=torch.bool),
+                 actions=torch.zeros(b, 4, 3), action_dim_mask=torch.ones(b, 3, dtype=torch.bool),
+                 action_time_mask=torch.ones(b, 4, dtype=torch.bool), fast_tokens=torch.zeros(b, 1, dtype=torch.long),
+                 fast_mask=torch.zeros(b, 1, dtype=torch.bool), subtask_tokens=torch.zeros(b, 1, dtype=torch.long),
+                 subtask_mask=torch.zeros(b, 1, dtype=torch.bool), embodiment=torch.zeros(b, dtype=torch.long))
+
+
+def _megavla(path, **overrides):
+    sizes = dict(paligemma_size_overrides(path), text_vocab_size=TEXT_VOCAB, fast_vocab_size=16)
+    sizes.update(overrides)
+    cfg = ModelConfig(preset="tiny", kernels="torch", attention="sdpa", chunk_length=4, action_dim=3,
+                      state_dim=4, **sizes)
+    torch.manual_seed(123)
+    return VLA(cfg).eval()
+
+
+def _megavla_forward(vla, batch, suffix_ids):
+    """Prefix (image + prompt, bidirectional) + causal LM_SUFFIX tokens, as PaliGemma's prefix-LM."""
+    prefix = vla.prefix_tokens(batch)
+    b, s = suffix_ids.shape
+    positions = prefix_length(prefix)[:, None] + torch.arange(s)[None, :]
+    suffix = Tokens(vla._embed_ids(suffix_ids), torch.ones(b, s, dtype=torch.bool),
+                    torch.full((b, s), LM_SUFFIX, dtype=prefix.kind.dtype), positions)
+    tokens = Tokens.cat([prefix, suffix])
+    layout = AttentionLayout.from_kinds(tokens.kind, tokens.valid)
+    hidden, _, _ = run_shared_layers(vla.backbone, None, Stream(tokens.x, tokens.positions), None,
+                                     vla.shared_attention(layout, None))
+    keep = tokens.valid[0]  # same for every sample here: drops the invalid (masked) state tokens
+    normed, _ = vla.backbone.norm(hidden)
+    return normed[:, keep], vla.logits(hidden)[:, keep]
+
+
+def test_name_mapping_covers_both_hf_layouts():
+    assert hf_to_megavla_name("vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight") == "vision.layers.3.mlp.fc1.weight"
+    assert hf_to_megavla_name("vision_tower.embeddings.position_embedding.weight") == "vision.pos_embed"
+    assert hf_to_megavla_name("model.vision_tower.vision_model.embeddings.patch_embedding.bias") == "vision.patch_embed.bias"
+    assert hf_to_megavla_name("language_model.model.layers.17.self_attn.o_proj.weight") == "backbone.layers.17.self_attn.o_proj.weight"
+    assert hf_to_megavla_name("model.language_model.norm.weight") == "backbone.norm.weight"
+    assert hf_to_megavla_name("model.multi_modal_projector.linear.weight") == "projector.weight"
+    assert hf_to_megavla_name("language_model.model.embed_tokens.weight") == "embed_tokens.weight"
+    assert hf_to_megavla_name("something.else") is None
+
+
+def test_paligemma_matches_hf_outputs(tmp_path):
+    hf, path = _tiny_paligemma(tmp_path)
+    vla = _megavla(path)
+    report = load_paligemma(vla, path)
+    assert not report.missing and not report.unexpected
+    assert any(n.startswith("expert.") for n in report.not_pretrained)
+    assert any("[256, 260)" in note for note in report.notes)  # rows beyond text_vocab_size
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 1, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    prompt = torch.randint(3, TEXT_VOCAB, (2, 5), generator=gen)
+    suffix = torch.randint(3, TEXT_VOCAB, (2, 4), generator=gen)
+    pixels = images[:, 0].float() * (2.0 / 255.0) - 1.0  # PaliGemma processor: mean 0.5, std 0.5
+
+    with torch.no_grad():
+        # Vision tower + projector.
+        ref_img = hf.model.get_image_features(pixels).pooler_output
+        ours_img = vla.projector(vla.vision(images[:, 0]))
+        torch.testing.assert_close(ours_img, ref_img, atol=1e-4, rtol=1e-4)
+
+        # Whole prefix-LM: [16 image tokens, prompt] bidirectional, suffix causal.
+        n_img = ref_img.shape[1]
+        ids = torch.cat([torch.full((2, n_img), IMAGE_TOKEN), prompt, suffix], dim=1)
+        token_type = torch.cat([torch.zeros(2, n_img + 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)], 1)
+        kwargs = dict(input_ids=ids, pixel_values=pixels, token_type_ids=token_type,
+                      attention_mask=torch.ones_like(ids))
+        ref_hidden = hf.model(**kwargs).last_hidden_state
+        ref_logits = hf(**kwargs).logits
+        hidden, logits = _megavla_forward(vla, _batch(images, prompt), suffix)
+    assert hidden.shape == ref_hidden.shape
+    torch.testing.assert_close(hidden, ref_hidden, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[..., :TEXT_VOCAB], ref_logits[..., :TEXT_VOCAB], atol=1e-4, rtol=1e-4)
+    # Not a vacuous match: an unloaded model is far off.
+    fresh_hidden, _ = _megavla_forward(_megavla(path), _batch(images, prompt), suffix)
+    assert (fresh_hidden - ref_hidden).abs().max() > 1e-2
+
+
+def test_mismatched_model_is_reported(tmp_path):
+    _, path = _tiny_paligemma(tmp_path)
+    deeper = _megavla(path, depth=3)
+    with pytest.raises(PretrainedLoadError, match="missing"):
+        load_paligemma(deeper, path)
+    report = load_paligemma(deeper, path, strict=False)
+    assert report.missing and all(n.startswith("backbone.layers.2.") for n in report.missing)
+    with pytest.raises(PretrainedLoadError, match="paligemma_size_overrides"):
+        load_paligemma(_megavla(path, mlp_dim=96), path)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_paligemma(deeper, tmp_path / "nope")
