@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
@@ -10,6 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 def test_kernel_benchmark_quick_runs_on_cpu(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(bench)
     out = tmp_path / "table.md"
     assert bench.main(["--quick", "--no-compile", "--reps", "1", "--ops", "flow_matching,ada_rms,attention",
