@@ -173,7 +173,7 @@ def _write_shard_set(path, episodes, **kwargs):
 def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
     rng = np.random.default_rng(5)
     robot = [_episode(rng, "robot/arm", i, 24, 7, False, False) for i in range(6)]
-    robot.append(_episode(rng, "robot/arm", 6, 5, 7, False, False))  # shorter than a chunk
+    robot.append(_episode(rng, "robot/arm", 6, 5, 7, False, False))  # shorter than a chunk: padded
     human = [_episode(rng, "human/ego", i, 20, 7, True, i == 0) for i in range(4)]
     human.append(_episode(rng, "human/ego", 4, 20, 7, True, False))  # its shard gets corrupted
     _write_shard_set(tmp_path / "synth" / "robot", robot)
@@ -190,10 +190,12 @@ def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
                      "--text-vocab", "400", "--fast-vocab", "300", "--chunk-length", "8"]) == 0
     summary = json.loads((out / "tokenizers.json").read_text())
     counts = summary["counts"]
-    assert counts["episodes"] == 11 and counts["bad_samples"] >= 1 and counts["short_episodes"] == 1
-    # robot: 6 eps x 17 starts; human: 4 x 13 starts minus the 8 chunks covering the dropout step.
-    assert counts["per_embodiment_chunks"] == {"robot/arm": 6 * 17, "human/ego": 4 * 13 - 8}
-    assert counts["chunks_with_invalid_steps"] == 8
+    assert counts["episodes"] == 11 and counts["bad_samples"] >= 1
+    # Every valid start, as the pipeline samples: robot 6 x 24 + 5 (short episode); human 4 x 20
+    # minus the one dropout step. Tails past the end / over the dropout are forward-filled.
+    assert counts["per_embodiment_chunks"] == {"robot/arm": 6 * 24 + 5, "human/ego": 4 * 20 - 1}
+    assert counts["invalid_starts"] == 1
+    assert counts["padded_chunks"] == 6 * 7 + 5 + 4 * 7 + 7  # tails (H-1 each) + 7 over the dropout
     assert counts["per_embodiment_dims"] == {"robot/arm": [7], "human/ego": [6]}  # gripper masked
     assert counts["texts"] == 11 * 3
     assert any("skipping" in r.message for r in caplog.records)
@@ -213,8 +215,18 @@ def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
 
     with pytest.raises(FileNotFoundError, match="no shard set"):
         train_tokenizers([tmp_path / "tok"], tmp_path / "x")
-    with pytest.raises(ValueError, match="lower --chunk-length"):
-        train_tokenizers([tmp_path / "synth" / "robot"], tmp_path / "y", chunk_length=100)
     (tmp_path / "synth" / "robot" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="unfinished write"):
         train_tokenizers([tmp_path / "synth"], tmp_path / "z")
+
+
+def test_episode_chunks_forward_fill_like_the_pipeline():
+    from megavla.tokenizers.cli import CorpusCounts, episode_chunks
+    actions = np.arange(6, dtype=np.float32)[:, None] * np.array([[1.0, 10.0, 100.0]], np.float32)
+    valid = np.array([True, True, False, True, True, True])
+    counts = CorpusCounts()
+    chunks = list(episode_chunks(actions, np.array([True, False, True]), valid, 4, 1, counts))
+    assert len(chunks) == 5 and counts.invalid_starts == 1  # start 2 is a dropout step
+    np.testing.assert_array_equal(chunks[0][:, 0], [0, 1, 1, 3])  # step 2 filled from step 1
+    np.testing.assert_array_equal(chunks[-1][:, 0], [5, 5, 5, 5])  # past the end: last step
+    assert chunks[0].shape == (4, 2) and np.array_equal(chunks[0][:, 1], chunks[0][:, 0] * 100)

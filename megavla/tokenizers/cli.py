@@ -9,8 +9,8 @@ Reads every episode of the shard sets (the shards listed in each set's ``manifes
 * text corpus: each episode's instruction and its subtask texts;
 * FAST corpus: the action chunks the pipeline will tokenize, i.e. ``a[t:t+H]`` of the episode's
   *valid* dims (``action_mask``), normalized per embodiment with the shard sets' stats (quantile
-  mode maps [q01, q99] to [-1, 1]); only full chunks whose steps are all ``step_valid`` are used
-  (padded tails and tracker dropouts would teach BPE padding artefacts), with start stride K.
+  mode maps [q01, q99] to [-1, 1]), for every valid start t (stride K), with steps past the end
+  or not ``step_valid`` forward-filled exactly as megavla/data/collate.py does.
 
 Writes ``OUT/text.model``, ``OUT/fast.model``, ``OUT/fast.json`` and ``OUT/tokenizers.json`` (the
 corpus counts and settings). Bad samples are counted, logged with shard and key, and skipped
@@ -49,8 +49,8 @@ class CorpusCounts:
     bad_samples: int = 0
     texts: int = 0
     chunks: int = 0
-    short_episodes: int = 0  # fewer steps than the chunk length: no full chunk
-    chunks_with_invalid_steps: int = 0
+    invalid_starts: int = 0  # steps with step_valid False: the pipeline never samples them
+    padded_chunks: int = 0  # chunks with forward-filled steps (episode end, tracker dropout)
     per_embodiment_chunks: dict[str, int] = field(default_factory=dict)
     per_embodiment_dims: dict[str, list[int]] = field(default_factory=dict)  # valid dims seen
 
@@ -109,17 +109,23 @@ def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
 
 def episode_chunks(actions: np.ndarray, action_mask: np.ndarray, step_valid: np.ndarray,
                    chunk_length: int, stride: int, counts: CorpusCounts) -> Iterator[np.ndarray]:
-    """Full chunks a[t:t+H] of the valid dims whose steps are all valid (actions already normalized)."""
+    """The chunks the data pipeline tokenizes (megavla/data/collate.py, build_sample), so the BPE
+    merges see the same distribution: start t at every valid step (pipeline sampling), steps past
+    the episode end or not ``step_valid`` forward-filled from the last valid step, valid dims only.
+    ``actions`` are already normalized."""
     T = actions.shape[0]
-    if T < chunk_length:
-        counts.short_episodes += 1
-        return
     valid_dims = actions[:, action_mask]
-    for t in range(0, T - chunk_length + 1, stride):
-        if not step_valid[t:t + chunk_length].all():
-            counts.chunks_with_invalid_steps += 1
+    steps = np.arange(chunk_length)
+    for t in range(0, T, stride):
+        if not step_valid[t]:
+            counts.invalid_starts += 1
             continue
-        yield valid_dims[t:t + chunk_length]
+        idx = np.minimum(t + steps, T - 1)
+        time_mask = (t + steps < T) & step_valid[idx]
+        if not time_mask.all():
+            counts.padded_chunks += 1
+        last = np.maximum.accumulate(np.where(time_mask, steps, 0))
+        yield valid_dims[idx[last]]
 
 
 def train_tokenizers(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -153,10 +159,8 @@ def train_tokenizers(shard_dirs: Sequence[str | os.PathLike], out_dir: str | os.
         raise ValueError(f"no readable episodes in {list(map(str, shard_dirs))} "
                          f"({counts.bad_samples} bad samples skipped)")
     if not chunks:
-        raise ValueError(f"no full, valid action chunks of length {chunk_length} in "
-                         f"{counts.episodes} episodes ({counts.short_episodes} shorter than the chunk, "
-                         f"{counts.chunks_with_invalid_steps} chunks with invalid steps); "
-                         "lower --chunk-length")
+        raise ValueError(f"no action chunks in {counts.episodes} episodes ({counts.invalid_starts} "
+                         "invalid steps); check step_valid in the shards")
     text_tok = train_text_tokenizer(texts, out / TEXT_FILE, vocab_size=text_vocab)
     fast_tok = train_fast_tokenizer(chunks, vocab_size=fast_vocab, scale=fast_scale, out_path=out / FAST_PREFIX)
     summary = {"shards": [str(d) for d in shard_dirs], "chunk_length": chunk_length,
