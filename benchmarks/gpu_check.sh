@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Standing GPU check for a lent H100/H200 (see /work/.library/device/README.md). From the repo root:
+#   device run: command="bash benchmarks/gpu_check.sh", carry=[".whl"] (if wheels are needed), timeout_s=590
+# Dry run on CPU (GPU stages skip): OUT=/tmp/x GPU_CHECK_BENCH_ARGS="--quick --reps 1" bash benchmarks/gpu_check.sh
+# Stages, each under its own timeout so one hang cannot eat the lease (sum < 10 min):
+#   0. install carried wheels (.whl/*.whl, cp312) and make `megavla` importable (editable, offline)
+#   1. GPU kernel tests: pytest -m gpu tests/test_kernels_*.py (full shapes, fp32 + bf16)   240 s
+#   2. kernel benchmark without torch.compile (always yields a table), then with it          60 + 150 s
+#   3. benchmarks/train_step.py if it exists                                                   90 s
+# Everything lands in $OUT (at most 8 files come back): gpu_check.log env.txt kernel_tests.log
+# kernels_bench.log kernels_table_nocompile.md kernels_table.md train_step.log (+ train_step.md).
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=python3
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}  # e.g. "--quick --reps 1" for a dry run of this script on CPU
+log() { echo "[gpu_check $(date -u +%T)] $*" | tee -a "$OUT/gpu_check.log"; }
+
+log "start in $(pwd), OUT=$OUT"
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name())"; git log -1 --oneline 2>/dev/null; } > "$OUT/env.txt" 2>&1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  log "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$OUT/gpu_check.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || log "wheel install FAILED"
+fi
+# kernels/ is installed as megavla.kernels via package_dir, so PYTHONPATH=. is not enough
+if $PY -c "import megavla.kernels, sys; sys.exit(not megavla.kernels.__file__.startswith('$(pwd)/'))" 2>/dev/null; then
+  log "megavla already importable from this tree"
+elif ! $PY -m pip install -q --no-deps --no-index --no-build-isolation -e . >> "$OUT/gpu_check.log" 2>&1; then
+  log "editable install failed; assembling megavla under /tmp/megavla_pkg instead"
+  rm -rf /tmp/megavla_pkg && mkdir -p /tmp/megavla_pkg && cp -r megavla /tmp/megavla_pkg/
+  for sub in kernels launch data_shards; do ln -sfn "$(pwd)/$sub" "/tmp/megavla_pkg/megavla/$sub"; done
+  export PYTHONPATH=/tmp/megavla_pkg${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -c "import megavla.kernels as k; print('megavla.kernels from', k.__file__)" 2>&1 | tee -a "$OUT/gpu_check.log"
+
+log "stage 1: GPU kernel tests"
+timeout 240 $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_attention.py -m gpu -q -rs \
+  -p no:cacheprovider > "$OUT/kernel_tests.log" 2>&1
+log "kernel tests rc=$? ($(tail -1 "$OUT/kernel_tests.log"))"
+
+log "stage 2a: kernel benchmark, no torch.compile"
+timeout 60 $PY benchmarks/kernels.py $BENCH_ARGS --no-compile --out "$OUT/kernels_table_nocompile.md" >> "$OUT/kernels_bench.log" 2>&1
+log "benchmark (no compile) rc=$?"
+log "stage 2b: kernel benchmark with torch.compile"
+timeout 150 $PY benchmarks/kernels.py $BENCH_ARGS --out "$OUT/kernels_table.md" >> "$OUT/kernels_bench.log" 2>&1
+log "benchmark (compile) rc=$?"
+
+if [ -f benchmarks/train_step.py ]; then
+  log "stage 3: training-step benchmark"
+  extra=()
+  $PY benchmarks/train_step.py --help 2>/dev/null | grep -q -- "--out" && extra=(--out "$OUT/train_step.md")
+  timeout 90 $PY benchmarks/train_step.py "${extra[@]}" > "$OUT/train_step.log" 2>&1
+  log "train_step rc=$?"
+else
+  log "stage 3 skipped: benchmarks/train_step.py does not exist"
+fi
+log "done"
