@@ -13,7 +13,7 @@ from megavla.data_shards.manifest import shard_paths
 from megavla.data_shards.writer import ShardSetWriter
 from megavla.tokenizers import (FastTokenizer, TextTokenizer, load_tokenizers, train_fast_tokenizer,
                                 train_text_tokenizer, train_tokenizers)
-from megavla.tokenizers.fast import dct_coefficients
+from megavla.tokenizers.fast import dct_coefficients, dct_matrix
 
 TEXTS = ["pick up the red cube", "place the blue ball in the bowl", "push the green block left",
          "grasp the yellow cup", "move to the cube", "open the gripper"]
@@ -90,6 +90,14 @@ def test_fast_roundtrip_error_bound(fast_tok):
     assert worst_rms <= rms_bound + 1e-6 and worst_max <= max_bound + 1e-6
     # The quantizer is really exercised (a lossless stub would give 0 error).
     assert worst_rms > 0.2 * rms_bound
+
+
+def test_dct_matches_scipy():
+    from scipy.fft import dct, idct
+    x = np.random.default_rng(7).normal(size=(13, 4))
+    np.testing.assert_array_equal(dct_coefficients(x, 10.0), np.rint(dct(x, axis=0, norm="ortho") * 10.0))
+    np.testing.assert_allclose(dct_matrix(13).T @ dct(x, axis=0, norm="ortho"), x, atol=1e-12)
+    np.testing.assert_allclose(idct(x, axis=0, norm="ortho"), dct_matrix(13).T @ x, atol=1e-12)
 
 
 def test_fast_compresses_and_orders_low_frequency_first(fast_tok):
