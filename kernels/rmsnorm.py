@@ -118,6 +118,10 @@ def _mod_strides(m: torch.Tensor, length: int, d: int) -> tuple[int, int]:
     return (d, 0) if m.dim() == 2 else (length * d, d)
 
 
+def _warps(block_d: int) -> int:
+    return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16  # keep ~8-16 fp32 values per thread
+
+
 def _rows_per_program(b: int, length: int, per_token_mod: bool, device: torch.device) -> int:
     if per_token_mod:
         return 1  # each row has its own modulation gradient: one partial per row is the result itself
@@ -144,7 +148,8 @@ class RMSNormFunction(torch.autograd.Function):
         grid = (b, triton.cdiv(length, rows))
         if x.numel():
             _rms_norm_fwd_kernel[grid](x, y, scale, shift if shift is not None else scale, rstd, length, d,
-                                       sb, sl, eps, ROWS=rows, BLOCK_D=block_d, HAS_SHIFT=shift is not None)
+                                       sb, sl, eps, ROWS=rows, BLOCK_D=block_d, HAS_SHIFT=shift is not None,
+                                       num_warps=_warps(block_d))
         ctx.save_for_backward(x, scale, rstd)
         ctx.meta = (rows, block_d, sb, sl, shift is not None, shift.dtype if shift is not None else None)
         return y
@@ -160,7 +165,8 @@ class RMSNormFunction(torch.autograd.Function):
         dshift_part = torch.empty_like(dscale_part) if has_shift else dscale_part
         if x.numel():
             _rms_norm_bwd_kernel[grid](x, dy.contiguous(), dx, scale, rstd, dscale_part, dshift_part, length, d,
-                                       sb, sl, ROWS=rows, BLOCK_D=block_d, HAS_SHIFT=has_shift)
+                                       sb, sl, ROWS=rows, BLOCK_D=block_d, HAS_SHIFT=has_shift,
+                                       num_warps=_warps(block_d))
         else:
             dscale_part.zero_()
             dshift_part.zero_()
