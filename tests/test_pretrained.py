@@ -136,3 +136,49 @@ def test_mismatched_model_is_reported(tmp_path):
         load_paligemma(_megavla(path, mlp_dim=96), path)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_paligemma(deeper, tmp_path / "nope")
+
+
+def _rewrite(src, dst, rename, extra=None):
+    from safetensors.torch import load_file, save_file
+    tensors = {rename(k): v for k, v in load_file(str(src / "model.safetensors")).items()}
+    tensors.update(extra or {})
+    dst.mkdir()
+    save_file(tensors, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return tensors
+
+
+def test_hub_and_inmemory_layouts_load_the_same(tmp_path):
+    """Hub checkpoints name the tower ``vision_tower.vision_model.*``; transformers>=4.52 in-memory
+    state dicts use ``model.language_model.*`` / ``model.vision_tower.*`` and may carry lm_head."""
+    _, path = _tiny_paligemma(tmp_path)
+    reference = _megavla(path)
+    load_paligemma(reference, path)
+    hub = tmp_path / "hub"
+    _rewrite(path, hub, lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))
+
+    def inmemory(k):
+        for old, new in (("language_model.model.", "model.language_model."),
+                         ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if k.startswith(old):
+                return new + k[len(old):]
+        return k
+    tensors = _rewrite(path, tmp_path / "mem", inmemory)
+    embed = tensors["model.language_model.embed_tokens.weight"]
+    (tmp_path / "mem" / "model.safetensors").unlink()
+    from safetensors.torch import save_file
+    save_file(dict(tensors, **{"lm_head.weight": embed.clone()}), str(tmp_path / "mem" / "model.safetensors"))
+    for layout in (hub, tmp_path / "mem"):
+        vla = _megavla(path)
+        report = load_paligemma(vla, layout)
+        assert not report.missing and not report.unexpected
+        for name, p in reference.state_dict().items():
+            if name.startswith(("vision.", "projector.", "embed_tokens.", "backbone.")):
+                torch.testing.assert_close(vla.state_dict()[name], p, rtol=0, atol=0, msg=f"{layout.name}: {name}")
+    # An untied head cannot be represented: refused (strict) or reported.
+    untied = tmp_path / "untied"
+    _rewrite(path, untied, lambda k: k, {"lm_head.weight": embed + 1.0})
+    with pytest.raises(PretrainedLoadError, match="ties"):
+        load_paligemma(_megavla(path), untied)
+    assert any("ties" in n for n in load_paligemma(_megavla(path), untied, strict=False).notes)
