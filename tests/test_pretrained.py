@@ -182,3 +182,25 @@ def test_hub_and_inmemory_layouts_load_the_same(tmp_path):
     with pytest.raises(PretrainedLoadError, match="ties"):
         load_paligemma(_megavla(path), untied)
     assert any("ties" in n for n in load_paligemma(_megavla(path), untied, strict=False).notes)
+
+
+def test_sparse_hub_config_gives_the_pi05_3b_backbone(tmp_path):
+    """paligemma-3b-pt-224's config.json (its fields as published; sparse: SigLIP's image_size and
+    Gemma's head_dim are implied defaults) must resolve to the sizes of the pi05-3b preset."""
+    import json
+
+    from megavla.model.presets import PRESETS
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "paligemma", "hidden_size": 2048, "projection_dim": 2048, "image_token_index": 257152,
+        "vocab_size": 257216,
+        "text_config": {"hidden_size": 2048, "intermediate_size": 16384, "model_type": "gemma",
+                        "num_attention_heads": 8, "num_hidden_layers": 18, "num_image_tokens": 256,
+                        "num_key_value_heads": 1, "vocab_size": 257216},
+        "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                          "num_attention_heads": 16, "num_hidden_layers": 27, "num_image_tokens": 256,
+                          "patch_size": 14, "projection_dim": 2048, "vision_use_head": False}}))
+    sizes = paligemma_size_overrides(tmp_path)
+    preset = PRESETS["pi05-3b"]
+    assert {k: v for k, v in sizes.items() if k in preset and k != "text_vocab_size"} == \
+        {k: preset[k] for k in sizes if k in preset and k != "text_vocab_size"}
+    assert sizes["text_vocab_size"] == 257216  # every pretrained row kept (preset: 257152)

@@ -137,13 +137,38 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     return json.loads(cfg_path.read_text())
 
 
+def _resolved_hf_config(path: str | Path) -> dict[str, Any]:
+    """config.json with transformers' defaults filled in when transformers is installed (Hub
+    configs omit fields that equal a default, e.g. SigLIP's image_size); the raw JSON otherwise."""
+    raw = read_hf_config(path)
+    try:
+        from transformers import PaliGemmaConfig
+    except ImportError:
+        return raw
+    if raw.get("model_type") != "paligemma":
+        return raw
+    cfg = PaliGemmaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+    resolved = cfg.to_dict()
+    resolved["text_config"] = cfg.text_config.to_dict()
+    resolved["vision_config"] = cfg.vision_config.to_dict()
+    return resolved
+
+
 def paligemma_size_overrides(path: str | Path) -> dict[str, Any]:
     """ModelConfig size fields read from a PaliGemma ``config.json`` (use with any preset)."""
-    hf = read_hf_config(path)
+    hf = _resolved_hf_config(path)
     text, vision = hf.get("text_config", {}), hf.get("vision_config", {})
     if hf.get("model_type") != "paligemma" or text.get("model_type", "gemma") != "gemma":
         raise PretrainedLoadError(f"{path}: model_type={hf.get('model_type')!r} with text model "
                                   f"{text.get('model_type')!r}; only PaliGemma 1 (Gemma 1 backbone) is supported")
+    for part, fields in (("vision_config", ("image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                                            "num_attention_heads", "intermediate_size")),
+                         ("text_config", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                          "intermediate_size", "vocab_size"))):
+        missing = [f for f in fields if f not in hf.get(part, {})]
+        if missing:
+            raise PretrainedLoadError(f"{path}/config.json: {part} lacks {missing}; add them (or install "
+                                      "transformers, which fills PaliGemma's defaults)")
     act = text.get("hidden_activation") or text.get("hidden_act", "gelu_pytorch_tanh")
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise PretrainedLoadError(f"{path}: text activation {act!r}; MegaVLA's GeGLU is gelu(tanh)")
