@@ -124,3 +124,28 @@ def test_standin_resume_continues_the_same_curve(tmp_path, monkeypatch):
     assert len(losses(straight.train.run_dir)) == 6
     assert losses(split.train.run_dir) == pytest.approx(losses(straight.train.run_dir), abs=0)
     assert losses(straight.train.run_dir)[-1] < losses(straight.train.run_dir)[0]
+
+
+# Helpers the launcher tests share (imported as `from test_launch_standin import ...`).
+TESTS_DIR = Path(__file__).resolve().parent
+STANDIN_ENTRY = "test_launch_standin:run"
+
+
+def use_standin(monkeypatch) -> None:
+    """Make job processes (local or SLURM: both inherit the environment) able to import this file."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR),
+                                                                   os.environ.get("PYTHONPATH")])))
+
+
+def losses(run_dir) -> list[float]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_lines(path: Path, n: int, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not reach {n} lines in {timeout_s} s")

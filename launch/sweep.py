@@ -1,0 +1,240 @@
+"""`megavla sweep SWEEP.yaml [--executor slurm ...]` and `megavla sweep status DIR`.
+
+A sweep file names a base config, fixed overrides and a grid of dotted keys -> value lists::
+
+    base: ../tiny_cpu.yaml            # relative to this file
+    out_dir: runs/sweeps/transfer     # one run directory per grid point inside it
+    overrides: [train.steps=2000]
+    grid:
+      model.preset: [tiny, small]
+      data.diversity_fraction: [0.25, 1.0]
+      data.mixture.human: [0.0, 1.0]
+      train.seed: [0, 1]
+
+Every grid point becomes a run named from its values (``preset-tiny_diversity_fraction-0.25_...``),
+so names are predictable and stay put when the grid grows. On SLURM the runs to submit go out as ONE
+job array; locally they run one after another. Re-running the same command skips finished runs and
+runs still queued or running, and resumes interrupted ones from their newest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megavla.config import Config, ConfigError, load_config, to_dict
+from megavla.config.core import read_yaml
+
+from . import rundir
+from .cli import add_launch_flags, flag_overrides
+from .executor import LaunchError, make_executor, prepare_run, preflight, record_submission
+from .task import TrainTask
+
+log = logging.getLogger(__name__)
+
+SWEEP_KEYS = {"base", "out_dir", "overrides", "grid"}
+
+
+@dataclass
+class SweepRun:
+    name: str
+    overrides: list[str]
+    cfg: Config
+
+
+def _format_value(value) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text) or "empty"
+
+
+def run_names(grid: dict[str, list]) -> tuple[list[str], list[tuple]]:
+    """Names and value tuples of every grid point (product in file order).
+
+    A name uses each key's last dotted part (``data.mixture.human`` -> ``human``) unless two keys
+    share it, then the full key.
+    """
+    keys = list(grid)
+    short = [k.split(".")[-1] for k in keys]
+    labels = [s if short.count(s) == 1 else k.replace(".", "-") for k, s in zip(keys, short)]
+    points = list(itertools.product(*(grid[k] for k in keys)))
+    names = ["_".join(f"{lab}-{_format_value(v)}" for lab, v in zip(labels, point)) for point in points]
+    return names, points
+
+
+def expand(sweep_file: str | Path, extra_overrides: list[str] = ()) -> tuple[Path, list[SweepRun]]:
+    """Read a sweep file -> (out_dir, resolved runs). All config errors surface here, before any
+    submission, naming the sweep file and the grid point."""
+    sweep_file = Path(sweep_file)
+    spec = read_yaml(sweep_file)
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"{sweep_file}: unknown key(s) {sorted(unknown)}; a sweep has {sorted(SWEEP_KEYS)}")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{sweep_file}: 'grid' must map dotted keys to lists, e.g. train.seed: [0, 1]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{sweep_file}: grid.{key} must be a non-empty list, got {values!r}")
+        if key.startswith("launch.") or key == "train.run_dir":
+            raise ConfigError(f"{sweep_file}: grid.{key}: launch settings and run_dir are per sweep "
+                              "(one job array shares them); put them in the base config or flags")
+    base = spec.get("base")
+    base_path = (sweep_file.parent / base) if base else None
+    out_dir = Path(spec.get("out_dir") or f"runs/sweeps/{sweep_file.stem}")
+    fixed = list(spec.get("overrides") or [])
+    names, points = run_names(grid)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{sweep_file}: grid values give duplicate run names (values that differ "
+                          "only in characters other than letters, digits and . + -)")
+    runs = []
+    for name, point in zip(names, points):
+        point_overrides = [f"{k}={_yaml_scalar(v)}" for k, v in zip(grid, point)]
+        overrides = [*fixed, *point_overrides, f"train.run_dir={(out_dir / name).resolve()}",
+                     *extra_overrides]
+        try:
+            cfg = load_config(base_path, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{sweep_file}: run {name}: {e}") from None
+        runs.append(SweepRun(name, point_overrides, cfg))
+    return out_dir, runs
+
+
+def _yaml_scalar(value) -> str:
+    """A grid value written back as override text that parses to the same value."""
+    import yaml
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _check_same_config(run: SweepRun) -> None:
+    """Resuming a run with a changed config would silently mix two experiments."""
+    path = Path(run.cfg.train.run_dir) / rundir.CONFIG_FILE
+    if not path.is_file():
+        return
+    old = to_dict(load_config(path))
+    new = to_dict(run.cfg)
+    old.pop("launch", None), new.pop("launch", None)  # resources may change between attempts
+    if old != new:
+        diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        raise ConfigError(f"run {run.name}: its existing {path} differs from the sweep's config in "
+                          f"{diff}; use a new out_dir for a changed sweep")
+
+
+def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_run: bool = False,
+                 array_parallelism: int | None = None) -> list[str]:
+    """Submit the runs that need it; returns their names (empty when everything is done/running)."""
+    out_dir, runs = expand(sweep_file, extra_overrides)
+    lc = runs[0].cfg.launch
+    todo: list[SweepRun] = []
+    for run in runs:
+        state = rundir.run_state(run.cfg.train.run_dir, run.cfg.train.steps)
+        if state in ("finished", "queued", "running"):
+            log.info("sweep: skipping %s (%s)", run.name, state)
+            continue
+        _check_same_config(run)
+        log.info("sweep: %s %s", "resuming" if state in ("interrupted", "failed") else "starting", run.name)
+        todo.append(run)
+    log.info("sweep %s: %d run(s), %d to submit, %d skipped", out_dir, len(runs), len(todo),
+             len(runs) - len(todo))
+    if dry_run or not todo:
+        return [r.name for r in todo]
+    preflight(lc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs = [prepare_run(r.cfg) for r in todo]
+    for d in run_dirs:
+        rundir.update_launch_record(d, status="submitting")
+    if lc.executor == "slurm":
+        # One array: every element shares the resources; logs go to the sweep's submitit/ folder.
+        executor = make_executor(lc, out_dir.resolve() / rundir.SUBMITIT_DIR, name=f"sweep-{out_dir.name}",
+                                 array_parallelism=array_parallelism)
+        with executor.batch():
+            jobs = [executor.submit(TrainTask(str(d)), "auto") for d in run_dirs]
+        for run, d, job in zip(todo, run_dirs, jobs):
+            record_submission(d, run.cfg, job)
+        print(f"submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} run(s); "
+              f"status: megavla sweep status {out_dir}")
+        return [r.name for r in todo]
+    for i, (run, d) in enumerate(zip(todo, run_dirs)):
+        executor = make_executor(lc, d / rundir.SUBMITIT_DIR, name=run.name)
+        job = executor.submit(TrainTask(str(d)), "auto")
+        record_submission(d, run.cfg, job)
+        log.info("sweep: run %d/%d %s (local job %s)", i + 1, len(todo), run.name, job.job_id)
+        try:
+            job.results()
+        except Exception as e:  # one failed run should not stop the sweep; status shows it
+            log.error("sweep: run %s failed: %s", run.name, str(e).splitlines()[-1] if str(e) else e)
+    return [r.name for r in todo]
+
+
+def status_rows(directory: str | Path) -> list[dict]:
+    """One row per run dir found in ``directory`` (a sweep dir or a single run dir)."""
+    directory = Path(directory)
+    if (directory / rundir.CONFIG_FILE).is_file():
+        run_dirs = [directory]
+    else:
+        run_dirs = sorted(p.parent for p in directory.glob(f"*/{rundir.CONFIG_FILE}"))
+    rows = []
+    for d in run_dirs:
+        try:
+            cfg = load_config(d / rundir.CONFIG_FILE)
+        except ConfigError as e:
+            log.warning("%s: unreadable config (%s); listed as 'bad-config'", d, e)
+            rows.append({"run": d.name, "state": "bad-config"})
+            continue
+        metrics = rundir.read_metrics(d)
+        ckpt = rundir.latest_checkpoint(d)
+        record = rundir.read_launch_record(d)
+        rows.append({
+            "run": d.name, "state": rundir.run_state(d, cfg.train.steps),
+            "step": f"{metrics.step if metrics.step is not None else '-'}/{cfg.train.steps}",
+            "loss": f"{metrics.loss:.4g}" if metrics.loss is not None else "-",
+            "best_val": f"{metrics.best_val:.4g}" if metrics.best_val is not None else "-",
+            "checkpoint": f"{ckpt[0]}" if ckpt else "-",
+            "job": str(record.get("job_id", "-")),
+            "requeues": str(record.get("attempt", 0)),
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs found"
+    cols = ["run", "state", "step", "loss", "best_val", "checkpoint", "job", "requeues"]
+    widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        parser = argparse.ArgumentParser(prog="megavla sweep status")
+        parser.add_argument("dir", help="a sweep's out_dir, or one run directory")
+        args = parser.parse_args(argv[1:])
+        if not Path(args.dir).is_dir():
+            sys.stderr.write(f"megavla sweep status: {args.dir} is not a directory\n")
+            return 2
+        print(format_table(status_rows(args.dir)))
+        return 0
+    parser = argparse.ArgumentParser(prog="megavla sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep YAML (configs/sweeps/...)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    add_launch_flags(parser)
+    parser.add_argument("--array-parallelism", type=int, default=None,
+                        help="at most this many array elements run at once (slurm)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs to submit, submit nothing")
+    args = parser.parse_args(argv)
+    try:
+        names = submit_sweep(args.sweep, [*args.overrides, *flag_overrides(args)], dry_run=args.dry_run,
+                             array_parallelism=args.array_parallelism)
+    except (ConfigError, LaunchError) as e:
+        sys.stderr.write(f"megavla sweep: error: {e}\n")
+        return 2
+    if args.dry_run:
+        print("\n".join(names) if names else "nothing to submit")
+    return 0
