@@ -26,7 +26,6 @@ from megavla.data_shards.manifest import (ManifestError, embodiment_family, find
 from megavla.data_shards.stats import (DEFAULT_NUM_BINS, NORM_STATS_FILE, NormStatsAccumulator,
                                        compare_norm_stats, write_json_atomic)
 from megavla.data_shards.verify import Problem, iter_tar_samples, verify_shard_set
-from megavla.data_shards.writer import ShardSetWriter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ def _worker_run(job: tuple[str, int, int, int]):
 
 
 def synth(args: argparse.Namespace) -> int:
+    from megavla.data_shards.writer import ShardSetWriter  # imports webdataset (and torch): only here
+
     embodiments = [e.strip() for e in args.embodiments.split(",") if e.strip()]
     unknown = [e for e in embodiments if e not in EMBODIMENT_IDS]
     if unknown or not embodiments:
