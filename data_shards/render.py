@@ -1,0 +1,187 @@
+"""Tiny software renderer for the mini-world: pinhole cameras + flat-shaded polygons, no GL.
+
+Geometry is projected with numpy (near-plane clipped), then filled by PIL's C polygon/line
+rasterizer in painter's order (far to near). Flat things lying on the table (table, pads, shadows)
+are drawn first in a fixed order; 3D things (blocks, bowls, gripper, hand) are depth-sorted as
+whole groups. Cheap enough for thousands of 64 px frames per second-core.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+NEAR = 0.01
+LIGHT = np.array([0.3, -0.4, 0.87]) / np.linalg.norm([0.3, -0.4, 0.87])
+# Box faces: (corner indices counter-clockwise seen from outside, outward normal in box frame).
+_BOX_FACES = (
+    ((0, 1, 3, 2), (-1, 0, 0)), ((4, 6, 7, 5), (1, 0, 0)),
+    ((0, 4, 5, 1), (0, -1, 0)), ((2, 3, 7, 6), (0, 1, 0)),
+    ((0, 2, 6, 4), (0, 0, -1)), ((1, 5, 7, 3), (0, 0, 1)),
+)
+_BOX_CORNERS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
+_BOX_INDEX = np.array([f for f, _ in _BOX_FACES])
+_BOX_NORMALS = np.array([n for _, n in _BOX_FACES], float)
+_UNIT_CIRCLES = {n: (np.cos(np.linspace(0, 2 * np.pi, n, endpoint=False)),
+                     np.sin(np.linspace(0, 2 * np.pi, n, endpoint=False))) for n in (12, 16)}
+
+
+def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """Camera-to-world pose (OpenCV axes: x right, y down, z forward) looking from eye at target."""
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    if np.linalg.norm(x) < 1e-8:  # looking along `up`: any perpendicular will do
+        x = np.cross(z, [1.0, 0.0, 0.0] if abs(z[0]) < 0.9 else [0.0, 1.0, 0.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = x, y, z, eye
+    return pose
+
+
+@dataclass
+class Camera:
+    pose: np.ndarray  # camera-to-world [4, 4]
+    fov_deg: float
+    size: int
+
+    def __post_init__(self):
+        self.world_to_cam = np.linalg.inv(self.pose)
+        self.focal = 0.5 * self.size / np.tan(np.radians(self.fov_deg) / 2)
+
+    def to_cam(self, pts: np.ndarray) -> np.ndarray:
+        return pts @ self.world_to_cam[:3, :3].T + self.world_to_cam[:3, 3]
+
+    def project(self, cam_pts: np.ndarray) -> np.ndarray:
+        """Camera-frame points [N, 3] (z > 0) -> pixel coordinates [N, 2]."""
+        return cam_pts[:, :2] / cam_pts[:, 2:3] * self.focal + self.size / 2
+
+
+def _clip_near(cam_pts: np.ndarray) -> np.ndarray:
+    """Sutherland-Hodgman clip of one polygon against the plane z = NEAR."""
+    inside = cam_pts[:, 2] >= NEAR
+    if inside.all():
+        return cam_pts
+    if not inside.any():
+        return cam_pts[:0]
+    out = []
+    n = len(cam_pts)
+    for i in range(n):
+        a, b = cam_pts[i], cam_pts[(i + 1) % n]
+        if inside[i]:
+            out.append(a)
+        if inside[i] != inside[(i + 1) % n]:
+            s = (NEAR - a[2]) / (b[2] - a[2])
+            out.append(a + s * (b - a))
+    return np.array(out)
+
+
+class Frame:
+    """One image being drawn from one camera. Call draw-order methods, then ``finish()``."""
+
+    def __init__(self, camera: Camera, background, base: Image.Image | None = None):
+        self.cam = camera
+        self.image = (base.copy() if base is not None
+                      else Image.new("RGB", (camera.size, camera.size), tuple(int(c) for c in background)))
+        self.draw = ImageDraw.Draw(self.image)
+        self.groups: list[tuple[float, list]] = []  # (depth, [(kind, pixels, color, width)])
+
+    # ---------------------------------------------------------------- primitives -------------
+    def _pixels(self, world_pts: np.ndarray):
+        cam_pts = _clip_near(self.cam.to_cam(world_pts))
+        if len(cam_pts) < 3:
+            return None
+        return [tuple(p) for p in self.cam.project(cam_pts).tolist()]
+
+    def flat(self, world_pts: np.ndarray, color) -> None:
+        """A polygon on the table plane, drawn immediately (table layer)."""
+        px = self._pixels(world_pts)
+        if px is not None:
+            self.draw.polygon(px, fill=tuple(int(c) for c in color))
+
+    def box_items(self, pose: np.ndarray, half: np.ndarray, color) -> list:
+        """Visible, shaded faces of an oriented box (pose = box-to-world). Vectorized: this is
+        the renderer's hot path."""
+        corners = (_BOX_CORNERS * half) @ pose[:3, :3].T + pose[:3, 3]
+        cam_corners = self.cam.to_cam(corners)
+        normals = _BOX_NORMALS @ pose[:3, :3].T  # [6, 3] world
+        anchors = corners[_BOX_INDEX[:, 0]]
+        visible = np.einsum("fi,fi->f", normals, self.cam.pose[:3, 3] - anchors) > 0
+        lum = 0.55 + 0.45 * np.maximum(normals @ LIGHT, 0.0)
+        colors = np.minimum(np.outer(lum, color), 255).astype(int).tolist()
+        items = []
+        if (cam_corners[:, 2] >= NEAR).all():
+            px = self.cam.project(cam_corners).tolist()
+            for f in np.flatnonzero(visible):
+                items.append(("poly", [tuple(px[i]) for i in _BOX_INDEX[f]], tuple(colors[f]), 0))
+            return items
+        for f in np.flatnonzero(visible):
+            cam_face = _clip_near(cam_corners[_BOX_INDEX[f]])
+            if len(cam_face) >= 3:
+                items.append(("poly", [tuple(p) for p in self.cam.project(cam_face).tolist()],
+                              tuple(colors[f]), 0))
+        return items
+
+    def poly_item(self, world_pts: np.ndarray, color) -> list:
+        px = self._pixels(world_pts)
+        return [] if px is None else [("poly", px, tuple(int(c) for c in color), 0)]
+
+    def line_items(self, world_pts: np.ndarray, radius: float, color) -> list:
+        """Thick polyline (fingers, forearm): width from the metric radius at each segment's depth."""
+        cam_pts = self.cam.to_cam(world_pts)
+        z = cam_pts[:, 2]
+        ok = (np.minimum(z[:-1], z[1:]) >= NEAR) & np.isfinite(cam_pts).all(axis=1)[:-1] \
+            & np.isfinite(cam_pts).all(axis=1)[1:]
+        if not ok.any():
+            return []
+        px = self.cam.project(np.where(z[:, None] >= NEAR, cam_pts, 1.0)).tolist()
+        widths = np.maximum(1, np.rint(4 * radius * self.cam.focal / (z[:-1] + z[1:]))).astype(int).tolist()
+        rgb = tuple(int(c) for c in color)
+        return [("line", [tuple(px[i]), tuple(px[i + 1])], rgb, widths[i]) for i in np.flatnonzero(ok)]
+
+    def add_group(self, anchor_world: np.ndarray, items: list, bias: float = 0.0) -> None:
+        """Queue a group drawn as a unit, sorted by the camera depth of ``anchor_world`` (+bias)."""
+        if items:
+            depth = float(self.cam.to_cam(anchor_world[None])[0, 2]) + bias
+            self.groups.append((depth, items))
+
+    def finish(self) -> np.ndarray:
+        for _, items in sorted(self.groups, key=lambda g: -g[0]):
+            for kind, px, color, width in items:
+                if kind == "poly":
+                    self.draw.polygon(px, fill=color)
+                else:
+                    self.draw.line(px, fill=color, width=width)
+                    r = width / 2
+                    for x, y in px:  # round joints
+                        self.draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        return np.asarray(self.image)
+
+
+def circle(center, radius: float, n: int = 16) -> np.ndarray:
+    """Points of a horizontal circle [n, 3]."""
+    cos, sin = _UNIT_CIRCLES[n]
+    return np.stack([center[0] + radius * cos, center[1] + radius * sin,
+                     np.full(n, float(center[2]))], axis=-1)
+
+
+def bowl_items(frame: Frame, center, radius: float, height: float, color) -> list:
+    """A short open cylinder: wall (bottom disc + top disc + the band between their image-space
+    extremes), rim, darker inside."""
+    bottom, top = circle(center, radius), circle(np.asarray(center) + [0, 0, height], radius)
+    inner = circle(np.asarray(center) + [0, 0, height], radius * 0.8)
+    cam_all = frame.cam.to_cam(np.concatenate([bottom, top, inner]))
+    if (cam_all[:, 2] < NEAR).any():
+        return []
+    px = frame.cam.project(cam_all)
+    n = len(bottom)
+    lo, hi = int(np.argmin(px[:n, 0])), int(np.argmax(px[:n, 0]))
+    band = px[[lo, hi, n + hi, n + lo]]
+    wall, dark = tuple(int(c * 0.8) for c in color), tuple(int(c * 0.6) for c in color)
+    rgb = tuple(int(c) for c in color)
+    pl = px.tolist()
+    return [("poly", [tuple(p) for p in pl[:n]], wall, 0), ("poly", [tuple(p) for p in band.tolist()], wall, 0),
+            ("poly", [tuple(p) for p in pl[n:2 * n]], rgb, 0), ("poly", [tuple(p) for p in pl[2 * n:]], dark, 0)]
