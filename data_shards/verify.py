@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import re
 import tarfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import simplejpeg
+from tqdm import tqdm
 
 from .format import ARRAY_KEYS, CAMERAS, EpisodeFormatError, sample_to_episode
 from .manifest import SHARD_GLOB, ManifestError, load_manifest
@@ -188,8 +191,16 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
                                            f"from manifest {row['steps']} / {row['embodiments']}"))
 
 
+def _verify_job(job: tuple[str, dict[str, Any], bool, bool]) -> VerifyReport:
+    path, row, check_images, check_sha = job
+    report = VerifyReport(path)
+    verify_shard(Path(path), row, report, check_images=check_images, check_sha=check_sha)
+    return report
+
+
 def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: bool = True,
-                     progress: bool = False) -> VerifyReport:
+                     progress: bool = False, workers: int = 1) -> VerifyReport:
+    """Check one shard set; ``workers`` > 1 checks shards in that many processes."""
     set_dir = Path(set_dir)
     report = VerifyReport(str(set_dir))
     try:
@@ -210,13 +221,19 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
     for extra in sorted(p.name for p in set_dir.glob(SHARD_GLOB) if p.name not in listed):
         report.problems.append(Problem(str(set_dir / extra), "shard file not listed in manifest.json "
                                        "(ignored by readers)", severity="warning"))
-    iterator: Any = rows
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(rows, desc=f"verify {set_dir.name}", unit="shard")
-    for row in iterator:
-        verify_shard(set_dir / row["path"], row, report, check_images=check_images, check_sha=check_sha)
-        report.shards += 1
+    jobs = [(str(set_dir / row["path"]), row, check_images, check_sha) for row in rows]
+    with ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(multiprocessing.get_context().Pool(min(workers, len(jobs))))
+            results = pool.imap(_verify_job, jobs)  # ordered: the report lists shards in manifest order
+        else:
+            results = map(_verify_job, jobs)
+        for shard_report in tqdm(results, total=len(jobs), desc=f"verify {set_dir.name}", unit="shard",
+                                 disable=not progress):
+            report.shards += 1
+            report.samples += shard_report.samples
+            report.frames_decoded += shard_report.frames_decoded
+            report.problems.extend(shard_report.problems)
     log.info("verify %s: %d shards, %d samples, %d frames decoded, %d errors, %d warnings", set_dir,
              report.shards, report.samples, report.frames_decoded, len(report.errors),
              len(report.problems) - len(report.errors))

@@ -78,6 +78,10 @@ def test_flipped_byte_is_sha_mismatch(copy):
     report = verify_shard_set(copy)
     assert report.bad_shards == [str(shard)]
     assert any("sha256" in p.message for p in report.errors)
+    parallel = verify_shard_set(copy, workers=2)
+    assert [str(p) for p in parallel.problems] == [str(p) for p in report.problems]
+    assert (parallel.shards, parallel.samples, parallel.frames_decoded) == (
+        report.shards, report.samples, report.frames_decoded)
 
 
 def test_missing_member(copy):

@@ -256,7 +256,8 @@ def verify(args: argparse.Namespace) -> int:
         return 1
     failed = bool(incomplete)
     for set_dir in sets:
-        report = verify_shard_set(set_dir, check_images=not args.no_images, progress=not args.no_progress)
+        report = verify_shard_set(set_dir, check_images=not args.no_images, progress=not args.no_progress,
+                                  workers=args.workers)
         for p in report.problems:
             print(p)
         status = "OK" if report.ok else f"{len(report.errors)} errors in {len(report.bad_shards)} shards"
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="sha256, parse every sample, decode every JPEG")
     p.add_argument("dir")
     p.add_argument("--no-images", action="store_true", help="skip JPEG decoding")
+    p.add_argument("--workers", type=int, default=2, help="shards checked in parallel processes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=verify)
     return parser
