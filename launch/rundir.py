@@ -123,9 +123,9 @@ def _first_number(record: dict, keys: tuple[str, ...]) -> float | None:
 def read_metrics(run_dir: str | Path) -> MetricsSummary:
     """Last step / last training loss / best validation loss from the trainer's metrics.jsonl.
 
-    One JSON object per line with a ``step``; the training loss is ``loss`` (or ``train/loss``),
-    validation losses are keys that start with ``val`` and end with ``loss`` (the lowest of the
-    overall ``val/loss`` or, when only per-embodiment values exist, their minimum over lines).
+    One JSON object per line with a ``step``; the training loss is ``loss/total`` (the trainer's
+    key; ``loss`` also accepted), the validation loss ``val/loss/total`` (else the first key that
+    starts with ``val`` and mentions ``loss``); best = the lowest over all lines.
     Unreadable lines (a write cut by preemption) are counted, not fatal.
     """
     summary = MetricsSummary()
@@ -147,11 +147,11 @@ def read_metrics(run_dir: str | Path) -> MetricsSummary:
             step = record.get("step")
             if isinstance(step, int):
                 summary.step = step if summary.step is None else max(summary.step, step)
-            loss = _first_number(record, ("loss", "train/loss", "loss/total", "train/loss/total"))
+            loss = _first_number(record, ("loss/total", "loss", "train/loss", "train/loss/total"))
             if loss is not None:
                 summary.loss = loss
-            val_keys = tuple(k for k in record if k.startswith("val") and k.endswith("loss"))
-            val = _first_number(record, ("val/loss", "val_loss", *val_keys))
+            val_keys = tuple(k for k in record if k.startswith("val") and "loss" in k)
+            val = _first_number(record, ("val/loss/total", "val/loss", "val_loss", *val_keys))
             if val is not None and (summary.best_val is None or val < summary.best_val):
                 summary.best_val = val
     if summary.bad_lines:

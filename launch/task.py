@@ -4,7 +4,7 @@ Preemption / time limit, end to end:
 1. SLURM (or the local controller) sends SIGUSR2 ``signal_delay_s`` before the limit; a preemption
    or `job._interrupt()` sends SIGTERM (+ USR2). The trainer's own handler (installed inside
    ``run``) sets a flag, the ranks agree at the next step boundary, save, and ``run`` returns the
-   trainer's ``EXIT_PREEMPTED`` code.
+   trainer's ``EXIT_SIGNAL_SAVED`` code (75).
 2. Rank 0 then hands over to submitit's USR2 handler (saved before the trainer replaced it): it calls
    :meth:`TrainTask.checkpoint`, which returns the same task with ``resume="auto"`` and one more
    requeue counted, pickles it and runs ``scontrol requeue`` (locally: exit code 144, which makes the
@@ -34,8 +34,9 @@ from . import rundir
 log = logging.getLogger(__name__)
 
 
-def resolve_entry(spec: str) -> tuple[Callable[..., int], int | None]:
-    """``"pkg.module:function"`` -> (function, the module's EXIT_PREEMPTED or None)."""
+def resolve_entry(spec: str, default_preempted_code: int) -> tuple[Callable[..., int], int]:
+    """``"pkg.module:function"`` -> (function, its "saved on a signal" exit code: the module's
+    EXIT_SIGNAL_SAVED / EXIT_PREEMPTED, else ``default_preempted_code``)."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -44,18 +45,20 @@ def resolve_entry(spec: str) -> tuple[Callable[..., int], int | None]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RuntimeError(f"launch.entry={spec!r}: {module_name} has no function {attr!r}")
-    return fn, getattr(module, "EXIT_PREEMPTED", None)
+    code = getattr(module, "EXIT_SIGNAL_SAVED", getattr(module, "EXIT_PREEMPTED", default_preempted_code))
+    return fn, int(code)
 
 
 def setup_distributed_env(cfg: Config) -> submitit.helpers.TorchDistributedEnvironment:
     """Export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the submitit job.
 
-    CUDA_VISIBLE_DEVICES is narrowed to this rank's GPU only on GPU jobs; CPU ranks leave it alone.
+    CUDA_VISIBLE_DEVICES is left alone (all of the node's GPUs stay visible): the trainer picks
+    ``cuda:LOCAL_RANK``, which would not exist if each rank saw only its own GPU.
     ``overwrite=True`` because a requeued local task inherits nothing, but a job launched from inside
     another job (a sweep driver in an allocation) would otherwise refuse to start.
     """
     dist_env = submitit.helpers.TorchDistributedEnvironment()
-    dist_env.export(set_cuda_visible_devices=cfg.launch.gpus_per_node > 0, overwrite=True)
+    dist_env.export(set_cuda_visible_devices=False, overwrite=True)
     if cfg.launch.master_addr:
         os.environ["MASTER_ADDR"] = cfg.launch.master_addr
     return dist_env
@@ -97,7 +100,7 @@ class TrainTask(submitit.helpers.Checkpointable):
                 rundir.update_launch_record(self.run_dir, status="failed", error=msg)
             raise RuntimeError(msg)
 
-        entry, preempted_code = resolve_entry(cfg.launch.entry)
+        entry, preempted_code = resolve_entry(cfg.launch.entry, cfg.launch.preempted_exit_code)
         submitit_usr2 = signal.getsignal(job_env._usr_sig())
         code = int(entry(cfg, resume=resume) or 0)
 
@@ -107,7 +110,7 @@ class TrainTask(submitit.helpers.Checkpointable):
                 rundir.update_launch_record(self.run_dir, status="finished",
                                             final_step=ckpt[1] if ckpt else None)
             return 0
-        if preempted_code is not None and code == preempted_code:
+        if code == preempted_code:
             return self._after_preemption(rank, submitit_usr2, job_env)
         if rank == 0:
             rundir.update_launch_record(self.run_dir, status="failed", error=f"trainer exit code {code}")

@@ -2,7 +2,7 @@
 tested without the real model: reads RANK/WORLD_SIZE/MASTER_* from the environment, trains a tiny
 linear regression with gloo all-reduce, writes metrics.jsonl and checkpoints/<tag>/ + latest the way
 the trainer does, saves at a step boundary on SIGUSR2/SIGTERM with all ranks agreeing and returns
-EXIT_PREEMPTED; resume="auto" continues from checkpoints/latest.
+EXIT_SIGNAL_SAVED; resume="auto" continues from checkpoints/latest.
 
 Jobs import it as module `test_launch_standin` (the tests put tests/ on PYTHONPATH), via
 `launch.entry=test_launch_standin:run`. Set MEGAVLA_STANDIN_STEP_S to slow steps down.
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-EXIT_PREEMPTED = 3
+EXIT_SIGNAL_SAVED = 75  # the trainer's code for 'saved on a signal, requeue me'
 _DIM = 8
 
 
@@ -90,7 +90,7 @@ def run(cfg, resume: str | None = None) -> int:
         if flag.item() > 0:
             if rank == 0:
                 _save(run_dir, done, w)
-            code = EXIT_PREEMPTED
+            code = EXIT_SIGNAL_SAVED
             break
         if rank == 0 and cfg.train.save_every and done % cfg.train.save_every == 0:
             _save(run_dir, done, w)

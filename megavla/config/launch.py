@@ -34,6 +34,9 @@ class LaunchConfig:
     master_addr: str | None = None
     # The function every rank runs: "module:function" taking (cfg, resume) and returning an exit code.
     entry: str = "megavla.train.entry:run"
+    # Exit code with which `entry` says "saved a checkpoint because of SIGTERM/SIGUSR2, requeue me"
+    # (the trainer's EXIT_SIGNAL_SAVED; read from the entry's module when it defines it).
+    preempted_exit_code: int = 75
     # Shell lines run before the task on every node (module load ..., source venv/bin/activate).
     setup: list[str] = field(default_factory=list)
     # Extra sbatch flags (name without dashes -> value), for what has no field here.
