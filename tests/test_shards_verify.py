@@ -132,3 +132,19 @@ def test_missing_shard_manifest_and_stale_file(copy):
     (copy / "manifest.json").unlink()
     report = verify_shard_set(copy)
     assert not report.ok and "manifest.json: missing" in report.errors[0].message
+
+
+def test_truncated_at_member_boundary(copy):
+    """tarfile ends quietly when a cut falls between members: the size check and the incomplete
+    sample must still flag it."""
+    import tarfile
+
+    shard = copy / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        cut = next(m.offset for m in tar.getmembers() if m.name.endswith("left_wrist.0002.jpg"))
+    shard.write_bytes(shard.read_bytes()[:cut])
+    report = verify_shard_set(copy)
+    assert report.bad_shards == [str(shard)]
+    # TarWriter writes members sorted, so meta.json (after the wrist frames) is the first casualty
+    assert {p.member for p in report.errors} == {None, "meta.json"}, [str(p) for p in report.errors]
+    assert any("size" in p.message for p in report.errors)
