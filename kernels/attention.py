@@ -144,6 +144,24 @@ def _flex_block_mask(layout: AttentionLayout, device: torch.device):
     return layout._cache[key]
 
 
+# torch.compile(flex_attention, dynamic=False) recompiles for every new sequence length and falls
+# back to the unfused path after the recompile limit; prompts padded to the batch maximum vary in
+# length, so flex inputs are padded (with invalid tokens) to a multiple of this.
+FLEX_PAD_MULTIPLE = 128
+
+
+def _padded_layout(layout: AttentionLayout, length: int, s: int) -> AttentionLayout:
+    key = ("flex_padded", length, s)
+    if key not in layout._cache:
+        def pad(t, n):
+            return F.pad(t, (0, n - t.shape[1]), value=0)
+
+        layout._cache[key] = AttentionLayout(pad(layout.q_ar, length), pad(layout.q_kind, length),
+                                             pad(layout.q_valid, length), pad(layout.k_ar, s),
+                                             pad(layout.k_kind, s), pad(layout.k_valid, s))
+    return layout._cache[key]
+
+
 def attention_flex(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
     """FlexAttention with a block mask from the token attributes (backward needs CUDA)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -154,8 +172,13 @@ def attention_flex(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tens
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         fn = _compiled_flex
-    out = fn(q, k, v, block_mask=_flex_block_mask(layout, q.device), scale=scale,
-             enable_gqa=q.shape[1] != k.shape[1])
+    length, s = q.shape[2], k.shape[2]
+    length_p, s_p = (-(-n // FLEX_PAD_MULTIPLE) * FLEX_PAD_MULTIPLE for n in (length, s))
+    padded = _padded_layout(layout, length_p, s_p) if (length_p, s_p) != (length, s) else layout
+    qp = F.pad(q, (0, 0, 0, length_p - length))
+    kp, vp = (F.pad(t, (0, 0, 0, s_p - s)) for t in (k, v))
+    out = fn(qp, kp, vp, block_mask=_flex_block_mask(padded, q.device), scale=scale,
+             enable_gqa=q.shape[1] != k.shape[1])[:, :, :length]
     return out.masked_fill(~layout.row_has_key()[:, None, :, None], 0.0)
 
 

@@ -192,6 +192,8 @@ def test_backend_fwd_bwd_equals_eager_on_gpu(backend, dtype, lm):
         out = attention(q, k, v, layout, impl=impl)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out))
         results[impl] = (out, q.grad, k.grad, v.grad)
-    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 2e-4, "rtol": 2e-4}
-    for got, want in zip(results[backend], results["eager"]):
-        torch.testing.assert_close(got.float(), want.float(), **tol)
+    # bf16: outputs 2e-2; gradients 5e-2 (dk/dv of the single KV head sum over 8 heads x 850 queries
+    # of bf16 products); fp32: 2e-4 (TF32-free kernels, but different summation orders)
+    for i, (got, want) in enumerate(zip(results[backend], results["eager"])):
+        tol = 2e-4 if dtype == torch.float32 else 2e-2 if i == 0 else 5e-2
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
