@@ -8,6 +8,8 @@ other. B batch, H chunk length, A max action dim, S max state dim, C cameras (or
 field                  dtype / shape     meaning
 =====================  ================  ==========================================================
 images                 uint8 [B,C,3,R,R]  camera frames; the model converts to float in [-1, 1]
+                                          (the reader's tensor is a view of [B,C,R,R,3] memory,
+                                          decoded in place; .contiguous() gives CHW memory)
 image_mask             bool [B, C]        camera present (a missing wrist camera: False, zeros)
 text_tokens            int64 [B, Lt]      instruction prompt tokens (sentencepiece), right-padded
 text_mask              bool [B, Lt]       valid text tokens

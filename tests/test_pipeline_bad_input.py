@@ -13,7 +13,7 @@ from test_pipeline_fixtures import TinyTextTokenizer, grid_episodes, make_episod
 
 from megavla.config.data import DataConfig
 from megavla.data.pipeline import DataError, build_loader
-from megavla.data.shard_reader import TarFormatError, iter_tar_members
+from megavla.data.shard_reader import READ, REF, SKIP, TarFormatError, iter_tar_members
 from megavla.data_shards.format import episode_to_sample
 
 
@@ -118,11 +118,14 @@ def test_tar_reader_matches_tarfile_and_detects_damage(tmp_path):
     with tarfile.open(path) as tf:
         expected = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
     with open(path, "rb") as f:
-        got = [(m["fname"], m["data"]) for m in iter_tar_members(f, str(path))]
+        got = list(iter_tar_members(f, str(path)))
     assert got == expected
     with open(path, "rb") as f:
-        selected = [m["fname"] for m in iter_tar_members(f, str(path), select=lambda n: n.endswith(".npy"))]
-    assert selected == [n for n, _ in expected if n.endswith(".npy")]
+        modes = {"npy": READ, "jpg": REF}
+        located = list(iter_tar_members(f, str(path), mode=lambda n: modes.get(n.rsplit(".", 1)[1], SKIP)))
+    assert [n for n, _ in located] == [n for n, _ in expected if n.endswith((".npy", ".jpg"))]
+    for (name, data), (_, want) in zip(located, [e for e in expected if e[0].endswith((".npy", ".jpg"))]):
+        assert (data.read() if name.endswith(".jpg") else data) == want
     data = path.read_bytes()
     # Cut inside a header, cut inside member data, one flipped bit in a header field.
     for damaged in (data[:1000], data[: len(data) // 2], data[:100] + bytes([data[100] ^ 1]) + data[101:]):

@@ -11,6 +11,7 @@ from megavla.config.core import ConfigError
 from megavla.config.data import DataConfig
 from megavla.data.mixture import WeightedRoundRobin, combo_of_key, select_combos
 from megavla.data.pipeline import WorkerStream, build_loader
+from megavla.data.shard_reader import READ, REF, SKIP
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +92,13 @@ def test_loader_keeps_only_subset_combos_and_counts_skips(sets):
 def test_excluded_episodes_skip_their_frames(sets):
     loader = build_loader(cfg_for(sets, include_combos=["0:0"]))
     cursor = WorkerStream(loader.plan, 0).cursors["robot"]
-    assert cursor.select("robot-arm_s0000_t0000_e000000.head.0003.jpg")
-    assert not cursor.select("robot-arm_s0001_t0000_e000000.head.0003.jpg")
-    assert cursor.select("robot-arm_s0001_t0000_e000000.meta.json")
+    # Kept episode: frames located (read later, only the sampled timestep), arrays read now.
+    assert cursor.member_mode("robot-arm_s0000_t0000_e000000.head.0003.jpg") == REF
+    assert cursor.member_mode("robot-arm_s0000_t0000_e000000.state.npy") == READ
+    # Excluded combo: only meta.json is read.
+    assert cursor.member_mode("robot-arm_s0001_t0000_e000000.head.0003.jpg") == SKIP
+    assert cursor.member_mode("robot-arm_s0001_t0000_e000000.actions.npy") == SKIP
+    assert cursor.member_mode("robot-arm_s0001_t0000_e000000.meta.json") == READ
 
 
 def test_fraction_that_keeps_nothing_fails_clearly(sets):

@@ -2,8 +2,10 @@
 
 Per sample (see megavla/batch.py for the fields):
 
-* images: only frame ``t`` of each camera in ``data.cameras`` order is decoded (simplejpeg), resized to
-  ``image_size`` if the stored size differs; an absent camera gives zeros and ``image_mask`` False.
+* images: only frame ``t`` of each camera in ``data.cameras`` order is read and decoded (simplejpeg),
+  straight into the batch buffer, resized to ``image_size`` if the stored size differs; an absent
+  camera gives zeros and ``image_mask`` False. The buffer is [B, C, R, R, 3] (what the decoder writes,
+  so no copy at all); ``Batch.images`` is its [B, C, 3, R, R] permuted view, as the contract says.
 * state: ``state[t]`` normalized, zero-padded to ``max_state_dim`` (``state_mask`` marks native dims).
 * actions: the chunk ``a[t : t+H]`` normalized, zero-padded to ``max_action_dim``. ``action_time_mask``
   is False past the episode end and where ``step_valid`` is False; those steps hold zeros.
@@ -37,16 +39,24 @@ class ImageDecodeError(EpisodeFormatError):
     """A stored JPEG frame cannot be decoded."""
 
 
-def decode_frame(jpeg: bytes, size: int, where: str) -> np.ndarray:
-    """JPEG bytes -> uint8 [3, size, size]."""
+def decode_frame(jpeg, size: int, where: str, out: np.ndarray | None = None) -> np.ndarray:
+    """JPEG bytes (or a shard_reader.MemberRef, read now) -> uint8 [size, size, 3] (HWC), decoded
+    straight into ``out`` (a slot of the batch buffer) when given and the stored size fits."""
     try:
+        data = jpeg.read() if hasattr(jpeg, "read") else jpeg
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if out is not None and height == size and width == size:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
         # min_height/min_width let libjpeg-turbo downscale in the DCT domain when frames are larger.
-        rgb = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_height=size, min_width=size)
-    except (ValueError, RuntimeError, TypeError) as e:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
+    except (ValueError, RuntimeError, TypeError, OSError) as e:
         raise ImageDecodeError(f"{where}: JPEG frame cannot be decoded ({e})") from None
     if rgb.shape[0] != size or rgb.shape[1] != size:
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    if out is None:
+        return rgb
+    out[...] = rgb
+    return out
 
 
 def check_episode_dims(ep: Episode, normalizer: Normalizer | None, max_state_dim: int,
@@ -79,14 +89,18 @@ def _encode_text(tok, text: str, **kw) -> list[int]:
 def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[str], image_size: int,
                  chunk_length: int, max_state_dim: int, max_action_dim: int,
                  normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
-                 text_cache: dict | None = None) -> dict[str, Any]:
+                 text_cache: dict | None = None, images_out: np.ndarray | None = None) -> dict[str, Any]:
+    """``images_out``: uint8 [C, R, R, 3] to decode into (a slot of the batch buffer); the sample then
+    carries no "images" entry and collate_samples must get the same buffer."""
     T, H = ep.num_steps, chunk_length
-    images = np.zeros((len(cameras), 3, image_size, image_size), np.uint8)
+    images = images_out if images_out is not None else np.empty((len(cameras), image_size, image_size, 3), np.uint8)
     image_mask = np.zeros(len(cameras), bool)
     for c, cam in enumerate(cameras):
         if cam in ep.frames:
-            images[c] = decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg")
+            decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg", out=images[c])
             image_mask[c] = True
+        else:
+            images[c] = 0
 
     S, A = ep.state.shape[1], ep.actions.shape[1]
     state = ep.state[t : t + 1]
@@ -122,7 +136,7 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
     if ("subtask", subtask) not in cache:
         cache[("subtask", subtask)] = _encode_text(text_tokenizer, subtask, add_bos=False, add_eos=True)
     return {
-        "images": images, "image_mask": image_mask, "state": state_out, "state_mask": state_mask,
+        **({} if images_out is not None else {"images": images}), "image_mask": image_mask, "state": state_out, "state_mask": state_mask,
         "actions": actions_out, "action_dim_mask": dim_mask, "action_time_mask": time_mask,
         "text_tokens": cache["instruction"], "subtask_tokens": cache[("subtask", subtask)],
         "fast_tokens": fast, "embodiment": EMBODIMENT_IDS[ep.embodiment],
@@ -141,7 +155,10 @@ def _pad_tokens(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return tokens, mask
 
 
-def collate_samples(samples: list[dict[str, Any]], text_pad_id: int = 0, fast_pad_id: int = 0) -> Batch:
+def collate_samples(samples: list[dict[str, Any]], text_pad_id: int = 0, fast_pad_id: int = 0,
+                    images: torch.Tensor | None = None) -> Batch:
+    """``images``: the uint8 [B, C, R, R, 3] buffer the samples were decoded into (rows beyond
+    len(samples) dropped). Batch.images is its [B, C, 3, R, R] view (channels-last memory)."""
     def stack(name: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([s[name] for s in samples]))
 
@@ -150,7 +167,8 @@ def collate_samples(samples: list[dict[str, Any]], text_pad_id: int = 0, fast_pa
     fast, fast_mask = _pad_tokens([s["fast_tokens"] for s in samples], fast_pad_id)
     meta = {k: [s["meta"][k] for s in samples] for k in samples[0]["meta"]}
     return Batch(
-        images=stack("images"), image_mask=stack("image_mask"),
+        images=(stack("images") if images is None else images[: len(samples)]).permute(0, 1, 4, 2, 3),
+        image_mask=stack("image_mask"),
         text_tokens=text, text_mask=text_mask, state=stack("state"), state_mask=stack("state_mask"),
         actions=stack("actions"), action_dim_mask=stack("action_dim_mask"),
         action_time_mask=stack("action_time_mask"), fast_tokens=fast, fast_mask=fast_mask,

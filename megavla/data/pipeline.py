@@ -1,35 +1,47 @@
 """Streaming reader: shard sets -> megavla.batch.Batch, resumable bit-exactly.
 
-Stream of one (rank, logical worker) -- a pure function of (seed, rank, world size, num workers, worker,
-index), with no hidden RNG state:
+Usage (the trainer)::
+
+    loader = build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world)
+    for batch in loader: ...                      # endless; iter() again continues, never restarts
+    state = loader.state_dict()                   # JSON types; save per rank with the checkpoint
+    loader.load_state_dict(state)                 # before iterating, on a freshly built loader
+    loader.skip_counts()                          # {"bad_sample": n, ...} for the logs
+    loader.normalizer.unnormalize(actions, embodiment, "actions")   # evaluator
+
+The stream of one (rank, logical worker) is a pure function of (seed, rank, world size, num workers,
+worker, index), with no hidden RNG state:
 
 1. Shards. Per source, the manifest's shards that hold at least one kept combo are split by *slot*
    (``rank * W + worker``; ``shards[slot::slots]``; when a source has fewer shards than slots every
    slot reads all of them, logged). A slot reads its shards endlessly, in a fresh permutation per
    epoch (``RNG(seed, source, rank, worker, epoch)``): resampling without repeats inside an epoch.
-2. Episodes. Tar members are read by shard_reader.py (a header parser ~50x faster than ``tarfile``,
-   then webdataset's ``group_by_keys``); for
-   episodes of excluded combos (combo read from the key) only the tiny ``meta.json`` is read, and
-   the episode is counted (``excluded_episode``). Bad input -- a truncated or corrupt tar
-   (``bad_shard``: the rest of that shard is skipped), a missing member, wrong shape, NaN/inf, no valid
-   step (``bad_sample``), an undecodable frame (``bad_image``) -- is logged with shard and key and
-   counted, or raises :class:`DataError` when ``data.on_bad_sample = "fail"``.
+2. Episodes. shard_reader.py walks the tar headers (~50x faster than ``tarfile``), reads the small
+   members and only *locates* the JPEG frames; episodes of excluded combos (combo read from the key)
+   have only their ``meta.json`` read and are counted (``excluded_episode``). Bad input -- a truncated
+   or corrupt tar, a missing shard file (``bad_shard``: the rest of that shard is skipped), a missing
+   member, wrong shape, NaN/inf, no valid step (``bad_sample``), an undecodable frame (``bad_image``)
+   -- is logged with shard and key and counted, or raises :class:`DataError` when
+   ``data.on_bad_sample = "fail"``.
 3. Mixture. A deterministic weighted round robin (mixture.py) picks the source of each accepted
    episode; ``samples_per_episode`` timesteps are drawn among the episode's valid steps with
    ``RNG(seed, rank, worker, episode index)``.
 4. Shuffle window. Episodes are drawn until the window holds ``shuffle_buffer`` samples; the window is
    permuted with ``RNG(seed, rank, worker, window index)`` and emitted; only then is the next window
-   read. Each sample decodes only its frame t (collate.py), ``batch_size`` samples make a Batch.
-5. torch DataLoader (``batch_size=None``): batch i of a rank comes from logical worker ``i % W``.
+   read. Each sample reads and decodes only its frame t of each camera, into the batch buffer
+   (collate.py); ``batch_size`` samples make a Batch (built in the worker).
+5. torch DataLoader (``batch_size=None``): batch i of a rank comes from logical worker ``i % W``; the
+   worker's state after each batch travels with it and is adopted when the batch is consumed.
 
-Restore guarantee (``StreamingLoader.state_dict`` / ``load_state_dict``): with the same shard sets,
-data settings, seed, world size and ``num_workers``, the batches after a restore are bit-identical to
-the batches an uninterrupted reader would have produced after the same number of consumed batches:
-no sample is lost and none is replayed to the trainer. The cost is internal: each worker re-reads the
-episodes of its current shuffle window (at most ``shuffle_buffer`` samples' episodes plus the tar
-members skipped to reach the saved offsets) without emitting them. Skip counters continue from their
-saved values. Changing any stream setting, the world size or ``num_workers`` is refused
-(:class:`LoaderStateError`); a different shard set contents under the same manifest is not detected.
+Restore guarantee (``state_dict`` / ``load_state_dict``): with the same shard sets, data settings,
+seed, world size and ``num_workers``, the batches after a restore are bit-identical to those an
+uninterrupted reader yields after the same number of consumed batches: no sample is lost, none is
+replayed to the trainer, and batches prefetched but not consumed before the save are produced again.
+The cost is internal: each worker re-reads the episodes of its current shuffle window (the episodes
+behind at most ``shuffle_buffer`` samples, plus tar headers up to the saved offsets) without emitting
+them. Skip counters continue from their saved values. A different world size, ``num_workers`` or
+stream setting (batch size, chunk length, mixture, combos, shard lists, ...) is refused with
+:class:`LoaderStateError`; changed shard *contents* under the same file names are not detected.
 """
 from __future__ import annotations
 
@@ -40,6 +52,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megavla.config.core import ConfigError
@@ -153,7 +166,13 @@ class WorkerStream:
     def batches(self) -> Iterator[tuple[Any, dict[str, Any]]]:
         plan, cfg = self.plan, self.plan.cfg
         text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
+        in_worker = get_worker_info() is not None
         while True:
+            images = torch.empty((cfg.batch_size, len(cfg.cameras), cfg.image_size, cfg.image_size, 3),
+                                 dtype=torch.uint8)
+            if in_worker:  # decoded straight into shared memory: no copy when the batch crosses processes
+                images.share_memory_()
+            slots = images.numpy()
             samples = []
             while len(samples) < cfg.batch_size:
                 if self.pos >= len(self.items):
@@ -167,11 +186,11 @@ class WorkerStream:
                         chunk_length=cfg.chunk_length, max_state_dim=cfg.max_state_dim,
                         max_action_dim=cfg.max_action_dim, normalizer=plan.normalizer,
                         text_tokenizer=plan.text_tokenizer, fast_tokenizer=plan.fast_tokenizer,
-                        text_cache=cache))
+                        text_cache=cache, images_out=slots[len(samples)]))
                 except EpisodeFormatError as e:
                     self.counters.bad("bad_image", f"{e} (timestep {t})")
             self.counters.add("samples", len(samples))
-            yield collate_samples(samples, text_pad_id=int(text_pad)), self.state_dict()
+            yield collate_samples(samples, text_pad_id=int(text_pad), images=images), self.state_dict()
 
 
 class MixtureStream(IterableDataset):

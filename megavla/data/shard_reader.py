@@ -1,22 +1,24 @@
 """Reading episodes out of shard sets: manifests, a fast tar member iterator, per-source cursors.
 
-Why not ``tarfile``: one tar sample holds a whole episode (format.py), i.e. ~150 members for 50 steps
-x 3 cameras, and Python's ``tarfile`` (behind webdataset's ``tar_file_iterator``) spends ~360 us per
-member on this machine parsing the PAX headers webdataset's TarWriter writes -- ~50 ms per episode,
-100x the JPEG decoding a sample needs. :func:`iter_tar_members` parses the 512-byte headers directly
-(ustar + PAX ``path``/``size`` + GNU long names, checksums verified) and seeks over members that are not
-selected; grouping into samples is webdataset's own ``group_by_keys``.
+Why not ``tarfile`` / webdataset's ``tar_file_iterator``: one tar sample holds a whole episode
+(format.py), ~100-150 members for 30-50 steps x 3 cameras, and ``tarfile`` spent ~360 us per member
+on this machine parsing the PAX headers webdataset's TarWriter writes -- ~50 ms per episode, 100x the
+JPEG decoding a sample needs. :func:`iter_tar_members` parses the 512-byte headers directly (ustar +
+PAX ``path``/``size`` + GNU long names; checksums verified, truncation detected) and does not even read
+the JPEG frames: it records where they are (:class:`MemberRef`) and a sample reads (``pread``) only the
+frames of its timestep. Samples are grouped by key as webdataset does (key = name up to the first dot
+of the basename).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from megavla.config.core import ConfigError
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
@@ -83,9 +85,41 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def iter_tar_members(stream, where: str, select: Callable[[str], bool] | None = None) -> Iterator[dict]:
-    """Yield ``{"fname", "data"}`` for the regular files of a tar stream, in order; members for which
-    ``select(fname)`` is False are seeked over unread. Raises TarFormatError on any damage."""
+READ, REF, SKIP = 0, 1, 2
+_FD_CACHE: dict[str, int] = {}
+_FD_CACHE_SIZE = 16
+
+
+def _pread(path: str, offset: int, size: int) -> bytes:
+    """Read bytes at an offset through a small per-process cache of open files (pread ignores and
+    keeps the file position, so descriptors inherited across fork are safe)."""
+    fd = _FD_CACHE.get(path)
+    if fd is None:
+        if len(_FD_CACHE) >= _FD_CACHE_SIZE:
+            os.close(_FD_CACHE.pop(next(iter(_FD_CACHE))))
+        fd = _FD_CACHE[path] = os.open(path, os.O_RDONLY)
+    return os.pread(fd, size, offset)
+
+
+class MemberRef:
+    """A tar member located but not read (a JPEG frame): ``read()`` fetches its bytes when needed."""
+
+    __slots__ = ("path", "offset", "size")
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.path, self.offset, self.size = path, offset, size
+
+    def read(self) -> bytes:
+        data = _pread(self.path, self.offset, self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.path}: member at byte {self.offset} truncated ({len(data)} of {self.size})")
+        return data
+
+
+def iter_tar_members(stream, where: str, mode: Callable[[str], int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, data)`` for the regular files of a tar stream, in order. ``mode(name)`` picks
+    READ (data = bytes), REF (data = MemberRef, the member is seeked over) or SKIP (not yielded).
+    Raises TarFormatError on any damage (checksum, short data, missing end-of-archive blocks)."""
     pending: dict[str, str] = {}
     while True:
         header = stream.read(_BLOCK)
@@ -99,10 +133,11 @@ def iter_tar_members(stream, where: str, select: Callable[[str], bool] | None = 
             size = _number(header[124:136])
         except ValueError:
             raise TarFormatError(f"{where}: unreadable tar header at byte {stream.tell() - _BLOCK}") from None
-        if checksum != sum(header[:148]) + sum(header[156:]) + 8 * 32:
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
             raise TarFormatError(f"{where}: tar header checksum mismatch at byte {stream.tell() - _BLOCK}")
         kind = header[156:157]
-        size = int(pending.get("size", size)) if kind not in (b"x", b"g") else size
+        if pending and kind not in (b"x", b"g"):
+            size = int(pending.get("size", size))
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
         if kind in (b"x", b"L"):
             data = stream.read(padded)
@@ -113,21 +148,48 @@ def iter_tar_members(stream, where: str, select: Callable[[str], bool] | None = 
             else:
                 pending["path"] = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
-        name = pending.get("path")
+        name = pending.get("path") if pending else None
         if name is None:
             name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if header[257:262] == b"ustar" and prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            if header[345] and header[257:262] == b"ustar":
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
         pending = {}
-        if kind not in (b"0", b"\0", b"7") or (select is not None and not select(name)):
+        how = READ if mode is None else mode(name)
+        if kind not in (b"0", b"\0", b"7") or how == SKIP:
             stream.seek(padded, 1)
-            continue
-        data = stream.read(size)
-        if len(data) < size:
-            raise TarFormatError(f"{where}: member {name} truncated ({len(data)} of {size} bytes)")
-        stream.seek(padded - size, 1)
-        yield {"fname": name, "data": data}
+        elif how == REF:
+            offset = stream.tell()
+            stream.seek(padded, 1)
+            yield name, MemberRef(where, offset, size)
+        else:
+            data = stream.read(size)
+            if len(data) < size:
+                raise TarFormatError(f"{where}: member {name} truncated ({len(data)} of {size} bytes)")
+            stream.seek(padded - size, 1)
+            yield name, data
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """'dir/key.head.0003.jpg' -> ('dir/key', 'head.0003.jpg'): webdataset's key/suffix convention
+    (the key ends at the first dot of the basename)."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+def group_members(members: Iterator[tuple[str, Any]], where: str) -> Iterator[dict[str, Any]]:
+    """Consecutive members sharing a key -> one sample dict (as webdataset's group_by_keys)."""
+    current: dict[str, Any] | None = None
+    for name, data in members:
+        key, suffix = split_member_name(name)
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": where}
+        if suffix in current:
+            raise TarFormatError(f"{where}: duplicate member {name}")
+        current[suffix] = data
+    if current is not None:
+        yield current
 
 
 class Counters:
@@ -164,6 +226,7 @@ class ShardCursor:
         self.draw, self.offset = 0, 0
         self._groups: Iterator[dict] | None = None
         self._path = ""
+        self._mode_key, self._mode_kept = "", True
 
     def position(self) -> dict[str, int]:
         return {"draw": self.draw, "offset": self.offset}
@@ -173,16 +236,20 @@ class ShardCursor:
         order = np.random.default_rng(self.order_seed + [draw // n]).permutation(n)
         return self.shards[int(order[draw % n])]
 
-    def select(self, fname: str) -> bool:
-        """Read every member of kept episodes; only meta.json of excluded ones (cheap skip)."""
-        prefix, suffix = base_plus_ext(fname)
-        combo = combo_of_key(Path(prefix).name) if prefix else None
-        return combo is None or combo in self.kept_combos or suffix == "meta.json"
+    def member_mode(self, name: str) -> int:
+        """Kept episodes: frames located (REF, read when a sample needs them), the rest read.
+        Excluded combos: only meta.json is read (cheap skip, still counted)."""
+        key, suffix = split_member_name(name)
+        if key != self._mode_key:  # one combo lookup per episode, not per member
+            combo = combo_of_key(key[key.rfind("/") + 1 :])
+            self._mode_key, self._mode_kept = key, combo is None or combo in self.kept_combos
+        if not self._mode_kept:
+            return READ if suffix == "meta.json" else SKIP
+        return REF if suffix.endswith(".jpg") else READ
 
     def _iter_groups(self, path: str) -> Iterator[dict]:
-        with open(path, "rb", buffering=1 << 20) as stream:
-            files = ({**f, "__url__": path} for f in iter_tar_members(stream, path, self.select))
-            yield from group_by_keys(files)
+        with open(path, "rb", buffering=1 << 16) as stream:
+            yield from group_members(iter_tar_members(stream, path, self.member_mode), path)
 
     def seek(self, draw: int, offset: int) -> None:
         """Reopen shard ``draw`` and skip ``offset`` tar groups (the caller mutes the counters)."""
@@ -223,7 +290,8 @@ class ShardCursor:
             if group is None:
                 continue
             where = f"{self._path}:{group.get('__key__', '?')}"
-            combo = combo_of_key(Path(group.get("__key__", "")).name)
+            key = group["__key__"]
+            combo = combo_of_key(key[key.rfind("/") + 1 :])
             if combo is not None and combo not in self.kept_combos:
                 self.counters.add("excluded_episode")
                 continue
