@@ -43,7 +43,12 @@ def triton_can_run(*tensors: torch.Tensor) -> tuple[bool, str]:
     """Whether the Triton kernels can run on these tensors, and if not, why."""
     if not triton_available():
         return False, f"triton does not import ({TRITON_IMPORT_ERROR}); pip install 'megavla[triton]'"
-    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    tensors = tuple(t for t in tensors if isinstance(t, torch.Tensor))
+    if any(t.dtype == torch.float64 for t in tensors):
+        return False, "float64 inputs (the kernels compute in fp32; the torch reference keeps fp64)"
+    devices = {t.device.type for t in tensors}
+    if len({t.device for t in tensors}) > 1:
+        return False, f"tensors on several devices {sorted(str(t.device) for t in tensors)}"
     if devices == {"cuda"}:
         return True, ""
     if devices <= {"cpu"} and INTERPRETED_AT_IMPORT:

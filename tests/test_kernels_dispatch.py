@@ -56,3 +56,11 @@ def test_rms_norm_reference_by_hand():
     torch.testing.assert_close(y, torch.tensor([[3.0, 8.0]]) / 12.5 ** 0.5)
     ya = ada_rms_norm(x[None], torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, -0.5]]), eps=0.0, impl="torch")
     torch.testing.assert_close(ya, (torch.tensor([[[6.0, 4.0]]]) / 12.5 ** 0.5) + torch.tensor([0.5, -0.5]))
+
+
+def test_float64_stays_on_the_torch_reference():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert resolve_impl("auto", x) == "torch"
+    if triton_available():
+        with pytest.raises(RuntimeError, match="float64"):
+            resolve_impl("triton", x)
