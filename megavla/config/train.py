@@ -1,7 +1,20 @@
-"""Trainer settings (owned by megavla/train)."""
+"""Trainer settings (owned by megavla/train).
+
+Defaults follow openpi's pi0.5 recipe where it states one: AdamW with betas (0.9, 0.95), gradient
+clipping at 1.0, 1k linear warmup steps, then cosine decay (openpi decays 2.5e-5 -> 2.5e-6, i.e. to
+0.1 x peak). Weight decay applies only to matrices (ndim >= 2); biases, norms and other vectors get
+none. Precision defaults to bf16 (DeepSpeed mixed precision with fp32 master weights); use fp32 for
+bit-exactness tests and on CPUs without fast bf16.
+
+Batch size: `data.batch_size` is the micro batch per rank. The global batch per optimizer step is
+`data.batch_size x grad_accum x world_size`, unless `global_batch_size` is set, in which case
+`grad_accum` is derived from it for the current world size (so a resume at another world size
+keeps the optimization identical).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from .core import ConfigError
 
@@ -9,15 +22,68 @@ from .core import ConfigError
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    steps: int = 1000
-    lr: float = 1e-4
+    # Directory written by `megavla tokenizer train` (text.model, fast.model/.json); copied into
+    # every checkpoint. Empty = the data pipeline runs without tokenizers (no text / FAST tokens).
+    tokenizer_dir: str = ""
+    steps: int = 1000                     # optimizer steps in total (a resume continues to this)
     seed: int = 0
-    zero_stage: int = 2
+    zero_stage: int = 2                   # DeepSpeed ZeRO stage 0, 1, 2 or 3
+    precision: Literal["bf16", "fp32"] = "bf16"
+    grad_accum: int = 1
+    global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
+    # Optimizer and schedule (openpi pi0.5 defaults).
+    lr: float = 2.5e-5
+    min_lr_ratio: float = 0.1             # cosine decays to lr x min_lr_ratio
+    warmup_steps: int = 1000
+    decay_steps: int | None = None        # cosine length after warmup; None = steps - warmup
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-10
+    grad_clip: float = 1.0
+    optimizer: Literal["auto", "torch", "fused"] = "auto"   # auto: fused on GPU, torch on CPU
+    # Memory / model options.
+    # (activation checkpointing per layer is model.activation_checkpointing; objectives are the
+    #  model's loss weights: model.subtask_weight/fast_weight = high level, model.flow_weight = low level)
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes, e.g. ["vision"]
+    ema_decay: float | None = None        # e.g. 0.999; EMA kept in fp32 (ZeRO stage <= 2)
+    # Logging, validation, checkpoints.
+    log_every: int = 10
+    val_every: int = 0                    # 0 = no validation (needs data.val_sources)
+    val_batches: int = 4
+    save_every: int = 500                 # also saved at the end and on SIGTERM / SIGUSR2
+    keep_last: int = 3
+    tensorboard: bool = True
+    progress: bool = True                 # tqdm line on rank 0
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Stop after this many steps of *this* invocation (0 = run to `steps`); used to split a run
+    # into segments (the demo's train -> resume) without changing the schedule.
+    max_steps_per_run: int = 0
 
     def validate(self) -> None:
         if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
+            raise ConfigError(f"lr={self.lr} must be > 0 (e.g. train.lr=2.5e-5)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
-        if self.steps <= 0:
-            raise ConfigError(f"steps={self.steps} must be > 0")
+        for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("warmup_steps", "save_every", "val_every", "max_steps_per_run"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} must be > 0 or null")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(f"decay_steps={self.decay_steps} must be > 0 or null")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay and grad_clip must be >= 0 and eps > 0")
+        if self.ema_decay is not None:
+            if not 0.0 < self.ema_decay < 1.0:
+                raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1) or null")
+            if self.zero_stage == 3:
+                raise ConfigError("ema_decay needs full parameters on each rank: use zero_stage <= 2")
+        if not self.run_dir:
+            raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")

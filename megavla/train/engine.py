@@ -1,0 +1,171 @@
+"""DeepSpeed engine from our TrainConfig: process group, optimizer groups, schedule, ZeRO config."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from megavla.config.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op on CPU at init (~46 s, see platform-facts).
+    We only use gloo collectives, so replace the builder with a no-op before the backend exists."""
+    import importlib
+    # (not `import deepspeed.comm.torch as m`: that resolves to the `torch` attribute of
+    # deepspeed.comm, which is the torch package itself)
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Join (or create) the process group from the usual env (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT), set by torchrun, our local launcher or the SLURM launcher. Without that
+    env this is a one-process run."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        _skip_shm_comm_build()
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                    local_rank=local_rank, device=device)
+
+
+def grad_accum_steps(cfg: TrainConfig, micro_batch: int, world_size: int) -> int:
+    if cfg.global_batch_size is None:
+        return cfg.grad_accum
+    per_step = micro_batch * world_size
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of "
+                         f"data.batch_size x world_size = {micro_batch} x {world_size}; change one of them")
+    return cfg.global_batch_size // per_step
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then cosine."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay = cfg.decay_steps or max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """requires_grad=False for parameters whose name starts with one of `prefixes`; returns count."""
+    if not prefixes:
+        return 0
+    frozen = 0
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"train.freeze: no parameter name starts with {prefix!r}; "
+                             f"top-level modules are {sorted({n.split('.')[0] for n in names})}")
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm scales and other vectors get no weight decay."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    kind = cfg.optimizer
+    if kind == "auto":
+        kind = "fused" if device.type == "cuda" else "torch"
+    # torch's own fused AdamW (CUDA kernels shipped with torch): no JIT build, unlike DeepSpeed's.
+    fused = kind == "fused"
+    if fused and device.type != "cuda":
+        raise ValueError("train.optimizer=fused needs a GPU; use train.optimizer=torch on CPU")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universal: bool = False) -> dict:
+    accum = grad_accum_steps(cfg, micro_batch, world_size)
+    config: dict = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro_batch * accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_allow_untested_optimizer": True,   # torch.optim.AdamW is "untested" to DeepSpeed
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,                # we log ourselves
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if cfg.zero_stage == 3:
+        # Gather full weights into the 16-bit save so export does not need all shards online.
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return config
+
+
+def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: DistInfo,
+                  load_universal: bool = False):
+    """Returns (engine, optimizer, scheduler)."""
+    import deepspeed
+    model.to(dist.device)
+    optimizer = build_optimizer(model, cfg, dist.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    config = ds_config(cfg, micro_batch, dist.world_size, load_universal)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x world %d", cfg.zero_stage,
+             cfg.precision, micro_batch, config["gradient_accumulation_steps"], dist.world_size)
+    return engine, optimizer, scheduler
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

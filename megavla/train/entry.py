@@ -1,0 +1,205 @@
+"""`run(cfg, resume)`: the per-process training entry point.
+
+The same function runs under our local launcher (`megavla train --nproc N`), torchrun, or a SLURM
+task (the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and calls it on every
+rank). Returns the process exit code: 0 done, EXIT_SIGNAL_SAVED (75) after a SIGTERM/SIGUSR2
+checkpoint (requeue + `--resume auto`).
+
+Resume at another world size (or ZeRO stage): the checkpoint is converted once with DeepSpeed's
+`ds_to_universal` (cached in `checkpoints/.universal/<tag>`) and loaded with
+`checkpoint.load_universal`. Model and optimizer states carry over exactly; the per-rank loader
+states cannot (they are streams of the old ranks), so the loader restarts with seed
+`data.seed + step` (logged) and RNG states are reseeded per rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as tdist
+
+from megavla.config import Config, write_yaml
+
+from . import checkpoint as ckpt
+from .engine import DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything
+from .trainer import EMA, Trainer
+
+log = logging.getLogger(__name__)
+
+ModelFactory = Callable[[Config], torch.nn.Module]
+LoaderFactory = Callable[..., Any]   # (cfg, rank, world_size, seed, split) -> loader
+
+
+def default_model_factory(cfg: Config) -> torch.nn.Module:
+    from megavla.model.vla import build_model
+    return build_model(cfg.model)
+
+
+def load_tokenizers(cfg: Config):
+    if not cfg.train.tokenizer_dir:
+        return None, None
+    from megavla.tokenizers.cli import load_tokenizers as load
+    return load(cfg.train.tokenizer_dir)
+
+
+def default_loader_factory(cfg: Config, rank: int, world_size: int, seed: int | None = None,
+                           split: str = "train"):
+    from megavla.data.pipeline import build_loader
+    text_tok, fast_tok = load_tokenizers(cfg)
+    return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split)
+
+
+def code_version() -> str:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def _setup_logging(rank: int) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _write_norm_stats(cfg: Config, path: Path) -> None:
+    """The merged normalization stats of the training sources (inference needs them)."""
+    try:
+        from megavla.data.normalize import load_norm_stats, merge_norm_stats
+        stats = merge_norm_stats([load_norm_stats(Path(d) / "norm_stats.json") for d in cfg.data.sources.values()])
+        path.write_text(json.dumps(stats, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    except Exception as e:   # toy loaders in tests have no shard sets; inference then lacks stats
+        log.warning("no norm_stats.json written to the run dir (%s)", e)
+
+
+def _broadcast_bool(value: bool, dist: DistInfo) -> bool:
+    t = torch.tensor([int(value)], device=dist.device)
+    if dist.world_size > 1:
+        tdist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory | None = None,
+        loader_factory: LoaderFactory | None = None) -> int:
+    """Train on this process's rank. `resume`: None (fresh), "auto" (newest complete checkpoint in
+    the run dir, fresh if none), or a checkpoint path. The factories replace the real model /
+    loader (tests use toy ones); they receive the resolved Config."""
+    model_factory = model_factory or default_model_factory
+    loader_factory = loader_factory or default_loader_factory
+    dist = init_distributed(cfg.train.dist_backend)
+    _setup_logging(dist.rank)
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if dist.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(cfg, run_dir / "config.yaml")
+        _write_norm_stats(cfg, run_dir / "norm_stats.json")
+    resume_path = ckpt.resolve_resume(resume, ckpt_dir)
+    saved = ckpt.read_trainer_state(resume_path) if resume_path else None
+
+    # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
+    seed_everything(cfg.train.seed)
+    model = model_factory(cfg)
+    frozen = apply_freeze(model, cfg.train.freeze)
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist.rank == 0:
+        log.info("model: %.2fM parameters (%.2fM frozen)", n_params / 1e6, frozen / 1e6)
+    seed_everything(cfg.train.seed * 1000 + dist.rank)
+
+    layout_changed = bool(saved) and (saved["world_size"] != dist.world_size
+                                      or saved["zero_stage"] != cfg.train.zero_stage)
+    universal = layout_changed and saved["zero_stage"] > 0
+    if universal:
+        load_dir = ckpt.convert_to_universal(resume_path, dist.rank).parent
+    else:
+        load_dir = ckpt_dir if resume_path is None else resume_path.parent
+    engine, _, scheduler = create_engine(model, cfg.train, cfg.data.batch_size, dist, load_universal=universal)
+
+    start_step = 0
+    loader_state = None
+    if resume_path is not None:
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=resume_path.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {resume_path}")
+        start_step = int(saved["step"])
+        # The schedule is a pure function of the step: set it explicitly (robust to DeepSpeed versions
+        # that do not restore the scheduler from a universal checkpoint).
+        scheduler.last_epoch = start_step      # LambdaLR: last_epoch = optimizer steps taken
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(start_step, cfg.train)
+        rank_state = None if layout_changed else ckpt.read_rank_state(resume_path, dist.rank)
+        if rank_state is not None:
+            ckpt.set_rng_state(rank_state["rng"])
+            loader_state = rank_state["loader"]
+        else:
+            seed_everything(cfg.train.seed * 1000 + dist.rank + 7919 * start_step)
+        if dist.rank == 0:
+            log.info("resumed from %s at step %d%s", resume_path, start_step,
+                     " (world size / ZeRO stage changed: universal checkpoint, loader reseeded)"
+                     if layout_changed else "")
+
+    loader_seed = None if (loader_state is not None or not resume_path) else cfg.data.seed + start_step
+    loader = loader_factory(cfg, dist.rank, dist.world_size, loader_seed, "train")
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    val_factory = None
+    if cfg.train.val_every and cfg.data.val_sources:
+        val_factory = lambda: loader_factory(cfg, dist.rank, dist.world_size, cfg.data.seed, "val")  # noqa: E731
+
+    ema = None
+    if cfg.train.ema_decay:
+        ema = EMA(engine.module, cfg.train.ema_decay)
+        if resume_path is not None and (resume_path / "ema.safetensors").is_file():
+            from safetensors.torch import load_file
+            ema.shadow.update(load_file(str(resume_path / "ema.safetensors")))
+
+    flops = None
+    try:
+        from megavla.model.vla import flops_per_sample
+        flops = float(flops_per_sample(cfg.model))
+    except Exception as e:   # toy models in tests; MFU is then not logged
+        log.debug("no FLOPs per sample (%s)", e)
+    extra = {"norm_stats.json": run_dir / "norm_stats.json"}
+    if cfg.train.tokenizer_dir:
+        extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
+    trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
+                      flops_per_sample=flops, tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
+                      val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version())
+    code = trainer.fit()
+    if dist.rank == 0:
+        log.info("done at step %d: tensorboard logs in %s, checkpoints in %s", trainer.step,
+                 run_dir / "tb", ckpt_dir)
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    return code
+
+
+def worker_main() -> int:
+    """`python -m megavla.train.entry CONFIG_YAML [--resume X]` on each rank (used by the launcher)."""
+    import argparse
+
+    from megavla.config import load_config
+    parser = argparse.ArgumentParser(prog="megavla.train.entry")
+    parser.add_argument("config")
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run(load_config(args.config), resume=args.resume)
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())
