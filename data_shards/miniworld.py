@@ -357,15 +357,13 @@ class MiniWorld:
         for arm in range(self.arms):  # shadows tell the height of the hand / gripper
             p = self.contact_point(arm)
             frame.flat(render.circle([p[0], p[1], 0.002], 0.025 + 0.05 * p[2], 12), shadow)
-        for w in range(2):
-            frame.add_group(self.bowls[w], render.bowl_items(frame, self.bowls[w], BOWL_RADIUS,
-                                                             BOWL_HEIGHT, PALETTE[spec.colors[3 + w]]),
-                            bias=0.04)
-        for b in range(3):
-            pose = np.eye(4)
-            pose[:3, :3], pose[:3, 3] = yaw_rotation(s.block_yaw[b]), s.blocks[b]
-            frame.add_group(s.blocks[b], frame.box_items(pose, np.full(3, BLOCK_HALF),
-                                                         PALETTE[spec.colors[b]]))
+        poses = np.tile(np.eye(4), (3, 1, 1))
+        c, si = np.cos(s.block_yaw), np.sin(s.block_yaw)
+        poses[:, 0, 0], poses[:, 0, 1], poses[:, 1, 0], poses[:, 1, 1] = c, -si, si, c
+        poses[:, :3, 3] = s.blocks
+        colors = np.array([PALETTE[spec.colors[b]] for b in range(3)], float)
+        for b, items in enumerate(frame.boxes_items(poses, np.full((3, 3), BLOCK_HALF), colors)):
+            frame.add_group(s.blocks[b], items)
         if self.human:
             for arm, kp in enumerate(self.hand_keypoints_world()):
                 frame.add_group(kp[8], self._hand_items(frame, kp, s.ee[arm]), bias=-0.02)
@@ -388,22 +386,23 @@ class MiniWorld:
                        tuple(ch * factor for ch in spec.table_color))
         sq = np.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]]) * PAD_HALF
         frame.flat(self.pad + sq + [0, 0, 0.001], PALETTE[spec.colors[5]])
+        for w in range(2):
+            render.draw_bowl(frame, self.bowls[w], BOWL_RADIUS, BOWL_HEIGHT, PALETTE[spec.colors[3 + w]])
         return frame
 
     def _gripper_items(self, frame: render.Frame) -> list:
+        """Link, palm and two fingers as boxes in the EE frame (fingers open with 1 - gripper)."""
         ee, g = self.state.ee[0], self.state.gripper[0]
         half_gap = 0.012 if self.state.held[0] < 0 else BLOCK_HALF + 0.004
         half_gap = (1 - g) * 0.04 + g * half_gap
-
-        def part(offset, half, color):
-            pose = ee.copy()
-            pose[:3, 3] = ee[:3, :3] @ np.asarray(offset) + ee[:3, 3]
-            return frame.box_items(pose, np.asarray(half), color)
-
-        grey, dark = (170, 170, 180), (70, 70, 80)
-        return (part([0, 0, -0.12], [0.01, 0.01, 0.07], grey) + part([0, 0, -0.035], [0.012, 0.045, 0.01], dark)
-                + part([0, half_gap + 0.005, -0.005], [0.012, 0.005, 0.025], dark)
-                + part([0, -half_gap - 0.005, -0.005], [0.012, 0.005, 0.025], dark))
+        offsets = np.array([[0, 0, -0.12], [0, 0, -0.035], [0, half_gap + 0.005, -0.005],
+                            [0, -half_gap - 0.005, -0.005]])
+        halves = np.array([[0.01, 0.01, 0.07], [0.012, 0.045, 0.01], [0.012, 0.005, 0.025],
+                           [0.012, 0.005, 0.025]])
+        poses = np.tile(ee, (4, 1, 1))
+        poses[:, :3, 3] = offsets @ ee[:3, :3].T + ee[:3, 3]
+        colors = np.array([(170, 170, 180)] + [(70, 70, 80)] * 3, float)
+        return [item for items in frame.boxes_items(poses, halves, colors) for item in items]
 
     def _hand_items(self, frame: render.Frame, kp: np.ndarray, ee: np.ndarray) -> list:
         scale, skin = self.state.hand_scale, self.skin

@@ -22,9 +22,15 @@ _BOX_FACES = (
 )
 _BOX_CORNERS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
 _BOX_INDEX = np.array([f for f, _ in _BOX_FACES])
+_BOX_INDEX_LIST = _BOX_INDEX.tolist()
 _BOX_NORMALS = np.array([n for _, n in _BOX_FACES], float)
 _UNIT_CIRCLES = {n: (np.cos(np.linspace(0, 2 * np.pi, n, endpoint=False)),
                      np.sin(np.linspace(0, 2 * np.pi, n, endpoint=False))) for n in (12, 16)}
+
+
+def _cross(a, b) -> np.ndarray:
+    """np.cross for two 3-vectors without its axis bookkeeping (hot in per-frame cameras)."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
 
 
 def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
@@ -32,11 +38,11 @@ def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
     eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
     z = target - eye
     z /= np.linalg.norm(z)
-    x = np.cross(z, up)
+    x = _cross(z, up)
     if np.linalg.norm(x) < 1e-8:  # looking along `up`: any perpendicular will do
-        x = np.cross(z, [1.0, 0.0, 0.0] if abs(z[0]) < 0.9 else [0.0, 1.0, 0.0])
+        x = _cross(z, [1.0, 0.0, 0.0] if abs(z[0]) < 0.9 else [0.0, 1.0, 0.0])
     x /= np.linalg.norm(x)
-    y = np.cross(z, x)
+    y = _cross(z, x)
     pose = np.eye(4)
     pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = x, y, z, eye
     return pose
@@ -49,7 +55,9 @@ class Camera:
     size: int
 
     def __post_init__(self):
-        self.world_to_cam = np.linalg.inv(self.pose)
+        self.world_to_cam = np.eye(4)  # rigid inverse: R^T, -R^T t
+        self.world_to_cam[:3, :3] = self.pose[:3, :3].T
+        self.world_to_cam[:3, 3] = -self.pose[:3, :3].T @ self.pose[:3, 3]
         self.focal = 0.5 * self.size / np.tan(np.radians(self.fov_deg) / 2)
 
     def to_cam(self, pts: np.ndarray) -> np.ndarray:
@@ -103,27 +111,37 @@ class Frame:
             self.draw.polygon(px, fill=tuple(int(c) for c in color))
 
     def box_items(self, pose: np.ndarray, half: np.ndarray, color) -> list:
-        """Visible, shaded faces of an oriented box (pose = box-to-world). Vectorized: this is
-        the renderer's hot path."""
-        corners = (_BOX_CORNERS * half) @ pose[:3, :3].T + pose[:3, 3]
-        cam_corners = self.cam.to_cam(corners)
-        normals = _BOX_NORMALS @ pose[:3, :3].T  # [6, 3] world
-        anchors = corners[_BOX_INDEX[:, 0]]
-        visible = np.einsum("fi,fi->f", normals, self.cam.pose[:3, 3] - anchors) > 0
-        lum = 0.55 + 0.45 * np.maximum(normals @ LIGHT, 0.0)
-        colors = np.minimum(np.outer(lum, color), 255).astype(int).tolist()
-        items = []
-        if (cam_corners[:, 2] >= NEAR).all():
-            px = self.cam.project(cam_corners).tolist()
-            for f in np.flatnonzero(visible):
-                items.append(("poly", [tuple(px[i]) for i in _BOX_INDEX[f]], tuple(colors[f]), 0))
-            return items
-        for f in np.flatnonzero(visible):
-            cam_face = _clip_near(cam_corners[_BOX_INDEX[f]])
-            if len(cam_face) >= 3:
-                items.append(("poly", [tuple(p) for p in self.cam.project(cam_face).tolist()],
-                              tuple(colors[f]), 0))
-        return items
+        """Visible, shaded faces of an oriented box (pose = box-to-world)."""
+        return self.boxes_items(pose[None], np.asarray(half, float)[None], np.asarray(color, float)[None])[0]
+
+    def boxes_items(self, poses: np.ndarray, halves: np.ndarray, colors: np.ndarray) -> list[list]:
+        """Faces of N boxes at once (the renderer's hot path): poses [N,4,4], halves [N,3],
+        colors [N,3] -> per box, its visible shaded faces."""
+        rot, trans = poses[:, :3, :3], poses[:, :3, 3]
+        corners = np.einsum("nij,nkj->nki", rot, _BOX_CORNERS[None] * halves[:, None]) + trans[:, None]
+        cam_corners = corners @ self.cam.world_to_cam[:3, :3].T + self.cam.world_to_cam[:3, 3]
+        normals = np.einsum("nij,fj->nfi", rot, _BOX_NORMALS)  # [N, 6, 3] world
+        anchors = corners[:, _BOX_INDEX[:, 0]]  # [N, 6, 3]
+        visible = np.einsum("nfi,nfi->nf", normals, self.cam.pose[:3, 3] - anchors) > 0
+        lum = 0.55 + 0.45 * np.maximum(normals @ LIGHT, 0.0)  # [N, 6]
+        shaded = np.minimum(lum[..., None] * colors[:, None], 255).astype(int).tolist()
+        in_front = (cam_corners[..., 2] >= NEAR).all(axis=1)
+        z = np.where(cam_corners[..., 2:3] >= NEAR, cam_corners[..., 2:3], 1.0)
+        px_all = (cam_corners[..., :2] / z * self.cam.focal + self.cam.size / 2).tolist()
+        out = []
+        for n in range(len(poses)):
+            items = []
+            for f in np.flatnonzero(visible[n]).tolist():
+                if in_front[n]:
+                    px = [tuple(px_all[n][i]) for i in _BOX_INDEX_LIST[f]]
+                else:
+                    cam_face = _clip_near(cam_corners[n, _BOX_INDEX[f]])
+                    if len(cam_face) < 3:
+                        continue
+                    px = [tuple(p) for p in self.cam.project(cam_face).tolist()]
+                items.append(("poly", px, tuple(shaded[n][f]), 0))
+            out.append(items)
+        return out
 
     def poly_item(self, world_pts: np.ndarray, color) -> list:
         px = self._pixels(world_pts)
@@ -166,6 +184,13 @@ def circle(center, radius: float, n: int = 16) -> np.ndarray:
     cos, sin = _UNIT_CIRCLES[n]
     return np.stack([center[0] + radius * cos, center[1] + radius * sin,
                      np.full(n, float(center[2]))], axis=-1)
+
+
+def draw_bowl(frame: Frame, center, radius: float, height: float, color) -> None:
+    """Draw a bowl now, in the table layer (bowls are low: nothing on the table hides behind one
+    enough to matter, and static views can then cache them)."""
+    for _, px, rgb, _ in bowl_items(frame, center, radius, height, color):
+        frame.draw.polygon(px, fill=rgb)
 
 
 def bowl_items(frame: Frame, center, radius: float, height: float, color) -> list:

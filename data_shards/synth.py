@@ -153,8 +153,9 @@ def rollout(embodiment: str, scene: int, task: int, rng: np.random.Generator, im
     cams = [c for c in CAMERAS if c in cameras and c in world.cameras]
     frames: dict[str, list[bytes]] = {c: [] for c in cams}
     states, actions, subtask_of_step, keypoints, head_poses = [], [], [], [], []
+    obs = world.observe()
     while True:
-        states.append(world.ee_state())
+        states.append(obs["state"])
         for cam in cams:
             frames[cam].append(_encode(world.render(cam)))
         if world.human:
@@ -168,7 +169,7 @@ def rollout(embodiment: str, scene: int, task: int, rng: np.random.Generator, im
             subtask_of_step.append(subtask_of_step[-1] if subtask_of_step else 0)
             break
         action = out[0].astype(np.float32)  # the stored values are exactly the executed ones
-        world.step(action)
+        obs = world.step(action)
         actions.append(action)
         subtask_of_step.append(out[1])
         if len(actions) >= MAX_STEPS:
