@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from megavla.kernels import PREFIX, EXPERT, LM_SUFFIX, AttentionLayout, attention
+from megavla.kernels import EXPERT, PREFIX, AttentionLayout, attention
 from megavla.kernels import ada_rms_norm, apply_rope, flow_matching_loss, flow_noise, geglu, rms_norm
 from megavla.kernels.attention import _flash_attn_varlen_func
 from megavla.kernels.dispatch import triton_can_run
@@ -109,6 +109,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, quick: bool, compile_:
     cases.append(Case("geglu (expert MLP)", f"[{b},{h},{mlp}]", lambda: ([rnd(b, h, mlp, scale=2.0), rnd(b, h, mlp)], [0, 1]),
                       triple(geglu_reference, geglu), bytes_fwd=3 * n_glu * e, bytes_fwdbwd=8 * n_glu * e))
 
+    # the flow-matching training hot path: prefix + action tokens (FAST tokens would add a causal block)
     kind = torch.tensor([PREFIX] * prefix + [EXPERT] * suffix, device=device).repeat(b, 1)
     valid = torch.ones_like(kind, dtype=torch.bool)
     valid[:, prefix - prefix // 8: prefix] = False  # some prompt padding, as in real batches
@@ -122,7 +123,6 @@ def build_cases(device: torch.device, dtype: torch.dtype, quick: bool, compile_:
     cases.append(Case("attention (pi0 mask)", f"B{b} L{length} Hq{heads} Hkv1 D{head_dim}",
                       lambda: ([rnd(b, heads, length, head_dim), rnd(b, 1, length, head_dim), rnd(b, 1, length, head_dim)],
                                [0, 1, 2]), attn_impls, flops_fwd=4.0 * head_dim * heads * pairs))
-    _ = LM_SUFFIX  # (FAST tokens would add a causal block; the expert-only layout is the training hot path)
     return cases
 
 
