@@ -35,11 +35,10 @@ PARTS = ("vision", "backbone", "expert")
 def part_of(param_name: str) -> str:
     """Which part a parameter belongs to: vision (tower + projector), backbone (embeddings,
     decoder, state embedding) or expert."""
-    if param_name.startswith(("vision.", "projector.")):
+    top = param_name.split(".")[0]  # parameter or module name
+    if top in ("vision", "projector"):
         return "vision"
-    if param_name.startswith("expert."):
-        return "expert"
-    return "backbone"
+    return "expert" if top == "expert" else "backbone"
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -43,7 +43,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> VLA
         raise FileNotFoundError(f"{path} does not exist; expected a directory written by save_model")
     model = build_model(load_model_config(directory))
     state = load_file(str(path), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path}: weights do not match {directory / CONFIG_FILE}: {e}") from None
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match {directory / CONFIG_FILE}: missing {missing[:5]} "
                          f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")

@@ -71,6 +71,17 @@ class Tokens:
                         for f in ("x", "valid", "kind", "positions")))
 
 
+@dataclass
+class Outputs:
+    """What one training-path pass computes (None for objectives that are off)."""
+    backbone_hidden: torch.Tensor | None = None   # [B, L, W] before the final norm
+    velocity: torch.Tensor | None = None          # expert output [B, H, A] fp32
+    actions: torch.Tensor | None = None           # cleaned targets (unsupervised entries 0)
+    noise: torch.Tensor | None = None
+    subtask_logits: torch.Tensor | None = None    # [B, Ls, vocab]; position j predicts subtask token j
+    fast_logits: torch.Tensor | None = None       # [B, Lf, vocab]; position j predicts FAST token j
+
+
 class VLA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -102,7 +113,9 @@ class VLA(nn.Module):
     def prefix_tokens(self, batch: Batch) -> Tokens:
         """Camera + text (+ discrete state) tokens with positions counting valid tokens only."""
         img, img_valid = encode_cameras(self.vision, self.projector, batch.images, batch.image_mask)
-        parts_x = [img, self._embed_ids(batch.text_tokens)]
+        # padded ids may be anything (the mask says so): embed a safe id there
+        text_ids = torch.where(batch.text_mask, batch.text_tokens, torch.zeros_like(batch.text_tokens))
+        parts_x = [img, self._embed_ids(text_ids)]
         parts_valid = [img_valid, batch.text_mask]
         if self.state_embed is not None:
             bins = self.cfg.state_bins
@@ -155,10 +168,9 @@ class VLA(nn.Module):
         return normed @ self.embed_tokens.weight.t()
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: Batch, noise: torch.Tensor | None = None,
-                time: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Weighted loss of the objectives with weight > 0 (others are not computed) + detached
-        per-objective and per-embodiment values ("flow/<embodiment id>", ...) for logging."""
+    def run(self, batch: Batch, noise: torch.Tensor | None = None,
+            time: torch.Tensor | None = None) -> Outputs:
+        """The training-path computation (objectives with weight 0 are left out of the sequence)."""
         cfg = self.cfg
         losses.check_batch(self, batch)
         use_flow, use_fast, use_subtask = cfg.flow_weight > 0, cfg.fast_weight > 0, cfg.subtask_weight > 0
@@ -169,31 +181,43 @@ class VLA(nn.Module):
             parts.append(suffix)
         bb = Tokens.cat(parts)
         bb_layout = AttentionLayout.from_kinds(bb.kind, bb.valid)
+        out = Outputs()
         ex = ex_layout = None
         if use_flow:
-            actions = losses.clean_actions(batch)
-            t, noise, x_t = losses.noisy_actions(actions, noise, time, cfg.kernels)
+            out.actions = losses.clean_actions(batch)
+            t, out.noise, x_t = losses.noisy_actions(out.actions, noise, time, cfg.kernels)
             ex, ex_kind, ex_valid = self.expert_tokens(x_t, t, batch, prefix)
             ex_layout = AttentionLayout.from_kinds(torch.cat([bb.kind, ex_kind], 1),
                                                    torch.cat([bb.valid, ex_valid], 1), ex.x.shape[1])
         bb_h, ex_h, _ = run_shared_layers(self.backbone, self.expert.stack if use_flow else None,
                                           Stream(bb.x, bb.positions), ex, self.shared_attention(bb_layout, ex_layout),
                                           checkpoint=cfg.activation_checkpointing and self.training)
-        out: dict[str, torch.Tensor] = {}
-        total = bb_h.new_zeros((), dtype=torch.float32)
+        out.backbone_hidden = bb_h
         if use_flow:
-            v = self.expert.velocity(ex_h, ex.cond, cfg.chunk_length)
-            flow, per_sample = losses.flow_loss(v, actions, noise, batch, cfg.kernels)
+            out.velocity = self.expert.velocity(ex_h, ex.cond, cfg.chunk_length)
+        for name, length in (("subtask", batch.subtask_tokens.shape[1]), ("fast", batch.fast_tokens.shape[1])):
+            if name in starts:
+                begin = prefix.x.shape[1] + starts[name]  # hidden at the start marker predicts token 0
+                setattr(out, f"{name}_logits", self.logits(bb_h[:, begin:begin + length]))
+        return out
+
+    def forward(self, batch: Batch, noise: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Weighted loss of the objectives with weight > 0 (others are not computed) + detached
+        per-objective and per-embodiment values ("flow/<embodiment id>", ...) for logging."""
+        cfg = self.cfg
+        res = self.run(batch, noise, time)
+        out: dict[str, torch.Tensor] = {}
+        total = res.backbone_hidden.new_zeros((), dtype=torch.float32)
+        if res.velocity is not None:
+            flow, per_sample = losses.flow_loss(res.velocity, res.actions, res.noise, batch, cfg.kernels)
             total = total + cfg.flow_weight * flow
             losses.log_per_embodiment(out, "flow", flow, per_sample, losses.flow_supervised(batch), batch)
-        lm_start = prefix.x.shape[1]
-        for name, use, weight in (("subtask", use_subtask, cfg.subtask_weight), ("fast", use_fast, cfg.fast_weight)):
-            if not use:
+        for name, logits, targets, mask, weight in (
+                ("subtask", res.subtask_logits, batch.subtask_tokens, batch.subtask_mask, cfg.subtask_weight),
+                ("fast", res.fast_logits, batch.fast_tokens + self.fast_offset, batch.fast_mask, cfg.fast_weight)):
+            if logits is None:
                 continue
-            targets = batch.subtask_tokens if name == "subtask" else batch.fast_tokens + self.fast_offset
-            mask = batch.subtask_mask if name == "subtask" else batch.fast_mask
-            begin = lm_start + starts[name]  # hidden at the start marker predicts the first token
-            logits = self.logits(bb_h[:, begin:begin + targets.shape[1]])
             ce, per_sample_sum, per_sample_count = losses.token_ce(logits, targets, mask)
             total = total + weight * ce
             losses.log_per_embodiment(out, name, ce, per_sample_sum, per_sample_count, batch, summed=True)

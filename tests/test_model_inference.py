@@ -1,0 +1,128 @@
+"""KV-cached inference, save/load, presets, FLOPs and the summary CLI."""
+import dataclasses
+
+import pytest
+import torch
+
+from megavla.config.model import ModelConfig
+from megavla.model import cli as model_cli
+from megavla.model.flops import flops_breakdown, flops_per_sample, meta_model, parameter_counts
+from megavla.model.io import load_model, save_model
+from megavla.model.presets import PRESETS
+from megavla.model.synthetic import random_batch
+from megavla.model.vla import build_model
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", kernels="torch", action_dim=8, state_dim=8, **overrides)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # open the adaRMS gates (zero at init) so the expert really computes
+        for name, p in model.named_parameters():
+            if name.endswith(".dense.weight"):
+                p.normal_(std=0.05)
+    return model, random_batch(cfg, batch_size=3, action_dims=6, state_dims=5, gripper_dim=5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"time_conditioning": "mlp", "state_mode": "continuous"}])
+def test_kv_cached_inference_equals_uncached(overrides):
+    model, batch = make(**overrides)
+    noise = torch.randn(batch.actions.shape)
+    cached = model.sample_actions(batch, num_steps=4, noise=noise, use_cache=True)
+    uncached = model.sample_actions(batch, num_steps=4, noise=noise, use_cache=False)
+    assert cached.abs().max() > 0
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+    ids_c, mask_c = model.predict_subtask(batch, max_len=5, use_cache=True)
+    ids_u, mask_u = model.predict_subtask(batch, max_len=5, use_cache=False)
+    assert torch.equal(ids_c, ids_u) and torch.equal(mask_c, mask_u)
+    assert int(ids_c.max()) < model.cfg.text_vocab_size
+    fast_c, _ = model.predict_fast(batch, max_len=4, use_cache=True)
+    fast_u, _ = model.predict_fast(batch, max_len=4, use_cache=False)
+    assert torch.equal(fast_c, fast_u) and int(fast_c.max()) < model.cfg.fast_vocab_size
+
+
+def test_sampling_matches_the_training_path_velocity():
+    """One Euler step from t=1 uses the same velocity the training forward computes at t=1."""
+    model, batch = make(fast_weight=0.0, subtask_weight=0.0)
+    noise = torch.randn(batch.actions.shape)
+    used = batch.action_dim_mask[:, None, :]
+    one_step = model.sample_actions(batch, num_steps=1, noise=noise)
+    with torch.no_grad():
+        v = model.run(dataclasses.replace(batch, actions=torch.zeros_like(batch.actions)), noise,
+                      torch.ones(batch.batch_size)).velocity
+    torch.testing.assert_close(one_step, torch.where(used, noise - v, torch.zeros_like(v)), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_decode_stops_at_eos():
+    model, batch = make()
+    ids, _ = model.predict_subtask(batch, max_len=4)
+    eos = int(ids[0, -1])
+    again, mask = model.predict_subtask(batch, max_len=4, eos_id=eos)
+    assert torch.equal(again, ids)
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        first = row.index(eos) if eos in row else len(row)
+        assert mask[b].tolist() == [j <= first for j in range(len(row))]
+    assert not mask[0, -1] or eos not in ids[0, :-1].tolist()
+
+
+def test_embed_prefix_ignores_absent_cameras():
+    model, batch = make()
+    emb = model.embed_prefix(batch)
+    assert emb.shape == (batch.batch_size, model.cfg.width) and torch.isfinite(emb).all()
+    images = batch.images.clone()
+    images[1, 1] = 255 - images[1, 1]  # sample 1 (human) has no wrist camera
+    torch.testing.assert_close(model.embed_prefix(dataclasses.replace(batch, images=images)), emb)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, batch = make(time_conditioning="mlp")
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    assert loaded.cfg == model.cfg
+    noise = torch.randn(batch.actions.shape)
+    torch.testing.assert_close(loaded.sample_actions(batch, 2, noise), model.sample_actions(batch, 2, noise))
+    (tmp_path / "m" / "model_config.yaml").write_text("preset: tiny\ntime_conditioning: adarms\n")
+    with pytest.raises(ValueError, match="weights do not match"):
+        load_model(tmp_path / "m")
+
+
+def test_preset_sizes():
+    counts = {name: parameter_counts(meta_model(ModelConfig(preset=name))) for name in PRESETS}
+    assert counts["tiny"]["total"] < 5e6
+    assert 80e6 < counts["small"]["total"] < 130e6
+    assert 0.9e9 < counts["1b"]["total"] < 1.3e9
+    big = counts["pi05-3b"]
+    assert 3.2e9 < big["total"] < 3.45e9
+    assert 2.85e9 < big["vision"] + big["backbone"] < 3.0e9  # PaliGemma-3B (SigLIP So400m + Gemma-2B)
+    assert 0.3e9 < big["expert"] < 0.45e9  # Gemma-300M shape + adaRMS modulation
+    # meta-device counts equal a real instance's
+    real = build_model(ModelConfig(preset="tiny"))
+    assert parameter_counts(real) == counts["tiny"]
+
+
+def test_flops_per_sample_follow_the_formula():
+    cfg = ModelConfig(preset="pi05-3b")
+    flops = flops_breakdown(cfg)
+    params = parameter_counts(meta_model(cfg))
+    # the backbone dominates: ~2 x its non-embedding params x its tokens
+    tokens = 3 * 256 + cfg.text_len + cfg.state_dim + cfg.subtask_len + cfg.fast_len + 2
+    norms = (2 * cfg_depth(cfg) + 1) * 2048
+    non_embedding = params["backbone"] - meta_model(cfg).embed_tokens.weight.numel() - 256 * 2048 - norms
+    assert flops["backbone"] == pytest.approx(2 * non_embedding * tokens, rel=1e-6)
+    assert flops_per_sample(cfg) == pytest.approx(3 * sum(v for k, v in flops.items() if k != "train_total"))
+    assert 1e13 < flops_per_sample(cfg) < 2e13
+    less = flops_per_sample(dataclasses.replace(cfg, fast_weight=0.0))
+    assert less < flops_per_sample(cfg)
+
+
+def cfg_depth(cfg) -> int:
+    return PRESETS[cfg.preset]["depth"]
+
+
+def test_summary_cli(capsys):
+    assert model_cli.main(["summary", "configs/pi05-3b.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "3.36B" in out and "training FLOPs per sample" in out
+    with pytest.raises(Exception, match="preset"):
+        model_cli.main(["summary", "configs/pi05-3b.yaml", "model.preset=huge"])
