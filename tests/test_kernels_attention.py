@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megavla.kernels import EXPERT, LM_SUFFIX, PREFIX, AttentionLayout, attention, choose_attention_impl
-from megavla.kernels.attention import attention_eager, attention_flash
+from megavla.kernels.attention import attention_flash
 
 KINDS = [[PREFIX] * 4 + [LM_SUFFIX] * 3 + [EXPERT] * 3,
          [PREFIX] * 5 + [LM_SUFFIX] * 2 + [EXPERT] * 3,
