@@ -1,0 +1,220 @@
+"""``megavla experiment diversity | objectives | probe``: the paper's experiments, one command each.
+
+    megavla experiment diversity --preset mini --out runs/exp/diversity
+    megavla experiment objectives --preset mini --out runs/exp/objectives
+    megavla experiment probe RUN_OR_CKPT... --out runs/exp/probe --combos 0:0,0:1
+
+Knobs honoured by all three: ``--cameras head`` (wrist cameras off), ``--chunk-length H``,
+``--human-weight W`` (human : robot mixture weight in co-finetuning; 1 = 50/50), and any dotted
+``--set key=value`` of the experiment spec (configs/experiments/*.yaml; ``--set
+overrides=[train.lr=1e-3]`` reaches every training run). Launch flags (``--executor slurm
+--partition ...``) go to every sweep. Re-running a command skips finished runs, resumes interrupted
+ones and reuses cached evaluations; with SLURM, re-run it once the submitted runs have finished.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from megavla.config import ConfigError, to_dict
+
+from . import experiments as ex
+from . import report
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE_VARIANTS = {  # model loss weights: high level = subtask + FAST tokens, low level = flow
+    "high-level only": ["model.flow_weight=0.0"],
+    "low-level only": ["model.subtask_weight=0.0", "model.fast_weight=0.0"],
+    "both": [],
+}
+
+
+def _load(args: argparse.Namespace) -> ex.ExperimentSpec:
+    spec = ex.load_spec(args.preset, list(args.set or []))
+    if args.cameras:
+        spec.overrides.append(f"data.cameras=[{args.cameras}]")
+    if args.chunk_length:
+        spec.overrides.append(f"data.chunk_length={args.chunk_length}")
+    if args.human_weight is not None:
+        spec.human_weight = float(args.human_weight)
+    if spec.human_weight <= 0:
+        raise ConfigError(f"human_weight={spec.human_weight} must be > 0 (robot+human co-finetuning)")
+    return spec
+
+
+def _header(title: str, spec: ex.ExperimentSpec, argv: list[str], elapsed: float) -> list[str]:
+    return [f"# {title}", "", f"Command: `megavla experiment {shlex.join(argv)}`  ", f"Wall time: {elapsed / 60:.1f} min "
+            "(includes runs and evaluations reused from earlier invocations only as the time to read them)", "",
+            "<details><summary>experiment spec (resolved)</summary>", "", "```yaml",
+            yaml.safe_dump(to_dict(spec), sort_keys=False).rstrip(), "```", "</details>", ""]
+
+
+def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[str]) -> dict:
+    start = time.perf_counter()
+    data = ex.prepare_data(spec, out / "data")
+    ckpts = ex.pretrain(spec, data, out, spec.diversity_levels, launch)
+    levels, run_dirs = {}, {}
+    for name, ckpt in ckpts.items():
+        if ckpt is not None:
+            run_dirs[f"pretrain_div-{name:g}"] = ckpt.parent.parent
+    for level in sorted(ckpts):
+        runs = ex.finetune(spec, data, out, f"div-{level:g}", ckpts[level],
+                           {"data.mixture.human": [0.0, spec.human_weight]}, [], launch)
+        levels[level] = {}
+        for run in runs:
+            kind = "robot" if run.cfg.data.mixture.get("human", 0.0) == 0.0 else "robot+human"
+            run_dir = Path(run.cfg.train.run_dir)
+            levels[level][kind] = ex.evaluate_run(spec, run_dir, spec.world.targets)
+            run_dirs[f"finetune_div-{level:g}_{kind}"] = run_dir
+    rows = report.transfer_gap_rows(levels)
+    report.plot_transfer_gap(rows, out / "transfer_gap.png")
+    # Reference: can the most diverse robot-only policy do robot tasks it *was* finetuned on?
+    seen = ex.finetune_combos(spec.world)[: spec.eval.seen_reference_combos]
+    top = max(levels)
+    reference = (ex.evaluate_run(spec, Path(levels[top]["robot"]["run_dir"]), seen, tag="seen")
+                 if seen else None)
+    probe = {}
+    if spec.eval.probe:
+        from .probe import run_probe
+        probe = run_probe({f"div-{lv:g}_robot+human": levels[lv]["robot+human"]["run_dir"] for lv in sorted(levels)},
+                          spec.world.targets, out / "probe", episodes_per_combo=spec.eval.probe_episodes_per_combo,
+                          steps_per_episode=spec.eval.probe_steps_per_episode)
+    report.copy_configs(run_dirs, out / "configs")
+    results = {"experiment": "diversity", "targets": spec.world.targets,
+               "finetune_combos": ex.finetune_combos(spec.world),
+               "rows": [{k: v for k, v in r.items() if not k.endswith("_cl")} for r in rows],
+               "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe,
+               "seen_reference": reference}
+    report.write_json(results, out / "results.json")
+    lines = _header("Diversity ablation: human→robot transfer gap", spec, argv, time.perf_counter() - start)
+    lines += ["## Transfer gap on the target combos " + ", ".join(spec.world.targets), "",
+              "Robot data never shows the targets; in robot+human finetuning only human data shows them. "
+              "Success: closed-loop, robot, "
+              f"{spec.eval.episodes_per_combo} episodes per target combo. Action MSE: offline, normalized units, "
+              "held-out robot episodes of the targets.", "", report.transfer_gap_markdown(rows), "",
+              "![transfer gap](transfer_gap.png)", ""]
+    if reference:
+        lines += [f"Reference (robot only, {top:.0%} diversity) on finetune combos it was trained on "
+                  f"({', '.join(seen)}): success {report.fmt_rate(reference['closed_loop'])}, action MSE "
+                  f"{reference['offline']['action_mse']:.3f}.", ""]
+    if probe:
+        lines += _probe_section(probe, "probe/")
+    lines += ["Exact configs: `configs/` (one per run) and `sweeps/` (the sweep files that ran them).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return results
+
+
+def _probe_section(probe: dict, prefix: str) -> list[str]:
+    lines = ["## Representation alignment (embodiment silhouette, lower = more aligned)", "",
+             report.markdown_table(["checkpoint", "step", "silhouette", "observations"],
+                                   [[name, p["step"], p["silhouette"], p["samples"]] for name, p in probe.items()]), ""]
+    lines += [f"![{name}]({prefix}{p['plot']})" for name, p in probe.items() if p.get("plot")]
+    return lines + [""]
+
+
+def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[str]) -> dict:
+    start = time.perf_counter()
+    data = ex.prepare_data(spec, out / "data")
+    level = max(spec.diversity_levels)
+    init = ex.pretrain(spec, data, out, [level], launch)[level]
+    evals, run_dirs = {}, {}
+    for variant, extra in OBJECTIVE_VARIANTS.items():
+        slug = "obj-" + variant.split()[0].replace("-level", "")
+        runs = ex.finetune(spec, data, out, slug, init, {"data.mixture.human": [spec.human_weight]}, extra, launch)
+        run_dir = Path(runs[0].cfg.train.run_dir)
+        evals[variant] = ex.evaluate_run(spec, run_dir, spec.world.targets, subtask=True)
+        run_dirs[f"finetune_{slug}"] = run_dir
+    if init is not None:
+        run_dirs[f"pretrain_div-{level:g}"] = init.parent.parent
+    report.copy_configs(run_dirs, out / "configs")
+    rows = []
+    for variant, ev in evals.items():
+        off = ev["offline"]
+        rows.append([variant, report.fmt_rate(ev["closed_loop"]), off["action_mse"], off["subtask_accuracy"],
+                     off["breakdown"]["ok"], off["breakdown"]["wrong_subtask"], off["breakdown"]["wrong_motion"]])
+    results = {"experiment": "objectives", "targets": spec.world.targets, "evaluations": evals,
+               "runs": {k: str(v) for k, v in run_dirs.items()}}
+    report.write_json(results, out / "results.json")
+    lines = _header("Objective ablation: high-level / low-level / both", spec, argv, time.perf_counter() - start)
+    lines += [f"Finetuned (robot + human, human weight {spec.human_weight}) from the {level:.0%}-diversity "
+              "pretrain checkpoint; evaluated on the targets. Breakdown over held-out robot steps: wrong "
+              f"subtask = predicted subtask text differs from the annotation; wrong motion = subtask right but "
+              f"action MSE > {spec.eval.motion_threshold}.", "",
+              report.markdown_table(["objective", "success [95% CI]", "action MSE", "subtask acc.", "ok",
+                                     "wrong subtask", "wrong motion"], rows), ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return results
+
+
+def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
+    from .probe import run_probe
+    out = Path(args.out)
+    combos = [c.strip() for c in args.combos.split(",") if c.strip()]
+    names = {}
+    for ckpt in args.checkpoints:
+        name = "/".join(Path(ckpt).resolve().parts[-2:])
+        names[name] = ckpt
+    probe = run_probe(names, combos, out, episodes_per_combo=args.episodes_per_combo,
+                      steps_per_episode=args.steps_per_episode)
+    report.write_json({"experiment": "probe", "combos": combos, "probe": probe}, out / "results.json")
+    lines = ["# Representation-alignment probe", "", f"Command: `megavla experiment {shlex.join(argv)}`", "",
+             f"Robot and human observations of combos {', '.join(combos)}.", ""]
+    (out / "report.md").write_text("\n".join(lines + _probe_section(probe, "")))
+    return probe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megavla.launch.cli import add_launch_flags
+    parser = argparse.ArgumentParser(prog="megavla experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    for name in ("diversity", "objectives"):
+        p = sub.add_parser(name, help=f"the {name} experiment (sweeps of training runs + evaluation)")
+        p.add_argument("--preset", default="mini", help="configs/experiments/<preset>.yaml or a YAML path")
+        p.add_argument("--out", default=f"runs/experiments/{name}", help="report directory (runs live inside)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of the experiment spec")
+        p.add_argument("--cameras", help="comma-separated cameras, e.g. head (wrist cameras off)")
+        p.add_argument("--chunk-length", type=int, help="action chunk length H (data and model)")
+        p.add_argument("--human-weight", type=float, help="human mixture weight vs robot 1.0 (1 = 50/50)")
+        add_launch_flags(p)
+    p = sub.add_parser("probe", help="embodiment silhouette + t-SNE of backbone embeddings per checkpoint")
+    p.add_argument("checkpoints", nargs="+", help="run dirs, checkpoint dirs or exported dirs")
+    p.add_argument("--out", default="runs/experiments/probe")
+    p.add_argument("--combos", default="0:0,0:1,1:0,1:1", help="scene:task combos to observe")
+    p.add_argument("--episodes-per-combo", type=int, default=2)
+    p.add_argument("--steps-per-episode", type=int, default=6)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.experiment == "probe":
+            probe = probe_command(args, argv)
+            for name, p in probe.items():
+                print(f"{name}: silhouette {p['silhouette']:.4f} ({p['samples']} observations)")
+            print(f"report: {Path(args.out) / 'report.md'}")
+            return 0
+        from megavla.launch.cli import flag_overrides
+        spec = _load(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.yaml").write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+        run = diversity if args.experiment == "diversity" else objectives
+        run(spec, out.resolve(), flag_overrides(args), argv)
+    except ConfigError as e:
+        sys.stderr.write(f"megavla experiment: error: {e}\n")
+        return 2
+    except RuntimeError as e:
+        sys.stderr.write(f"megavla experiment: {e}\n")
+        return 3
+    print((out / "report.md").read_text())
+    return 0

@@ -1,0 +1,251 @@
+"""The paper's experiments as sweeps of ordinary training runs (launch.sweep), plus evaluation.
+
+Mini-world layout of one experiment (``ExperimentSpec.world``)::
+
+    scenes x tasks combos; T = target combos (``targets``); F = robot finetune combos
+    data/robot   robot episodes of every combo except T          (T never has robot data)
+    data/human   human episodes of T only                        (the target is shown by humans)
+    pretrain     robot, diversity_fraction f of the non-target combos (nested subsets, mixture.human=0)
+    finetune     include_combos F + T, from the pretrain checkpoint of level f:
+                 robot only (mixture.human=0) | robot + human (mixture.human=human_weight; 1 = 50/50)
+    evaluate     the robot on T: closed-loop success (Wilson 95%) + offline action error on
+                 held-out robot episodes of T
+
+Every training run goes through ``launch.sweep.submit_sweep`` (local executor by default, SLURM
+with ``--executor slurm``), so re-running a command skips finished runs and resumes interrupted
+ones; evaluations are cached in each run dir (``eval_<tag>.json``, keyed by the evaluation settings).
+The sweep API has no "initial weights" field: finetune runs use ``launch.entry=megavla.eval.finetune:run``
+and an ``init_from.json`` written here into each run dir (see finetune.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megavla.config import ConfigError, build, to_dict
+from megavla.config.core import apply_overrides, read_yaml
+from megavla.data_shards.synth import generate_episode
+
+from . import closed_loop, offline
+from .finetune import write_init
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
+
+
+@dataclass
+class WorldSpec:
+    scenes: int = 8
+    tasks: int = 6
+    robot_episodes_per_combo: int = 3
+    human_episodes_per_combo: int = 6
+    # Target combos ("scene:task"): robot data never shows them; human data shows only them.
+    targets: list[str] = field(default_factory=lambda: ["0:0", "0:1"])
+    # Robot finetune combos; empty = the non-target combos of the target scenes.
+    finetune_combos: list[str] = field(default_factory=list)
+    image_size: int = 32
+    seed: int = 0
+    shard_size_mb: float = 8.0
+
+
+@dataclass
+class EvalSpec:
+    episodes_per_combo: int = 5
+    max_steps: int = 90
+    execute_k: int = 5
+    flow_steps: int = 10
+    offline_episodes_per_combo: int = 2
+    offline_steps_per_episode: int = 8
+    motion_threshold: float = 0.1
+    probe: bool = True
+    probe_episodes_per_combo: int = 2
+    probe_steps_per_episode: int = 6
+    # Finetune (seen) combos evaluated once as a reference for what the policy can do at all.
+    seen_reference_combos: int = 1
+
+
+@dataclass
+class ExperimentSpec:
+    world: WorldSpec = field(default_factory=WorldSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    diversity_levels: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    pretrain_steps: int = 600
+    finetune_steps: int = 300
+    # mixture weight of the human source in co-finetuning, robot weighs 1 (1.0 = the paper's 50/50).
+    human_weight: float = 1.0
+    # Training config shared by every run (a mapping of the run config: data / model / train / launch).
+    train_config: dict = field(default_factory=dict)
+    # Dotted overrides for every run, applied last (knobs: data.cameras, data.chunk_length, ...).
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.diversity_levels or any(not 0.0 <= f <= 1.0 for f in self.diversity_levels):
+            raise ConfigError(f"diversity_levels={self.diversity_levels} must be fractions in [0, 1]")
+        if not self.world.targets:
+            raise ConfigError("world.targets is empty; name the target combos, e.g. ['0:0']")
+
+
+def load_spec(preset: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
+    """A preset name (configs/experiments/<name>.yaml) or a YAML path, plus dotted overrides."""
+    path = Path(preset)
+    if not path.is_file():
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+        raise ConfigError(f"experiment preset {preset!r}: no such file; presets are {names}")
+    return build(ExperimentSpec, apply_overrides(read_yaml(path), list(overrides)))
+
+
+# ------------------------------------------------------------------------------------ data ----
+def all_combos(world: WorldSpec) -> list[str]:
+    return [f"{s}:{t}" for s in range(world.scenes) for t in range(world.tasks)]
+
+
+def finetune_combos(world: WorldSpec) -> list[str]:
+    if world.finetune_combos:
+        return list(world.finetune_combos)
+    scenes = {closed_loop.parse_combo(c)[0] for c in world.targets}
+    return [c for c in all_combos(world) if c not in world.targets and closed_loop.parse_combo(c)[0] in scenes]
+
+
+def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, world: WorldSpec) -> Path:
+    from megavla.data_shards.writer import ShardSetWriter
+    if (out / "manifest.json").is_file():
+        log.info("data: %s exists; reused", out)
+        return out
+    generator = {"generator": "megavla.eval.experiments (data_shards.synth.generate_episode)",
+                 "embodiment": embodiment, "combos": combos, "episodes_per_combo": per_combo,
+                 "image_size": world.image_size, "seed": world.seed}
+    with ShardSetWriter(out, target_shard_bytes=int(world.shard_size_mb * 2**20), generator=generator,
+                        overwrite=True) as writer:
+        for combo in combos:
+            s, t = closed_loop.parse_combo(combo)
+            for e in range(per_combo):
+                writer.write(generate_episode(embodiment, s, t, e, image_size=world.image_size, seed=world.seed))
+    return out
+
+
+def prepare_data(spec: ExperimentSpec, root: Path) -> dict[str, str]:
+    """Shard sets + tokenizers (FAST trained for the runs' chunk length) under ``root``."""
+    from megavla.tokenizers.cli import train_tokenizers
+    world = spec.world
+    universe = all_combos(world)
+    bad = [c for c in world.targets + finetune_combos(world) if c not in universe]
+    if bad:
+        raise ConfigError(f"world.targets / finetune_combos {bad} are outside the {world.scenes} x "
+                          f"{world.tasks} world")
+    robot = _write_set(root / "robot", "robot/arm", [c for c in universe if c not in world.targets],
+                       world.robot_episodes_per_combo, world)
+    human = _write_set(root / "human", "human/ego", list(world.targets), world.human_episodes_per_combo, world)
+    chunk = int(run_config(spec, {}, []).get("data", {}).get("chunk_length", 10))
+    tok = root / f"tokenizers_H{chunk}"
+    if not (tok / "fast.json").is_file():
+        train_tokenizers([robot, human], tok, chunk_length=chunk)
+    return {"robot": str(robot), "human": str(human), "tokenizers": str(tok)}
+
+
+# ---------------------------------------------------------------------------------- sweeps ----
+def run_config(spec: ExperimentSpec, data: dict, extra: list[str]) -> dict:
+    """The mapping every run starts from: spec.train_config + data paths + overrides."""
+    base = json.loads(json.dumps(spec.train_config))
+    if data:
+        base.setdefault("data", {})["sources"] = {"robot": data["robot"], "human": data["human"]}
+        base.setdefault("train", {})["tokenizer_dir"] = data["tokenizers"]
+    mapping = apply_overrides(base, [*extra, *spec.overrides])
+    # The model's chunk length must follow the data's (a knob given as data.chunk_length).
+    if "chunk_length" in mapping.get("data", {}):
+        mapping.setdefault("model", {})["chunk_length"] = mapping["data"]["chunk_length"]
+    return mapping
+
+
+def write_sweep(path: Path, base: dict, out_dir: Path, grid: dict, overrides: list[str]) -> Path:
+    """A sweep file for launch.sweep (base config written beside it): the exact configs used."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base_file = path.with_name(path.stem + ".base.yaml")
+    base_file.write_text(yaml.safe_dump(base, sort_keys=False))
+    path.write_text(yaml.safe_dump({"base": base_file.name, "out_dir": str(out_dir.resolve()),
+                                    "overrides": overrides, "grid": grid}, sort_keys=False))
+    return path
+
+
+def run_sweep(path: Path, launch_overrides: list[str]) -> list:
+    """Submit (local: run) the sweep's unfinished runs; returns its SweepRun list."""
+    from megavla.launch.sweep import expand, submit_sweep
+    submit_sweep(path, launch_overrides)
+    return expand(path, launch_overrides)[1]
+
+
+def finished_checkpoint(run) -> Path:
+    from megavla.launch import rundir
+    run_dir = Path(run.cfg.train.run_dir)
+    ckpt = rundir.latest_checkpoint(run_dir)
+    if ckpt is None or ckpt[1] < run.cfg.train.steps:
+        raise RuntimeError(f"run {run_dir} did not finish (checkpoint {ckpt}); see its submitit/ logs "
+                           f"and re-run the command to resume it")
+    return run_dir / "checkpoints" / ckpt[0]
+
+
+def pretrain(spec: ExperimentSpec, data: dict, root: Path, levels: list[float], launch: list[str]) -> dict:
+    """{level: checkpoint dir or None (level 0 = no pretraining)}."""
+    out: dict = {level: None for level in levels if level <= 0.0}
+    positive = sorted({float(level) for level in levels if level > 0.0})
+    if positive:
+        base = run_config(spec, data, [f"train.steps={spec.pretrain_steps}", "data.mixture.robot=1.0",
+                                       "data.mixture.human=0.0"])
+        sweep = write_sweep(root / "sweeps" / "pretrain.yaml", base, root / "runs" / "pretrain",
+                            {"data.diversity_fraction": positive}, [])
+        for run in run_sweep(sweep, launch):
+            out[run.cfg.data.diversity_fraction] = finished_checkpoint(run)
+    return out
+
+
+def finetune(spec: ExperimentSpec, data: dict, root: Path, name: str, init: Path | None,
+             grid: dict, extra: list[str], launch: list[str]) -> list:
+    """One finetune sweep (robot F + human T data) initialised from ``init``; returns its runs."""
+    include = sorted(set(finetune_combos(spec.world)) | set(spec.world.targets))
+    base = run_config(spec, data, [f"train.steps={spec.finetune_steps}", "data.mixture.robot=1.0",
+                                   "launch.entry=megavla.eval.finetune:run", *extra])
+    base.setdefault("data", {})["include_combos"] = include
+    out_dir = root / "runs" / "finetune" / name
+    sweep = write_sweep(root / "sweeps" / f"finetune_{name}.yaml", base, out_dir, grid, [])
+    from megavla.launch.sweep import expand
+    for run in expand(sweep, launch)[1]:
+        write_init(run.cfg.train.run_dir, init)
+    runs = run_sweep(sweep, launch)
+    for run in runs:
+        finished_checkpoint(run)
+    return runs
+
+
+# ------------------------------------------------------------------------------ evaluation ----
+def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool = False,
+                 tag: str = "targets") -> dict:
+    """Closed-loop success + offline error of one finished run on ``combos`` (cached in
+    ``eval_<tag>.json``; recomputed when the evaluation settings change)."""
+    from .policy import VLAPolicy, load_checkpoint, resolve_checkpoint_dir
+    ev = spec.eval
+    # The checkpoint is part of the key: a run resumed to more steps is evaluated again.
+    settings = {"combos": combos, "subtask": subtask, "checkpoint": str(resolve_checkpoint_dir(run_dir)),
+                **to_dict(ev)}
+    cache = run_dir / f"eval_{tag}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    loaded = load_checkpoint(run_dir)
+    image_size = loaded.cfg.data.image_size
+    policy = VLAPolicy(loaded, execute_k=ev.execute_k, num_steps=ev.flow_steps)
+    result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step}
+    result["closed_loop"] = closed_loop.evaluate(policy, combos, ev.episodes_per_combo, image_size=image_size,
+                                                 max_steps=ev.max_steps)
+    episodes = offline.heldout_episodes(combos, ev.offline_episodes_per_combo, image_size=image_size,
+                                        cameras=tuple(loaded.cfg.data.cameras))
+    result["offline"] = offline.evaluate_offline(loaded, episodes, ev.offline_steps_per_episode, ev.flow_steps,
+                                                 subtask=subtask, motion_threshold=ev.motion_threshold)
+    cache.write_text(json.dumps(result, indent=1))
+    return result

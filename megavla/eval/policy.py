@@ -1,0 +1,195 @@
+"""A trained VLA as a mini-world policy: checkpoint -> actions for the world's current observation.
+
+Loading (:func:`load_checkpoint`) accepts a run directory (its ``checkpoints/latest``), one
+checkpoint directory (``step_NNNNNN`` with DeepSpeed's ``mp_rank_00_model_states.pt``,
+``trainer_state.json``, ``norm_stats.json``, ``tokenizers/``) or an exported directory
+(``model.safetensors`` + ``model_config.yaml`` from megavla.model.io, with ``norm_stats.json`` and
+``tokenizers/`` beside it, plus ``config.yaml`` for the data settings).
+
+Observations go through the training path: the world's renders are JPEG-encoded as the generator
+stores them and turned into a one-step ``Episode``, then ``data.collate.build_sample`` +
+``collate_samples`` build the Batch (same cameras, normalization, text tokens as in training).
+Action chunking: ``sample_actions`` predicts H normalized steps; the first ``execute_k`` are
+unnormalized and executed before the policy is queried again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import simplejpeg
+import torch
+
+from megavla.batch import Batch
+from megavla.config import Config, build, load_config
+from megavla.data.collate import build_sample, collate_samples
+from megavla.data.normalize import Normalizer
+from megavla.data_shards.format import Episode, Subtask
+from megavla.data_shards.miniworld import MiniWorld
+from megavla.data_shards.synth import JPEG_QUALITY
+
+log = logging.getLogger(__name__)
+
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(ValueError):
+    """A path is not a loadable run / checkpoint / export; the message says what is missing."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Any  # megavla.model.vla.VLA (eval mode)
+    cfg: Config
+    normalizer: Normalizer | None
+    text_tokenizer: Any
+    fast_tokenizer: Any
+    path: Path
+    step: int | None
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Run dir -> its latest complete checkpoint; checkpoint / export dirs pass through."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; give a run dir, a checkpoint dir or an export dir")
+    if (path / DS_MODEL_FILE).is_file() or (path / "model.safetensors").is_file():
+        return path
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file() or pointer.is_symlink():
+        tag = pointer.resolve().name if pointer.is_symlink() else pointer.read_text().strip()
+        if (path / "checkpoints" / tag).is_dir():
+            return path / "checkpoints" / tag
+    raise CheckpointError(f"{path}: no {DS_MODEL_FILE}, no model.safetensors and no checkpoints/latest; "
+                          "train the run first (megavla train / megavla experiment ...)")
+
+
+def _load_config(ckpt: Path) -> Config:
+    state = ckpt / "trainer_state.json"
+    if state.is_file():
+        saved = json.loads(state.read_text()).get("config")
+        if saved:
+            return build(Config, saved)
+    for candidate in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate)
+    raise CheckpointError(f"{ckpt}: no trainer_state.json with a config and no config.yaml; the data "
+                          "settings (cameras, chunk length, image size) are needed for inference")
+
+
+def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Model weights of a checkpoint as fp32 tensors (DeepSpeed module states or safetensors)."""
+    if (ckpt / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        state = load_file(str(ckpt / "model.safetensors"))
+    else:
+        saved = torch.load(ckpt / DS_MODEL_FILE, map_location="cpu", weights_only=True)
+        if "module" not in saved:
+            raise CheckpointError(f"{ckpt / DS_MODEL_FILE}: no 'module' entry (keys {sorted(saved)[:6]})")
+        state = saved["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> LoadedCheckpoint:
+    """Model (eval mode, fp32, CPU) + config + normalizer + tokenizers of one checkpoint.
+    ``extra_norm_stats``: stats of embodiments the checkpoint lacks (e.g. human for a robot-only run)."""
+    from megavla.model.vla import build_model
+    ckpt = resolve_checkpoint_dir(path)
+    cfg = _load_config(ckpt)
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(load_state_dict(ckpt), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match the config's model: missing {missing[:4]} "
+                              f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)})")
+    model.eval()
+    stats_file = next((p for p in (ckpt / "norm_stats.json", ckpt.parent.parent / "norm_stats.json")
+                       if p.is_file()), None)
+    stats = json.loads(stats_file.read_text()) if stats_file else {}
+    for emb, entry in (extra_norm_stats or {}).items():
+        stats.setdefault(emb, entry)
+    normalizer = None
+    if cfg.data.normalization != "none":
+        if not stats:
+            raise CheckpointError(f"{ckpt}: no norm_stats.json; actions cannot be unnormalized")
+        normalizer = Normalizer(stats, cfg.data.normalization, cfg.data.normalization_floor)
+    text_tok = fast_tok = None
+    tok_dir = ckpt / "tokenizers"
+    if tok_dir.is_dir():
+        from megavla.tokenizers.cli import load_tokenizers
+        text_tok, fast_tok = load_tokenizers(tok_dir)
+    else:
+        log.warning("%s: no tokenizers/ directory; the policy runs without instruction tokens", ckpt)
+    step = None
+    if (ckpt / "trainer_state.json").is_file():
+        step = json.loads((ckpt / "trainer_state.json").read_text()).get("step")
+    return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step)
+
+
+def encode_frame(image: np.ndarray) -> bytes:
+    """Stored frames are JPEGs at the generator's quality: the policy sees the same artefacts."""
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=JPEG_QUALITY, colorspace="RGB")
+
+
+def observation_episode(world: MiniWorld, cameras: list[str]) -> Episode:
+    """The world's current observation as a one-step Episode (actions unknown: zeros)."""
+    state = world.ee_state()[None]
+    frames = {cam: [encode_frame(world.render(cam))] for cam in cameras if cam in world.cameras}
+    return Episode(embodiment=world.embodiment, scene=world.scene, task=world.task, episode=0,
+                   instruction=world.instruction, subtasks=[Subtask("", 0, 1)], fps=10.0,
+                   state=state.astype(np.float32), actions=np.zeros((1, world.action_dim), np.float32),
+                   action_mask=np.ones(world.action_dim, bool), step_valid=np.ones(1, bool), frames=frames)
+
+
+def episode_batch(loaded: LoadedCheckpoint, episodes_and_steps: list[tuple[Episode, int]],
+                  with_fast: bool = False) -> Batch:
+    """Batch of (episode, timestep) pairs built exactly as the training pipeline builds it."""
+    d = loaded.cfg.data
+    samples = [build_sample(ep, t, source="eval", where=f"eval:{ep.key}", cameras=list(d.cameras),
+                            image_size=d.image_size, chunk_length=d.chunk_length,
+                            max_state_dim=d.max_state_dim, max_action_dim=d.max_action_dim,
+                            normalizer=loaded.normalizer, text_tokenizer=loaded.text_tokenizer,
+                            fast_tokenizer=loaded.fast_tokenizer if with_fast else None)
+               for ep, t in episodes_and_steps]
+    pad = loaded.text_tokenizer.pad_id if loaded.text_tokenizer is not None else 0
+    return collate_samples(samples, text_pad_id=int(pad))
+
+
+class VLAPolicy:
+    """``reset(world)`` / ``act(world)`` over a loaded checkpoint, with action chunking."""
+
+    def __init__(self, loaded: LoadedCheckpoint, execute_k: int = 5, num_steps: int = 10, seed: int = 0):
+        H = loaded.cfg.data.chunk_length
+        if not 1 <= execute_k <= H:
+            raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={H}]")
+        self.loaded, self.execute_k, self.num_steps = loaded, execute_k, num_steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.queue: list[np.ndarray] = []
+        self.queries = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> "VLAPolicy":
+        return cls(load_checkpoint(path), **kwargs)
+
+    def reset(self, world: MiniWorld) -> None:
+        self.queue = []
+
+    def plan(self, world: MiniWorld) -> np.ndarray:
+        """Unnormalized action chunk [H, world.action_dim] for the current observation."""
+        ld = self.loaded
+        batch = episode_batch(ld, [(observation_episode(world, list(ld.cfg.data.cameras)), 0)])
+        H, A = ld.cfg.data.chunk_length, ld.cfg.data.max_action_dim
+        noise = torch.randn((1, H, A), generator=self.generator)
+        chunk = ld.model.sample_actions(batch, num_steps=self.num_steps, noise=noise)[0].float()
+        if ld.normalizer is not None:
+            chunk = ld.normalizer.unnormalize(chunk, world.embodiment, "actions")
+        self.queries += 1
+        return chunk[:, :world.action_dim].numpy()
+
+    def act(self, world: MiniWorld) -> np.ndarray:
+        if not self.queue:
+            self.queue = list(self.plan(world)[: self.execute_k])
+        return self.queue.pop(0)
