@@ -126,3 +126,29 @@ def test_summary_cli(capsys):
     assert "3.36B" in out and "training FLOPs per sample" in out
     with pytest.raises(Exception, match="preset"):
         model_cli.main(["summary", "configs/pi05-3b.yaml", "model.preset=huge"])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_grads():
+    model, batch = make()
+    ckpt = build_model(dataclasses.replace(model.cfg, activation_checkpointing=True))
+    ckpt.load_state_dict(model.state_dict())
+    noise, time = torch.randn(batch.actions.shape), torch.rand(batch.batch_size)
+    grads = []
+    for m in (model.train(), ckpt.train()):
+        loss = m(batch, noise, time)["loss"]
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_bf16_forward_backward_and_sampling_run():
+    model, batch = make()
+    model = model.to(torch.bfloat16)
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+    assert model.expert.action_out_proj.weight.grad.dtype == torch.bfloat16
+    actions = model.sample_actions(batch, num_steps=2)
+    assert actions.dtype == torch.float32 and torch.isfinite(actions).all()
