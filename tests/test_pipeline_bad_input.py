@@ -5,7 +5,6 @@ import io
 import itertools
 import logging
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from test_pipeline_fixtures import TinyTextTokenizer, grid_episodes, make_episod
 
 from megavla.config.data import DataConfig
 from megavla.data.pipeline import DataError, build_loader
-from megavla.data.shard_reader import READ, REF, SKIP, TarFormatError, iter_tar_members
+from megavla.data.shard_reader import READ, REF, SKIP, TarFormatError, iter_tar_members, map_shard
 from megavla.data_shards.format import episode_to_sample
 
 
@@ -117,18 +116,17 @@ def test_tar_reader_matches_tarfile_and_detects_damage(tmp_path):
     path = directory / "shard-000000.tar"
     with tarfile.open(path) as tf:
         expected = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
-    with open(path, "rb") as f:
-        got = list(iter_tar_members(f, str(path)))
-    assert got == expected
-    with open(path, "rb") as f:
-        modes = {"npy": READ, "jpg": REF}
-        located = list(iter_tar_members(f, str(path), mode=lambda n: modes.get(n.rsplit(".", 1)[1], SKIP)))
-    assert [n for n, _ in located] == [n for n, _ in expected if n.endswith((".npy", ".jpg"))]
-    for (name, data), (_, want) in zip(located, [e for e in expected if e[0].endswith((".npy", ".jpg"))]):
-        assert (data.read() if name.endswith(".jpg") else data) == want
     data = path.read_bytes()
+    got = [(f"{key}.{suffix}", member) for key, suffix, member in iter_tar_members(data, str(path))]
+    assert got == expected
+    modes = {"npy": READ, "jpg": REF}
+    located = list(iter_tar_members(map_shard(str(path)), str(path),
+                                    mode=lambda key, suffix: modes.get(suffix.rsplit(".", 1)[1], SKIP)))
+    wanted = [e for e in expected if e[0].endswith((".npy", ".jpg"))]
+    assert [f"{k}.{s}" for k, s, _ in located] == [n for n, _ in wanted]
+    for (_, suffix, member), (_, want) in zip(located, wanted):
+        assert (member.read() if suffix.endswith(".jpg") else member) == want
     # Cut inside a header, cut inside member data, one flipped bit in a header field.
     for damaged in (data[:1000], data[: len(data) // 2], data[:100] + bytes([data[100] ^ 1]) + data[101:]):
-        Path(tmp_path / "d.tar").write_bytes(damaged)
-        with open(tmp_path / "d.tar", "rb") as f, pytest.raises(TarFormatError):
-            list(iter_tar_members(f, "d.tar"))
+        with pytest.raises(TarFormatError):
+            list(iter_tar_members(damaged, "d.tar"))

@@ -93,12 +93,12 @@ def test_excluded_episodes_skip_their_frames(sets):
     loader = build_loader(cfg_for(sets, include_combos=["0:0"]))
     cursor = WorkerStream(loader.plan, 0).cursors["robot"]
     # Kept episode: frames located (read later, only the sampled timestep), arrays read now.
-    assert cursor.member_mode("robot-arm_s0000_t0000_e000000.head.0003.jpg") == REF
-    assert cursor.member_mode("robot-arm_s0000_t0000_e000000.state.npy") == READ
+    assert cursor.member_mode("robot-arm_s0000_t0000_e000000", "head.0003.jpg") == REF
+    assert cursor.member_mode("robot-arm_s0000_t0000_e000000", "state.npy") == READ
     # Excluded combo: only meta.json is read.
-    assert cursor.member_mode("robot-arm_s0001_t0000_e000000.head.0003.jpg") == SKIP
-    assert cursor.member_mode("robot-arm_s0001_t0000_e000000.actions.npy") == SKIP
-    assert cursor.member_mode("robot-arm_s0001_t0000_e000000.meta.json") == READ
+    assert cursor.member_mode("robot-arm_s0001_t0000_e000000", "head.0003.jpg") == SKIP
+    assert cursor.member_mode("robot-arm_s0001_t0000_e000000", "actions.npy") == SKIP
+    assert cursor.member_mode("robot-arm_s0001_t0000_e000000", "meta.json") == READ
 
 
 def test_fraction_that_keeps_nothing_fails_clearly(sets):
