@@ -24,6 +24,7 @@ from . import render
 from .format import CAMERAS, EMBODIMENT_IDS
 
 NUM_TASKS = 12
+MAX_EPISODE_STEPS = 90  # scripted demos take 18-60 steps; evaluators may stop a policy here
 PALETTE = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 220), "yellow": (230, 205, 40),
     "orange": (240, 135, 30), "purple": (135, 60, 185), "white": (235, 235, 235),
@@ -55,6 +56,7 @@ class SceneSpec:
     colors: list[str]  # blocks 0-2, bowls 3-4, pad 5
     positions: np.ndarray  # [6, 2] xy
     head_eye_jitter: np.ndarray  # [3]
+    head_roll: float  # head cameras are never quite level (keeps every rotation dim informative)
 
 
 @dataclass
@@ -87,7 +89,7 @@ def scene_spec(scene: int) -> SceneSpec:
                      stripes=(int(rng.integers(0, 6)), float(rng.uniform(0, np.pi)),
                               float(rng.uniform(0.8, 0.95))),
                      colors=[str(c) for c in colors], positions=pos,
-                     head_eye_jitter=rng.uniform(-0.03, 0.03, 3))
+                     head_eye_jitter=rng.uniform(-0.03, 0.03, 3), head_roll=float(rng.uniform(-0.08, 0.08)))
 
 
 def task_spec(scene: int, task: int) -> TaskSpec:
@@ -121,6 +123,13 @@ def task_spec(scene: int, task: int) -> TaskSpec:
 def yaw_rotation(yaw: float) -> np.ndarray:
     c, s = np.cos(yaw), np.sin(yaw)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _roll(angle: float) -> np.ndarray:
+    """Rotation about a camera's optical axis (camera z), as a 4x4 applied on the right."""
+    out = np.eye(4)
+    out[:3, :3] = yaw_rotation(angle)
+    return out
 
 
 def ee_yaw(R: np.ndarray) -> float:
@@ -223,10 +232,10 @@ class MiniWorld:
         """Camera-to-world pose of the head camera at step t (static for the robot)."""
         if not self.human:
             return render.look_at(np.array([0.15, 0.0, 0.52]) + self.spec.head_eye_jitter,
-                                  [0.55, 0.0, 0.0])
+                                  [0.55, 0.0, 0.0]) @ _roll(self.spec.head_roll)
         t = self.state.t if t is None else t
         base = render.look_at(np.array([0.08, 0.0, 0.38]) + self.spec.head_eye_jitter,
-                              [0.55, 0.0, 0.0])
+                              [0.55, 0.0, 0.0]) @ _roll(-self.spec.head_roll)
         phase, freq = self.head_motion
         wobble = np.sin(freq * t + phase)
         motion = np.eye(4)
@@ -327,7 +336,13 @@ class MiniWorld:
                          for h in range(self.arms)])
 
     def observe(self) -> dict:
+        """Cheap observation (no rendering): state + instruction; images come from ``images()``."""
         return {"state": self.ee_state(), "instruction": self.instruction}
+
+    def images(self, cameras=None) -> dict[str, np.ndarray]:
+        """Rendered views {camera: uint8 [R, R, 3]} of ``cameras`` this embodiment has (default all)."""
+        return {c: self.render(c) for c in (self.cameras if cameras is None else cameras)
+                if c in self.cameras}
 
     def camera(self, name: str) -> render.Camera:
         if name not in self.cameras:
@@ -366,9 +381,12 @@ class MiniWorld:
             frame.add_group(s.blocks[b], items)
         if self.human:
             for arm, kp in enumerate(self.hand_keypoints_world()):
-                frame.add_group(kp[8], self._hand_items(frame, kp, s.ee[arm]), bias=-0.02)
+                items = render.hand_items(frame, kp, s.ee[arm], s.hand_scale, self.skin, self.sleeve)
+                frame.add_group(kp[8], items, bias=-0.02)
         else:
-            frame.add_group(s.ee[0][:3, 3], self._gripper_items(frame), bias=-0.02)
+            half_gap = 0.012 if s.held[0] < 0 else BLOCK_HALF + 0.004  # closed: on the block
+            frame.add_group(s.ee[0][:3, 3], render.gripper_items(frame, s.ee[0], s.gripper[0], half_gap),
+                            bias=-0.02)
         return frame.finish()
 
     def _draw_table(self, cam: render.Camera) -> render.Frame:
@@ -389,28 +407,3 @@ class MiniWorld:
         for w in range(2):
             render.draw_bowl(frame, self.bowls[w], BOWL_RADIUS, BOWL_HEIGHT, PALETTE[spec.colors[3 + w]])
         return frame
-
-    def _gripper_items(self, frame: render.Frame) -> list:
-        """Link, palm and two fingers as boxes in the EE frame (fingers open with 1 - gripper)."""
-        ee, g = self.state.ee[0], self.state.gripper[0]
-        half_gap = 0.012 if self.state.held[0] < 0 else BLOCK_HALF + 0.004
-        half_gap = (1 - g) * 0.04 + g * half_gap
-        offsets = np.array([[0, 0, -0.12], [0, 0, -0.035], [0, half_gap + 0.005, -0.005],
-                            [0, -half_gap - 0.005, -0.005]])
-        halves = np.array([[0.01, 0.01, 0.07], [0.012, 0.045, 0.01], [0.012, 0.005, 0.025],
-                           [0.012, 0.005, 0.025]])
-        poses = np.tile(ee, (4, 1, 1))
-        poses[:, :3, 3] = offsets @ ee[:3, :3].T + ee[:3, 3]
-        colors = np.array([(170, 170, 180)] + [(70, 70, 80)] * 3, float)
-        return [item for items in frame.boxes_items(poses, halves, colors) for item in items]
-
-    def _hand_items(self, frame: render.Frame, kp: np.ndarray, ee: np.ndarray) -> list:
-        scale, skin = self.state.hand_scale, self.skin
-        items = frame.line_items(np.stack([kp[0] - 0.18 * ee[:3, 0], kp[0]]), 0.022 * scale, self.sleeve)
-        items += frame.poly_item(kp[[0, 1, 5, 8, 11, 14]], skin)
-        for chain in ((1, 2, 3, 4),) + tuple((m, m + 1, m + 2) for m in (5, 8, 11, 14)):
-            pts = kp[list(chain)]
-            if len(chain) == 3:  # add the fingertip that the 17-point layout leaves out
-                pts = np.concatenate([pts, pts[-1:] + 0.8 * (pts[-1:] - pts[-2:-1])])
-            items += frame.line_items(pts, 0.009 * scale, tuple(int(c * 0.9) for c in skin))
-        return items

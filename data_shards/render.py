@@ -210,3 +210,30 @@ def bowl_items(frame: Frame, center, radius: float, height: float, color) -> lis
     pl = px.tolist()
     return [("poly", [tuple(p) for p in pl[:n]], wall, 0), ("poly", [tuple(p) for p in band.tolist()], wall, 0),
             ("poly", [tuple(p) for p in pl[n:2 * n]], rgb, 0), ("poly", [tuple(p) for p in pl[2 * n:]], dark, 0)]
+
+
+def gripper_items(frame: Frame, ee: np.ndarray, gripper: float, closed_half_gap: float) -> list:
+    """Link, palm and two fingers as boxes in the EE frame; the fingers close with ``gripper``
+    from 4 cm half-gap (open) to ``closed_half_gap`` (on a held block, or nearly shut)."""
+    half_gap = (1 - gripper) * 0.04 + gripper * closed_half_gap
+    offsets = np.array([[0, 0, -0.12], [0, 0, -0.035], [0, half_gap + 0.005, -0.005],
+                        [0, -half_gap - 0.005, -0.005]])
+    halves = np.array([[0.01, 0.01, 0.07], [0.012, 0.045, 0.01], [0.012, 0.005, 0.025],
+                       [0.012, 0.005, 0.025]])
+    poses = np.tile(ee, (4, 1, 1))
+    poses[:, :3, 3] = offsets @ ee[:3, :3].T + ee[:3, 3]
+    colors = np.array([(170, 170, 180)] + [(70, 70, 80)] * 3, float)
+    return [item for items in frame.boxes_items(poses, halves, colors) for item in items]
+
+
+def hand_items(frame: Frame, kp: np.ndarray, ee: np.ndarray, scale: float, skin, sleeve) -> list:
+    """A human hand from its 17 world keypoints: sleeve (forearm), palm polygon, finger lines."""
+    items = frame.line_items(np.stack([kp[0] - 0.18 * ee[:3, 0], kp[0]]), 0.022 * scale, sleeve)
+    items += frame.poly_item(kp[[0, 1, 5, 8, 11, 14]], skin)
+    finger_color = tuple(int(c * 0.9) for c in skin)
+    for chain in ((1, 2, 3, 4),) + tuple((m, m + 1, m + 2) for m in (5, 8, 11, 14)):
+        pts = kp[list(chain)]
+        if len(chain) == 3:  # add the fingertip that the 17-point layout leaves out
+            pts = np.concatenate([pts, pts[-1:] + 0.8 * (pts[-1:] - pts[-2:-1])])
+        items += frame.line_items(pts, 0.009 * scale, finger_color)
+    return items

@@ -18,12 +18,12 @@ import simplejpeg
 from megavla.data import hands
 
 from .format import CAMERAS, EMBODIMENT_IDS, Episode, Subtask
+from .miniworld import MAX_EPISODE_STEPS as MAX_STEPS
 from .miniworld import NUM_TASKS, R_DOWN, MiniWorld, ee_yaw, yaw_rotation
 
 log = logging.getLogger(__name__)
 
 FPS = 10.0
-MAX_STEPS = 90
 JPEG_QUALITY = 90
 # Simulated hand tracker: per-keypoint noise (m, camera frame) and per-frame, per-hand dropout rate.
 TRACKER_NOISE = 0.002
