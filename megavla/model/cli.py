@@ -6,7 +6,7 @@ import sys
 
 from megavla.config import load_config
 
-from .flops import flops_breakdown, meta_model, parameter_counts, token_counts
+from .flops import flops_breakdown, meta_model, model_config_of, parameter_counts, token_counts
 from .presets import resolve
 
 
@@ -19,7 +19,7 @@ def _human(n: float) -> str:
 
 def summary(config: str | None, overrides: list[str]) -> str:
     cfg = load_config(config, overrides)
-    mcfg = resolve(cfg.model)
+    mcfg = resolve(model_config_of(cfg))  # cameras from data.cameras
     counts = parameter_counts(meta_model(mcfg))
     flops = flops_breakdown(mcfg)
     tok = token_counts(mcfg)

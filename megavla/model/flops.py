@@ -18,6 +18,7 @@ The model is built on the meta device, so even pi05-3b costs no memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -49,8 +50,11 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _model_config(cfg) -> ModelConfig:
-    return cfg.model if hasattr(cfg, "model") else cfg
+def model_config_of(cfg) -> ModelConfig:
+    """ModelConfig from a ModelConfig or a full Config (whose data.cameras then sets num_cameras)."""
+    if hasattr(cfg, "model") and hasattr(cfg, "data"):
+        return dataclasses.replace(cfg.model, num_cameras=len(cfg.data.cameras))
+    return cfg
 
 
 @functools.lru_cache(maxsize=16)
@@ -63,7 +67,7 @@ def _meta_model(cfg_json: str):
 
 def meta_model(cfg) -> nn.Module:
     """The VLA built on the meta device (shapes only, no memory)."""
-    return _meta_model(json.dumps(to_dict(resolve(_model_config(cfg))), sort_keys=True))
+    return _meta_model(json.dumps(to_dict(resolve(model_config_of(cfg))), sort_keys=True))
 
 
 def token_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -78,7 +82,7 @@ def token_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def flops_breakdown(cfg) -> dict[str, float]:
     """Forward FLOPs per sample per part (+ "train_total" = 3 x their sum)."""
-    mcfg = resolve(_model_config(cfg))
+    mcfg = resolve(model_config_of(cfg))
     model = meta_model(mcfg)
     tok = token_counts(mcfg)
     per_camera_patches = tok["patches"] // mcfg.num_cameras
@@ -111,5 +115,6 @@ def flops_breakdown(cfg) -> dict[str, float]:
 
 
 def flops_per_sample(cfg) -> float:
-    """Training (forward + backward) FLOPs for one sample; cfg is a ModelConfig or a full Config."""
+    """Training (forward + backward) FLOPs for one sample; cfg is a ModelConfig (nominal
+    model.num_cameras) or a full Config (cameras = len(data.cameras))."""
     return flops_breakdown(cfg)["train_total"]

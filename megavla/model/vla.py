@@ -50,6 +50,7 @@ from megavla.kernels import EXPERT, LM_SUFFIX, PREFIX, AttentionLayout
 
 from . import inference, losses
 from .expert import ActionExpert
+from .flops import flops_per_sample  # noqa: F401  (re-exported: the trainer imports it from here)
 from .gemma import GemmaStack, SharedAttention, Stream, run_shared_layers
 from .presets import resolve
 from .vision import VisionTower, encode_cameras
@@ -104,6 +105,11 @@ class VLA(nn.Module):
                                    cfg.time_conditioning, cfg.state_mode == "continuous", impl)
         self.vision.checkpoint_layers = cfg.activation_checkpointing
         self.apply(_init_weights)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Backbone tokens one present camera image contributes (for tokens/s accounting)."""
+        return self.vision.num_patches
 
     # ------------------------------------------------------------------ token assembly
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
