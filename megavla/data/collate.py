@@ -90,7 +90,8 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
                  chunk_length: int, max_state_dim: int, max_action_dim: int,
                  normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
                  text_cache: dict | None = None, images_out: np.ndarray | None = None) -> dict[str, Any]:
-    """``images_out``: uint8 [C, R, R, 3] to decode into (a slot of the batch buffer); the sample then
+    """``text_cache``: a dict kept per episode (normalized arrays, token ids) shared by its samples.
+    ``images_out``: uint8 [C, R, R, 3] to decode into (a slot of the batch buffer); the sample then
     carries no "images" entry and collate_samples must get the same buffer."""
     T, H = ep.num_steps, chunk_length
     images = images_out if images_out is not None else np.empty((len(cameras), image_size, image_size, 3), np.uint8)
@@ -103,23 +104,23 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
             images[c] = 0
 
     S, A = ep.state.shape[1], ep.actions.shape[1]
-    state = ep.state[t : t + 1]
+    cache = text_cache if text_cache is not None else {}
+    if "state" not in cache:  # normalize the whole episode once, not every sample
+        norm = normalizer is not None
+        cache["state"] = normalizer.normalize(ep.state, ep.embodiment, "state") if norm else ep.state
+        cache["actions"] = normalizer.normalize(ep.actions, ep.embodiment, "actions") if norm else ep.actions
     idx = np.arange(t, t + H)
-    in_episode = idx < T
     clipped = np.minimum(idx, T - 1)
-    time_mask = in_episode & ep.step_valid[clipped]
-    chunk = ep.actions[clipped]
-    if normalizer is not None:
-        state = normalizer.normalize(state, ep.embodiment, "state")
-        chunk = normalizer.normalize(chunk, ep.embodiment, "actions")
-    chunk = np.asarray(chunk, np.float32)
+    time_mask = (idx < T) & ep.step_valid[clipped]
+    chunk = cache["actions"][clipped]
 
     state_out = np.zeros(max_state_dim, np.float32)
-    state_out[:S] = state[0]
+    state_out[:S] = cache["state"][t]
     state_mask = np.zeros(max_state_dim, bool)
     state_mask[:S] = True
     actions_out = np.zeros((H, max_action_dim), np.float32)
-    actions_out[:, :A] = np.where(time_mask[:, None], chunk, 0.0)
+    actions_out[:, :A] = chunk
+    actions_out[~time_mask] = 0.0
     dim_mask = np.zeros(max_action_dim, bool)
     dim_mask[:A] = ep.action_mask
 
@@ -129,14 +130,14 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
         last = np.maximum.accumulate(np.where(time_mask, np.arange(H), 0))
         fast = list(fast_tokenizer.encode(chunk[last][:, ep.action_mask]))
 
-    cache = text_cache if text_cache is not None else {}
     if "instruction" not in cache:
         cache["instruction"] = _encode_text(text_tokenizer, ep.instruction, add_bos=True, add_eos=False)
     subtask = active_subtask(ep, t)
     if ("subtask", subtask) not in cache:
         cache[("subtask", subtask)] = _encode_text(text_tokenizer, subtask, add_bos=False, add_eos=True)
     return {
-        **({} if images_out is not None else {"images": images}), "image_mask": image_mask, "state": state_out, "state_mask": state_mask,
+        **({} if images_out is not None else {"images": images}), "image_mask": image_mask,
+        "state": state_out, "state_mask": state_mask,
         "actions": actions_out, "action_dim_mask": dim_mask, "action_time_mask": time_mask,
         "text_tokens": cache["instruction"], "subtask_tokens": cache[("subtask", subtask)],
         "fast_tokens": fast, "embodiment": EMBODIMENT_IDS[ep.embodiment],
@@ -145,14 +146,11 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
 
 
 def _pad_tokens(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(1, max(len(s) for s in seqs))
-    tokens = torch.full((len(seqs), length), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(seqs), length), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if s:
-            tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.int64)
-            mask[i, : len(s)] = True
-    return tokens, mask
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    mask = np.arange(max(1, int(lengths.max()))) < lengths[:, None]
+    tokens = np.full(mask.shape, pad_id, dtype=np.int64)
+    tokens[mask] = np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(tokens), torch.from_numpy(mask)
 
 
 def collate_samples(samples: list[dict[str, Any]], text_pad_id: int = 0, fast_pad_id: int = 0,
