@@ -162,3 +162,19 @@ def test_local_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, monke
     assert table[0].split()[:4] == ["RUN", "STATE", "STEP", "LOSS"]
     assert [row.split()[:3] for row in table[1:]] == [["seed-0", "finished", "4/4"],
                                                       ["seed-1", "finished", "4/4"]]
+
+
+@pytest.mark.parametrize("name, n_runs", [("transfer", 16), ("smoke", 4)])
+def test_shipped_sweep_files_expand(name, n_runs, tmp_path):
+    spec = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / f"{name}.yaml"
+    sources = [f"data.sources.robot={tmp_path}/robot", f"data.sources.human={tmp_path}/human"]
+    with pytest.raises(ConfigError, match="no source named"):  # sources are the user's to give
+        sweep.expand(spec)
+    out_dir, runs = sweep.expand(spec, sources)
+    assert len(runs) == n_runs and len({r.cfg.train.run_dir for r in runs}) == n_runs
+    assert all(Path(r.cfg.train.run_dir).parent == out_dir.resolve() for r in runs)
+    if name == "transfer":
+        first = runs[0].cfg
+        assert (first.model.preset, first.data.diversity_fraction, first.data.mixture["human"],
+                first.train.seed, first.train.steps) == ("tiny", 0.25, 0.0, 0, 2000)
+        assert runs[0].name == "preset-tiny_diversity_fraction-0.25_human-0.0_seed-0"

@@ -1,0 +1,92 @@
+"""The launcher with the REAL trainer (megavla.train.entry.run: tiny preset, DeepSpeed ZeRO-2, fp32,
+gloo) on the local SLURM: a 2-node x 1-task job reproduces the local executor's losses step for
+step; a preempted job checkpoints, is requeued, resumes and lands on the uninterrupted curve.
+
+The shard set + tokenizers are generated once per module (~25 s on the 2-core box); each test runs
+its SLURM job and the local-executor reference at the same time to halve the wall time.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megavla.config import load_config
+from megavla.launch import rundir
+from megavla.launch.executor import submit_run
+from test_launch_standin import wait_for_lines
+from test_slurm_launch import REPO, slurm_cluster  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_data")
+    for argv in (["data", "synth", "--out", str(root / "shards"), "--scenes", "2", "--tasks", "2",
+                  "--episodes-per-combo", "2", "--image-size", "32", "--workers", "1", "--no-progress"],
+                 ["tokenizer", "train", "--shards", str(root / "shards"), "--out", str(root / "tok")]):
+        done = subprocess.run([sys.executable, "-m", "megavla.cli", *argv], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"megavla {' '.join(argv[:2])} failed:\n{done.stderr[-2000:]}"
+    return root
+
+
+def _cfg(tiny_data: Path, run_dir: Path, steps: int, executor: str, *overrides: str):
+    placement = (["launch.executor=slurm", "launch.nodes=2", "launch.master_addr=127.0.0.1"]
+                 if executor == "slurm" else ["launch.executor=local", "launch.tasks_per_node=2"])
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"data.sources.robot={tiny_data / 'shards' / 'robot'}",
+        f"data.sources.human={tiny_data / 'shards' / 'human'}",
+        f"train.tokenizer_dir={tiny_data / 'tok'}", f"train.run_dir={run_dir}", f"train.steps={steps}",
+        "train.log_every=1", "train.save_every=0", "train.progress=false", "train.tensorboard=false",
+        "data.num_workers=0", *placement, *overrides])
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss/total (the trainer's key; a later line for the same step wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss/total" in record:
+            out[record["step"]] = record["loss/total"]
+    return out
+
+
+def test_two_node_slurm_job_matches_local_executor(slurm_cluster, tiny_data, tmp_path):
+    steps = 4
+    slurm_job = submit_run(_cfg(tiny_data, tmp_path / "slurm", steps, "slurm"))
+    local_job = submit_run(_cfg(tiny_data, tmp_path / "local", steps, "local"))
+    assert local_job.results() == [0, 0]
+    assert slurm_job.results() == [0, 0]
+    slurm, local = step_losses(tmp_path / "slurm"), step_losses(tmp_path / "local")
+    assert sorted(slurm) == list(range(1, steps + 1))
+    # Same world size, seeds, data split and fp32 math on both: equal up to float reassociation.
+    assert [slurm[s] for s in sorted(slurm)] == pytest.approx([local[s] for s in sorted(local)], rel=1e-6)
+    record = rundir.read_launch_record(tmp_path / "slurm")
+    assert record["nodes"] == ["node1", "node2"] and record["status"] == "finished"
+    assert rundir.latest_checkpoint(tmp_path / "slurm") == ("step_000004", 4)
+
+
+@pytest.mark.slow
+def test_preempted_real_training_resumes_on_the_uninterrupted_curve(slurm_cluster, tiny_data, tmp_path):
+    steps = 30
+    slurm_job = submit_run(_cfg(tiny_data, tmp_path / "slurm", steps, "slurm"))
+    local_job = submit_run(_cfg(tiny_data, tmp_path / "local", steps, "local"))
+    wait_for_lines(tmp_path / "slurm" / "metrics.jsonl", 3, timeout_s=300)
+    slurm_job._interrupt()  # scancel --signal TERM, then USR2: a preemption
+    assert slurm_job.results() == [0, 0] and local_job.results() == [0, 0]
+    record = rundir.read_launch_record(tmp_path / "slurm")
+    saved = [e["saved_step"] for e in record["events"] if e["event"] == "preempted"]
+    resumed = [e["resume_step"] for e in record["events"] if e["event"] == "start" and e["attempt"] > 0]
+    assert len(saved) == 1 and resumed == saved and 3 <= saved[0] < steps, record["events"]
+    slurm, local = step_losses(tmp_path / "slurm"), step_losses(tmp_path / "local")
+    assert sorted(slurm) == list(range(1, steps + 1))
+    # The trainer restores model, optimizer, schedule, RNG and loader state: the resumed steps
+    # reproduce the uninterrupted run (fp32; tolerance for reduction order only).
+    assert [slurm[s] for s in range(saved[0] + 1, steps + 1)] == pytest.approx(
+        [local[s] for s in range(saved[0] + 1, steps + 1)], rel=1e-5)
+    assert slurm[steps] == pytest.approx(local[steps], rel=1e-5)
