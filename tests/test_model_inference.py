@@ -152,3 +152,31 @@ def test_bf16_forward_backward_and_sampling_run():
     assert model.expert.action_out_proj.weight.grad.dtype == torch.bfloat16
     actions = model.sample_actions(batch, num_steps=2)
     assert actions.dtype == torch.float32 and torch.isfinite(actions).all()
+
+
+def _backend_outputs(backends):
+    model, batch = make()
+    noise, time = torch.randn(batch.actions.shape), torch.rand(batch.batch_size)
+    outs = {}
+    for backend in backends:
+        model.cfg = dataclasses.replace(model.cfg, attention=backend)
+        with torch.no_grad():
+            outs[backend] = model.run(batch, noise, time)
+    for backend in backends[1:]:
+        for name in ("velocity", "fast_logits", "subtask_logits"):
+            torch.testing.assert_close(getattr(outs[backend], name), getattr(outs[backends[0]], name),
+                                       atol=1e-5, rtol=1e-4, msg=f"{backend} {name}")
+    return model, batch
+
+
+def test_attention_backends_agree_on_the_model():
+    """eager (the reference) and sdpa give the same training-path outputs."""
+    model, batch = _backend_outputs(("eager", "sdpa"))
+    with pytest.raises(ValueError, match="noise"):
+        model.sample_actions(batch, noise=torch.zeros(1, 2, 3))
+
+
+@pytest.mark.slow
+def test_flex_attention_forward_agrees_on_the_model():
+    """FlexAttention (forward only on CPU; its first call costs ~10 s of warm-up) == eager."""
+    _backend_outputs(("eager", "flex"))

@@ -35,6 +35,9 @@ def sample_actions(model, batch: Batch, num_steps: int, noise: torch.Tensor | No
         raise ValueError(f"sample_actions: num_steps={num_steps} must be >= 1")
     shape = (batch.batch_size, cfg.chunk_length, cfg.action_dim)
     dev = batch.actions.device
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"sample_actions: noise {tuple(noise.shape)} must be [B, model.chunk_length, "
+                         f"model.action_dim] = {shape}")
     noise = torch.randn(shape, device=dev) if noise is None else noise.to(dev, torch.float32)
     # Training never supervises a sample's unused dims and feeds t * eps there (actions are zeroed):
     # keep them on that path here too, so they look like they did in training.
