@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.zero_stage=3")
     parser.add_argument("--nproc", type=int, default=1, help="local processes (data-parallel ranks)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint dir")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # overrides may come after --nproc / --resume
     try:
         cfg = load_config(args.config, args.overrides)
         nproc = int(os.environ.get("WORLD_SIZE", args.nproc)) if "RANK" in os.environ else args.nproc

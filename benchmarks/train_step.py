@@ -1,0 +1,126 @@
+"""Training step time, samples/s and peak memory per rank: plain PyTorch (1 process) versus
+DeepSpeed ZeRO-0/2/3 (2 processes), tiny and small presets, in one run.
+
+    python benchmarks/train_step.py [--presets tiny small] [--steps 5] [--batch 2]
+
+Every configuration runs the real code paths: the VLA from `build_model`, the DeepSpeed engine from
+`megavla.train.engine.create_engine` (torch AdamW, fp32 on CPU / bf16 on GPU), one fixed synthetic
+batch per rank (`megavla.model.synthetic.random_batch`, so the data pipeline does not count).
+Step = forward + backward + optimizer step; the first 2 steps are warm-up and not timed. Peak memory
+is the process's peak RSS on CPU (includes ~0.4 GB of torch/DeepSpeed import baseline) or peak CUDA
+allocation on GPU. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WARMUP = 2
+
+
+def worker(args) -> None:
+    import torch
+
+    from megavla.config import ModelConfig, TrainConfig
+    from megavla.model.synthetic import random_batch
+    from megavla.model.vla import build_model
+    from megavla.train.metrics import peak_memory_mb
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    mcfg = ModelConfig(preset=args.preset, kernels="auto", attention="auto" if cuda else "sdpa")
+    model = build_model(mcfg)
+    tcfg = TrainConfig(zero_stage=max(0, args.stage), precision="bf16" if cuda else "fp32", warmup_steps=1)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.stage < 0:                      # plain PyTorch: no DeepSpeed, no process group
+        device = torch.device("cuda" if cuda else "cpu")
+        model.to(device)
+        from megavla.train.engine import build_optimizer
+        opt = build_optimizer(model, tcfg, device)
+
+        def step(batch):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = model(batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        from megavla.train.engine import create_engine, init_distributed
+        dist = init_distributed()
+        device = dist.device
+        engine, _, _ = create_engine(model, tcfg, args.batch, dist)
+
+        def step(batch):
+            engine.backward(engine(batch)["loss"])
+            engine.step()
+    batch = random_batch(mcfg, batch_size=args.batch, seed=rank).to(device)
+    times = []
+    for i in range(WARMUP + args.steps):
+        t0 = time.perf_counter()
+        step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - t0)
+    result = {"rank": rank, "step_s": sum(times) / len(times), "peak_mb": peak_memory_mb(device),
+              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp: Path) -> dict:
+    result = tmp / f"{preset}_{stage}"
+    cmd = [__file__, "--worker", "--preset", preset, "--stage", str(stage), "--steps", str(steps),
+           "--batch", str(batch), "--result", str(result)]
+    if nproc == 1:
+        env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+        subprocess.run([sys.executable, *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
+    else:
+        from megavla.train.cli import launch_local
+        code = launch_local(nproc, cmd[1:], command=[sys.executable, __file__])
+        if code:
+            raise RuntimeError(f"{preset} ZeRO-{stage}: workers exited with {code}")
+    ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(nproc)]
+    step_s = max(r["step_s"] for r in ranks)           # ranks run in lockstep; the slowest paces
+    return {"preset": preset, "mode": "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}", "nproc": nproc,
+            "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
+            "peak_mb": [round(r["peak_mb"]) for r in ranks]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--stages", nargs="+", type=int, default=[-1, 0, 2, 3], help="-1 = plain PyTorch")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=2, help="micro batch per process")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            for stage in args.stages:
+                row = run_config(preset, stage, 1 if stage < 0 else 2, args.steps, args.batch, Path(tmp))
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.append(row)
+    print(f"\nmicro batch {args.batch} per process, {args.steps} timed steps, cpu_count={os.cpu_count()}\n")
+    print("| preset | params (M) | mode | procs | step (s) | samples/s | peak RSS per rank (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {r['step_s']:.3f} | "
+              f"{r['samples_s']:.2f} | {' / '.join(map(str, r['peak_mb']))} |")
+
+
+if __name__ == "__main__":
+    main()
