@@ -123,15 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         # The machine is shared: rounds interleave decode-only and reader runs; the best round of each
         # counts, and the CPU-time rates (per core actually used) are reported beside wall clock.
         decode = [(0.0, 0.0)]
-        best: dict[int, tuple[float, float]] = {w: (0.0, 0.0) for w in args.workers}
+        # Rows: (label, workers, tokenize); the last row shows what tokenization costs.
+        rows = [(str(w), w, True) for w in args.workers] + [("0, no tokenizers", 0, False)]
+        best = {label: (0.0, 0.0) for label, _, _ in rows}
         for _ in range(args.rounds):
             decode.append(decode_only(frames, args.image_size, 0.5 if args.quick else 3.0))
-            for workers in args.workers:
+            for label, workers, tokenize in rows:
                 cfg = DataConfig(sources={"robot": str(shard_set)}, cameras=cameras, image_size=args.image_size,
                                  batch_size=args.batch_size, num_workers=workers, chunk_length=chunk,
                                  shuffle_buffer=64, samples_per_episode=args.samples_per_episode)
-                wall, cpu = reader_rate(cfg, text_tok, fast_tok, args.batches)
-                best[workers] = (max(best[workers][0], wall), max(best[workers][1], cpu))
+                wall, cpu = reader_rate(cfg, text_tok if tokenize else None, fast_tok if tokenize else None,
+                                        args.batches)
+                best[label] = (max(best[label][0], wall), max(best[label][1], cpu))
     dec_wall = max(d[0] for d in decode) / len(cameras)
     dec_cpu = max(d[1] for d in decode) / len(cameras)
     print(f"\nhost: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
@@ -143,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| workers | reader samples/s (wall) | per worker (wall) | per worker / decode-only (wall) "
           "| samples per reader CPU-s | / decode-only per CPU-s |")
     print("|---|---|---|---|---|---|")
-    for workers, (wall, cpu) in best.items():
+    for label, workers, _ in rows:
+        wall, cpu = best[label]
         per_worker = wall / max(1, workers)
-        print(f"| {workers} | {wall:,.0f} | {per_worker:,.0f} | {per_worker / dec_wall:.2f} | {cpu:,.0f} | "
+        print(f"| {label} | {wall:,.0f} | {per_worker:,.0f} | {per_worker / dec_wall:.2f} | {cpu:,.0f} | "
               f"{cpu / dec_cpu:.2f} |")
     return 0
 
