@@ -54,6 +54,15 @@ class AdaRMSNorm(nn.Module):
         return normed, (parts[2][:, None, :] if self.with_gate else None)
 
 
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that is also the tied output head: ``emb(ids)`` -> embeddings,
+    ``emb(hidden, as_head=True)`` -> logits. The head goes through ``forward`` (not ``emb.weight``
+    read from outside) so DeepSpeed ZeRO-3's gather hooks see the weight being used."""
+
+    def forward(self, x: torch.Tensor, as_head: bool = False) -> torch.Tensor:
+        return x @ self.weight.t() if as_head else super().forward(x)
+
+
 class GemmaAttention(nn.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()

@@ -51,7 +51,7 @@ from megavla.kernels import EXPERT, LM_SUFFIX, PREFIX, AttentionLayout
 from . import inference, losses
 from .expert import ActionExpert
 from .flops import flops_per_sample  # noqa: F401  (re-exported: the trainer imports it from here)
-from .gemma import GemmaStack, SharedAttention, Stream, run_shared_layers
+from .gemma import GemmaStack, SharedAttention, Stream, TiedEmbedding, run_shared_layers
 from .presets import resolve
 from .vision import VisionTower, encode_cameras
 
@@ -96,7 +96,7 @@ class VLA(nn.Module):
         self.subtask_start_id = cfg.text_vocab_size + cfg.fast_vocab_size
         self.fast_start_id = self.subtask_start_id + 1
         self.vocab_size = self.fast_start_id + 1
-        self.embed_tokens = nn.Embedding(self.vocab_size, cfg.width)
+        self.embed_tokens = TiedEmbedding(self.vocab_size, cfg.width)
         self.backbone = GemmaStack(cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
                                    cfg.head_dim, impl=impl)
         self.state_embed = nn.Embedding(cfg.state_bins, cfg.width) if cfg.state_mode == "discrete" else None
@@ -171,7 +171,7 @@ class VLA(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Backbone hidden (before the final norm) -> logits over the whole vocabulary (tied head)."""
         normed, _ = self.backbone.norm(hidden)
-        return normed @ self.embed_tokens.weight.t()
+        return self.embed_tokens(normed, as_head=True)
 
     # ------------------------------------------------------------------ training
     def run(self, batch: Batch, noise: torch.Tensor | None = None,
