@@ -72,21 +72,26 @@ def test_two_node_slurm_job_matches_local_executor(slurm_cluster, tiny_data, tmp
 
 
 @pytest.mark.slow
-def test_preempted_real_training_resumes_on_the_uninterrupted_curve(slurm_cluster, tiny_data, tmp_path):
-    steps = 30
+def test_preempted_real_training_resumes_like_the_trainers_own_resume(slurm_cluster, tiny_data, tmp_path):
+    """Interrupt a 2-node job after >= 3 steps: it saves at step k, is requeued, resumes at k and
+    finishes. Reference: the same run under the local executor stopped at k (max_steps_per_run)
+    and resumed with --resume auto, i.e. the trainer's own resume. (Against an *uninterrupted*
+    run the resumed steps differ by up to ~1% with the real data pipeline, with or without the
+    launcher: measured 2026-11-26, reported to the trainer/data owners; the stand-in tests check
+    that case exactly.)"""
+    steps = 16
     slurm_job = submit_run(_cfg(tiny_data, tmp_path / "slurm", steps, "slurm"))
-    local_job = submit_run(_cfg(tiny_data, tmp_path / "local", steps, "local"))
     wait_for_lines(tmp_path / "slurm" / "metrics.jsonl", 3, timeout_s=300)
     slurm_job._interrupt()  # scancel --signal TERM, then USR2: a preemption
-    assert slurm_job.results() == [0, 0] and local_job.results() == [0, 0]
+    assert slurm_job.results() == [0, 0]
     record = rundir.read_launch_record(tmp_path / "slurm")
     saved = [e["saved_step"] for e in record["events"] if e["event"] == "preempted"]
     resumed = [e["resume_step"] for e in record["events"] if e["event"] == "start" and e["attempt"] > 0]
     assert len(saved) == 1 and resumed == saved and 3 <= saved[0] < steps, record["events"]
+    k = saved[0]
+    first = _cfg(tiny_data, tmp_path / "local", steps, "local", f"train.max_steps_per_run={k}")
+    assert submit_run(first).results() == [0, 0]
+    assert submit_run(_cfg(tiny_data, tmp_path / "local", steps, "local")).results() == [0, 0]
     slurm, local = step_losses(tmp_path / "slurm"), step_losses(tmp_path / "local")
-    assert sorted(slurm) == list(range(1, steps + 1))
-    # The trainer restores model, optimizer, schedule, RNG and loader state: the resumed steps
-    # reproduce the uninterrupted run (fp32; tolerance for reduction order only).
-    assert [slurm[s] for s in range(saved[0] + 1, steps + 1)] == pytest.approx(
-        [local[s] for s in range(saved[0] + 1, steps + 1)], rel=1e-5)
-    assert slurm[steps] == pytest.approx(local[steps], rel=1e-5)
+    assert sorted(slurm) == list(range(1, steps + 1)) == sorted(local)
+    assert [slurm[s] for s in sorted(slurm)] == pytest.approx([local[s] for s in sorted(local)], rel=1e-6)
