@@ -49,7 +49,8 @@ class DataConfig:
             if value <= 0:
                 raise ConfigError(f"{name}={value} must be positive")
         if self.shuffle_buffer < 0:
-            raise ConfigError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
+            raise ConfigError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 "
+                              "(0: each shuffle window holds one episode's samples)")
         if self.normalization_floor <= 0:
             raise ConfigError(f"normalization_floor={self.normalization_floor} must be positive")
         if not self.cameras:

@@ -125,6 +125,11 @@ class Normalizer:
                         "q99-q01 range" if self.mode == "quantile" else "std", self.floor)
         return center.astype(np.float32), scale.astype(np.float32)
 
+    @classmethod
+    def from_file(cls, path: str | Path, mode: str = "quantile", floor: float = 1e-3) -> "Normalizer":
+        """From a norm_stats.json (a shard set's, or the one saved beside a checkpoint)."""
+        return cls(load_norm_stats(path), mode, floor)
+
     @property
     def embodiments(self) -> list[str]:
         return sorted(self.stats)

@@ -224,6 +224,8 @@ class StreamingLoader:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.normalizer = plan.normalizer
+        # The stats in use (save them with checkpoints; pass back as build_loader(norm_stats=...)).
+        self.norm_stats = plan.normalizer.stats if plan.normalizer is not None else None
         self.num_workers = plan.num_workers
         self._worker_states: list[dict | None] = [None] * max(1, plan.num_workers)
         self._consumed = 0
