@@ -144,6 +144,20 @@ def test_missing_finger_keypoint_keeps_pose_and_nonfinite_gripper_is_finite():
     assert out.step_valid.all() and np.isfinite(out.state).all()
 
 
+def test_missing_head_pose_masks_steps():
+    rng = np.random.default_rng(5)
+    T = 6
+    kps = _track(T, rng)
+    head = np.tile(np.eye(4), (T, 1, 1))
+    head[0] = np.nan  # head tracking starts late: ego frame = first known head pose
+    head[3] = np.nan
+    out = hands.hands_to_actions(kps, head)
+    assert np.isfinite(out.actions).all() and np.isfinite(out.state).all()
+    assert np.flatnonzero(~out.step_valid).tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match="head_pose"):
+        hands.hands_to_actions(kps, np.full((T, 4, 4), np.nan))
+
+
 def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="hand_keypoints"):
         hands.hands_to_actions(np.zeros((4, 2, 21, 3)), np.tile(np.eye(4), (4, 1, 1)))

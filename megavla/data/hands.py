@@ -186,10 +186,14 @@ def hands_to_actions(hand_keypoints: np.ndarray, head_pose: np.ndarray,
     if head.shape != (T, 4, 4):
         raise ValueError(f"head_pose: expected [{T}, 4, 4], got {head.shape}")
     head_ok = np.isfinite(head).all(axis=(-1, -2))
-    if not head_ok[0]:
-        raise ValueError("head_pose[0] is not finite: the ego frame is undefined for this episode")
-    head = np.where(head_ok[:, None, None], head, head[0])
-    ego_inv = np.linalg.inv(ego_frame(head[0]))
+    if not head_ok.any():
+        raise ValueError("head_pose: no finite head pose in the episode, so the ego frame is "
+                         "undefined; drop the episode or fill the head track")
+    # The ego frame is the first *known* head pose (normally step 0); steps without a head pose
+    # are invalid and borrow that pose as a finite placeholder.
+    first = int(np.argmax(head_ok))
+    head = np.where(head_ok[:, None, None], head, head[first])
+    ego_inv = np.linalg.inv(ego_frame(head[first]))
     if gripper is None:
         gripper = grip_closure(kp)  # [T, 2]
     actions = np.zeros((T, HUMAN_ACTION_DIM))
