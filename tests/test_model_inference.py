@@ -180,3 +180,20 @@ def test_attention_backends_agree_on_the_model():
 def test_flex_attention_forward_agrees_on_the_model():
     """FlexAttention (forward only on CPU; its first call costs ~10 s of warm-up) == eager."""
     _backend_outputs(("eager", "flex"))
+
+
+def test_decode_fast_goes_through_the_fast_tokenizer(caplog):
+    np = pytest.importorskip("numpy")
+    from megavla.tokenizers.fast import train_fast_tokenizer
+
+    rng = np.random.default_rng(0)
+    chunks = [np.cumsum(rng.normal(0, 0.05, (10, 6)), axis=0).clip(-1, 1) for _ in range(40)]
+    tok = train_fast_tokenizer(chunks, vocab_size=256)
+    model, _ = make(fast_vocab_size=256)
+    ids = tok.encode(chunks[0])
+    decoded = model.decode_fast(torch.tensor(ids), tok, horizon=10, dim=6)
+    np.testing.assert_array_equal(decoded, tok.decode(ids, 10, 6))
+    assert np.abs(decoded - chunks[0]).max() < 0.1  # FAST round trip (scale 10 -> step 0.1)
+    with caplog.at_level("WARNING"):
+        model.decode_fast(ids + [9999], tok, horizon=10, dim=6)
+    assert "dropped 1 of" in caplog.text

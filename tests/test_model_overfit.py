@@ -55,8 +55,11 @@ def test_tiny_model_overfits_a_mixed_batch_and_inference_reproduces_it():
     baseline = float((clean_actions(batch)[supervised] ** 2).mean())  # predicting zeros
     ids, mask = model.predict_subtask(batch, max_len=batch.subtask_tokens.shape[1])
     subtask_acc = float((ids == batch.subtask_tokens)[batch.subtask_mask].float().mean())
+    fast_ids, _ = model.predict_fast(batch, max_len=batch.fast_tokens.shape[1])
+    fast_acc = float((fast_ids == batch.fast_tokens)[batch.fast_mask].float().mean())
     logger.info("overfit: flow %.4f -> %.4f (%.1fx), sample_actions MSE %.4f (zeros: %.3f), "
-                "subtask token accuracy %.3f", first, last, first / last, mse, baseline, subtask_acc)
+                "subtask token accuracy %.3f, FAST token accuracy %.3f", first, last, first / last, mse, baseline,
+                subtask_acc, fast_acc)
     assert first / last >= 20.0
     assert mse < 0.1 * baseline
-    assert subtask_acc == 1.0
+    assert subtask_acc == 1.0 and fast_acc == 1.0
