@@ -50,8 +50,8 @@ def _load(args: argparse.Namespace) -> ex.ExperimentSpec:
 
 
 def _header(title: str, spec: ex.ExperimentSpec, argv: list[str], elapsed: float) -> list[str]:
-    return [f"# {title}", "", f"Command: `megavla experiment {shlex.join(argv)}`  ", f"Wall time: {elapsed / 60:.1f} min "
-            "(includes runs and evaluations reused from earlier invocations only as the time to read them)", "",
+    return [f"# {title}", "", f"Command: `megavla experiment {shlex.join(argv)}`  ", f"Wall time of this invocation: {elapsed / 60:.1f} min "
+            "(runs and evaluations finished by earlier invocations are reused, not re-timed)", "",
             "<details><summary>experiment spec (resolved)</summary>", "", "```yaml",
             yaml.safe_dump(to_dict(spec), sort_keys=False).rstrip(), "```", "</details>", ""]
 

@@ -185,6 +185,9 @@ def finished_checkpoint(run) -> Path:
     run_dir = Path(run.cfg.train.run_dir)
     ckpt = rundir.latest_checkpoint(run_dir)
     if ckpt is None or ckpt[1] < run.cfg.train.steps:
+        if run.cfg.launch.executor == "slurm" and rundir.run_state(run_dir, run.cfg.train.steps) in ("queued", "running"):
+            raise RuntimeError(f"run {run_dir} is queued or running on SLURM; re-run this command once "
+                               f"`megavla sweep status {run_dir.parent}` shows it finished")
         raise RuntimeError(f"run {run_dir} did not finish (checkpoint {ckpt}); see its submitit/ logs "
                            f"and re-run the command to resume it")
     return run_dir / "checkpoints" / ckpt[0]
@@ -239,7 +242,11 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
             return saved
     loaded = load_checkpoint(run_dir)
     image_size = loaded.cfg.data.image_size
-    policy = VLAPolicy(loaded, execute_k=ev.execute_k, num_steps=ev.flow_steps)
+    execute_k = min(ev.execute_k, loaded.cfg.data.chunk_length)  # a short chunk (knob H) caps k
+    if execute_k != ev.execute_k:
+        log.info("%s: executing %d actions per chunk (chunk length %d < eval.execute_k=%d)", run_dir,
+                 execute_k, loaded.cfg.data.chunk_length, ev.execute_k)
+    policy = VLAPolicy(loaded, execute_k=execute_k, num_steps=ev.flow_steps)
     result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step}
     result["closed_loop"] = closed_loop.evaluate(policy, combos, ev.episodes_per_combo, image_size=image_size,
                                                  max_steps=ev.max_steps)

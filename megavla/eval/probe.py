@@ -8,6 +8,7 @@ aligned. A t-SNE of the same embeddings is drawn coloured by embodiment with one
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def tsne_plot(embeddings: np.ndarray, labels: list[dict], title: str, path: str 
 def run_probe(checkpoints: dict[str, str | Path], combos: list[str], out_dir: str | Path, *,
               episodes_per_combo: int = 2, steps_per_episode: int = 6, image_size: int | None = None,
               plot: bool = True) -> dict:
-    """{name: checkpoint} -> {name: {"silhouette", "samples", "plot"}}; embeddings saved as .npy."""
+    """{name: checkpoint} -> {name: {"silhouette", "samples", "plot"}}; embeddings saved as
+    ``embeddings_<name>.npy`` with one label per row in ``labels_<name>.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {}
@@ -113,6 +115,7 @@ def run_probe(checkpoints: dict[str, str | Path], combos: list[str], out_dir: st
         score = embodiment_silhouette(emb, labels)
         safe = name.replace("/", "_")
         np.save(out_dir / f"embeddings_{safe}.npy", emb, allow_pickle=False)
+        (out_dir / f"labels_{safe}.json").write_text(json.dumps(labels))
         entry = {"checkpoint": str(loaded.path), "step": loaded.step, "silhouette": score, "samples": len(emb)}
         if plot:
             entry["plot"] = tsne_plot(emb, labels, f"{name}: embodiment silhouette {score:.3f}",

@@ -1,0 +1,145 @@
+"""End-to-end smoke tests of `megavla experiment diversity | objectives | probe` at toy size.
+
+Each experiment runs its real training runs through the launcher (local executor, one process per
+run) on a 2 x 2 mini-world; the tests check the report's structure and recompute numbers from the
+runs' own outputs (eval caches, checkpoints, embeddings). The objectives experiment reuses the
+diversity experiment's report dir, so its pretrain run is skipped as finished (the resume path).
+"""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from megavla.config import load_config
+from megavla.eval import cli, experiments as ex
+from megavla.eval.offline import evaluate_offline, heldout_episodes
+from megavla.eval.policy import load_checkpoint
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+@pytest.fixture(scope="module")
+def diversity(out):
+    assert cli.main(["diversity", "--preset", "toy", "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_diversity_report_structure(out, diversity):
+    md = (out / "report.md").read_text()
+    assert "| pretrain diversity | robot only: success [95% CI] |" in md
+    assert "| 0% |" in md and "| 100% |" in md
+    assert (out / "transfer_gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["diversity"] for r in diversity["rows"]] == [0.0, 1.0]
+    configs = sorted(p.name for p in (out / "configs").glob("*.yaml"))
+    assert configs == ["finetune_div-0_robot+human.yaml", "finetune_div-0_robot.yaml",
+                       "finetune_div-1_robot+human.yaml", "finetune_div-1_robot.yaml", "pretrain_div-1.yaml"]
+    assert (out / "sweeps" / "pretrain.yaml").is_file() and (out / "spec.yaml").is_file()
+    for name in ("div-0_robot+human", "div-1_robot+human"):
+        assert (out / "probe" / f"tsne_{name}.png").is_file()
+
+
+def test_diversity_runs_are_what_the_table_says(out, diversity):
+    spec = ex.load_spec("toy")
+    runs = diversity["runs"]
+    pre = load_config(out / "configs" / "pretrain_div-1.yaml")
+    assert pre.data.diversity_fraction == 1.0 and pre.data.mixture["human"] == 0.0
+    for level in ("0", "1"):
+        robot = load_config(out / "configs" / f"finetune_div-{level}_robot.yaml")
+        mixed = load_config(out / "configs" / f"finetune_div-{level}_robot+human.yaml")
+        assert robot.data.mixture["human"] == 0.0 and mixed.data.mixture["human"] == spec.human_weight
+        assert "0:0" in mixed.data.include_combos and mixed.launch.entry == "megavla.eval.finetune:run"
+        init = json.loads((out / "configs" / f"finetune_div-{level}_robot.init_from.json").read_text())
+        assert (init["checkpoint"] is None) == (level == "0")
+    # The robot shard set holds no target combo; the human one only targets.
+    manifest = json.loads((out / "data" / "robot" / "manifest.json").read_text())
+    assert "0:0" not in json.dumps(manifest["shards"]) or all("0:0" not in s["combos"] for s in manifest["shards"])
+    # Recompute every table number from the runs' own evaluation files.
+    for row in diversity["rows"]:
+        level = f"{row['diversity']:g}"
+        evals = {k: json.loads((ex.Path(runs[f"finetune_div-{level}_{k}"]) / "eval_targets.json").read_text())
+                 for k in ("robot", "robot+human")}
+        for k, ev in evals.items():
+            detail = ev["closed_loop"]["episodes_detail"]
+            assert ev["closed_loop"]["success_rate"] == sum(e["success"] for e in detail) / len(detail)
+            assert len(detail) == spec.eval.episodes_per_combo * len(spec.world.targets)
+            assert ev["step"] == spec.finetune_steps
+        assert row["delta_success"] == pytest.approx(
+            evals["robot+human"]["closed_loop"]["success_rate"] - evals["robot"]["closed_loop"]["success_rate"])
+        assert row["delta_mse"] == pytest.approx(
+            evals["robot"]["offline"]["action_mse"] - evals["robot+human"]["offline"]["action_mse"])
+    # ... and one offline error from the checkpoint itself (fixed noise: deterministic).
+    run_dir = ex.Path(runs["finetune_div-1_robot+human"])
+    loaded = load_checkpoint(run_dir)
+    eps = heldout_episodes(spec.world.targets, spec.eval.offline_episodes_per_combo, image_size=32)
+    again = evaluate_offline(loaded, eps, spec.eval.offline_steps_per_episode, spec.eval.flow_steps,
+                             subtask=False, progress=False)
+    saved = json.loads((run_dir / "eval_targets.json").read_text())["offline"]["action_mse"]
+    assert again["action_mse"] == pytest.approx(saved, rel=1e-5)
+
+
+def test_objectives_reuses_pretrain_and_reports_breakdown(out, diversity):
+    pre_dir = ex.Path(diversity["runs"]["pretrain_div-1"])
+    before = json.loads((pre_dir / "launch.json").read_text())["events"]
+    assert cli.main(["objectives", "--preset", "toy", "--out", str(out)]) == 0
+    assert json.loads((pre_dir / "launch.json").read_text())["events"] == before  # skipped, not re-run
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["evaluations"]) == ["high-level only", "low-level only", "both"]
+    md = (out / "report.md").read_text()
+    for variant in res["evaluations"]:
+        assert f"| {variant} |" in md
+    high = load_config(out / "configs" / "finetune_obj-high.yaml")
+    low = load_config(out / "configs" / "finetune_obj-low.yaml")
+    assert high.model.flow_weight == 0.0 and low.model.subtask_weight == 0.0 and low.model.fast_weight == 0.0
+    for ev in res["evaluations"].values():
+        off = ev["offline"]
+        assert sum(off["breakdown_counts"].values()) == off["samples"] > 0
+        assert off["subtask_accuracy"] is not None
+        assert off["breakdown"]["wrong_subtask"] == pytest.approx(1 - off["subtask_accuracy"])
+
+
+def test_probe_silhouette_recomputes_from_saved_embeddings(out, diversity, tmp_path):
+    from sklearn.metrics import silhouette_score
+    ckpts = [diversity["runs"]["finetune_div-0_robot"], diversity["runs"]["finetune_div-1_robot+human"]]
+    assert cli.main(["probe", *ckpts, "--out", str(tmp_path), "--combos", "0:0,1:1",
+                     "--episodes-per-combo", "1", "--steps-per-episode", "2"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["probe"]
+    assert len(res) == 2
+    for name, entry in res.items():
+        safe = name.replace("/", "_")
+        emb = np.load(tmp_path / f"embeddings_{safe}.npy")
+        labels = json.loads((tmp_path / f"labels_{safe}.json").read_text())
+        assert emb.shape[0] == entry["samples"] == 8  # 2 combos x 2 embodiments x 2 steps
+        assert {lab["embodiment"] for lab in labels} == {"robot/arm", "human/ego"}
+        y = [lab["embodiment"] for lab in labels]
+        assert entry["silhouette"] == pytest.approx(silhouette_score(emb, y, metric="cosine"))
+        assert (tmp_path / entry["plot"]).is_file()
+
+
+def test_knobs_reach_every_run_config(tmp_path):
+    args = cli.build_parser().parse_args(["diversity", "--preset", "toy", "--cameras", "head",
+                                          "--chunk-length", "4", "--human-weight", "0.5"])
+    spec = cli._load(args)
+    assert spec.human_weight == 0.5
+    data = {"robot": "/r", "human": "/h", "tokenizers": "/t"}
+    mapping = ex.run_config(spec, data, ["train.steps=7"])
+    assert mapping["data"]["cameras"] == ["head"] and mapping["data"]["chunk_length"] == 4
+    assert mapping["model"]["chunk_length"] == 4 and mapping["train"]["steps"] == 7
+    sweep = ex.write_sweep(tmp_path / "s.yaml", mapping, tmp_path / "runs", {"data.mixture.human": [0.0, 0.5]}, [])
+    from megavla.launch.sweep import expand
+    _, runs = expand(sweep)
+    assert [r.cfg.data.mixture["human"] for r in runs] == [0.0, 0.5]
+    assert all(r.cfg.data.cameras == ["head"] and r.cfg.model.chunk_length == 4 for r in runs)
+    assert yaml.safe_load(sweep.read_text())["grid"] == {"data.mixture.human": [0.0, 0.5]}
+
+
+def test_bad_preset_and_spec_errors(tmp_path, capsys):
+    assert cli.main(["diversity", "--preset", "nope", "--out", str(tmp_path)]) == 2
+    assert "presets are" in capsys.readouterr().err
+    assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--set", "diversity_levels=[2.0]"]) == 2
+    assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--human-weight", "0"]) == 2
