@@ -385,8 +385,10 @@ class MiniWorld:
                 frame.add_group(kp[8], items, bias=-0.02)
         else:
             half_gap = 0.012 if s.held[0] < 0 else BLOCK_HALF + 0.004  # closed: on the block
+            # The wrist camera sits behind its own gripper: the gripper is always in front there.
+            bias = -10.0 if camera == "right_wrist" else -0.02
             frame.add_group(s.ee[0][:3, 3], render.gripper_items(frame, s.ee[0], s.gripper[0], half_gap),
-                            bias=-0.02)
+                            bias=bias)
         return frame.finish()
 
     def _draw_table(self, cam: render.Camera) -> render.Frame:
