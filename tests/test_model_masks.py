@@ -130,13 +130,14 @@ def test_human_gripper_dim_gets_no_gradient():
     assert out_proj.weight.grad[0].abs().max() > 0  # a supervised dim does learn
 
 
-def test_garbage_in_unsupervised_positions_changes_no_loss():
-    model, batch, noise, time = make()
+@pytest.mark.parametrize("state_mode", ["discrete", "continuous"])
+def test_garbage_in_unsupervised_positions_changes_no_loss(state_mode):
+    model, batch, noise, time = make(state_mode=state_mode)
     base = model(batch, noise, time)
     unsup = ~(batch.action_dim_mask[:, None, :] & batch.action_time_mask[:, :, None])
     assert unsup.any()
     actions = torch.where(unsup, torch.full_like(batch.actions, float("nan")), batch.actions)
-    state = torch.where(batch.state_mask, batch.state, torch.full_like(batch.state, -3.0))
+    state = torch.where(batch.state_mask, batch.state, torch.full_like(batch.state, float("nan")))
     text = torch.where(batch.text_mask, batch.text_tokens, torch.full_like(batch.text_tokens, 10**6))
     fast = torch.where(batch.fast_mask, batch.fast_tokens, torch.full_like(batch.fast_tokens, -5))
     changed = model(with_(batch, actions=actions, state=state, text_tokens=text, fast_tokens=fast), noise, time)

@@ -156,7 +156,7 @@ class VLA(nn.Module):
 
     def expert_tokens(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, prefix: Tokens):
         """Expert stream + its kind/valid: positions continue right after the prefix."""
-        state = batch.state * batch.state_mask
+        state = torch.where(batch.state_mask, batch.state, torch.zeros_like(batch.state))  # NaN-safe
         x, cond = self.expert.embed(x_t, t, state)
         b, length = x.shape[:2]
         positions = prefix_length(prefix)[:, None] + torch.arange(length, device=x.device)[None, :]
