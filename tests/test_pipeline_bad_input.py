@@ -130,3 +130,10 @@ def test_tar_reader_matches_tarfile_and_detects_damage(tmp_path):
     for damaged in (data[:1000], data[: len(data) // 2], data[:100] + bytes([data[100] ^ 1]) + data[101:]):
         with pytest.raises(TarFormatError):
             list(iter_tar_members(damaged, "d.tar"))
+
+
+def test_fail_mode_raises_through_dataloader_workers(bad_set):
+    directory, _ = bad_set
+    loader = build_loader(cfg(directory, on_bad_sample="fail", num_workers=2), TinyTextTokenizer())
+    with pytest.raises(DataError, match=r"robot-arm_s0000_t000[1-5]"):
+        read_keys(loader, 12)

@@ -104,3 +104,15 @@ def test_excluded_episodes_skip_their_frames(sets):
 def test_fraction_that_keeps_nothing_fails_clearly(sets):
     with pytest.raises(ConfigError, match="no shard holds a kept combo"):
         build_loader(cfg_for(sets, include_combos=["99:99"]))
+
+
+def test_val_split_reads_val_sources_with_all_combos(sets):
+    cfg = cfg_for({"robot": sets["robot"]}, val_sources={"heldout": sets["human"]}, diversity_fraction=0.25,
+                  batch_size=20)
+    loader = build_loader(cfg, split="val")
+    batches = list(itertools.islice(loader, 6))
+    assert {s for b in batches for s in b.meta["source"]} == {"heldout"}
+    combos = {f"{s}:{t}" for b in batches for s, t in zip(b.meta["scene"], b.meta["task"])}
+    assert len(combos) > 3  # the 0.25 training subset (3 of 12 combos) does not apply to validation
+    with pytest.raises(ConfigError, match="val_sources"):
+        build_loader(cfg_for(sets), split="val")

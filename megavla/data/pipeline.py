@@ -268,6 +268,8 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
                  split: str = "train") -> StreamingLoader:
     """The trainer's reader. ``split="val"`` reads ``data.val_sources`` (equal weights, all combos)."""
     data_cfg.validate()
+    if split not in ("train", "val"):
+        raise ConfigError(f"split={split!r}; choose 'train' (data.sources) or 'val' (data.val_sources)")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
     val = split == "val"
