@@ -305,6 +305,8 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
             raise ConfigError(f"norm stats lack embodiments {sorted(missing)} that the manifests list")
         normalizer = Normalizer(norm_stats, data_cfg.normalization, data_cfg.normalization_floor)
     seed = data_cfg.seed if seed is None else seed
+    if seed < 0:
+        raise ConfigError(f"loader seed={seed} must be >= 0 (data.seed or build_loader(seed=...))")
     settings = {
         "seed": seed, "split": split,
         "weights": weights, "shards": {n: [Path(s.path).name for s in v] for n, v in eligible.items()},
