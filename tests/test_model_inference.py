@@ -197,3 +197,14 @@ def test_decode_fast_goes_through_the_fast_tokenizer(caplog):
     with caplog.at_level("WARNING"):
         model.decode_fast(ids + [9999], tok, horizon=10, dim=6)
     assert "dropped 1 of" in caplog.text
+
+
+def test_model_and_data_sizes_are_checked_against_each_other():
+    from megavla.config import ConfigError, load_config
+    from megavla.model.presets import check_against_data
+
+    cfg = load_config("configs/pi05-3b.yaml")
+    check_against_data(cfg.model, cfg.data)
+    cfg = load_config("configs/pi05-3b.yaml", ["data.chunk_length=50", "data.image_size=96"])
+    with pytest.raises(ConfigError, match="model.chunk_length=10 but data.chunk_length=50.*image_size"):
+        check_against_data(cfg.model, cfg.data)
