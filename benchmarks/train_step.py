@@ -8,7 +8,9 @@ Every configuration runs the real code paths: the VLA from `build_model`, the De
 batch per rank (`megavla.model.synthetic.random_batch`, so the data pipeline does not count).
 Step = forward + backward + optimizer step; the first 2 steps are warm-up and not timed. Peak memory
 is the process's peak RSS on CPU (includes ~0.4 GB of torch/DeepSpeed import baseline) or peak CUDA
-allocation on GPU. Prints a markdown table.
+allocation on GPU. Every process uses 1 intra-op thread (set BENCH_PYTORCH_THREADS=2 to give the 1-process PyTorch run
+both cores; on a busy shared box that measured 10x slower from OpenMP spin-waiting). Prints a
+markdown table.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available()
     mcfg = ModelConfig(preset=args.preset, kernels="auto", attention="auto" if cuda else "sdpa")
     model = build_model(mcfg)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6   # before ZeRO-3 partitions them
     tcfg = TrainConfig(zero_stage=max(0, args.stage), precision="bf16" if cuda else "fp32", warmup_steps=1)
     rank = int(os.environ.get("RANK", "0"))
     if args.stage < 0:                      # plain PyTorch: no DeepSpeed, no process group
@@ -71,7 +74,7 @@ def worker(args) -> None:
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
     result = {"rank": rank, "step_s": sum(times) / len(times), "peak_mb": peak_memory_mb(device),
-              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+              "params_m": params_m}
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -80,7 +83,7 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
     cmd = [__file__, "--worker", "--preset", preset, "--stage", str(stage), "--steps", str(steps),
            "--batch", str(batch), "--result", str(result)]
     if nproc == 1:
-        env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("BENCH_PYTORCH_THREADS", "1"))
         subprocess.run([sys.executable, *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
     else:
         from megavla.train.cli import launch_local

@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"megavla train: config error: {e}\n")
         return 2
     if "RANK" in os.environ or args.nproc == 1:
+        from .engine import shutdown_distributed
         from .entry import run
-        return run(cfg, resume=args.resume)
+        try:
+            return run(cfg, resume=args.resume)
+        finally:
+            shutdown_distributed()
     run_dir = Path(cfg.train.run_dir)
     resolved = run_dir / "config.yaml"
     write_yaml(cfg, resolved)

@@ -67,6 +67,12 @@ def init_distributed(backend: str = "auto") -> DistInfo:
                     local_rank=local_rank, device=device)
 
 
+def shutdown_distributed() -> None:
+    """End the process group at process exit (avoids NCCL's "not destroyed" warning)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def grad_accum_steps(cfg: TrainConfig, micro_batch: int, world_size: int) -> int:
     if cfg.global_batch_size is None:
         return cfg.grad_accum

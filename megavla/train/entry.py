@@ -26,8 +26,9 @@ import torch.distributed as tdist
 from megavla.config import Config, write_yaml
 
 from . import checkpoint as ckpt
-from .engine import DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything
-from .trainer import EMA, Trainer
+from .engine import (DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything,
+                     shutdown_distributed)
+from .trainer import EXIT_OK, EXIT_SIGNAL_SAVED, EMA, Trainer  # noqa: F401 (exit codes: the launcher reads them here)
 
 log = logging.getLogger("megavla.train.entry")   # also when run as __main__
 
@@ -188,8 +189,8 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
     if dist.rank == 0:
         log.info("done at step %d: tensorboard logs in %s, checkpoints in %s", trainer.step,
                  run_dir / "tb", ckpt_dir)
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+    # The process group stays up (DeepSpeed caches its groups, so a second run() in this process
+    # reuses it); process-level callers end it with engine.shutdown_distributed().
     return code
 
 
@@ -203,7 +204,10 @@ def worker_main() -> int:
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return run(load_config(args.config), resume=args.resume)
+    try:
+        return run(load_config(args.config), resume=args.resume)
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -36,18 +36,27 @@ def find_checkpoint(path: str | Path) -> Path:
                             "checkpoint; pass e.g. runs/demo/run/checkpoints/step_000300")
 
 
+def _module_states(path: Path) -> dict[str, torch.Tensor]:
+    """Rank 0's `module` entry of DeepSpeed's model-states file (its own format, not ours)."""
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"] or {}
+
+
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """fp32 model weights of checkpoint `path`, gathered from every rank's shards."""
     state = ckpt.read_trainer_state(path)
     if state["zero_stage"] > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        weights = dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
+        if state["zero_stage"] == 1:
+            # ZeRO-1 records frozen parameters (e.g. a frozen vision tower) only in the module
+            # states, not in the optimizer shards that zero_to_fp32 reads.
+            for name, tensor in _module_states(path).items():
+                weights.setdefault(name, tensor)
     else:
-        # ZeRO-0: rank 0's model-states file holds the full module (DeepSpeed's own format).
-        files = sorted(path.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
-        weights = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        weights = _module_states(path)    # ZeRO-0: the full module is in rank 0's file
     return {k: v.float().contiguous() for k, v in weights.items()}
 
 
