@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, [*args.overrides, *flag_overrides(args)])
         resume = None if args.resume in ("none", "") else args.resume

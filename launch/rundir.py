@@ -183,8 +183,10 @@ def run_state(run_dir: str | Path, total_steps: int) -> str:
     """new | queued/running (job alive) | finished | interrupted (checkpoint, not done) | failed."""
     record = read_launch_record(run_dir)
     ckpt = latest_checkpoint(run_dir)
-    if record.get("status") == "finished" or (ckpt is not None and ckpt[1] >= total_steps):
+    if ckpt is not None and ckpt[1] >= total_steps:
         return "finished"
+    if record.get("status") == "finished" and ckpt is None:
+        return "finished"  # a trainer that keeps no checkpoint: trust the job's own report
     if not record:
         return "new"
     if job_alive(record):

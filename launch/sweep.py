@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--array-parallelism", type=int, default=None,
                         help="at most this many array elements run at once (slurm)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs to submit, submit nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         names = submit_sweep(args.sweep, [*args.overrides, *flag_overrides(args)], dry_run=args.dry_run,
                              array_parallelism=args.array_parallelism)

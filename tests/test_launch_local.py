@@ -69,6 +69,7 @@ def test_preflight_errors_name_the_problem(tmp_path, monkeypatch):
     preflight(lc)  # fine: no error
 
 
+@pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_local_executor_two_ranks_train_like_one_process(tmp_path, monkeypatch):
     use_standin(monkeypatch)
     from test_launch_standin import run
@@ -86,6 +87,7 @@ def test_local_executor_two_ranks_train_like_one_process(tmp_path, monkeypatch):
     assert record["job_id"] == job.job_id and record["executor"] == "local"
 
 
+@pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_local_preemption_checkpoints_requeues_and_resumes(tmp_path, monkeypatch):
     """SIGTERM to the job (what a preemption sends; the local controller forwards it to every rank)
     once training runs: the ranks save at one step boundary, the controller requeues, the job

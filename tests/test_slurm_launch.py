@@ -65,6 +65,7 @@ def _standin_reference(run_dir: Path, steps: int, monkeypatch) -> list[float]:
     return losses(run_dir)
 
 
+@pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_two_node_job_trains_like_the_local_executor(slurm_cluster, tmp_path, monkeypatch):
     use_standin(monkeypatch)
     job = submit_run(_cfg(tmp_path / "slurm", "train.steps=5", "launch.nodes=2"))

@@ -42,6 +42,7 @@ def _wait_gone(job_id: str, timeout_s: float) -> None:
     raise TimeoutError(f"job {job_id} still in the queue after {timeout_s} s (cancelled)")
 
 
+@pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_single_node_template_trains(slurm_cluster, tmp_path, monkeypatch):
     use_standin(monkeypatch)
     # The simulated node names do not resolve: rendezvous on 127.0.0.1 (on a real cluster: unset).

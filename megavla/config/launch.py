@@ -54,19 +54,19 @@ class LaunchConfig:
     def validate(self) -> None:
         for name in ("nodes", "tasks_per_node", "time_min"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"launch.{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("gpus_per_node", "signal_delay_s", "max_requeues"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"launch.{name}={getattr(self, name)} must be >= 0")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.gpus_per_node and self.tasks_per_node not in (1, self.gpus_per_node):
             raise ConfigError(
-                f"launch.tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: "
+                f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: "
                 "GPU jobs run one task per GPU; leave tasks_per_node at 1")
         if self.executor == "local" and self.nodes != 1:
-            raise ConfigError(f"launch.nodes={self.nodes}: the local executor runs on one node; "
+            raise ConfigError(f"nodes={self.nodes}: the local executor runs on one node; "
                               "use --executor slurm for several nodes")
         if ":" not in self.entry:
-            raise ConfigError(f"launch.entry={self.entry!r} must look like 'package.module:function'")
+            raise ConfigError(f"entry={self.entry!r} must look like 'package.module:function'")
         if self.signal_delay_s >= self.time_min * 60:
-            raise ConfigError(f"launch.signal_delay_s={self.signal_delay_s} must be shorter than "
+            raise ConfigError(f"signal_delay_s={self.signal_delay_s} must be shorter than "
                               f"the time limit ({self.time_min} min)")
