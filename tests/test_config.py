@@ -52,3 +52,19 @@ def test_missing_or_malformed_file_is_a_config_error(tmp_path):
 
 def test_config_is_a_dataclass_tree():
     assert isinstance(load_config(), Config)
+
+
+@pytest.mark.parametrize("mixture, expected", [
+    ([], {"robot": 0.5, "human": 0.5}),
+    (["data.mixture.human=0.25"], {"robot": 0.75, "human": 0.25}),
+    (["data.mixture={robot: 1, human: 3}"], {"robot": 0.25, "human": 0.75}),
+    (["data.mixture.human=0"], {"robot": 1.0, "human": 0.0}),
+])
+def test_mixture_weights_resolve_to_fractions(mixture, expected):
+    cfg = load_config(None, ["data.sources={robot: /r, human: /h}", *mixture])
+    assert cfg.data.resolved_mixture() == pytest.approx(expected)
+
+
+def test_mixture_that_starves_an_unnamed_source_is_an_error():
+    with pytest.raises(ConfigError, match=r"leaves \['robot'\] nothing"):
+        load_config(None, ["data.sources={robot: /r, human: /h}", "data.mixture.human=1.0"])

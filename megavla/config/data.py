@@ -11,8 +11,9 @@ from .core import ConfigError
 class DataConfig:
     # Named shard sets (name -> directory written by `megavla data synth` or a converter).
     sources: dict[str, str] = field(default_factory=dict)
-    # Sampling weight per source name (`data.mixture.human=0.5`); unnamed sources get weight 1.
-    # Weights are normalized, so {robot: 1, human: 1} is the paper's 50/50 co-training mix.
+    # Sampling weight per source name. Sources not named share what the named weights leave of 1,
+    # so with sources robot + human, `data.mixture.human=0.25` is 75/25 and an empty mixture is
+    # equal shares. Weights are normalized: {robot: 1, human: 1} is the paper's 50/50 mix too.
     mixture: dict[str, float] = field(default_factory=dict)
     # Held-out shard sets for validation loss (name -> directory).
     val_sources: dict[str, str] = field(default_factory=dict)
@@ -62,6 +63,24 @@ class DataConfig:
                 raise ConfigError(f"mixture.{name}: no source named {name!r}; sources are {sorted(self.sources)}")
             if weight < 0:
                 raise ConfigError(f"mixture.{name}={weight} must be >= 0")
+        self.resolved_mixture()  # raises if unnamed sources would be left with nothing
         bad = [c for c in self.cameras if c not in ("head", "left_wrist", "right_wrist")]
         if bad:
             raise ConfigError(f"cameras: unknown camera {bad[0]!r}; choose from head, left_wrist, right_wrist")
+
+    def resolved_mixture(self) -> dict[str, float]:
+        """Normalized sampling weight of every source (see the ``mixture`` comment)."""
+        if not self.sources:
+            return {}
+        unnamed = [name for name in self.sources if name not in self.mixture]
+        named_total = sum(self.mixture.values())
+        if unnamed and named_total >= 1.0:
+            raise ConfigError(
+                f"mixture gives {dict(self.mixture)} (sum {named_total:g} >= 1) and leaves "
+                f"{unnamed} nothing; give them a weight too (e.g. data.mixture.{unnamed[0]}=0.5)")
+        share = (1.0 - named_total) / len(unnamed) if unnamed else 0.0
+        weights = {name: float(self.mixture.get(name, share)) for name in self.sources}
+        total = sum(weights.values())
+        if total <= 0:
+            raise ConfigError(f"mixture weights {weights} are all zero; give one source a positive weight")
+        return {name: w / total for name, w in weights.items()}

@@ -259,10 +259,6 @@ class StreamingLoader:
         return sum_counters(self._worker_states)
 
 
-def _resolve_weights(sources: dict[str, str], mixture: dict[str, float]) -> dict[str, float]:
-    return {name: float(mixture.get(name, 1.0)) for name in sources}
-
-
 def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None, rank: int = 0,
                  world_size: int = 1, norm_stats: dict | None = None, seed: int | None = None,
                  split: str = "train") -> StreamingLoader:
@@ -277,7 +273,7 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
     if not sources:
         raise ConfigError(f"data.{'val_sources' if val else 'sources'} is empty; name at least one shard set "
                           "directory (e.g. data.sources.robot=/tmp/s)")
-    weights = _resolve_weights(sources, {} if val else data_cfg.mixture)
+    weights = {name: 1.0 for name in sources} if val else data_cfg.resolved_mixture()
     manifests = {name: read_manifest(d) for name, d in sources.items() if weights[name] > 0}
     universe = {c for shards in manifests.values() for s in shards for c in s.combos}
     fraction = 1.0 if val else data_cfg.diversity_fraction
