@@ -105,11 +105,16 @@ class Trainer:
             torch.cuda.synchronize(self.dist.device)
 
     def _next_batch(self):
-        try:
-            return next(self._iter)
-        except StopIteration:      # a finite loader: start its next epoch
-            self._iter = iter(self.loader)
-            return next(self._iter)
+        # torch's DataLoader draws its base seed from the global RNG when its iterator starts (lazily,
+        # at the first next()). A resumed run starts one where the uninterrupted run did not, which
+        # would shift every later noise / timestep draw of the model. So data loading never touches
+        # the global RNG: the pipeline's randomness is its own (seeded by rank/worker/index).
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return next(self._iter)
+            except StopIteration:      # a finite loader: start its next epoch
+                self._iter = iter(self.loader)
+                return next(self._iter)
 
     def train_step(self) -> dict[str, float]:
         self.engine.train()
