@@ -65,7 +65,8 @@ def run_names(grid: dict[str, list]) -> tuple[list[str], list[tuple]]:
     return names, points
 
 
-def expand(sweep_file: str | Path, extra_overrides: list[str] = ()) -> tuple[Path, list[SweepRun]]:
+def expand(sweep_file: str | Path, extra_overrides: list[str] = (),
+           out_dir: str | Path | None = None) -> tuple[Path, list[SweepRun]]:
     """Read a sweep file -> (out_dir, resolved runs). All config errors surface here, before any
     submission, naming the sweep file and the grid point."""
     sweep_file = Path(sweep_file)
@@ -84,7 +85,7 @@ def expand(sweep_file: str | Path, extra_overrides: list[str] = ()) -> tuple[Pat
                               "(one job array shares them); put them in the base config or flags")
     base = spec.get("base")
     base_path = (sweep_file.parent / base) if base else None
-    out_dir = Path(spec.get("out_dir") or f"runs/sweeps/{sweep_file.stem}")
+    out_dir = Path(out_dir or spec.get("out_dir") or f"runs/sweeps/{sweep_file.stem}")
     fixed = list(spec.get("overrides") or [])
     names, points = run_names(grid)
     if len(set(names)) != len(names):
@@ -124,9 +125,9 @@ def _check_same_config(run: SweepRun) -> None:
 
 
 def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_run: bool = False,
-                 array_parallelism: int | None = None) -> list[str]:
+                 array_parallelism: int | None = None, out_dir: str | Path | None = None) -> list[str]:
     """Submit the runs that need it; returns their names (empty when everything is done/running)."""
-    out_dir, runs = expand(sweep_file, extra_overrides)
+    out_dir, runs = expand(sweep_file, extra_overrides, out_dir)
     lc = runs[0].cfg.launch
     todo: list[SweepRun] = []
     for run in runs:
@@ -227,11 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_flags(parser)
     parser.add_argument("--array-parallelism", type=int, default=None,
                         help="at most this many array elements run at once (slurm)")
+    parser.add_argument("--out-dir", default=None, help="where the run directories go (default: the "
+                        "sweep file's out_dir, else runs/sweeps/<file name>)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs to submit, submit nothing")
     args = parser.parse_intermixed_args(argv)
     try:
         names = submit_sweep(args.sweep, [*args.overrides, *flag_overrides(args)], dry_run=args.dry_run,
-                             array_parallelism=args.array_parallelism)
+                             array_parallelism=args.array_parallelism, out_dir=args.out_dir)
     except (ConfigError, LaunchError) as e:
         sys.stderr.write(f"megavla sweep: error: {e}\n")
         return 2

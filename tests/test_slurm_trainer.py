@@ -95,3 +95,25 @@ def test_preempted_real_training_resumes_like_the_trainers_own_resume(slurm_clus
     slurm, local = step_losses(tmp_path / "slurm"), step_losses(tmp_path / "local")
     assert sorted(slurm) == list(range(1, steps + 1)) == sorted(local)
     assert [slurm[s] for s in sorted(slurm)] == pytest.approx([local[s] for s in sorted(local)], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_shipped_smoke_sweep_runs_as_a_job_array(slurm_cluster, tiny_data, tmp_path, capsys):
+    """configs/sweeps/smoke.yaml (tiny preset, 2 human shares x 2 seeds, 20 steps) as one array of
+    the real trainer; status shows four finished runs; the same command again submits nothing."""
+    from megavla.launch import sweep
+    from test_slurm_launch import _wait_all_finished
+    argv = [str(REPO / "configs" / "sweeps" / "smoke.yaml"), "--out-dir", str(tmp_path / "sw"),
+            f"data.sources.robot={tiny_data / 'shards' / 'robot'}",
+            f"data.sources.human={tiny_data / 'shards' / 'human'}", f"train.tokenizer_dir={tiny_data / 'tok'}",
+            "train.progress=false", "train.tensorboard=false", "--executor", "slurm", "--master-addr", "127.0.0.1"]
+    assert sweep.main(argv) == 0
+    rows = _wait_all_finished(tmp_path / "sw", 4, timeout_s=400)
+    assert [r["step"] for r in rows] == ["20/20"] * 4 and all(r["checkpoint"] == "step_000020" for r in rows)
+    assert len({r["job"].split("_")[0] for r in rows}) == 1
+    for r in rows:  # the trainer learned something in 20 steps
+        curve = step_losses(tmp_path / "sw" / r["run"])
+        assert curve[20] < curve[1]
+    capsys.readouterr()
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "nothing to submit"
