@@ -140,6 +140,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         rundir.update_launch_record(self.run_dir, status="requeued",
                                     append_event={"event": "preempted", "job_id": job_env.job_id,
                                                   "saved_step": ckpt[1] if ckpt else None})
+        # A late second signal (interrupts send TERM then USR2) must not requeue the job twice.
+        signal.signal(job_env._usr_sig(), signal.SIG_IGN)
         if not callable(submitit_usr2):
             log.warning("preempted outside a submitit job: not requeued (resume with --resume auto)")
             return 0

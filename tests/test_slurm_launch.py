@@ -91,6 +91,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=120)
     job._interrupt()
     assert job.results() == [0, 0]
+    # Job states come through the sacct shim (no accounting daemon); the result file is written
+    # just before the processes exit, so give SLURM a moment to call the job COMPLETED.
+    deadline = time.time() + 30
+    while job.get_info(mode="force").get("State") != "COMPLETED" and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.get_info(mode="force").get("State") == "COMPLETED"
     record = rundir.read_launch_record(tmp_path / "run")
     saved = [e["saved_step"] for e in record["events"] if e["event"] == "preempted"]
     resumed = [e["resume_step"] for e in record["events"] if e["event"] == "start" and e["attempt"] > 0]
