@@ -134,9 +134,9 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def _after_preemption(self, rank: int, submitit_usr2: Any, job_env: Any) -> int:
         """The trainer saved because of a signal: rank 0 requeues through submitit's handler."""
-        ckpt = rundir.latest_checkpoint(self.run_dir)
         if rank != 0:
             return 0
+        ckpt = rundir.latest_checkpoint(self.run_dir)
         rundir.update_launch_record(self.run_dir, status="requeued",
                                     append_event={"event": "preempted", "job_id": job_env.job_id,
                                                   "saved_step": ckpt[1] if ckpt else None})

@@ -137,3 +137,26 @@ def test_sweep_is_one_job_array_and_rerun_submits_nothing(slurm_cluster, tmp_pat
     assert sweep.submit_sweep(spec, ["launch.executor=slurm"]) == []  # re-run: nothing submitted
     assert sweep.main(["status", str(tmp_path / "sw")]) == 0
     assert sum(" finished " in line for line in capsys.readouterr().out.splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster, tmp_path, monkeypatch):
+    """An admin/preemption requeue by SLURM itself (SIGTERM, then SIGKILL after KillWait=5 s): the
+    ranks save in time, rank 0's own requeue is refused (already requeueing) and is not an error,
+    the job comes back and resumes from the saved step."""
+    use_standin(monkeypatch)
+    monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0.2")
+    steps = 15
+    job = submit_run(_cfg(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
+    wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=120)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    deadline = time.time() + 180
+    while rundir.read_launch_record(tmp_path / "run").get("status") != "finished":
+        assert time.time() < deadline, "requeued job did not finish"
+        time.sleep(0.5)
+    record = rundir.read_launch_record(tmp_path / "run")
+    saved = [e["saved_step"] for e in record["events"] if e["event"] == "preempted"]
+    resumed = [e["resume_step"] for e in record["events"] if e["event"] == "start" and e["attempt"] > 0]
+    assert len(saved) == 1 and resumed == saved and 3 <= saved[0] < steps
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(1, steps + 1))
