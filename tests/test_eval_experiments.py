@@ -27,11 +27,11 @@ def out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def diversity(out):
     assert cli.main(["diversity", "--preset", "toy", "--out", str(out)]) == 0
-    return json.loads((out / "results.json").read_text())
+    return json.loads((out / "results_diversity.json").read_text())
 
 
 def test_diversity_report_structure(out, diversity):
-    md = (out / "report.md").read_text()
+    md = (out / "report_diversity.md").read_text()
     assert "| pretrain diversity | robot only: success [95% CI] |" in md
     assert "| 0% |" in md and "| 100% |" in md
     assert (out / "transfer_gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -88,9 +88,10 @@ def test_objectives_reuses_pretrain_and_reports_breakdown(out, diversity):
     before = json.loads((pre_dir / "launch.json").read_text())["events"]
     assert cli.main(["objectives", "--preset", "toy", "--out", str(out)]) == 0
     assert json.loads((pre_dir / "launch.json").read_text())["events"] == before  # skipped, not re-run
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results_objectives.json").read_text())
     assert list(res["evaluations"]) == ["high-level only", "low-level only", "both"]
-    md = (out / "report.md").read_text()
+    md = (out / "report_objectives.md").read_text()
+    assert (out / "report_diversity.md").is_file()  # the shared report dir keeps both reports
     for variant in res["evaluations"]:
         assert f"| {variant} |" in md
     high = load_config(out / "configs" / "finetune_obj-high.yaml")
@@ -108,7 +109,7 @@ def test_probe_silhouette_recomputes_from_saved_embeddings(out, diversity, tmp_p
     ckpts = [diversity["runs"]["finetune_div-0_robot"], diversity["runs"]["finetune_div-1_robot+human"]]
     assert cli.main(["probe", *ckpts, "--out", str(tmp_path), "--combos", "0:0,1:1",
                      "--episodes-per-combo", "1", "--steps-per-episode", "2"]) == 0
-    res = json.loads((tmp_path / "results.json").read_text())["probe"]
+    res = json.loads((tmp_path / "results_probe.json").read_text())["probe"]
     assert len(res) == 2
     for name, entry in res.items():
         safe = name.replace("/", "_")

@@ -10,6 +10,8 @@ Knobs honoured by all three: ``--cameras head`` (wrist cameras off), ``--chunk-l
 overrides=[train.lr=1e-3]`` reaches every training run). Launch flags (``--executor slurm
 --partition ...``) go to every sweep. Re-running a command skips finished runs, resumes interrupted
 ones and reuses cached evaluations; with SLURM, re-run it once the submitted runs have finished.
+Reports: ``OUT/report_<experiment>.md`` + ``OUT/results_<experiment>.json`` (diversity and
+objectives may share one OUT: objectives then reuses the data and the 100 % pretrain run).
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
                "rows": [{k: v for k, v in r.items() if not k.endswith("_cl")} for r in rows],
                "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe,
                "seen_reference": reference}
-    report.write_json(results, out / "results.json")
+    report.write_json(results, out / "results_diversity.json")
     lines = _header("Diversity ablation: human→robot transfer gap", spec, argv, time.perf_counter() - start)
     lines += ["## Transfer gap on the target combos " + ", ".join(spec.world.targets), "",
               "Robot data never shows the targets; in robot+human finetuning only human data shows them. "
@@ -107,7 +109,7 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
     if probe:
         lines += _probe_section(probe, "probe/")
     lines += ["Exact configs: `configs/` (one per run) and `sweeps/` (the sweep files that ran them).", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / "report_diversity.md").write_text("\n".join(lines))
     return results
 
 
@@ -141,7 +143,7 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
                      off["breakdown"]["ok"], off["breakdown"]["wrong_subtask"], off["breakdown"]["wrong_motion"]])
     results = {"experiment": "objectives", "targets": spec.world.targets, "evaluations": evals,
                "runs": {k: str(v) for k, v in run_dirs.items()}}
-    report.write_json(results, out / "results.json")
+    report.write_json(results, out / "results_objectives.json")
     lines = _header("Objective ablation: high-level / low-level / both", spec, argv, time.perf_counter() - start)
     lines += [f"Finetuned (robot + human, human weight {spec.human_weight}) from the {level:.0%}-diversity "
               "pretrain checkpoint; evaluated on the targets. Breakdown over held-out robot steps: wrong "
@@ -149,7 +151,7 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
               f"action MSE > {spec.eval.motion_threshold}.", "",
               report.markdown_table(["objective", "success [95% CI]", "action MSE", "subtask acc.", "ok",
                                      "wrong subtask", "wrong motion"], rows), ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / "report_objectives.md").write_text("\n".join(lines))
     return results
 
 
@@ -163,10 +165,10 @@ def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
         names[name] = ckpt
     probe = run_probe(names, combos, out, episodes_per_combo=args.episodes_per_combo,
                       steps_per_episode=args.steps_per_episode)
-    report.write_json({"experiment": "probe", "combos": combos, "probe": probe}, out / "results.json")
+    report.write_json({"experiment": "probe", "combos": combos, "probe": probe}, out / "results_probe.json")
     lines = ["# Representation-alignment probe", "", f"Command: `megavla experiment {shlex.join(argv)}`", "",
              f"Robot and human observations of combos {', '.join(combos)}.", ""]
-    (out / "report.md").write_text("\n".join(lines + _probe_section(probe, "")))
+    (out / "report_probe.md").write_text("\n".join(lines + _probe_section(probe, "")))
     return probe
 
 
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = probe_command(args, argv)
             for name, p in probe.items():
                 print(f"{name}: silhouette {p['silhouette']:.4f} ({p['samples']} observations)")
-            print(f"report: {Path(args.out) / 'report.md'}")
+            print(f"report: {Path(args.out) / 'report_probe.md'}")
             return 0
         from megavla.launch.cli import flag_overrides
         spec = _load(args)
@@ -216,5 +218,5 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         sys.stderr.write(f"megavla experiment: {e}\n")
         return 3
-    print((out / "report.md").read_text())
+    print((out / f"report_{args.experiment}.md").read_text())
     return 0

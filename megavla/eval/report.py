@@ -59,14 +59,14 @@ def plot_transfer_gap(rows: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     x = [100 * row["diversity"] for row in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     axes[0].plot(x, [row["delta_success"] for row in rows], "o-", color="tab:green")
     axes[0].set_ylabel("Δ success (robot+human − robot)")
     axes[1].plot(x, [row["delta_mse"] for row in rows], "o-", color="tab:purple")
-    axes[1].set_ylabel("Δ action MSE (robot − robot+human)")
+    axes[1].set_ylabel("Δ action MSE (robot − r+h)")
     for ax in axes:
         ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xlabel("pretraining diversity (% of robot scene×task combos)")
+        ax.set_xlabel("pretraining diversity (% of robot combos)")
     fig.suptitle("human→robot transfer on the target combos", fontsize=10)
     fig.tight_layout()
     path = Path(path)
