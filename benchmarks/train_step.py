@@ -26,6 +26,43 @@ from pathlib import Path
 WARMUP = 2
 
 
+def state_mb(*roots) -> float:
+    """MB of distinct tensor storage reachable from the model / optimizer objects: parameters,
+    gradients, fp32 master copies, Adam moments, ZeRO flat buffers and partitions -- the "model
+    states" ZeRO partitions (peak RSS also holds activations and the import baseline)."""
+    import torch
+    seen_storage, seen_obj, total = set(), set(), 0
+
+    def walk(obj, depth):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() and obj.untyped_storage().data_ptr() not in seen_storage:
+                seen_storage.add(obj.untyped_storage().data_ptr())
+                total += obj.untyped_storage().nbytes()
+            if isinstance(obj, torch.nn.Parameter) or obj.grad is not None:
+                walk(obj.grad, depth + 1)
+                walk(getattr(obj, "ds_tensor", None), depth + 1)
+            return
+        if depth > 6 or id(obj) in seen_obj or obj is None or isinstance(obj, (str, int, float, bool)):
+            return
+        seen_obj.add(id(obj))
+        if isinstance(obj, dict):
+            for v in list(obj.values()):
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in list(obj):
+                walk(v, depth + 1)
+        elif isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                walk(p, depth + 1)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("torch", "deepspeed"):
+            walk(vars(obj), depth + 1)
+
+    for root in roots:
+        walk(root, 0)
+    return total / 2**20
+
+
 def worker(args) -> None:
     import torch
 
@@ -61,6 +98,8 @@ def worker(args) -> None:
         device = dist.device
         engine, _, _ = create_engine(model, tcfg, args.batch, dist)
 
+        opt = engine.optimizer
+
         def step(batch):
             engine.backward(engine(batch)["loss"])
             engine.step()
@@ -74,6 +113,7 @@ def worker(args) -> None:
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
     result = {"rank": rank, "step_s": sum(times) / len(times), "peak_mb": peak_memory_mb(device),
+              "state_mb": state_mb(model, opt),
               "params_m": params_m}
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
 
@@ -94,7 +134,7 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
     step_s = max(r["step_s"] for r in ranks)           # ranks run in lockstep; the slowest paces
     return {"preset": preset, "mode": "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}", "nproc": nproc,
             "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
-            "peak_mb": [round(r["peak_mb"]) for r in ranks]}
+            "peak_mb": [round(r["peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks]}
 
 
 def main() -> None:
@@ -118,11 +158,13 @@ def main() -> None:
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     print(f"\nmicro batch {args.batch} per process, {args.steps} timed steps, cpu_count={os.cpu_count()}\n")
-    print("| preset | params (M) | mode | procs | step (s) | samples/s | peak RSS per rank (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | params (M) | mode | procs | step (s) | samples/s | model states per rank (MB) "
+          "| peak RSS per rank (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {r['step_s']:.3f} | "
-              f"{r['samples_s']:.2f} | {' / '.join(map(str, r['peak_mb']))} |")
+              f"{r['samples_s']:.2f} | {' / '.join(map(str, r['state_mb']))} | "
+              f"{' / '.join(map(str, r['peak_mb']))} |")
 
 
 if __name__ == "__main__":

@@ -141,15 +141,20 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
         "train_batch_size": micro_batch * accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_allow_untested_optimizer": True,   # torch.optim.AdamW is "untested" to DeepSpeed
-        "zero_optimization": {"stage": cfg.zero_stage},
+        # Buckets of 5e7 elements instead of DeepSpeed's 5e8: the latter preallocates ~2 GB (fp32) per
+        # bucket, more than a small model's whole state; 5e7 keeps collectives large on GPU.
+        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": int(5e7),
+                              "allgather_bucket_size": int(5e7)},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 10**9,                # we log ourselves
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
     if cfg.zero_stage == 3:
-        # Gather full weights into the 16-bit save so export does not need all shards online.
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+        # Export consolidates from the fp32 shards (zero_to_fp32), so no 16-bit gather at save time.
+        config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False,
+                                           stage3_prefetch_bucket_size=int(5e7))
+        config["zero_optimization"].pop("allgather_bucket_size")
     return config
 
 

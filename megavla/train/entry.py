@@ -175,8 +175,8 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
 
     flops = None
     try:
-        from megavla.model.vla import flops_per_sample
-        flops = float(flops_per_sample(cfg.model))
+        from megavla.model.flops import flops_per_sample
+        flops = float(flops_per_sample(cfg))   # full Config: counts len(data.cameras) cameras
     except Exception as e:   # toy models in tests; MFU is then not logged
         log.debug("no FLOPs per sample (%s)", e)
     extra = {"norm_stats.json": run_dir / "norm_stats.json"}
