@@ -144,3 +144,9 @@ def test_bad_preset_and_spec_errors(tmp_path, capsys):
     assert "presets are" in capsys.readouterr().err
     assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--set", "diversity_levels=[2.0]"]) == 2
     assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--human-weight", "0"]) == 2
+
+
+def test_changed_world_in_an_existing_report_dir_is_refused(out, diversity):
+    spec = ex.load_spec("toy", ["world.robot_episodes_per_combo=2"])
+    with pytest.raises(ex.ConfigError, match="other world settings"):
+        ex.prepare_data(spec, out / "data")

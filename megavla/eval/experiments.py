@@ -115,12 +115,16 @@ def finetune_combos(world: WorldSpec) -> list[str]:
 
 def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, world: WorldSpec) -> Path:
     from megavla.data_shards.writer import ShardSetWriter
-    if (out / "manifest.json").is_file():
-        log.info("data: %s exists; reused", out)
-        return out
     generator = {"generator": "megavla.eval.experiments (data_shards.synth.generate_episode)",
                  "embodiment": embodiment, "combos": combos, "episodes_per_combo": per_combo,
                  "image_size": world.image_size, "seed": world.seed}
+    if (out / "manifest.json").is_file():
+        stored = json.loads((out / "manifest.json").read_text()).get("generator")
+        if stored != generator:
+            raise ConfigError(f"{out}: holds a shard set made with other world settings ({stored}); the "
+                              f"spec asks for {generator}. Use a new --out for a changed world")
+        log.info("data: %s exists with the same settings; reused", out)
+        return out
     with ShardSetWriter(out, target_shard_bytes=int(world.shard_size_mb * 2**20), generator=generator,
                         overwrite=True) as writer:
         for combo in combos:

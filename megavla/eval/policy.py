@@ -104,7 +104,8 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> L
     missing, unexpected = model.load_state_dict(load_state_dict(ckpt), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the config's model: missing {missing[:4]} "
-                              f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)})")
+                              f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}); a "
+                              "ZeRO-3 or multi-rank checkpoint holds shards: `megavla export` it first")
     model.eval()
     stats_file = next((p for p in (ckpt / "norm_stats.json", ckpt.parent.parent / "norm_stats.json")
                        if p.is_file()), None)
