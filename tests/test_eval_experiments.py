@@ -144,6 +144,10 @@ def test_bad_preset_and_spec_errors(tmp_path, capsys):
     assert "presets are" in capsys.readouterr().err
     assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--set", "diversity_levels=[2.0]"]) == 2
     assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--human-weight", "0"]) == 2
+    assert cli.main(["probe", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli.main(["probe", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "checkpoints/latest" in capsys.readouterr().err
 
 
 def test_changed_world_in_an_existing_report_dir_is_refused(out, diversity):

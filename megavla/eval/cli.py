@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "spec.yaml").write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
         run = diversity if args.experiment == "diversity" else objectives
         run(spec, out.resolve(), flag_overrides(args), argv)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # CheckpointError and bad combos are ValueErrors
         sys.stderr.write(f"megavla experiment: error: {e}\n")
         return 2
     except RuntimeError as e:
