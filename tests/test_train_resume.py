@@ -118,3 +118,28 @@ def test_bad_config_fails_before_any_process(tmp_path, capsys):
     assert main([str(base), "train.global_batch_size=10", "--nproc", "2"]) == 2
     assert "global_batch_size" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()                  # nothing started, nothing written
+
+
+def test_local_launcher_forwards_signals_and_propagates_failures(tmp_path):
+    """The launcher's own plumbing with stand-in workers (no trainer): SIGTERM to the launcher
+    reaches every worker and their exit code 75 comes back; one failing worker stops the others."""
+    import signal
+    import subprocess
+    import time
+    ready = tmp_path / "ready"
+    worker = ("import os, signal, sys, time, pathlib\n"
+              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+              f"pathlib.Path({str(ready)!r} + os.environ['RANK']).touch()\n"
+              "if os.environ['RANK'] == sys.argv[1]: sys.exit(3)\n"
+              "time.sleep(60)\n")
+    launcher = ("import sys\nfrom megavla.train.cli import launch_local\n"
+                f"sys.exit(launch_local(2, [sys.argv[1]], command=[sys.executable, '-c', {worker!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "-1"])      # no rank fails
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{r}").exists() for r in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_SIGNAL_SAVED
+    t0 = time.monotonic()
+    failing = subprocess.run([sys.executable, "-c", launcher, "1"], timeout=60)   # rank 1 exits 3
+    assert failing.returncode == 3 and time.monotonic() - t0 < 30   # rank 0 was stopped, not waited out

@@ -61,7 +61,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be > 0 (e.g. train.lr=2.5e-5)")
+            raise ConfigError(f"lr={self.lr} must be > 0 (e.g. train.lr=2.5e-5; YAML reads 2.5e-5 as a number only with the dot)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
         for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches"):

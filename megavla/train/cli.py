@@ -63,8 +63,11 @@ def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
     try:
         failed_at = None
-        while any(p.poll() is None for p in procs):
-            codes = [p.returncode for p in procs if p.returncode is not None]
+        while True:
+            polled = [p.poll() for p in procs]      # poll every worker (any() would stop early)
+            if all(c is not None for c in polled):
+                break
+            codes = [c for c in polled if c is not None]
             if failed_at is None and any(c not in (0, 75) for c in codes):
                 failed_at = time.monotonic()
                 log.error("a worker exited with %s; stopping the others", codes)
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megavla train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config (e.g. configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.zero_stage=3")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides, e.g. train.lr=3.0e-4 train.zero_stage=3 (YAML: 3e-4 is a string)")
     parser.add_argument("--nproc", type=int, default=1, help="local processes (data-parallel ranks)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint dir")
     args = parser.parse_intermixed_args(argv)   # overrides may come after --nproc / --resume
