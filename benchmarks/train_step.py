@@ -112,7 +112,14 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
-    result = {"rank": rank, "step_s": sum(times) / len(times), "peak_mb": peak_memory_mb(device),
+    from megavla.model.flops import flops_per_sample
+    from megavla.train.metrics import peak_flops
+    step_s = sum(times) / len(times)
+    peak = peak_flops(device)
+    result = {"rank": rank, "step_s": step_s, "peak_mb": peak_memory_mb(device),
+              # MFU per device (GPU only): model training FLOPs of this rank's samples / step / dense bf16 peak.
+              "mfu": flops_per_sample(mcfg) * args.batch / step_s / peak if peak else None,
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "state_mb": state_mb(model, opt),
               "params_m": params_m}
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
@@ -134,7 +141,8 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
     step_s = max(r["step_s"] for r in ranks)           # ranks run in lockstep; the slowest paces
     return {"preset": preset, "mode": "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}", "nproc": nproc,
             "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
-            "peak_mb": [round(r["peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks]}
+            "peak_mb": [round(r["peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks],
+            "mfu": ranks[0]["mfu"], "device": ranks[0]["device"]}
 
 
 def main() -> None:
@@ -157,14 +165,15 @@ def main() -> None:
                 row = run_config(preset, stage, 1 if stage < 0 else 2, args.steps, args.batch, Path(tmp))
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
-    print(f"\nmicro batch {args.batch} per process, {args.steps} timed steps, cpu_count={os.cpu_count()}\n")
+    print(f"\ndevice {rows[0]['device']}, micro batch {args.batch} per process, {args.steps} timed steps, "
+          f"cpu_count={os.cpu_count()}\n")
     print("| preset | params (M) | mode | procs | step (s) | samples/s | model states per rank (MB) "
           "| peak RSS per rank (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {r['step_s']:.3f} | "
               f"{r['samples_s']:.2f} | {' / '.join(map(str, r['state_mb']))} | "
-              f"{' / '.join(map(str, r['peak_mb']))} |")
+              f"{' / '.join(map(str, r['peak_mb']))} |" + (f" MFU {100 * r['mfu']:.1f}% |" if r["mfu"] else ""))
 
 
 if __name__ == "__main__":
