@@ -4,7 +4,6 @@ resume at world size 1 from a world-size-2 checkpoint (DeepSpeed universal check
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

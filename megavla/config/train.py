@@ -45,7 +45,9 @@ class TrainConfig:
     # (activation checkpointing per layer is model.activation_checkpointing; objectives are the
     #  model's loss weights: model.subtask_weight/fast_weight = high level, model.flow_weight = low level)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes, e.g. ["vision"]
-    ema_decay: float | None = None        # e.g. 0.999; EMA kept in fp32 (ZeRO stage <= 2)
+    # e.g. 0.999: fp32 EMA of the engine's module weights (bf16 copies under bf16 precision),
+    # updated every optimizer step, saved as ema.safetensors; needs ZeRO stage <= 2.
+    ema_decay: float | None = None
     # Logging, validation, checkpoints.
     log_every: int = 10
     val_every: int = 0                    # 0 = no validation (needs data.val_sources)
