@@ -2,6 +2,8 @@
 DeepSpeed ZeRO-0/2/3 (2 processes), tiny and small presets, in one run.
 
     python benchmarks/train_step.py [--presets tiny small] [--steps 5] [--batch 2]
+    # one GPU (bf16, fused AdamW, SDPA/flash, MFU column):
+    python benchmarks/train_step.py --presets small 1b --stages -1 0 2 --nproc 1 --batch 8 --steps 10
 
 Every configuration runs the real code paths: the VLA from `build_model`, the DeepSpeed engine from
 `megavla.train.engine.create_engine` (torch AdamW, fp32 on CPU / bf16 on GPU), one fixed synthetic
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", type=int, default=[-1, 0, 2, 3], help="-1 = plain PyTorch")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batch", type=int, default=2, help="micro batch per process")
+    parser.add_argument("--nproc", type=int, default=2, help="processes for the DeepSpeed rows (= GPUs on a GPU box)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -162,7 +165,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             for stage in args.stages:
-                row = run_config(preset, stage, 1 if stage < 0 else 2, args.steps, args.batch, Path(tmp))
+                row = run_config(preset, stage, 1 if stage < 0 else args.nproc, args.steps, args.batch, Path(tmp))
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     print(f"\ndevice {rows[0]['device']}, micro batch {args.batch} per process, {args.steps} timed steps, "
