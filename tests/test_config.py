@@ -68,3 +68,13 @@ def test_mixture_weights_resolve_to_fractions(mixture, expected):
 def test_mixture_that_starves_an_unnamed_source_is_an_error():
     with pytest.raises(ConfigError, match=r"leaves \['robot'\] nothing"):
         load_config(None, ["data.sources={robot: /r, human: /h}", "data.mixture.human=1.0"])
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML reads `1e-4` as a string; a learning rate written that way must still work.
+    cfg = load_config(None, ["train.lr=1e-4"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n")
+    assert load_config(tmp_path / "c.yaml").train.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["train.lr=fast"])
