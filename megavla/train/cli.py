@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config (e.g. configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*",
-                        help="dotted overrides, e.g. train.lr=3.0e-4 train.zero_stage=3 (YAML: 3e-4 is a string)")
+                        help="dotted overrides, e.g. train.lr=3e-4 train.zero_stage=3")
     parser.add_argument("--nproc", type=int, default=1, help="local processes (data-parallel ranks)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint dir")
     args = parser.parse_intermixed_args(argv)   # overrides may come after --nproc / --resume
