@@ -159,6 +159,21 @@ def test_ds_config_derives_accumulation_from_global_batch():
         ds_config(TrainConfig(global_batch_size=10), micro_batch=4, world_size=2)
 
 
+
+def test_zero_buckets_scale_with_the_model():
+    from megavla.config.train import TrainConfig
+    from megavla.train.engine import ds_config
+    small = ds_config(TrainConfig(zero_stage=3), micro_batch=2, world_size=2, num_params=108_000_000)
+    assert small["zero_optimization"]["reduce_bucket_size"] == 13_500_000
+    assert small["zero_optimization"]["stage3_prefetch_bucket_size"] == 13_500_000
+    big = ds_config(TrainConfig(zero_stage=2), micro_batch=2, world_size=2, num_params=3_000_000_000)
+    assert big["zero_optimization"]["allgather_bucket_size"] == int(5e7)
+    tiny = ds_config(TrainConfig(zero_stage=2), micro_batch=2, world_size=2, num_params=400_000)
+    assert tiny["zero_optimization"]["reduce_bucket_size"] == 2**20
+    fixed = ds_config(TrainConfig(zero_stage=2, zero_bucket_elements=12345), 2, 2, num_params=10**9)
+    assert fixed["zero_optimization"]["reduce_bucket_size"] == 12345
+
+
 if __name__ == "__main__":
     import argparse
 

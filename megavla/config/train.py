@@ -29,6 +29,10 @@ class TrainConfig:
     seed: int = 0
     zero_stage: int = 2                   # DeepSpeed ZeRO stage 0, 1, 2 or 3
     precision: Literal["bf16", "fp32"] = "bf16"
+    # ZeRO communication bucket, in elements (reduce / allgather / ZeRO-3 prefetch). 0 = auto:
+    # min(5e7, params / 8), at least 2**20 -- a fixed 5e7 bucket (190 MiB in fp32) outweighs a small
+    # model's whole sharded state and hides ZeRO-3's saving.
+    zero_bucket_elements: int = 0
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
     # Optimizer and schedule (openpi pi0.5 defaults).
@@ -64,6 +68,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0 (e.g. train.lr=2.5e-5; YAML reads 2.5e-5 as a number only with the dot)")
+        if self.zero_bucket_elements < 0:
+            raise ConfigError(f"zero_bucket_elements={self.zero_bucket_elements} must be >= 0 (0 = auto)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
         for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches"):

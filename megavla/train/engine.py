@@ -133,18 +133,29 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
-def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universal: bool = False) -> dict:
+def zero_bucket_elements(cfg: TrainConfig, num_params: int | None) -> int:
+    """Bucket size for ZeRO collectives: the config's, or min(5e7, params / 8) (at least 2**20)."""
+    if cfg.zero_bucket_elements:
+        return cfg.zero_bucket_elements
+    if num_params is None:
+        return int(5e7)
+    return int(min(5e7, max(2**20, num_params // 8)))
+
+
+def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universal: bool = False,
+              num_params: int | None = None) -> dict:
     accum = grad_accum_steps(cfg, micro_batch, world_size)
+    bucket = zero_bucket_elements(cfg, num_params)
     config: dict = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro_batch * accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_allow_untested_optimizer": True,   # torch.optim.AdamW is "untested" to DeepSpeed
-        # Buckets of 5e7 elements instead of DeepSpeed's 5e8: the latter preallocates ~2 GB (fp32) per
-        # bucket, more than a small model's whole state; 5e7 keeps collectives large on GPU.
-        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": int(5e7),
-                              "allgather_bucket_size": int(5e7)},
+        # Buckets of at most 5e7 elements instead of DeepSpeed's 5e8: the latter preallocates ~2 GB
+        # (fp32) per bucket, more than a small model's whole state; 5e7 keeps collectives large on GPU.
+        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 10**9,                # we log ourselves
         "wall_clock_breakdown": False,
@@ -153,7 +164,7 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
     if cfg.zero_stage == 3:
         # Export consolidates from the fp32 shards (zero_to_fp32), so no 16-bit gather at save time.
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False,
-                                           stage3_prefetch_bucket_size=int(5e7))
+                                           stage3_prefetch_bucket_size=bucket)
         config["zero_optimization"].pop("allgather_bucket_size")
     return config
 
@@ -165,7 +176,8 @@ def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: Di
     model.to(dist.device)
     optimizer = build_optimizer(model, cfg, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    config = ds_config(cfg, micro_batch, dist.world_size, load_universal)
+    num_params = sum(p.numel() for p in model.parameters())
+    config = ds_config(cfg, micro_batch, dist.world_size, load_universal, num_params)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x world %d", cfg.zero_stage,
