@@ -31,6 +31,7 @@ FLAG_FIELDS: dict[str, tuple[str, type]] = {
     "--time": ("time_min", int),
     "--max-requeues": ("max_requeues", int),
     "--master-addr": ("master_addr", str),
+    "--master-port": ("master_port", int),
 }
 
 
@@ -47,6 +48,7 @@ def add_launch_flags(parser: argparse.ArgumentParser) -> None:
         "--time": "time limit in minutes; USR2 arrives launch.signal_delay_s (120) before it",
         "--max-requeues": "requeues allowed after preemption / time limit",
         "--master-addr": "rendezvous host (default: first node of the job)",
+        "--master-port": "rendezvous port (default: derived from the job id)",
     }
     for flag, (_field, tp) in FLAG_FIELDS.items():
         parser.add_argument(flag, type=tp, default=None, help=helps[flag])

@@ -57,6 +57,11 @@ def setup_distributed_env(cfg: Config) -> submitit.helpers.TorchDistributedEnvir
     ``overwrite=True`` because a requeued local task inherits nothing, but a job launched from inside
     another job (a sweep driver in an allocation) would otherwise refuse to start.
     """
+    # submitit honours an existing MASTER_PORT; one inherited from the submitting environment is
+    # stale and shared by every job submitted from it, so derive the port from the job id instead.
+    os.environ.pop("MASTER_PORT", None)
+    if cfg.launch.master_port:
+        os.environ["MASTER_PORT"] = str(cfg.launch.master_port)
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     dist_env.export(set_cuda_visible_devices=False, overwrite=True)
     if cfg.launch.master_addr:

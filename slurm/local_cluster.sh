@@ -108,7 +108,10 @@ cmd_start() {
       ln -s "$CONF" /etc/slurm/slurm.conf && touch "$STATE_DIR/run/etc-link.created-by-us"
     fi
     start_munge
-    slurmctld -i -f "$CONF"
+    # -c: a fresh start begins with an empty job table. Jobs recorded by an earlier run whose
+    # processes are gone (machine restarted, daemons killed) would otherwise hold the nodes
+    # allocated and new jobs would pend forever. Job ids restart at 1.
+    slurmctld -c -i -f "$CONF"
     for n in $(node_names); do
       mkdir -p "$STATE_DIR/spool/$n"
       if [[ "$NODES" == 1 ]]; then slurmd -f "$CONF"; else slurmd -f "$CONF" -N "$n"; fi

@@ -79,3 +79,24 @@ def test_launch_cli_runs_locally_and_reports_errors(tmp_path, monkeypatch, capsy
     assert "Did you mean 'nodes'?" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+def test_inherited_master_port_is_not_reused_by_jobs(monkeypatch):
+    """sbatch exports the submitting shell's MASTER_PORT to every job: concurrent jobs on one node
+    then collide on it (seen: EADDRINUSE when an earlier in-process run had set it)."""
+    from megavla.config import load_config
+    from megavla.launch.task import setup_distributed_env
+    monkeypatch.setenv("_TEST_CLUSTER_", "local")
+    for var, value in {"SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "1",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+                       "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0"}.items():
+        monkeypatch.setenv(var, value)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "52987")
+    env = setup_distributed_env(load_config())
+    assert env.master_port != 52987 and os.environ["MASTER_PORT"] == str(env.master_port)
+    again = setup_distributed_env(load_config())  # same job id -> same port on every rank
+    assert again.master_port == env.master_port
+    pinned = setup_distributed_env(load_config(None, ["launch.master_port=31337"]))
+    assert pinned.master_port == 31337

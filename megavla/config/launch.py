@@ -32,6 +32,10 @@ class LaunchConfig:
     # torch.distributed rendezvous host. None = the first node of the job (submitit's choice). Set
     # 127.0.0.1 on a simulated multi-node cluster whose node names do not resolve.
     master_addr: str | None = None
+    # Rendezvous port. 0 = derived from the job id (distinct per job). A MASTER_PORT inherited from
+    # the submitting shell is ignored: sbatch exports it to every job, so concurrent jobs on one
+    # node would collide on it.
+    master_port: int = 0
     # The function every rank runs: "module:function" taking (cfg, resume) and returning an exit code.
     entry: str = "megavla.train.entry:run"
     # Exit code with which `entry` says "saved a checkpoint because of SIGTERM/SIGUSR2, requeue me"
