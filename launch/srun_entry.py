@@ -3,8 +3,9 @@
     srun python -m megavla.launch.srun_entry CONFIG [dotted.overrides] [--resume auto]
 
 Maps SLURM's task variables to torch.distributed's (RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS,
-LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = first node of the job, MASTER_PORT from the job id) unless
-they are already set (under torchrun), runs the trainer entry (``launch.entry``) and, when the trainer
+LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = first node of the job, MASTER_PORT from the job id or
+launch.master_port; values inherited from the submitting shell are ignored) unless
+torchrun set them, runs the trainer entry (``launch.entry``) and, when the trainer
 stopped on SIGUSR2/SIGTERM after saving (exit 75), has rank 0 requeue the job with ``scontrol
 requeue`` while ``SLURM_RESTART_COUNT < launch.max_requeues``. The requeued batch script runs again
 from the top and ``--resume auto`` picks the checkpoint up. Records launch.json like the submitit path.
@@ -35,9 +36,11 @@ def first_node(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
-def export_torch_env(master_addr: str | None) -> None:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return  # torchrun (or the user) already set the rendezvous
+def export_torch_env(master_addr: str | None, master_port: int = 0) -> None:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return  # torchrun already set the rendezvous
+    # Under srun, RANK / WORLD_SIZE / MASTER_PORT found in the environment were inherited from the
+    # submitting shell (sbatch exports it): stale, and the same for every task. Derive them anew.
     env = os.environ
     try:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
@@ -46,7 +49,7 @@ def export_torch_env(master_addr: str | None) -> None:
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     env.setdefault("MASTER_ADDR", master_addr or first_node(env["SLURM_JOB_NODELIST"]))
     # A port from the job id: the same on every rank without any communication, stable over requeues.
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env["MASTER_PORT"] = str(master_port or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(cfg.train.run_dir).resolve()
     cfg.train.run_dir = str(run_dir)
-    export_torch_env(cfg.launch.master_addr)
+    export_torch_env(cfg.launch.master_addr, cfg.launch.master_port)
     rank, job_id = int(os.environ["RANK"]), os.environ.get("SLURM_JOB_ID", "")
     attempt = restart_count()
     if rank == 0:
