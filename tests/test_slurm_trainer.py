@@ -7,7 +7,6 @@ its SLURM job and the local-executor reference at the same time to halve the wal
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from megavla.launch import rundir
 from megavla.launch.executor import submit_run
 from test_launch_standin import wait_for_lines
 from test_slurm_launch import REPO, slurm_cluster  # noqa: F401 - fixture
+from test_train_resume import losses as step_losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -44,16 +44,6 @@ def _cfg(tiny_data: Path, run_dir: Path, steps: int, executor: str, *overrides: 
         f"train.tokenizer_dir={tiny_data / 'tok'}", f"train.run_dir={run_dir}", f"train.steps={steps}",
         "train.log_every=1", "train.save_every=0", "train.progress=false", "train.tensorboard=false",
         "data.num_workers=0", *placement, *overrides])
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss/total (the trainer's key; a later line for the same step wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss/total" in record:
-            out[record["step"]] = record["loss/total"]
-    return out
 
 
 def test_two_node_slurm_job_matches_local_executor(slurm_cluster, tiny_data, tmp_path):
