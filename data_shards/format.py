@@ -177,6 +177,8 @@ def validate_episode(ep: Episode, loc: str = "") -> None:
         fail("meta.json", f"unknown embodiment {ep.embodiment!r}; known: {sorted(EMBODIMENT_IDS)}")
     if ep.actions.ndim != 2 or ep.state.ndim != 2:
         fail("actions.npy", f"actions {ep.actions.shape} and state {ep.state.shape} must be [T, dim]")
+    if T == 0:
+        fail("actions.npy", "the episode is empty (0 steps): nothing to train on; drop it in the converter")
     if ep.state.shape[0] != T:
         fail("state.npy", f"has {ep.state.shape[0]} steps, actions have {T}")
     if ep.action_mask.shape != (ep.actions.shape[1],) or ep.action_mask.dtype != np.bool_:

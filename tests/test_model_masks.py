@@ -154,7 +154,7 @@ def test_per_embodiment_losses_and_switches():
     model, batch, noise, time = make()
     out = model(batch, noise, time)
     for name in ("flow", "fast", "subtask"):
-        assert {f"{name}/0", f"{name}/1"} <= out.keys()
+        assert {f"{name}/robot_arm", f"{name}/human_ego"} <= out.keys()  # tags by name, not id
     w = model.cfg
     expected = w.flow_weight * out["flow"] + w.fast_weight * out["fast"] + w.subtask_weight * out["subtask"]
     assert torch.allclose(out["loss"], expected)

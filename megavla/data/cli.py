@@ -311,6 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
-    except (ManifestError, FileNotFoundError) as e:
+    except (ManifestError, FileNotFoundError, NotADirectoryError) as e:
         log.error("%s", e)
         return 2

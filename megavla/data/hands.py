@@ -185,6 +185,8 @@ def hands_to_actions(hand_keypoints: np.ndarray, head_pose: np.ndarray,
     head = np.asarray(head_pose, dtype=np.float64)
     if head.shape != (T, 4, 4):
         raise ValueError(f"head_pose: expected [{T}, 4, 4], got {head.shape}")
+    if T == 0:
+        raise ValueError("hand_keypoints: the episode is empty (0 frames); drop it")
     head_ok = np.isfinite(head).all(axis=(-1, -2))
     if not head_ok.any():
         raise ValueError("head_pose: no finite head pose in the episode, so the ego frame is "

@@ -213,8 +213,11 @@ class Trainer:
                     skips = getattr(self.loader, "skip_counts", None)
                     if callable(skips):
                         skips = skips()
-                    for k, v in (skips or {}).items():
+                    for k, v in (skips or {}).items():      # what was skipped, by reason
                         reduced[f"data/skipped_{k}"] = float(v)
+                    read = getattr(self.loader, "read_counts", None)
+                    for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
+                        reduced[f"data/{k}"] = float(v)
                     metrics.write(self.step, reduced)
                     self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
                     if self.dist.rank == 0 and not t.progress:
