@@ -19,7 +19,7 @@ directory holding several sets (``find_shard_sets``).
 ``manifest.json`` (``format_version`` 1; paths are relative to the set directory)::
 
     {"format_version": 1,
-     "episode_format_version": 1,                         data_shards.format.FORMAT_VERSION
+     "episode_format_version": 2,                         data_shards.format.FORMAT_VERSION
      "shards": [{"path": "shard-000000.tar",
                  "samples": n, "episodes": n,              equal: one sample per episode
                  "steps": n, "valid_steps": n,             sum of T / of step_valid
@@ -45,6 +45,8 @@ import os
 import stat
 from pathlib import Path
 from typing import Any
+
+from .format import CONVERT_HINT, FORMAT_VERSION
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -164,6 +166,9 @@ def load_manifest(set_dir: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this code "
                             f"reads {MANIFEST_VERSION}")
+    if manifest.get("episode_format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: episode_format_version={manifest.get('episode_format_version')!r}; "
+                            + CONVERT_HINT.format(v=FORMAT_VERSION))
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise ManifestError(f"{path}: field 'shards' must be a list")

@@ -123,6 +123,9 @@ class Trainer:
         samples = tokens = 0
         sums: dict[str, float] = {}
         lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+        module = getattr(self.engine, "module", self.engine)
+        if hasattr(module, "training_step"):  # knowledge insulation may switch on at step N
+            module.training_step = self.step
         for _ in range(self.accum):
             t0 = time.perf_counter()
             batch = self._next_batch().to(self.dist.device, non_blocking=True)
