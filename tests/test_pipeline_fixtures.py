@@ -13,7 +13,7 @@ import numpy as np
 import simplejpeg
 import webdataset as wds
 
-from megavla.data_shards.format import CAMERAS, Episode, Subtask, episode_to_sample, sample_to_episode
+from megavla.data_shards.format import CAMERAS, FORMAT_VERSION, Episode, Subtask, episode_to_sample, sample_to_episode
 from megavla.data_shards.manifest import MANIFEST_VERSION, shard_row, totals
 
 CAMERA_LEVEL = {"head": 40, "left_wrist": 120, "right_wrist": 200}
@@ -96,7 +96,8 @@ def write_shard_set(directory: str | Path, episodes: list[Episode], per_shard: i
     for e in episodes:
         combos.setdefault(e.embodiment, set()).add(e.combo)
         steps[e.embodiment] = steps.get(e.embodiment, 0) + e.num_steps
-    manifest = {"format_version": MANIFEST_VERSION, "shards": shards, "totals": totals(shards, combos, steps)}
+    manifest = {"format_version": MANIFEST_VERSION, "episode_format_version": FORMAT_VERSION, "shards": shards,
+                "totals": totals(shards, combos, steps)}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     (directory / "norm_stats.json").write_text(json.dumps(norm_stats_of(episodes)))
     return directory
