@@ -94,7 +94,7 @@ def test_nominal_sample_equals_a_batch_of_nominal_shape():
 
 
 def test_flow_only_with_insulation_counts_the_backbone_forward_once():
-    flow_only = ModelConfig(preset="tiny", subtask_weight=0.0, fast_weight=0.0)
+    flow_only = ModelConfig(preset="tiny", subtask_weight=0.0, fast_weight=0.0, knowledge_insulation=True)
     batch = full_batch(flow_only)
     parts = forward_flops(flow_only, **batch_token_counts(flow_only, batch))
     vlm = parts["vision"] + parts["backbone"] + parts["attention_vlm"] + parts["lm_head"]

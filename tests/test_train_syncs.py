@@ -101,4 +101,4 @@ def test_train_step_forces_no_host_sync(tmp_path, monkeypatch, zero_stage):
     for syncs in per_read:   # one transfer of all metric sums per log interval
         assert sum(syncs.values()) == 1, syncs
     records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(records) == 2 and '"perf/tflops_per_s"' in records[-1] and '"flow/0"' in records[-1]
+    assert len(records) == 2 and '"perf/tflops_per_s"' in records[-1] and '"flow/robot_arm"' in records[-1]

@@ -95,7 +95,7 @@ class Coefficients:
     attention_per_pair: float     # 4 x heads x head_dim x depth, per visible query-key pair
     lm_head_per_target: float     # 2 x width x vocab
     patches_per_image: int
-    backbone_train_factor: float  # 3 (forward + backward), 1 when the backbone backward never runs
+    lm_objective: bool            # a CE objective (subtask / FAST) trains the backbone
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,19 +128,24 @@ def _coefficients(cfg_json: str) -> Coefficients:
         expert_state_tokens=1 if mcfg.state_mode == "continuous" else 0,
         attention_per_pair=mcfg.depth * 4.0 * mcfg.num_heads * mcfg.head_dim,
         lm_head_per_target=2.0 * mcfg.width * model.vocab_size, patches_per_image=patches,
-        backbone_train_factor=1.0 if (mcfg.knowledge_insulation and not lm_objective and mcfg.flow_weight > 0)
-        else 3.0)
+        lm_objective=lm_objective)
 
 
 def coefficients(cfg) -> Coefficients:
     return _coefficients(_key(model_config_of(cfg)))
 
 
-def forward_flops(cfg, images, prefix, suffix, expert, lm_targets) -> dict[str, float]:
-    """Forward FLOPs per part, summed over samples; each count is a number or a 1-D tensor (one
+def forward_flops(cfg, images, prefix, suffix, expert, lm_targets, insulated: bool | None = None
+                  ) -> dict[str, float]:
+    """Forward FLOPs per part, summed over samples; each count is a number or a 1-D array (one
     entry per sample): present camera images, prefix / LM-suffix / expert tokens, LM targets.
-    "train_total" applies the backward factors."""
+    "train_total" applies the backward factors; `insulated`: knowledge insulation in effect at this
+    step (VLA.insulated; default: the config's setting)."""
     c = coefficients(cfg)
+    if insulated is None:
+        insulated = bool(resolve(model_config_of(cfg)).knowledge_insulation)
+    # only the flow loss, insulated from the backbone: the backbone / vision backward never runs
+    backbone_factor = 1.0 if (insulated and not c.lm_objective) else 3.0
     t = {k: np.asarray(v, dtype=np.float64) for k, v in
          dict(images=images, prefix=prefix, suffix=suffix, expert=expert, lm_targets=lm_targets).items()}
     backbone_tokens = t["prefix"] + t["suffix"]
@@ -160,7 +165,7 @@ def forward_flops(cfg, images, prefix, suffix, expert, lm_targets) -> dict[str, 
     }
     out["attention"] = out["attention_vlm"] + out["attention_expert"]
     vlm = out["vision"] + out["backbone"] + out["attention_vlm"] + out["lm_head"]
-    out["train_total"] = c.backbone_train_factor * vlm + 3.0 * (out["expert"] + out["attention_expert"])
+    out["train_total"] = backbone_factor * vlm + 3.0 * (out["expert"] + out["attention_expert"])
     return out
 
 
@@ -216,10 +221,10 @@ def batch_token_counts(cfg: ModelConfig, batch) -> dict[str, np.ndarray]:
             "lm_targets": lm_targets}
 
 
-def batch_flops(cfg: ModelConfig, batch) -> float:
+def batch_flops(cfg: ModelConfig, batch, insulated: bool | None = None) -> float:
     """Training FLOPs of one micro-batch as the model runs it (valid tokens only)."""
     tok = batch_token_counts(cfg, batch)
-    return forward_flops(cfg, **tok)["train_total"]
+    return forward_flops(cfg, **tok, insulated=insulated)["train_total"]
 
 
 def batch_tokens(cfg: ModelConfig, batch) -> int:

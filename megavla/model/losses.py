@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megavla.batch import MAX_EMBODIMENTS, Batch
+from megavla.data_shards.format import EMBODIMENT_IDS
 from megavla.kernels import flow_matching_loss, flow_noise, mean_over_supervised_samples
 
 TIME_BETA_ALPHA, TIME_BETA_BETA = 1.5, 1.0
@@ -97,9 +98,10 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
 def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.Tensor,
                        denom: torch.Tensor, batch: Batch, summed: bool = False) -> None:
     """out[name] = value (detached); out[f"{name}/by_embodiment"] = float [2, MAX_EMBODIMENTS]: row 0 the
-    sum of numer, row 1 the sum of denom per embodiment id (the logger shows "{name}/{id}" = row 0 /
-    row 1 where row 1 > 0). For the flow loss numer = per-sample loss and denom = supervised flags
-    (numer is masked here). Fixed-size sums on the device: no host sync to find the ids present."""
+    sum of numer, row 1 the sum of denom per embodiment id (the trainer logs
+    "{name}/{embodiment_tag(id)}" = row 0 / row 1 where row 1 > 0). For the flow loss numer =
+    per-sample loss and denom = supervised flags (numer is masked here). Fixed-size sums on the
+    device: no host sync to find the ids present."""
     out[name] = value.detach()
     numer, denom = numer.detach(), denom.detach().to(numer.dtype)
     if not summed:
@@ -108,3 +110,13 @@ def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.T
     sums[0].index_add_(0, batch.embodiment, numer)
     sums[1].index_add_(0, batch.embodiment, denom)
     out[f"{name}/by_embodiment"] = sums
+
+
+def embodiment_tag(embodiment_id: int) -> str:
+    """Metric tag of an embodiment id: "robot_arm" for robot/arm (format.EMBODIMENT_IDS), so logs
+    say flow/robot_arm rather than flow/0; an id without a name stays a number."""
+    return _EMBODIMENT_TAGS.get(int(embodiment_id), str(embodiment_id))
+
+
+_EMBODIMENT_TAGS = {i: name.replace("/", "_") for name, i in EMBODIMENT_IDS.items()}
+assert max(EMBODIMENT_IDS.values()) < MAX_EMBODIMENTS, "raise megavla.batch.MAX_EMBODIMENTS"

@@ -96,7 +96,7 @@ def batch_accounting(model: torch.nn.Module):
         return None
     from megavla.model.flops import batch_flops, batch_tokens
     mcfg = model.cfg
-    return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch))
+    return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
 
 
 def _broadcast_bool(value: bool, dist: DistInfo) -> bool:

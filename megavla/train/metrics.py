@@ -54,7 +54,7 @@ def allgather_json(obj, device: torch.device) -> list:
 
 
 def metric_key(name: str) -> str:
-    """Model output name -> logged key: "loss" -> "loss/total", "flow" -> "loss/flow", "flow/0" kept."""
+    """Model output name -> logged key: "loss" -> "loss/total", "flow" -> "loss/flow", "flow/x" kept."""
     return "loss/total" if name == "loss" else (name if "/" in name else f"loss/{name}")
 
 
@@ -67,7 +67,8 @@ class DeviceSums:
 
     `add(name, value, weight)`: a scalar (tensor or number) -> sum += value * weight, count += weight
     (counts are host numbers). A model output "<name>/by_embodiment" (float [2, E]: per-embodiment sums
-    of numerators and denominators) -> "<name>/<id>" with sum = numerator, count = denominator."""
+    of numerators and denominators) -> "<name>/<tag>" (model.losses.embodiment_tag: flow/robot_arm)
+    with sum = numerator, count = denominator."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
@@ -101,10 +102,11 @@ class DeviceSums:
                 n = self.tensors[k].numel()
                 values, pos = flat[pos:pos + n], pos + n
                 if k.endswith(BY_EMBODIMENT):
+                    from megavla.model.losses import embodiment_tag
                     prefix, half = k[: -len(BY_EMBODIMENT)], n // 2
                     for emb in range(half):
                         if values[half + emb] > 0:
-                            out[f"{prefix}/{emb}"] = [values[emb], values[half + emb]]
+                            out[f"{prefix}/{embodiment_tag(emb)}"] = [values[emb], values[half + emb]]
                 else:
                     out[k] = [values[0], self.counts[k]]
         self.tensors.clear()
