@@ -1,4 +1,4 @@
-"""``megavla data synth | inspect | stats | verify``: make and check shard sets.
+"""``megavla data synth | import | inspect | stats | verify``: make and check shard sets.
 
 ``synth --out DIR`` writes one shard set per embodiment family, ``DIR/robot`` and ``DIR/human``
 (layout: data_shards/manifest.py), so training mixes them with
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="shards checked in parallel processes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=verify)
+    from megavla.data.import_cli import add_parser as add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 
