@@ -269,6 +269,15 @@ def verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from megavla.data_shards.convert import convert_v1_set
+    manifest = convert_v1_set(args.dir, args.out, overwrite=args.overwrite)
+    t = manifest["totals"]
+    print(f"{args.out}: {t['episodes']} episodes, {t['steps']} steps in episode format "
+          f"v{manifest['episode_format_version']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavla data", description=__doc__.split("\n\n")[0])
@@ -304,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="shards checked in parallel processes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=verify)
+    p = sub.add_parser("convert", help="rewrite a v1 shard set (axis-angle state) as v2 (6D rotation)")
+    p.add_argument("dir", help="the v1 shard set (only read)")
+    p.add_argument("--out", required=True, help="new directory for the v2 set")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
+    p.set_defaults(func=convert)
     from megavla.data.import_cli import add_parser as add_import_parser
 
     add_import_parser(sub)
@@ -314,6 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
-    except (ManifestError, FileNotFoundError) as e:
+    except (ManifestError, FileNotFoundError, NotADirectoryError) as e:
         log.error("%s", e)
         return 2
