@@ -173,3 +173,38 @@ def test_unknown_feature_and_camera_are_refused_before_work(tmp_path, caplog):
     assert run_import(SRC, tmp_path / "c", "--action-space", "ee") == 1  # a 6-dim joint state
     assert "needs 'observation.state' = [x, y, z, rx, ry, rz, gripper]" in caplog.text
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")
+
+
+def test_ee_action_space_follows_the_project_convention(tmp_path):
+    """A dataset whose state is an EE pose [x, y, z, rx, ry, rz, gripper]: state = position + 6D
+    rotation + gripper, actions = hands.ee_delta between consecutive poses (robot/arm)."""
+    from scipy.spatial.transform import Rotation
+
+    from megavla.data import hands
+
+    src = _copy(tmp_path)
+    table = pq.read_table(src / DATA)
+    n = table.num_rows
+    ee = np.zeros((n, 7), np.float32)
+    ee[:, 0] = 0.4 + 0.01 * np.arange(n)  # moves forward 1 cm per frame
+    ee[:, 5] = 0.02 * np.arange(n)  # turns 0.02 rad per frame about z
+    ee[:, 6] = (np.arange(n) % 20) > 10
+    column = pa.FixedSizeListArray.from_arrays(pa.array(ee.ravel()), 7)
+    pq.write_table(table.append_column("observation.ee_pose", column), src / DATA)
+    info = json.loads((src / "meta/info.json").read_text())
+    info["features"]["observation.ee_pose"] = {"dtype": "float32", "shape": [7], "names": None}
+    (src / "meta/info.json").write_text(json.dumps(info))
+    assert run_import(src, tmp_path / "out", "--state", "observation.ee_pose", "--action-space", "ee") == 0
+    eps = read_set(tmp_path / "out")
+    ep = eps[1]  # rows 20..46
+    rows = ee[20:47]
+    assert ep.embodiment == "robot/arm" and ep.state.shape == (27, hands.ARM_STATE_DIM)
+    np.testing.assert_allclose(ep.state[:, :3], rows[:, :3], atol=1e-6)
+    want_rot = Rotation.from_rotvec(rows[:, 3:6]).as_matrix()
+    np.testing.assert_allclose(ep.state[:, 3:6], want_rot[:, :, 0], atol=1e-6)  # first column
+    np.testing.assert_allclose(ep.state[:, 9], rows[:, 6])
+    np.testing.assert_allclose(ep.actions[:-1, 0], 0.01, atol=1e-6)
+    np.testing.assert_allclose(ep.actions[:-1, 5], 0.02, atol=1e-6)
+    np.testing.assert_allclose(ep.actions[:-1, 6], rows[1:, 6])
+    np.testing.assert_array_equal(ep.actions[-1, :6], 0)
+    np.testing.assert_array_equal(ep.joint_actions, np.stack([made.expected_action(1, t) for t in range(27)]))
