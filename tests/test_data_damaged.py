@@ -306,3 +306,89 @@ def test_tokenizer_errors_are_counted_skips(tmp_path, caplog):
         keys = {k for b in itertools.islice(loader, 12) for k in b.meta["key"]}
     assert loader.skip_counts()["bad_sample"] >= 1 and "library refuses this text" in caplog.text
     assert not any("_t0002_" in k for k in keys)
+
+
+def test_verify_on_a_file_says_what_it_is(tmp_path, caplog):
+    d = write(tmp_path / "s")
+    with caplog.at_level(logging.ERROR):
+        assert data_cli(["verify", str(d / "manifest.json"), "--no-progress"]) == 2
+    assert "is a regular file, not a shard set" in caplog.text and f"its directory {d} may be the set" in caplog.text
+    assert "no such directory" not in caplog.text
+
+
+def test_zero_frame_human_episode_says_empty():
+    from megavla.data.hands import hands_to_actions
+    with pytest.raises(ValueError, match=r"the episode is empty \(0 frames\)"):
+        hands_to_actions(np.zeros((0, 2, 17, 3)), np.zeros((0, 4, 4)))
+
+
+def test_collate_refuses_non_finite_values():
+    from megavla.data.collate import NonFiniteBatchError, build_sample, collate_samples
+    ep = make_episode(0, 0, 0, steps=6)
+    kw = dict(source="s", where="w", cameras=["head"], image_size=16, chunk_length=3, max_state_dim=5,
+              max_action_dim=6, normalizer=None)
+    good = build_sample(ep, 0, **kw)
+    bad = build_sample(ep, 1, **kw)
+    bad["actions"][0, 0] = np.nan
+    collate_samples([good])
+    with pytest.raises(NonFiniteBatchError, match=ep.key):
+        collate_samples([good, bad])
+
+
+def test_non_square_frames_are_letterboxed_not_stretched():
+    import simplejpeg
+    from megavla.data.collate import decode_frame
+    img = np.full((16, 32, 3), 200, np.uint8)  # 32 wide, 16 high
+    out = decode_frame(simplejpeg.encode_jpeg(img, quality=95), 16, "w")
+    assert out.shape == (16, 16, 3)
+    assert out[:4].max() == 0 and out[-4:].max() == 0  # zero bands above and below
+    assert abs(int(out[8, 8, 0]) - 200) < 8  # the image itself, scaled to 16 x 8
+
+
+def test_counters_name_what_they_count(tmp_path):
+    loader = build_loader(reader_cfg(write(tmp_path / "s")), TinyTextTokenizer())
+    list(itertools.islice(loader, 3))
+    assert loader.read_counts() == {"episodes_read": 6, "samples_read": 12}  # a window of 4 is 2 episodes
+    skips = loader.skip_counts()
+    assert set(skips) == {"bad_shard", "bad_sample", "bad_image", "duplicate_episode", "excluded_episode"}
+    assert not any(skips.values())
+
+
+def test_bad_shard_counted_once_per_epoch_not_per_reader(tmp_path):
+    """2 shards, 4 worker slots: every slot reads both shards, but only the owner of the bad one
+    (slot 1: shards[slot::slots]) counts it, once per epoch (each epoch draws each shard once)."""
+    from megavla.data.pipeline import WorkerStream
+    d = build(tmp_path, "fifo_shard")
+    plan = build_loader(reader_cfg(d, num_workers=4), TinyTextTokenizer()).plan
+    counts, epochs = [], []
+    for worker in range(4):
+        stream = WorkerStream(plan, worker)
+        with deadline():
+            list(itertools.islice(stream.batches(), 5))  # 20 samples = 10 episodes = 3+ epochs
+        counts.append(stream.counters.values["bad_shard"])
+        epochs.append(stream.cursors["robot"].draw // 2)  # epochs whose both draws are done
+    assert counts[0] == counts[2] == counts[3] == 0, counts
+    assert epochs[1] <= counts[1] <= epochs[1] + 1 and epochs[1] >= 3, (counts, epochs)
+
+
+def test_verify_limits_follow_the_reader_settings(tmp_path):
+    from megavla.data_shards.validate import ReadLimits
+    defaults = DataConfig()
+    assert ReadLimits.from_config(defaults) == ReadLimits()  # verify's defaults are the reader's
+    big = make_episode(0, 1, 0, steps=6)
+    big.actions[2, 1] = 50.0
+    d = write(tmp_path / "moderate", lambda s, e: s.__setitem__(1, episode_to_sample(big)))
+    assert run_verify(d)[0] == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert data_cli(["verify", str(d), "--no-progress", "--max-abs-normalized", "10"]) == 1
+    assert "beyond +-10 " in out.getvalue()
+
+
+def test_normalizer_refuses_bad_stats_from_a_checkpoint():
+    from megavla.data.normalize import Normalizer, NormStatsError
+    from test_pipeline_fixtures import norm_stats_of
+    stats = norm_stats_of([make_episode(0, 0, 0)])
+    stats["robot/arm"]["state"]["std"][0] = float("inf")
+    with pytest.raises(NormStatsError, match=r"robot/arm.state.std is not finite in dims \[0\]"):
+        Normalizer(stats)
