@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megavla.batch import Batch
+from megavla.data_shards.format import EMBODIMENT_IDS
 from megavla.kernels import flow_matching_loss, flow_noise, mean_over_supervised_samples
 
 TIME_BETA_ALPHA, TIME_BETA_BETA = 1.5, 1.0
@@ -82,7 +83,7 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
 
 def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.Tensor,
                        denom: torch.Tensor, batch: Batch, summed: bool = False) -> None:
-    """out[name] = value (detached); out[f"{name}/{id}"] = sum(numer) / sum(denom) over that embodiment.
+    """out[name] = value (detached); out[f"{name}/{embodiment_tag(id)}"] = sum(numer) / sum(denom) over that embodiment.
     For the flow loss numer = per-sample loss and denom = supervised flags (numer is masked here)."""
     out[name] = value.detach()
     numer, denom = numer.detach(), denom.detach().to(numer.dtype)
@@ -90,4 +91,13 @@ def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.T
         numer = numer * denom
     for emb in torch.unique(batch.embodiment).tolist():
         sel = batch.embodiment == emb
-        out[f"{name}/{emb}"] = numer[sel].sum() / denom[sel].sum().clamp_min(1.0)
+        out[f"{name}/{embodiment_tag(emb)}"] = numer[sel].sum() / denom[sel].sum().clamp_min(1.0)
+
+
+def embodiment_tag(embodiment_id: int) -> str:
+    """Metric tag of an embodiment id: "robot_arm" for robot/arm (format.EMBODIMENT_IDS), so logs
+    say flow/robot_arm rather than flow/0; an id without a name stays a number."""
+    return _EMBODIMENT_TAGS.get(int(embodiment_id), str(embodiment_id))
+
+
+_EMBODIMENT_TAGS = {i: name.replace("/", "_") for name, i in EMBODIMENT_IDS.items()}

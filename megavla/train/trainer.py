@@ -123,6 +123,9 @@ class Trainer:
         samples = tokens = 0
         sums: dict[str, float] = {}
         lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+        module = getattr(self.engine, "module", self.engine)
+        if hasattr(module, "training_step"):  # knowledge insulation may switch on at step N
+            module.training_step = self.step
         for _ in range(self.accum):
             t0 = time.perf_counter()
             batch = self._next_batch().to(self.dist.device, non_blocking=True)
@@ -213,8 +216,11 @@ class Trainer:
                     skips = getattr(self.loader, "skip_counts", None)
                     if callable(skips):
                         skips = skips()
-                    for k, v in (skips or {}).items():
+                    for k, v in (skips or {}).items():      # what was skipped, by reason
                         reduced[f"data/skipped_{k}"] = float(v)
+                    read = getattr(self.loader, "read_counts", None)
+                    for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
+                        reduced[f"data/{k}"] = float(v)
                     metrics.write(self.step, reduced)
                     self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
                     if self.dist.rank == 0 and not t.progress:
