@@ -22,6 +22,7 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa:
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
 import megavla  # noqa: E402
+from megavla.data.hands import ARM_STATE_DIM as S  # noqa: E402  (robot/arm state dims)
 from megavla.data_shards.miniworld import MiniWorld  # noqa: E402
 from megavla.eval import cli as eval_cli  # noqa: E402
 from megavla.eval import closed_loop  # noqa: E402
@@ -84,6 +85,7 @@ def test_round_trip_with_openpi_client(server, client):
     assert meta["action_dim"] == 7 and meta["action_names"][-1] == "gripper"
     assert meta["cameras"] == ["head", "left_wrist", "right_wrist"] and meta["image_size"] == 32
     assert meta["observation_schema"]["state"] == "observation/state"
+    assert meta["observation_schema"]["state_dim"] == S == len(meta["observation_schema"]["state_names"])
     out = c.infer(observation())
     assert out["actions"].shape == (10, 7) and out["actions"].dtype == np.float32
     assert np.isfinite(out["actions"]).all()
@@ -149,9 +151,9 @@ def _bad_requests():
     return {
         "missing state": (without("observation/state"), "missing key 'observation/state'"),
         "missing prompt": (without("prompt"), "missing key 'prompt'"),
-        "state wrong shape": (replaced("observation/state", np.zeros(5, np.float32)), "shape [5], expected [7]"),
-        "state wrong dtype": (replaced("observation/state", np.zeros(7, np.int64)), "expected a float array"),
-        "state NaN": (replaced("observation/state", np.full(7, np.nan, np.float32)), "NaN"),
+        "state wrong shape": (replaced("observation/state", np.zeros(5, np.float32)), f"shape [5], expected [{S}]"),
+        "state wrong dtype": (replaced("observation/state", np.zeros(S, np.int64)), "expected a float array"),
+        "state NaN": (replaced("observation/state", np.full(S, np.nan, np.float32)), "NaN"),
         "image wrong dtype": (replaced(head, good[head].astype(np.float32)), "expected uint8"),
         "image CHW": (replaced(head, good[head].transpose(2, 0, 1).copy()), "looks like CHW"),
         "image too large": (replaced(head, np.zeros((4000, 8, 3), np.uint8)), "max_image_side"),
@@ -282,3 +284,10 @@ def test_load_policy_and_serve_errors_name_the_problem(export, tmp_path, capsys)
     assert "Did you mean 'images'" in capsys.readouterr().err
     assert cli.main([str(export), "--print-schema"]) == 0
     assert "observation/images/head" in capsys.readouterr().out
+
+
+def test_subtask_text_comes_with_the_actions(export):
+    policy = megavla.load_policy(export, subtask=True, flow_steps=2)
+    out = policy.infer(observation())
+    assert isinstance(out["subtask"], str) and out["actions"].shape == (10, 7)
+    assert policy.metadata["subtask"] is True and policy.metadata["flow_steps"] == 2

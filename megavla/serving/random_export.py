@@ -16,9 +16,9 @@ import torch
 
 from megavla.config import Config, load_config, write_yaml
 
-# Per-dim ranges of the mini-world robot (7 = xyz, axis-angle, gripper): state in metres / radians,
-# actions per step.
-_STATE = {"q01": [0.2, -0.2, 0.05, -3.0, -0.5, -0.5, 0.0], "q99": [0.7, 0.3, 0.3, 3.0, 0.5, 0.5, 1.0]}
+# Per-dim ranges of the mini-world robot: state (10 = xyz in metres, 6D rotation, gripper) and
+# actions per step (7 = xyz, axis-angle, gripper).
+_STATE = {"q01": [0.2, -0.2, 0.05, -1, -1, -1, -1, -1, -1, 0.0], "q99": [0.7, 0.3, 0.3, 1, 1, 1, 1, 1, 1, 1.0]}
 _ACTIONS = {"q01": [-0.02, -0.02, -0.02, -0.1, -0.1, -0.1, 0.0], "q99": [0.02, 0.02, 0.02, 0.1, 0.1, 0.1, 1.0]}
 
 

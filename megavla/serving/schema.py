@@ -35,7 +35,8 @@ from megavla.data_shards.format import EMBODIMENT_IDS
 # What the dims mean (docs/data_format.md, "Action and state convention"): per arm, a relative
 # end-effector motion in the ego frame and an absolute gripper command.
 _ARM_ACTIONS = ["dx", "dy", "dz", "rx", "ry", "rz", "gripper"]
-_ARM_STATE = ["x", "y", "z", "rx", "ry", "rz", "gripper"]
+# State: position, the first two columns of the rotation matrix (6D), gripper (episode format v2).
+_ARM_STATE = ["x", "y", "z", "r00", "r10", "r20", "r01", "r11", "r21", "gripper"]
 DEFAULT_NAMES = {
     "robot/arm": (_ARM_ACTIONS, _ARM_STATE),
     "robot/bimanual": ([f"right_{n}" for n in _ARM_ACTIONS] + [f"left_{n}" for n in _ARM_ACTIONS],
