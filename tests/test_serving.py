@@ -55,7 +55,11 @@ def server(export, tmp_path_factory):
     port = int(line.rsplit(":", 1)[1].split()[0])
     yield {"port": port, "log": log_path, "proc": proc}
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    try:
+        assert proc.wait(timeout=60) == 0  # SIGTERM: a clean stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture

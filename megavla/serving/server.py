@@ -208,6 +208,12 @@ class PolicyServer:
                 if ready is not None:
                     ready(opts.host, port)
                 await stop.wait()
+                # Queued requests will not be served: release their handlers so that the server's
+                # close (which waits for every handler) cannot hang on them.
+                for p in self.pending:
+                    if not p.reply.done():
+                        p.reply.set_result(ConnectionError("server shutting down"))
+                self.pending = []
         finally:
             batcher.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
