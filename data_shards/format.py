@@ -35,7 +35,9 @@ CONVERT_HINT = ("episode format v1 stores the state orientation as axis-angle, t
                 "convert OLD_DIR --out NEW_DIR` or regenerate it")
 CAMERAS = ("head", "left_wrist", "right_wrist")
 # Stable integer ids for embodiments (the model's embodiment embedding / per-embodiment logging).
-EMBODIMENT_IDS = {"robot/arm": 0, "human/ego": 1, "robot/bimanual": 2}
+# robot/joint: imported robot data without end-effector poses (absolute joint-space actions in the
+# dataset's own dim order; data_shards/import_lerobot.py), kept apart from the EE embodiments.
+EMBODIMENT_IDS = {"robot/arm": 0, "human/ego": 1, "robot/bimanual": 2, "robot/joint": 3}
 ARRAY_KEYS = ("state", "actions", "action_mask", "step_valid", "joint_actions", "hand_keypoints",
               "head_pose")
 REQUIRED_ARRAYS = ("state", "actions", "action_mask", "step_valid")

@@ -1,4 +1,4 @@
-"""``megavla data synth | inspect | stats | verify``: make and check shard sets.
+"""``megavla data synth | import | inspect | stats | verify``: make and check shard sets.
 
 ``synth --out DIR`` writes one shard set per embodiment family, ``DIR/robot`` and ``DIR/human``
 (layout: data_shards/manifest.py), so training mixes them with
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new directory for the v2 set")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
     p.set_defaults(func=convert)
+    from megavla.data.import_cli import add_parser as add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 

@@ -168,6 +168,24 @@ def apply_ee_delta(pose: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return out
 
 
+def ee_track_state_actions(poses: np.ndarray, gripper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One arm's EE track in the ego frame -> (state [T, ARM_STATE_DIM], actions [T, ARM_DIM]).
+
+    state[t] = pose_to_state(pose t) + gripper[t]; actions[t] = ee_delta(pose t, pose t+1) +
+    gripper[t+1]; the last step holds (zero delta, gripper unchanged). Importers of EE-pose robot
+    data use this, so the state/action representation is decided in this module only.
+    """
+    poses = np.asarray(poses, dtype=np.float64)
+    gripper = np.asarray(gripper, dtype=np.float64).reshape(-1)
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4) or gripper.shape != (poses.shape[0],):
+        raise ValueError(f"poses [T, 4, 4] and gripper [T] expected, got {poses.shape} and {gripper.shape}")
+    state = np.concatenate([pose_to_state(poses), gripper[:, None]], axis=-1)
+    actions = np.zeros((poses.shape[0], ARM_DIM))
+    actions[:-1, :ARM_DIM - 1] = ee_delta(poses[:-1], poses[1:])
+    actions[:, ARM_DIM - 1] = np.concatenate([gripper[1:], gripper[-1:]])
+    return state.astype(np.float32), actions.astype(np.float32)
+
+
 # ---------------------------------------------------------------- palm frame ------------------
 
 def palm_frames(keypoints: np.ndarray, hand: str = "right") -> tuple[np.ndarray, np.ndarray]:
