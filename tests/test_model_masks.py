@@ -4,6 +4,8 @@ import dataclasses
 import pytest
 import torch
 
+from megavla.batch import MAX_EMBODIMENTS
+
 from megavla.config.model import ModelConfig
 from megavla.model.synthetic import HUMAN, random_batch
 from megavla.model.vla import build_model
@@ -159,7 +161,11 @@ def test_per_embodiment_losses_and_switches():
     model, batch, noise, time = make()
     out = model(batch, noise, time)
     for name in ("flow", "fast", "subtask"):
-        assert {f"{name}/robot_arm", f"{name}/human_ego"} <= out.keys()  # tags by name, not id
+        # per-embodiment [numerator sums; denominators] on the device; both embodiments present, and
+        # together they make up the batch's loss (flow: mean over supervised samples; CE: over tokens)
+        sums = out[f"{name}/by_embodiment"]
+        assert sums.shape == (2, MAX_EMBODIMENTS) and bool((sums[1, :2] > 0).all()) and not sums[:, 2:].any()
+        assert torch.allclose(sums[0].sum() / sums[1].sum(), out[name])
     w = model.cfg
     expected = w.flow_weight * out["flow"] + w.fast_weight * out["fast"] + w.subtask_weight * out["subtask"]
     assert torch.allclose(out["loss"], expected)
