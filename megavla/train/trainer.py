@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from megavla.config import Config, to_dict
+from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
@@ -94,6 +95,8 @@ class Trainer:
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
+        # training batches only (validate() and evaluation see the images as recorded)
+        self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
         self.stop = StopFlag()
         self.peak = peak_flops(dist.device)
         self.losses: list[tuple[int, float]] = []   # (step, total loss averaged over ranks) for callers
@@ -126,6 +129,8 @@ class Trainer:
         for _ in range(self.accum):
             t0 = time.perf_counter()
             batch = self._next_batch().to(self.dist.device, non_blocking=True)
+            if self.augment is not None:  # on the device, from the global RNG the checkpoint saves
+                batch = self.augment(batch)
             t1 = time.perf_counter()
             out = self.engine(batch)
             self.engine.backward(out["loss"])
