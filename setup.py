@@ -52,6 +52,9 @@ setup(
         # triton ships with CUDA torch wheels; on CPU it runs kernels under TRITON_INTERPRET=1.
         "triton": ["triton>=3.0"],
         "gpu": ["flash-attn>=2.6", "triton>=3.0"],
+        # `megavla data import` (LeRobot parquet + AV1/H.264 video, EgoDex HDF5). pyarrow >= 22
+        # needs numpy >= 2, which openpi-client (numpy < 2) rules out here.
+        "import": ["pyarrow>=15,<22", "av>=12", "h5py>=3.8"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["megavla=megavla.cli:main"]},

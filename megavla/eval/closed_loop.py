@@ -11,8 +11,8 @@ distribution (object jitter, start pose), not a replay of a training episode.
 """
 from __future__ import annotations
 
+import copy
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from megavla.data_shards.miniworld import MiniWorld
 from megavla.data_shards.synth import MAX_STEPS, ScriptedExpert
+
+from .stats import wilson_interval  # noqa: F401  (re-exported: callers use closed_loop.wilson_interval)
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +33,6 @@ class Policy(Protocol):
     def reset(self, world: MiniWorld) -> None: ...
 
     def act(self, world: MiniWorld) -> np.ndarray: ...
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion (stays inside [0, 1], sane at 0/n and n/n)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def parse_combo(combo: str) -> tuple[int, int]:
@@ -74,6 +65,55 @@ class ScriptedPolicy:
     def act(self, world: MiniWorld) -> np.ndarray:
         out = self.expert.act()
         return self.expert.hold_action() if out is None else out[0]
+
+
+class OracleChunkPolicy:
+    """The scripted expert as a *chunked* policy, through the same transforms a learned policy's
+    output goes through: the harness regression reference (it must succeed ~always).
+
+    Every ``execute_k`` steps it rolls the expert ``chunk_length`` steps ahead in a copy of the world
+    (the world's step is deterministic), optionally sends the chunk through ``normalizer``
+    (normalize -> unnormalize) and a FAST tokenizer (encode -> decode, in normalized units, as the
+    training targets are), and executes the first ``execute_k`` actions. If this fails, the harness
+    (chunking, normalization, tokenization, episode termination) is broken, not the model.
+    """
+
+    def __init__(self, chunk_length: int = 10, execute_k: int = 5, normalizer=None, fast_tokenizer=None,
+                 seed: int = 0):
+        if not 1 <= execute_k <= chunk_length:
+            raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={chunk_length}]")
+        if fast_tokenizer is not None and normalizer is None:
+            raise ValueError("a FAST round trip needs the normalizer (FAST codes normalized actions)")
+        self.H, self.k, self.seed = chunk_length, execute_k, seed
+        self.normalizer, self.fast = normalizer, fast_tokenizer
+
+    def reset(self, world: MiniWorld) -> None:
+        self.expert = ScriptedExpert(world, np.random.default_rng([self.seed, world.seed]))
+        self.queue: list[np.ndarray] = []
+
+    def plan(self, world: MiniWorld) -> np.ndarray:
+        sim_world, sim_expert = copy.deepcopy((world, self.expert))
+        chunk, carried = [], None
+        for i in range(self.H):
+            if i == self.k:  # the expert's state once the executed prefix is done, bound to the real world
+                carried = copy.deepcopy(sim_expert, {id(sim_world): world})
+            out = sim_expert.act()
+            action = sim_expert.hold_action() if out is None else out[0]
+            chunk.append(action)
+            sim_world.step(action)
+        self.expert = carried if carried is not None else copy.deepcopy(sim_expert, {id(sim_world): world})
+        chunk = np.asarray(chunk, np.float32)
+        if self.normalizer is not None:
+            normed = self.normalizer.normalize(chunk, world.embodiment, "actions")
+            if self.fast is not None:
+                normed = self.fast.decode(self.fast.encode(normed), self.H, chunk.shape[1])
+            chunk = self.normalizer.unnormalize(np.asarray(normed, np.float32), world.embodiment, "actions")
+        return chunk
+
+    def act(self, world: MiniWorld) -> np.ndarray:
+        if not self.queue:
+            self.queue = list(self.plan(world)[: self.k])
+        return self.queue.pop(0)
 
 
 class HoldPolicy:

@@ -87,6 +87,18 @@ def _write_norm_stats(cfg: Config, path: Path) -> None:
         log.warning("no norm_stats.json written to the run dir (%s)", e)
 
 
+def batch_accounting(model: torch.nn.Module):
+    """(valid tokens, training FLOPs) of a CPU micro-batch for the VLA (megavla.model.flops: the
+    batch's own token counts, not the config's nominal lengths); None for other models (tests' toys:
+    then tokens are counted from the masks and no FLOPs / MFU are logged)."""
+    from megavla.model.vla import VLA
+    if not isinstance(model, VLA):
+        return None
+    from megavla.model.flops import batch_flops, batch_tokens
+    mcfg = model.cfg
+    return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
+
+
 def _broadcast_bool(value: bool, dist: DistInfo) -> bool:
     t = torch.tensor([int(value)], device=dist.device)
     if dist.world_size > 1:
@@ -173,17 +185,12 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
             from safetensors.torch import load_file
             ema.shadow.update(load_file(str(resume_path / "ema.safetensors")))
 
-    flops = None
-    try:
-        from megavla.model.flops import flops_per_sample
-        flops = float(flops_per_sample(cfg))   # full Config: counts len(data.cameras) cameras
-    except Exception as e:   # toy models in tests; MFU is then not logged
-        log.debug("no FLOPs per sample (%s)", e)
     extra = {"norm_stats.json": run_dir / "norm_stats.json"}
     if cfg.train.tokenizer_dir:
         extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
     trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
-                      flops_per_sample=flops, tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
+                      batch_accounting=batch_accounting(model),
+                      tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
                       val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version())
     code = trainer.fit()
     if dist.rank == 0:

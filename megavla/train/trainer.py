@@ -20,7 +20,7 @@ from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
-from .metrics import MetricsLogger, peak_flops, peak_memory_mb
+from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,27 @@ class StopFlag:
         self.signum = signum
 
     def agreed(self, device: torch.device) -> bool:
+        """The one per-step collective (one host read) when there are several ranks; none at 1."""
+        if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+            return self.signum is not None
         flag = torch.tensor([1 if self.signum is not None else 0], device=device)
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return bool(flag.item())
 
 
-def scalar(v) -> float:
-    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+def _valid(mask: torch.Tensor) -> int:
+    return int(mask.numpy().sum())   # a CPU batch: numpy, so no tensor -> host conversion
 
 
 def batch_tokens(batch, tokens_per_image: int) -> int:
-    """Valid tokens the model attends over for this batch (text, FAST, subtask, images, actions)."""
-    n = int(batch.text_mask.sum() + batch.fast_mask.sum() + batch.subtask_mask.sum())
-    n += int(batch.action_time_mask.sum())
-    return n + int(batch.image_mask.sum()) * tokens_per_image
+    """Valid tokens of a CPU batch for models without a FLOP model (text, FAST, subtask, images, actions)."""
+    n = _valid(batch.text_mask) + _valid(batch.fast_mask) + _valid(batch.subtask_mask)
+    return n + _valid(batch.action_time_mask) + _valid(batch.image_mask) * tokens_per_image
+
+
+# (tokens, training FLOPs or None) of one CPU micro-batch; entry.run builds it from the model.
+BatchAccounting = Callable[[Any], "tuple[int, float | None]"]
 
 
 class EMA:
@@ -81,9 +87,31 @@ class EMA:
                 self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
 
+class StepClock:
+    """Marks inside a step: host time on CPU (ops run synchronously); CUDA events on a GPU, read only
+    when the log interval's metrics are read (host clocks there would time kernel launches, and
+    synchronizing to read them would stall the queue every step)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()   # already complete when the metric sums were read first: no wait
+        return start.elapsed_time(end) / 1000.0
+
+
 class Trainer:
     def __init__(self, cfg: Config, engine, scheduler, loader, dist: DistInfo, run_dir: Path, *,
-                 start_step: int = 0, flops_per_sample: float | None = None, tokens_per_image: int = 0,
+                 start_step: int = 0, batch_accounting: BatchAccounting | None = None, tokens_per_image: int = 0,
                  val_loader_factory: Callable[[], Iterable] | None = None,
                  ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
                  code_version: str = "unknown"):
@@ -91,7 +119,7 @@ class Trainer:
         self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.step = start_step
-        self.flops_per_sample, self.tokens_per_image = flops_per_sample, tokens_per_image
+        self.batch_accounting = batch_accounting or (lambda b: (batch_tokens(b, tokens_per_image), None))
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
@@ -99,14 +127,19 @@ class Trainer:
         self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
         self.stop = StopFlag()
         self.peak = peak_flops(dist.device)
+        self.clock = StepClock(dist.device)
         self.losses: list[tuple[int, float]] = []   # (step, total loss averaged over ranks) for callers
+        self.last_loss: torch.Tensor | None = None   # detached, on the device: reading it syncs
         self._iter = iter(loader)
+        self._new_window(time.perf_counter())
+
+    def _new_window(self, now: float) -> None:
+        """Per-log-interval accumulators: device sums + host counters and clock marks."""
+        self.sums = DeviceSums()
+        self.window = {"start": now, "excluded_s": 0.0, "steps": 0, "samples": 0, "tokens": 0, "flops": 0.0,
+                       "data_wait_s": 0.0, "marks": [], "lr": 0.0}
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-
     def _next_batch(self):
         # torch's DataLoader draws its base seed from the global RNG when its iterator starts (lazily,
         # at the first next()). A resumed run starts one where the uninterrupted run did not, which
@@ -119,52 +152,71 @@ class Trainer:
                 self._iter = iter(self.loader)
                 return next(self._iter)
 
-    def train_step(self) -> dict[str, float]:
-        self.engine.train()
-        t_step = time.perf_counter()
-        data_wait = fwd_bwd = opt = 0.0
-        samples = tokens = 0
-        sums: dict[str, float] = {}
-        lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+    def train_step(self) -> None:
+        """One optimizer step. Forces no host sync of its own: losses, grad norm and timings are
+        accumulated on the device and read once per log interval (`_read_window`)."""
+        w = self.window
+        w["lr"] = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+        module = getattr(self.engine, "module", self.engine)
+        if hasattr(module, "training_step"):  # knowledge insulation may switch on at step N
+            module.training_step = self.step
         for _ in range(self.accum):
             t0 = time.perf_counter()
-            batch = self._next_batch().to(self.dist.device, non_blocking=True)
+            host_batch = self._next_batch()
+            tokens, flops = self.batch_accounting(host_batch)   # host masks: no device sync
+            batch = host_batch.to(self.dist.device, non_blocking=True)
+            w["data_wait_s"] += time.perf_counter() - t0
+            m1 = self.clock.mark()
             if self.augment is not None:  # on the device, from the global RNG the checkpoint saves
                 batch = self.augment(batch)
-            t1 = time.perf_counter()
             out = self.engine(batch)
             self.engine.backward(out["loss"])
-            self._sync()
-            t2 = time.perf_counter()
+            m2 = self.clock.mark()
             self.engine.step()     # optimizer step only at the accumulation boundary
-            self._sync()
-            t3 = time.perf_counter()
-            data_wait, fwd_bwd, opt = data_wait + t1 - t0, fwd_bwd + t2 - t1, opt + t3 - t2
-            samples += batch.batch_size
-            tokens += batch_tokens(batch, self.tokens_per_image)
+            w["marks"].append((m1, m2, self.clock.mark()))
+            w["samples"] += batch.batch_size
+            w["tokens"] += tokens
+            w["flops"] = None if flops is None or w["flops"] is None else w["flops"] + flops
             for k, v in out.items():
-                key = "loss/total" if k == "loss" else (k if "/" in k else f"loss/{k}")
-                sums[key] = sums.get(key, 0.0) + scalar(v) / self.accum
+                self.sums.add(k, v, 1.0 / self.accum)
+            self.last_loss = out["loss"].detach()
         if self.ema is not None:
             self.ema.update(self.engine.module)
         self.step += 1
-        total = time.perf_counter() - t_step
-        world = self.dist.world_size
-        metrics = dict(sums)
+        w["steps"] += 1
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
-            metrics["optim/grad_norm"] = scalar(grad_norm)
-        metrics.update({
-            "optim/lr": lr,
-            "time/step_s": total, "time/data_wait_s": data_wait, "time/fwd_bwd_s": fwd_bwd,
-            "time/optimizer_s": opt, "time/data_wait_pct": 100.0 * data_wait / max(total, 1e-9),
+            self.sums.add("optim/grad_norm", grad_norm)
+
+    def _read_window(self) -> dict[str, list[float]]:
+        """This rank's {key: [sum, count]} since the last read (the one host sync), then a new window.
+        Throughput divides by the whole loop's wall time (data, logging, the stop-flag collective),
+        minus checkpoint saves and validation, which are logged on their own."""
+        now = time.perf_counter()
+        w, steps = self.window, max(1, self.window["steps"])
+        pairs = self.sums.read()
+        wall = max(now - w["start"] - w["excluded_s"], 1e-9)
+        fwd_bwd = sum(self.clock.seconds(a, b) for a, b, _ in w["marks"])
+        opt = sum(self.clock.seconds(b, c) for _, b, c in w["marks"])
+        world = self.dist.world_size
+        per_step = {
+            "optim/lr": w["lr"], "time/step_s": wall / steps, "time/data_wait_s": w["data_wait_s"] / steps,
+            "time/fwd_bwd_s": fwd_bwd / steps, "time/optimizer_s": opt / steps,
+            "time/data_wait_pct": 100.0 * w["data_wait_s"] / wall,
+            # the loop's time outside data + forward/backward + optimizer (logging, collectives, EMA)
+            "time/other_pct": 100.0 * max(0.0, wall - w["data_wait_s"] - fwd_bwd - opt) / wall,
             # Per-rank throughput x world = global (ranks run in lockstep).
-            "perf/samples_per_s": samples * world / total, "perf/tokens_per_s": tokens * world / total,
+            "perf/samples_per_s": w["samples"] * world / wall, "perf/tokens_per_s": w["tokens"] * world / wall,
             "memory/peak_mb": peak_memory_mb(self.dist.device),
-        })
-        if self.peak and self.flops_per_sample:
-            metrics["perf/mfu"] = self.flops_per_sample * samples / total / self.peak
-        return metrics
+        }
+        if w["flops"]:
+            # FLOPs of the batches actually run (valid tokens; megavla.model.flops), per rank
+            per_step["perf/tflops_per_s"] = w["flops"] / wall / 1e12
+            if self.peak:
+                per_step["perf/mfu"] = w["flops"] / wall / self.peak
+        self._new_window(now)
+        pairs.update({k: [v, 1.0] for k, v in per_step.items()})
+        return pairs
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, reason: str) -> Path:
@@ -190,15 +242,18 @@ class Trainer:
     def validate(self, metrics: MetricsLogger) -> None:
         if self.val_loader_factory is None:
             return
+        t0 = time.perf_counter()
         self.engine.eval()
+        sums = DeviceSums()
         for i, batch in enumerate(self.val_loader_factory()):
             if i >= self.tcfg.val_batches:
                 break
-            out = self.engine(batch.to(self.dist.device))
-            metrics.add({("loss/total" if k == "loss" else (k if "/" in k else f"loss/{k}")): scalar(v)
-                         for k, v in out.items()})
+            for k, v in self.engine(batch.to(self.dist.device)).items():
+                sums.add(k, v)
+        metrics.add_sums(sums.read())
         metrics.write(self.step, metrics.reduce(), prefix="val/")
         self.engine.train()
+        self.window["excluded_s"] += time.perf_counter() - t0
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
@@ -210,16 +265,22 @@ class Trainer:
         code = EXIT_OK
         first_step = self.step
         try:
+            self.engine.train()
+            self._new_window(time.perf_counter())
             while self.step < stop_at:
-                metrics.add(self.train_step())
+                self.train_step()
                 metrics.advance()
                 if self.step % t.log_every == 0 or self.step == stop_at:
+                    metrics.add_sums(self._read_window())
                     reduced = metrics.reduce()
                     skips = getattr(self.loader, "skip_counts", None)
                     if callable(skips):
                         skips = skips()
-                    for k, v in (skips or {}).items():
+                    for k, v in (skips or {}).items():      # what was skipped, by reason
                         reduced[f"data/skipped_{k}"] = float(v)
+                    read = getattr(self.loader, "read_counts", None)
+                    for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
+                        reduced[f"data/{k}"] = float(v)
                     metrics.write(self.step, reduced)
                     self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
                     if self.dist.rank == 0 and not t.progress:
@@ -233,7 +294,9 @@ class Trainer:
                     code = EXIT_SIGNAL_SAVED
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < stop_at:
+                    t_save = time.perf_counter()
                     self.save(reason="periodic")
+                    self.window["excluded_s"] += time.perf_counter() - t_save
             else:
                 if self.step > first_step:      # nothing new to save when resumed at the end
                     self.save(reason="end" if self.step >= t.steps else "segment")
