@@ -109,6 +109,9 @@ class FakeMetrics:
     def add(self, values):
         pass
 
+    def add_sums(self, values):
+        pass
+
     def reduce(self):
         return {}
 

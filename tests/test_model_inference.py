@@ -110,7 +110,7 @@ def test_flops_per_sample_follow_the_formula():
     flops = flops_breakdown(cfg)
     params = parameter_counts(meta_model(cfg))
     # the backbone dominates: ~2 x its non-embedding params x its tokens
-    tokens = 3 * 256 + cfg.text_len + cfg.state_dim + cfg.subtask_len + cfg.fast_len + 2
+    tokens = 3 * 256 + cfg.text_len + cfg.state_dim + cfg.subtask_len + cfg.fast_len + 3  # + START x2, FAST_END
     norms = (2 * cfg_depth(cfg) + 1) * 2048
     non_embedding = params["backbone"] - meta_model(cfg).embed_tokens.weight.numel() - 256 * 2048 - norms
     assert flops["backbone"] == pytest.approx(2 * non_embedding * tokens, rel=1e-6)
