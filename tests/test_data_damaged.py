@@ -403,3 +403,12 @@ def test_train_refuses_a_bad_set_before_any_process(tmp_path, capsys):
     code = train_main([str(config), f"data.sources.robot={d}", f"train.run_dir={tmp_path / 'run'}", "--nproc", "2"])
     assert code == 2 and "robot/arm.actions.q99 is not finite" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_inspect_and_stats_name_a_fifo_shard(tmp_path, caplog):
+    d = build(tmp_path, "fifo_shard")
+    for command in (["inspect", str(d)], ["stats", str(d), "--no-progress"]):
+        out = io.StringIO()
+        with deadline(), contextlib.redirect_stdout(out), caplog.at_level(logging.WARNING):
+            assert data_cli(command) == 1, command
+        assert "not a regular file but a FIFO" in out.getvalue() + caplog.text, command
