@@ -412,3 +412,21 @@ def test_inspect_and_stats_name_a_fifo_shard(tmp_path, caplog):
         with deadline(), contextlib.redirect_stdout(out), caplog.at_level(logging.WARNING):
             assert data_cli(command) == 1, command
         assert "not a regular file but a FIFO" in out.getvalue() + caplog.text, command
+
+
+def test_loader_state_with_old_counter_names_resumes(tmp_path):
+    """States saved before the rename hold "episodes"/"samples": restored as *_read, not lost."""
+    cfg = reader_cfg(write(tmp_path / "s"))
+    loader = build_loader(cfg, TinyTextTokenizer())
+    list(itertools.islice(loader, 3))
+    state = loader.state_dict()
+    before = loader.read_counts()
+    for worker in state["workers"]:
+        worker["counters"]["episodes"] = worker["counters"].pop("episodes_read")
+        worker["counters"]["samples"] = worker["counters"].pop("samples_read")
+    restored = build_loader(cfg, TinyTextTokenizer())
+    restored.load_state_dict(state)
+    list(itertools.islice(restored, 1))
+    after = restored.read_counts()
+    assert after["samples_read"] == before["samples_read"] + 4 and after["episodes_read"] >= before["episodes_read"]
+    assert "episodes" not in restored.skip_counts() and "samples" not in restored.skip_counts()
