@@ -94,10 +94,12 @@ def test_diversity_runs_are_what_the_table_says(out, diversity):
     assert again["action_mse"] == pytest.approx(saved, rel=1e-5)
 
 
-def test_objectives_reuses_pretrain_and_reports_breakdown(out, diversity):
+def test_objectives_reuses_pretrain_and_reports_breakdown(out, diversity, capsys):
     pre_dir = ex.Path(diversity["runs"]["pretrain_div-1"])
     before = json.loads((pre_dir / "launch.json").read_text())["events"]
     assert cli.main(["objectives", "--preset", "toy", "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # the command ends with time and path
+    assert last.startswith("wall time: ") and last.endswith(f"report: {out / 'report_objectives.md'}")
     assert json.loads((pre_dir / "launch.json").read_text())["events"] == before  # skipped, not re-run
     res = json.loads((out / "results_objectives.json").read_text())
     assert list(res["evaluations"]) == ["high-level only", "low-level only", "both"]

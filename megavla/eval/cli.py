@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.yaml").write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
         run = diversity if args.experiment == "diversity" else objectives
+        started = time.perf_counter()
         run(spec, out.resolve(), flag_overrides(args), argv)
     except (ConfigError, ValueError) as e:  # CheckpointError and bad combos are ValueErrors
         sys.stderr.write(f"megavla experiment: error: {e}\n")
@@ -287,5 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         sys.stderr.write(f"megavla experiment: {e}\n")
         return 3
-    print((out / f"report_{args.experiment}.md").read_text())
+    report_path = out / f"report_{args.experiment}.md"
+    print(report_path.read_text())
+    print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; report: {report_path}")
     return 0
