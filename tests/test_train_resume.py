@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megavla.train.checkpoint import KILL_IN_SAVE_ENV, list_checkpoints, read_trainer_state
+from megavla.train.checkpoint import list_checkpoints, read_trainer_state
 from megavla.train.cli import launch_local
 from megavla.train.trainer import EXIT_SIGNAL_SAVED
+from test_train_toy import KILL_IN_SAVE_ENV
 
 pytestmark = pytest.mark.distributed
 TOY_WORKER = [sys.executable, str(Path(__file__).with_name("test_train_toy.py"))]
@@ -78,17 +79,18 @@ def test_kill_during_save_then_exact_resume(tmp_path, straight):
     assert sum(last) < 0.9 * sum(first)                    # and it learns
 
 
-def test_sigterm_on_one_rank_saves_and_resumes_at_world_size_1(tmp_path, straight):
-    """SIGTERM reaches rank 1 only, mid-step 7: both ranks agree, save step 7 and exit 75. Then a
-    1-process `--resume auto` converts the ZeRO-2 checkpoint to a universal one and finishes."""
+def test_usr2_on_one_rank_saves_and_resumes_at_world_size_1(tmp_path, straight):
+    """SIGUSR2 (preemption warning) reaches rank 1 only, mid-step 7: both ranks agree, save step 7
+    and exit 75. Then a 1-process `--resume auto` converts the ZeRO-2 checkpoint to a universal one
+    and finishes."""
     config = write_config(tmp_path, "run", global_batch_size=8, keep_last=10)
     run_dir = tmp_path / "run"
-    code = launch(config, TOY_SIGTERM_AT_CALL=7, TOY_SIGTERM_RANK=1)
+    code = launch(config, TOY_SIGTERM_AT_CALL=7, TOY_SIGTERM_RANK=1, TOY_SIGNAL="SIGUSR2")
     assert code == EXIT_SIGNAL_SAVED
     ckpts = run_dir / "checkpoints"
     latest = list_checkpoints(ckpts)[-1]
     state = read_trainer_state(latest)
-    assert latest.name == "step_000007" and state["reason"] == "signal" and state["world_size"] == 2
+    assert latest.name == "step_000007" and state["reason"] == "preempted" and state["world_size"] == 2
     assert sorted(losses(run_dir)) == list(range(1, 8))
     # The loss before the signal matches the uninterrupted run (same seeds, same global batch).
     assert losses(run_dir)[7] == pytest.approx(straight[7], rel=1e-6)

@@ -214,6 +214,14 @@ def _keep_as_is(item):
     return item
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C / SIGTERM (sent to the whole process group) to the trainer, which
+    saves at the step boundary and then shuts them down; dying first would fail that step."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StreamingLoader:
     """Endless iterable of Batch for one rank, with ``state_dict``/``load_state_dict``/``skip_counts``.
 
@@ -234,7 +242,7 @@ class StreamingLoader:
         n = len(self._worker_states)
         dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.plan.num_workers,
-                            collate_fn=_keep_as_is,
+                            collate_fn=_keep_as_is, worker_init_fn=ignore_stop_signals,
                             prefetch_factor=2 if self.plan.num_workers > 0 else None)
         for batch, worker, state in loader:
             self._worker_states[worker] = state

@@ -1,12 +1,21 @@
-"""The training loop: micro-batches -> DeepSpeed engine, metrics, periodic/preemption checkpoints.
+"""The training loop: micro-batches -> DeepSpeed engine, metrics, periodic/signal checkpoints.
 
-Signals: SIGTERM and SIGUSR2 (SLURM's warning before preemption/time-out, `--signal=USR2@120`;
-USR1 is NCCL's) only set a flag. At every step boundary the flag is all-reduced (MAX), so every
-rank sees it at the same step, saves the same checkpoint and exits with EXIT_SIGNAL_SAVED.
+Signals only set a flag; at every step boundary the flags are all-reduced (MAX, together with the
+non-finite-loss flag: one collective per step), so every rank acts at the same step:
+- SIGUSR2 (SLURM's warning before preemption / time-out, `--signal=USR2@120`; USR1 is NCCL's):
+  a preemption: save and exit EXIT_SIGNAL_SAVED (75); the launcher requeues.
+- SIGTERM or SIGINT without any USR2: a stop (scancel, Ctrl-C, kill): save and exit 128 + signal;
+  nobody requeues. A second SIGINT aborts at once without saving.
+Non-finite steps: DeepSpeed (ZeRO 1-3) skips an update whose global gradient norm is inf/NaN (the
+norm is reduced over ranks, so they agree) and counts it in `engine.skipped_steps`; ZeRO-0 is
+checked here. Such steps are counted (`train/skipped_nonfinite`) and max_nonfinite_steps in a row
+stop the run with NonFiniteError; weights are checked finite before every save.
 """
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -19,22 +28,26 @@ from megavla.config import Config, to_dict
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
+from .errors import NonFiniteError
 from .metrics import MetricsLogger, peak_flops, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-# Exit code after a SIGTERM/SIGUSR2 triggered checkpoint (sysexits EX_TEMPFAIL: "try again later").
+# Exit code after a SIGUSR2 (preemption) checkpoint (sysexits EX_TEMPFAIL: "try again later").
 # Launchers treat it as "requeue and resume with --resume auto", not as a failure.
 EXIT_SIGNAL_SAVED = 75
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+# After a SIGTERM / SIGINT stop with a checkpoint saved: 128 + signal, the shell's convention.
+EXIT_STOPPED = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class StopFlag:
-    """Set by a signal handler; agreed across ranks at step boundaries."""
+    """Set by signal handlers; agreed across ranks at step boundaries."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None      # the first signal
+        self.preempt = False                # a USR2 arrived (possibly after a TERM)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -44,15 +57,33 @@ class StopFlag:
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum is not None:
+            os.write(2, b"second interrupt: aborting without a checkpoint\n")
+            os._exit(128 + signal.SIGINT)
+        if signum == signal.SIGUSR2:
+            self.preempt = True
+        if self.signum is None:
+            self.signum = signum
+            what = "preemption warning: checkpoint and requeue" if signum == signal.SIGUSR2 else \
+                "stop: saving a checkpoint at the end of this step" + \
+                (" (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
+            os.write(2, f"{signal.Signals(signum).name} ({what})\n".encode())
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1 if self.signum is not None else 0], device=device)
+    def agreed(self, device: torch.device, nonfinite: bool = False) -> tuple[bool, bool, bool]:
+        """(stop, preempt, nonfinite), each True on every rank if True on any: one all-reduce."""
+        flags = torch.tensor([self.signum is not None, self.preempt, nonfinite], dtype=torch.int32, device=device)
         if tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item())
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        stop, preempt, bad = (bool(x) for x in flags.tolist())
+        return stop, preempt, bad
+
+
+def metric_key(name: str) -> str:
+    """The model's output names -> metric keys ("loss" -> "loss/total", "flow" -> "loss/flow")."""
+    return "loss/total" if name == "loss" else (name if "/" in name else f"loss/{name}")
 
 
 def scalar(v) -> float:
@@ -85,7 +116,8 @@ class Trainer:
                  start_step: int = 0, flops_per_sample: float | None = None, tokens_per_image: int = 0,
                  val_loader_factory: Callable[[], Iterable] | None = None,
                  ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
-                 code_version: str = "unknown"):
+                 code_version: str = "unknown", batch: dict | None = None, skipped_nonfinite: int = 0,
+                 events: list[dict] | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
         self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -94,9 +126,12 @@ class Trainer:
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
+        self.batch = batch or {}
+        self.events = events or []            # written to metrics.jsonl before the first step
         self.stop = StopFlag()
         self.peak = peak_flops(dist.device)
-        self.losses: list[tuple[int, float]] = []   # (step, total loss averaged over ranks) for callers
+        self.skipped_nonfinite = skipped_nonfinite   # over the whole run (kept in trainer_state.json)
+        self.nonfinite_in_a_row = 0
         self._iter = iter(loader)
 
     # ---- one optimizer step ----------------------------------------------------------------
@@ -131,6 +166,8 @@ class Trainer:
             self.engine.backward(out["loss"])
             self._sync()
             t2 = time.perf_counter()
+            if self.tcfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self._drop_nonfinite_grads()
             self.engine.step()     # optimizer step only at the accumulation boundary
             self._sync()
             t3 = time.perf_counter()
@@ -138,7 +175,7 @@ class Trainer:
             samples += batch.batch_size
             tokens += batch_tokens(batch, self.tokens_per_image)
             for k, v in out.items():
-                key = "loss/total" if k == "loss" else (k if "/" in k else f"loss/{k}")
+                key = metric_key(k)
                 sums[key] = sums.get(key, 0.0) + scalar(v) / self.accum
         if self.ema is not None:
             self.ema.update(self.engine.module)
@@ -161,20 +198,57 @@ class Trainer:
             metrics["perf/mfu"] = self.flops_per_sample * samples / total / self.peak
         return metrics
 
+    # ---- non-finite steps ---------------------------------------------------------------------
+    def _drop_nonfinite_grads(self) -> None:
+        """ZeRO-0 has no overflow check in DeepSpeed, so a NaN/inf gradient would reach AdamW. At the
+        boundary the gradients are already all-reduced (the same on every rank), so this local check
+        agrees; grad=None makes AdamW skip every parameter: no weight or moment update."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()):
+            for p in params:
+                p.grad = None
+            self._zero0_skipped = True
+
+    def _count_nonfinite(self, step_metrics: dict[str, float]) -> None:
+        self.skipped_nonfinite += 1
+        self.nonfinite_in_a_row += 1
+        loss, norm = step_metrics.get("loss/total", float("nan")), step_metrics.get("optim/grad_norm", float("nan"))
+        if self.dist.rank == 0:
+            log.warning("step %d: non-finite loss (%.4g) or gradient norm (%.4g): update skipped (%d in a row, "
+                        "%d in this run)", self.step, loss, norm, self.nonfinite_in_a_row, self.skipped_nonfinite)
+        if self.nonfinite_in_a_row >= self.tcfg.max_nonfinite_steps:
+            latest = ckpt.list_checkpoints(self.ckpt_dir)
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a non-finite "
+                f"loss or gradient norm (last loss {loss:.4g}, grad norm {norm:.4g}); stopped without saving "
+                f"(newest checkpoint: {latest[-1] if latest else 'none'}). Check the data (`megavla data verify`: "
+                f"NaN/inf in norm stats or samples), lower train.lr, or raise train.max_nonfinite_steps")
+
+    def _check_finite_weights(self) -> None:
+        """Never save non-finite weights (agreed: under ZeRO-3 each rank holds a different part)."""
+        tensors = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
+        tensors += list(self.ema.shadow.values()) if self.ema else []
+        bad = not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+        if ckpt._any_rank(bad, self.dist.device):
+            raise NonFiniteError(f"the weights at step {self.step} are not finite; not saving them (the newest "
+                                 f"checkpoint in {self.ckpt_dir} stays the resume point)")
+
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, reason: str) -> Path:
         t0 = time.perf_counter()
+        self._check_finite_weights()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         trainer_state = {
-            "step": self.step, "world_size": self.dist.world_size, "reason": reason,
-            "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
+            "format": 1, "step": self.step, "world_size": self.dist.world_size, "reason": reason,
+            "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision, "batch": self.batch,
+            "skipped_nonfinite": self.skipped_nonfinite,
             "config": to_dict(self.cfg), "code_version": self.code_version, "time": time.time(),
         }
         rank_state = {"rank": self.dist.rank, "world_size": self.dist.world_size,
                       "rng": ckpt.rng_state(), "loader": loader_state}
         path = ckpt.save_checkpoint(
-            self.engine, self.ckpt_dir, self.step, rank=self.dist.rank, trainer_state=trainer_state,
-            rank_state=rank_state, ema_state=self.ema.shadow if self.ema else None,
+            self.engine, self.ckpt_dir, self.step, rank=self.dist.rank, device=self.dist.device,
+            trainer_state=trainer_state, rank_state=rank_state, ema_state=self.ema.shadow if self.ema else None,
             extra_paths=self.extra_paths, keep_last=self.tcfg.keep_last)
         if self.dist.rank == 0:
             log.info("saved checkpoint %s (%s, %.2f s)", path, reason, time.perf_counter() - t0)
@@ -190,42 +264,75 @@ class Trainer:
             if i >= self.tcfg.val_batches:
                 break
             out = self.engine(batch.to(self.dist.device))
-            metrics.add({("loss/total" if k == "loss" else (k if "/" in k else f"loss/{k}")): scalar(v)
-                         for k, v in out.items()})
+            metrics.add({metric_key(k): scalar(v) for k, v in out.items()})
         metrics.write(self.step, metrics.reduce(), prefix="val/")
         self.engine.train()
 
     # ---- the loop ---------------------------------------------------------------------------
+    def _one_step(self, metrics: MetricsLogger) -> tuple[bool, bool]:
+        """Train one optimizer step; returns the agreed (stop, preempt) flags."""
+        skipped_before = self.engine.skipped_steps
+        self._zero0_skipped = False
+        step_metrics = self.train_step()
+        ds_skipped = self.engine.skipped_steps > skipped_before
+        if ds_skipped:
+            self.scheduler.step()    # DeepSpeed does not step the schedule on a skipped update; the lr
+            #                          stays a function of the step (as a resume assumes)
+        stop, preempt, bad_loss = self.stop.agreed(
+            self.dist.device, nonfinite=not math.isfinite(step_metrics.get("loss/total", 0.0)))
+        if ds_skipped or self._zero0_skipped or bad_loss:
+            self._count_nonfinite(step_metrics)
+        else:
+            self.nonfinite_in_a_row = 0
+            metrics.add(step_metrics)
+        metrics.advance()
+        return stop, preempt
+
+    def _log(self, metrics: MetricsLogger) -> None:
+        reduced = metrics.reduce()
+        skips = getattr(self.loader, "skip_counts", None)
+        for k, v in (skips() if callable(skips) else {}).items():
+            reduced[f"data/skipped_{k}"] = float(v)
+        reduced["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
+        metrics.write(self.step, reduced)
+        if self.dist.rank == 0 and not self.tcfg.progress:
+            log.info("step %d loss %.4f", self.step, reduced.get("loss/total", float("nan")))
+
+    def _stop_code(self, preempt: bool) -> int:
+        """Save at this step boundary; 75 for a preemption, 128 + signal for a stop."""
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "a peer's signal"
+        log.warning("rank %d: %s at step %d after %s: saving", self.dist.rank,
+                    "preempted" if preempt else "stopping", self.step, name)
+        self.save(reason="preempted" if preempt else "stopped")
+        # submitit's preemption sends TERM then USR2 at once: a USR2 that arrived during the save
+        # still makes this a preemption.
+        _, preempt, _ = self.stop.agreed(self.dist.device)
+        if preempt:
+            return EXIT_SIGNAL_SAVED
+        interrupted = torch.tensor([int(self.stop.signum == signal.SIGINT)], device=self.dist.device)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(interrupted, op=tdist.ReduceOp.MAX)
+        return EXIT_STOPPED[signal.SIGINT if interrupted.item() else signal.SIGTERM]
+
     def fit(self) -> int:
         t = self.tcfg
         stop_at = t.steps if not t.max_steps_per_run else min(t.steps, self.step + t.max_steps_per_run)
         metrics = MetricsLogger(self.run_dir, self.dist.rank, self.dist.device, total_steps=t.steps,
                                 start_step=self.step, tensorboard=t.tensorboard, progress=t.progress)
+        for event in self.events:
+            metrics.write_record(event)
         self.stop.install()
         code = EXIT_OK
         first_step = self.step
         try:
             while self.step < stop_at:
-                metrics.add(self.train_step())
-                metrics.advance()
+                stop, preempt = self._one_step(metrics)
                 if self.step % t.log_every == 0 or self.step == stop_at:
-                    reduced = metrics.reduce()
-                    skips = getattr(self.loader, "skip_counts", None)
-                    if callable(skips):
-                        skips = skips()
-                    for k, v in (skips or {}).items():
-                        reduced[f"data/skipped_{k}"] = float(v)
-                    metrics.write(self.step, reduced)
-                    self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
-                    if self.dist.rank == 0 and not t.progress:
-                        log.info("step %d loss %.4f", self.step, reduced.get("loss/total", float("nan")))
+                    self._log(metrics)
                 if t.val_every and self.step % t.val_every == 0:
                     self.validate(metrics)
-                if self.stop.agreed(self.dist.device):
-                    name = signal.Signals(self.stop.signum).name if self.stop.signum else "a peer's signal"
-                    log.warning("rank %d: stopping at step %d after %s", self.dist.rank, self.step, name)
-                    self.save(reason="signal")
-                    code = EXIT_SIGNAL_SAVED
+                if stop:
+                    code = self._stop_code(preempt)
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < stop_at:
                     self.save(reason="periodic")
