@@ -169,6 +169,7 @@ class Trainer:
             if self.tcfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 self._drop_nonfinite_grads()
             self.engine.step()     # optimizer step only at the accumulation boundary
+            self.engine.__dict__.pop("gradient_clipping", None)   # undo _drop_nonfinite_grads
             self._sync()
             t3 = time.perf_counter()
             data_wait, fwd_bwd, opt = data_wait + t1 - t0, fwd_bwd + t2 - t1, opt + t3 - t2
@@ -207,6 +208,8 @@ class Trainer:
         if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()):
             for p in params:
                 p.grad = None
+            # DeepSpeed's fp32 clipping indexes the first gradient: no clipping for this empty step.
+            self.engine.gradient_clipping = lambda: 0.0
             self._zero0_skipped = True
 
     def _count_nonfinite(self, step_metrics: dict[str, float]) -> None:
