@@ -121,17 +121,20 @@ def test_bad_config_fails_before_any_process(tmp_path, capsys):
     assert not (tmp_path / "run").exists()                  # nothing started, nothing written
 
 
-def test_local_launcher_forwards_signals_and_propagates_failures(tmp_path):
+def test_local_launcher_forwards_signals_and_names_the_failing_rank(tmp_path):
     """The launcher's own plumbing with stand-in workers (no trainer): SIGTERM to the launcher
-    reaches every worker and their exit code 75 comes back; one failing worker stops the others."""
+    reaches every worker and their exit code comes back; when rank 1 fails (exit 3) the launcher
+    stops rank 0 (which then dies of SIGTERM: 143), names rank 1 as the first failure with the tail
+    of its output, and exits 3, not rank 0's 143."""
     import signal
     import subprocess
     import time
     ready = tmp_path / "ready"
     worker = ("import os, signal, sys, time, pathlib\n"
-              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+              "if os.environ['RANK'] == sys.argv[1]:\n"
+              "    print('loading shards'); print('ValueError: shard 7 is corrupt', flush=True); sys.exit(3)\n"
+              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75 if sys.argv[1] == '-1' else 143))\n"
               f"pathlib.Path({str(ready)!r} + os.environ['RANK']).touch()\n"
-              "if os.environ['RANK'] == sys.argv[1]: sys.exit(3)\n"
               "time.sleep(60)\n")
     launcher = ("import sys\nfrom megavla.train.cli import launch_local\n"
                 f"sys.exit(launch_local(2, [sys.argv[1]], command=[sys.executable, '-c', {worker!r}]))\n")
@@ -142,5 +145,7 @@ def test_local_launcher_forwards_signals_and_propagates_failures(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_SIGNAL_SAVED
     t0 = time.monotonic()
-    failing = subprocess.run([sys.executable, "-c", launcher, "1"], timeout=60)   # rank 1 exits 3
+    failing = subprocess.run([sys.executable, "-c", launcher, "1"], timeout=60, capture_output=True, text=True)
     assert failing.returncode == 3 and time.monotonic() - t0 < 30   # rank 0 was stopped, not waited out
+    assert "rank 1 failed first: exit code 3" in failing.stderr, failing.stderr
+    assert "rank 0 exit code 143" in failing.stderr and "| ValueError: shard 7 is corrupt" in failing.stderr
