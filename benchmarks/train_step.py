@@ -105,7 +105,10 @@ def worker(args) -> None:
         def step(batch):
             engine.backward(engine(batch)["loss"])
             engine.step()
-    batch = random_batch(mcfg, batch_size=args.batch, seed=rank).to(device)
+    host_batch = random_batch(mcfg, batch_size=args.batch, seed=rank)
+    from megavla.model.flops import batch_flops, flops_per_sample
+    run_flops = batch_flops(mcfg, host_batch)              # this batch's valid tokens (the trainer's MFU)
+    batch = host_batch.to(device)
     times = []
     for i in range(WARMUP + args.steps):
         t0 = time.perf_counter()
@@ -114,13 +117,15 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
-    from megavla.model.flops import flops_per_sample
     from megavla.train.metrics import peak_flops
     step_s = sum(times) / len(times)
     peak = peak_flops(device)
     result = {"rank": rank, "step_s": step_s, "peak_mb": peak_memory_mb(device),
-              # MFU per device (GPU only): model training FLOPs of this rank's samples / step / dense bf16 peak.
-              "mfu": flops_per_sample(mcfg) * args.batch / step_s / peak if peak else None,
+              # MFU per device (GPU only): training FLOPs of the batch run / step time / dense bf16 peak.
+              "mfu": run_flops / step_s / peak if peak else None,
+              "tflops_s": run_flops / step_s / 1e12,
+              # the config's nominal sample (3 cameras, text 48, ...) vs the batch actually run
+              "nominal_over_run": flops_per_sample(mcfg) * args.batch / run_flops,
               "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "state_mb": state_mb(model, opt),
               "params_m": params_m}
@@ -144,7 +149,8 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
     return {"preset": preset, "mode": "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}", "nproc": nproc,
             "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
             "peak_mb": [round(r["peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks],
-            "mfu": ranks[0]["mfu"], "device": ranks[0]["device"]}
+            "mfu": ranks[0]["mfu"], "device": ranks[0]["device"],
+            "tflops_s": sum(r["tflops_s"] for r in ranks) / nproc, "nominal_over_run": ranks[0]["nominal_over_run"]}
 
 
 def main() -> None:
@@ -170,13 +176,16 @@ def main() -> None:
                 rows.append(row)
     print(f"\ndevice {rows[0]['device']}, micro batch {args.batch} per process, {args.steps} timed steps, "
           f"cpu_count={os.cpu_count()}\n")
-    print("| preset | params (M) | mode | procs | step (s) | samples/s | model states per rank (MB) "
-          "| peak RSS per rank (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("FLOPs: of the batch actually run (megavla.model.flops.batch_flops: valid tokens of the synthetic "
+          "batch); 'nominal / run' = how much the config's nominal sample would overstate them.\n")
+    print("| preset | params (M) | mode | procs | step (s) | samples/s | TFLOP/s per proc | MFU "
+          "| nominal / run FLOPs | model states per rank (MB) | peak RSS per rank (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {r['step_s']:.3f} | "
-              f"{r['samples_s']:.2f} | {' / '.join(map(str, r['state_mb']))} | "
-              f"{' / '.join(map(str, r['peak_mb']))} |" + (f" MFU {100 * r['mfu']:.1f}% |" if r["mfu"] else ""))
+              f"{r['samples_s']:.2f} | {r['tflops_s']:.4f} | {mfu} | {r['nominal_over_run']:.2f}x | "
+              f"{' / '.join(map(str, r['state_mb']))} | {' / '.join(map(str, r['peak_mb']))} |")
 
 
 if __name__ == "__main__":

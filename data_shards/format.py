@@ -26,10 +26,18 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: state orientation as the first two rotation-matrix columns (10 numbers per arm); 1 had
+# axis-angle (7 per arm), which flips sign near a half turn. v1 sets are refused with the fix
+# (`megavla data convert`, data_shards/convert.py), never read as if they were v2.
+FORMAT_VERSION = 2
+CONVERT_HINT = ("episode format v1 stores the state orientation as axis-angle, this code reads v{v} "
+                "(6D rotation columns, docs/data_format.md); convert the set with `megavla data "
+                "convert OLD_DIR --out NEW_DIR` or regenerate it")
 CAMERAS = ("head", "left_wrist", "right_wrist")
 # Stable integer ids for embodiments (the model's embodiment embedding / per-embodiment logging).
-EMBODIMENT_IDS = {"robot/arm": 0, "human/ego": 1, "robot/bimanual": 2}
+# robot/joint: imported robot data without end-effector poses (absolute joint-space actions in the
+# dataset's own dim order; data_shards/import_lerobot.py), kept apart from the EE embodiments.
+EMBODIMENT_IDS = {"robot/arm": 0, "human/ego": 1, "robot/bimanual": 2, "robot/joint": 3}
 ARRAY_KEYS = ("state", "actions", "action_mask", "step_valid", "joint_actions", "hand_keypoints",
               "head_pose")
 REQUIRED_ARRAYS = ("state", "actions", "action_mask", "step_valid")
@@ -135,6 +143,9 @@ def sample_to_episode(sample: dict[str, Any], where: str = "") -> Episode:
         meta = json.loads(sample["meta.json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise EpisodeFormatError(f"{loc}: meta.json is not valid JSON ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EpisodeFormatError(f"{loc}.meta.json: format_version={meta.get('format_version')!r}; "
+                                 + CONVERT_HINT.format(v=FORMAT_VERSION))
     arrays: dict[str, np.ndarray | None] = {}
     for name in ARRAY_KEYS:
         member = f"{name}.npy"
@@ -177,6 +188,8 @@ def validate_episode(ep: Episode, loc: str = "") -> None:
         fail("meta.json", f"unknown embodiment {ep.embodiment!r}; known: {sorted(EMBODIMENT_IDS)}")
     if ep.actions.ndim != 2 or ep.state.ndim != 2:
         fail("actions.npy", f"actions {ep.actions.shape} and state {ep.state.shape} must be [T, dim]")
+    if T == 0:
+        fail("actions.npy", "the episode is empty (0 steps): nothing to train on; drop it in the converter")
     if ep.state.shape[0] != T:
         fail("state.npy", f"has {ep.state.shape[0]} steps, actions have {T}")
     if ep.action_mask.shape != (ep.actions.shape[1],) or ep.action_mask.dtype != np.bool_:

@@ -19,7 +19,7 @@ directory holding several sets (``find_shard_sets``).
 ``manifest.json`` (``format_version`` 1; paths are relative to the set directory)::
 
     {"format_version": 1,
-     "episode_format_version": 1,                         data_shards.format.FORMAT_VERSION
+     "episode_format_version": 2,                         data_shards.format.FORMAT_VERSION
      "shards": [{"path": "shard-000000.tar",
                  "samples": n, "episodes": n,              equal: one sample per episode
                  "steps": n, "valid_steps": n,             sum of T / of step_valid
@@ -39,10 +39,14 @@ in its shard).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
+
+from .format import CONVERT_HINT, FORMAT_VERSION
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -103,21 +107,68 @@ def totals(rows: list[dict[str, Any]], combos_per_embodiment: dict[str, set[str]
     }
 
 
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def shard_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a shard (missing, or not a regular file), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "shard file missing"
+    except OSError as e:
+        return f"shard file cannot be examined ({e})"
+    if not stat.S_ISREG(mode):
+        return (f"not a regular file but a {file_kind(mode)}; a shard must be a regular tar file "
+                "(replace it with the shard the manifest lists)")
+    return None
+
+
+def open_regular_file(path: str | os.PathLike) -> int:
+    """``os.open`` for reading that never blocks on a FIFO (O_NONBLOCK) and refuses anything but a
+    regular file (OSError naming what it is). The caller closes the descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"not a regular file but a {file_kind(mode)}", str(path))
+    return fd
+
+
+def read_regular_text(path: str | os.PathLike) -> str:
+    """The text of a regular file (FileNotFoundError / OSError otherwise; never blocks on a FIFO)."""
+    with os.fdopen(open_regular_file(path), "r", encoding="utf-8") as f:
+        return f.read()
+
+
 def load_manifest(set_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``<set_dir>/manifest.json``; ManifestError names the file, field and fix."""
     path = Path(set_dir) / MANIFEST_FILE
-    if not path.is_file():
+    try:
+        text = read_regular_text(path)
+    except FileNotFoundError:
         partial = sorted(p.name for p in Path(set_dir).glob("*.partial"))
         hint = (f" ({len(partial)} *.partial files: a write died midway; rerun the writer)"
                 if partial else "")
-        raise ManifestError(f"{path}: missing: not a complete shard set{hint}")
+        raise ManifestError(f"{path}: missing: not a complete shard set{hint}") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except ValueError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this code "
                             f"reads {MANIFEST_VERSION}")
+    if manifest.get("episode_format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: episode_format_version={manifest.get('episode_format_version')!r}; "
+                            + CONVERT_HINT.format(v=FORMAT_VERSION))
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise ManifestError(f"{path}: field 'shards' must be a list")
@@ -125,8 +176,11 @@ def load_manifest(set_dir: str | os.PathLike) -> dict[str, Any]:
         missing = [f for f in SHARD_FIELDS if f not in row]
         if missing:
             raise ManifestError(f"{path}: shards[{i}] lacks field(s) {missing}")
+        if not isinstance(row["path"], str) or not row["path"]:
+            raise ManifestError(f"{path}: shards[{i}].path={row['path']!r} must be a file name")
         if Path(row["path"]).is_absolute() or ".." in Path(row["path"]).parts:
-            raise ManifestError(f"{path}: shards[{i}].path={row['path']!r} must be relative to the set")
+            raise ManifestError(f"{path}: shards[{i}].path={row['path']!r} points outside the set; shard "
+                                "paths must be relative to the set directory, without '..'")
     if "totals" not in manifest:
         raise ManifestError(f"{path}: field 'totals' missing")
     return manifest
@@ -142,7 +196,13 @@ def find_shard_sets(root: str | os.PathLike, max_depth: int = 3) -> tuple[list[P
     hold shard tars or *.partial files but no manifest (an unfinished or crashed write)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory")
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such directory")
+        kind = "regular file" if root.is_file() else file_kind(root.stat().st_mode)
+        hint = f" (its directory {root.parent} may be the set)" if root.name in (MANIFEST_FILE, "norm_stats.json") \
+            or root.suffix == ".tar" else ""
+        raise NotADirectoryError(f"{root}: is a {kind}, not a shard set; expected a shard set directory "
+                                 f"(holding {MANIFEST_FILE}) or a directory of sets{hint}")
     complete: list[Path] = []
     incomplete: list[Path] = []
 

@@ -195,7 +195,8 @@ class MiniWorld:
         self.spec, self.task_spec = scene_spec(scene), task_spec(scene, task)
         self.human = embodiment == "human/ego"
         self.arms = 2 if self.human else 1
-        self.action_dim = self.state_dim = hands.ARM_DIM * self.arms
+        self.action_dim = hands.ARM_DIM * self.arms
+        self.state_dim = hands.ARM_STATE_DIM * self.arms
         self.cameras = ("head",) if self.human else CAMERAS
         self.grasp_offset = GRASP_OFFSET[embodiment]
         self.instruction, self.subtasks = self.task_spec.instruction, self.task_spec.subtasks
@@ -326,8 +327,8 @@ class MiniWorld:
 
     # ---------------------------------------------------------------- observation ------------
     def ee_state(self) -> np.ndarray:
-        """float32 [state_dim]: per arm EE pose in the ego frame (position, axis-angle) + gripper."""
-        vec = hands.pose_to_vec(self.ego_inv @ self.state.ee)
+        """float32 [state_dim]: per arm EE pose in the ego frame (position, 6D rotation) + gripper."""
+        vec = hands.pose_to_state(self.ego_inv @ self.state.ee)
         return np.concatenate([vec, self.state.gripper[:, None]], axis=-1).reshape(-1).astype(np.float32)
 
     def hand_keypoints_world(self) -> np.ndarray:

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from .format import Episode
+from .manifest import read_regular_text
 
 log = logging.getLogger(__name__)
 
@@ -270,25 +271,84 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class NormStatsError(ValueError):
+    """norm_stats.json is missing, unreadable or unusable; the message names the file, field and fix."""
+
+
+def check_norm_stats(stats: Any, where: str) -> None:
+    """What the reader needs of every entry: ``state`` and ``actions`` with equal-length, non-empty,
+    finite ``mean/std/q01/q99``, ``std >= 0`` and ``q01 <= q99``. A NaN here would put NaN in every
+    batch; an inverted range would flip the sign of a dim."""
+    fix = "recompute with `megavla data stats DIR --write`"
+    if not isinstance(stats, dict) or not stats:
+        raise NormStatsError(f"{where}: expected a non-empty object {{embodiment: stats}}; {fix}")
+    for emb, entry in stats.items():
+        for kind in ("state", "actions"):
+            fields = entry.get(kind) if isinstance(entry, dict) else None
+            if not isinstance(fields, dict):
+                raise NormStatsError(f"{where}: embodiment {emb!r} lacks {kind!r} stats; {fix}")
+            try:
+                arrays = {k: np.asarray(fields.get(k, []), np.float64) for k in STAT_KEYS}
+            except (TypeError, ValueError) as e:
+                raise NormStatsError(f"{where}: {emb}.{kind} holds non-numbers ({e}); {fix}") from None
+            for key, values in arrays.items():
+                bad = np.flatnonzero(~np.isfinite(values.ravel()))
+                if bad.size:
+                    raise NormStatsError(f"{where}: {emb}.{kind}.{key} is not finite in dims "
+                                         f"{bad.tolist()} ({values.ravel()[bad[0]]}); {fix}")
+            lengths = {k: a.size if a.ndim == 1 else -1 for k, a in arrays.items()}
+            if len(set(lengths.values())) != 1 or min(lengths.values()) <= 0:
+                raise NormStatsError(f"{where}: {emb}.{kind} fields must be equal-length, non-empty "
+                                     f"lists; got lengths {lengths}; {fix}")
+            negative = np.flatnonzero(arrays["std"] < 0)
+            if negative.size:
+                raise NormStatsError(f"{where}: {emb}.{kind}.std is negative in dims {negative.tolist()}; {fix}")
+            inverted = np.flatnonzero(arrays["q01"] > arrays["q99"])
+            if inverted.size:
+                d = int(inverted[0])
+                raise NormStatsError(f"{where}: {emb}.{kind}: q01 > q99 in dims {inverted.tolist()} (dim {d}: "
+                                     f"q01={arrays['q01'][d]:.6g} q99={arrays['q99'][d]:.6g}); {fix}")
+
+
+def norm_affine(fields: dict[str, Any], mode: str, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(center, scale, width) in float32/float64 with ``normalized = (x - center) / scale``: the one
+    definition of the reader's normalization (megavla.data.normalize.Normalizer uses it too).
+    quantile: center = (q01 + q99) / 2, scale = max(q99 - q01, floor) / 2, width = q99 - q01;
+    zscore: center = mean, scale = max(std, floor), width = std; none: identity, width = inf."""
+    if mode == "quantile":
+        q01, q99 = np.asarray(fields["q01"], np.float64), np.asarray(fields["q99"], np.float64)
+        width = q99 - q01
+        center, scale = (q01 + q99) / 2, np.maximum(width, floor) / 2
+    elif mode == "zscore":
+        width = np.asarray(fields["std"], np.float64)
+        center, scale = np.asarray(fields["mean"], np.float64), np.maximum(width, floor)
+    elif mode == "none":
+        n = len(fields["mean"])
+        return np.zeros(n, np.float32), np.ones(n, np.float32), np.full(n, np.inf)
+    else:
+        raise ValueError(f"normalization mode {mode!r}; choose quantile, zscore or none")
+    return center.astype(np.float32), scale.astype(np.float32), width
+
+
 def load_norm_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a ``norm_stats.json`` (or the one inside a shard set directory)."""
+    """Read and check a ``norm_stats.json`` (or the one inside a shard set directory); NormStatsError
+    names the file and field. A FIFO or directory in its place is refused, never opened blocking."""
     path = Path(path)
     if path.is_dir():
         path = path / NORM_STATS_FILE
     try:
-        stats = json.loads(path.read_text())
+        text = read_regular_text(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no norm stats; recompute with `megavla data stats "
-                                f"{path.parent} --write`") from None
+        raise NormStatsError(f"{path}: no norm stats; the shard writer writes {NORM_STATS_FILE} beside "
+                             f"manifest.json (recompute with `megavla data stats {path.parent} --write`)") from None
+    except OSError as e:
+        raise NormStatsError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        stats = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); recompute with `megavla data stats "
-                         f"{path.parent} --write`") from None
-    for emb, entry in stats.items():
-        for name in ("state", "actions"):
-            for key in STAT_KEYS:
-                values = np.asarray(entry.get(name, {}).get(key, []), np.float64)
-                if values.size == 0 or not np.isfinite(values).all():
-                    raise ValueError(f"{path}: {emb}.{name}.{key} is missing or not finite")
+        raise NormStatsError(f"{path}: not valid JSON ({e}); recompute with `megavla data stats "
+                             f"{path.parent} --write`") from None
+    check_norm_stats(stats, str(path))
     return stats
 
 

@@ -1,13 +1,16 @@
-"""Integrity check of a shard set: sizes + sha256 vs the manifest, every sample parsed, JPEGs decoded.
+"""Integrity check of a shard set: the reader's own checks (data_shards/validate.py) plus sizes +
+sha256 vs the manifest, every sample parsed, every JPEG decoded.
 
-Each problem names the shard, the sample key and the member where known. Errors make
-``megavla data verify`` exit non-zero; warnings (a stale file the manifest does not list) do not.
-Checks per shard: file present; size and sha256 as in the manifest; the tar reads to its end (a
+Each problem names the shard, the sample key and the member where known, with the message the reader
+logs when it skips or refuses the same thing. Errors make ``megavla data verify`` exit non-zero;
+warnings (a stale file the manifest does not list, non-square frames) do not: exit 0 means the
+reader would read every episode. Per set: validate.check_manifest_shards, norm stats
+(validate/stats.check_norm_stats) covering the manifest's embodiments, no episode key in two shards.
+Per shard: a regular file; size and sha256 as in the manifest; the tar reads to its end (a
 truncated tar is reported after the last good member); every sample parses with
-``format.sample_to_episode`` (missing members, wrong shapes, NaN/inf, bad JSON); no duplicate
-keys; no members outside the episode format; every JPEG decodes and all frames of a camera have
-one size; sample / step / embodiment counts equal the manifest row. Per set: manifest and
-norm_stats.json readable, stats cover the embodiments the manifest lists.
+``format.sample_to_episode`` and passes ``validate.EpisodeValidator``; no key twice in the shard;
+no members outside the episode format; every JPEG decodes; sample / step / embodiment counts equal
+the manifest row.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from tqdm import tqdm
 
 from .format import ARRAY_KEYS, CAMERAS, EpisodeFormatError, sample_to_episode
 from .manifest import SHARD_GLOB, ManifestError, load_manifest
-from .stats import load_norm_stats
+from .stats import NORM_STATS_FILE, NormStatsError, load_norm_stats
+from .validate import (EpisodeValidator, ReadLimits, ShardSetError, check_manifest_shards,
+                       duplicate_key_message, shard_file_problem, stats_coverage_problem)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class VerifyReport:
     samples: int = 0
     frames_decoded: int = 0
     problems: list[Problem] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # episode keys in read order (cross-shard check)
 
     @property
     def errors(self) -> list[Problem]:
@@ -101,13 +107,13 @@ def iter_tar_samples(path: Path, problems: list[Problem]) -> Iterator[dict[str, 
                         continue
                     prefix, suffix = match.group(1), match.group(2).lower()
                     data = tar.extractfile(info).read()
-                    if current is not None and prefix != current["__key__"]:
+                    # A repeated member starts a new sample with the same key, as in the reader
+                    # (shard_reader.group_members): a repeated episode is a duplicate key there.
+                    if current is not None and (prefix != current["__key__"] or suffix in current):
                         yield current
                         current = None
                     if current is None:
                         current = {"__key__": prefix}
-                    if suffix in current:
-                        problems.append(Problem(str(path), "duplicate member", key=prefix, member=suffix))
                     current[suffix] = data
                     last_member = info.name
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -139,16 +145,26 @@ def _check_images(path: str, key: str, sample: dict[str, Any], report: VerifyRep
             continue
         report.frames_decoded += 1
         cam = member.split(".", 1)[0]
+        if cam not in shapes and image.shape[0] != image.shape[1]:
+            report.problems.append(Problem(path, f"frames are {image.shape[1]}x{image.shape[0]} (WxH), not "
+                                           "square: the reader letterboxes them to data.image_size "
+                                           "(aspect kept, zero padding)", key=key, member=member,
+                                           severity="warning"))
         if shapes.setdefault(cam, image.shape) != image.shape:
             report.problems.append(Problem(path, f"frame shape {image.shape} differs from this "
-                                           f"camera's first frame {shapes[cam]}", key=key, member=member))
+                                           f"camera's first frame {shapes[cam]} (each frame is resized "
+                                           "on its own)", key=key, member=member, severity="warning"))
 
 
 def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_images: bool = True,
-                 check_sha: bool = True) -> None:
+                 check_sha: bool = True, validator: EpisodeValidator | None = None) -> None:
+    """Integrity checks plus the reader's own per-episode checks (``validator``; built from the
+    set's norm stats and the reader's default limits when None)."""
     where = str(path)
-    if not path.is_file():
-        report.problems.append(Problem(where, "shard file missing"))
+    validator = validator if validator is not None else EpisodeValidator(None, _NO_STATS_LIMITS)
+    problem = shard_file_problem(path)
+    if problem:
+        report.problems.append(Problem(where, problem))
         return
     size = path.stat().st_size
     if size != row["bytes"]:
@@ -165,8 +181,10 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
         key = sample["__key__"]
         samples += 1
         if key in seen:
-            report.problems.append(Problem(where, "duplicate sample key", key=key))
+            report.problems.append(Problem(where, duplicate_key_message(where, key), key=key))
+            continue
         seen.add(key)
+        report.keys.append(key)
         for member in sample:
             if not member.startswith("__") and not _KNOWN_MEMBER.match(member):
                 report.problems.append(Problem(where, "member not in the episode format", key=key,
@@ -175,6 +193,7 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
             continue  # cut off by the read error already reported for this key
         try:
             ep = sample_to_episode(sample, where=where)
+            validator.check(ep, f"{where}:{key}")
         except EpisodeFormatError as e:
             report.problems.append(Problem(where, str(e), key=key, member=_member_of(str(e), where, key)))
             continue
@@ -191,16 +210,24 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
                                            f"from manifest {row['steps']} / {row['embodiments']}"))
 
 
-def _verify_job(job: tuple[str, dict[str, Any], bool, bool]) -> VerifyReport:
-    path, row, check_images, check_sha = job
+# Without usable stats (already an error of the set) only what needs no stats is checked per episode.
+_NO_STATS_LIMITS = ReadLimits(max_abs_normalized=float("inf"))
+
+
+def _verify_job(job: tuple[str, dict[str, Any], bool, bool, dict | None, ReadLimits]) -> VerifyReport:
+    path, row, check_images, check_sha, stats, limits = job
     report = VerifyReport(path)
-    verify_shard(Path(path), row, report, check_images=check_images, check_sha=check_sha)
+    validator = EpisodeValidator(stats, limits if stats is not None else _NO_STATS_LIMITS)
+    verify_shard(Path(path), row, report, check_images=check_images, check_sha=check_sha,
+                 validator=validator)
     return report
 
 
 def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: bool = True,
-                     progress: bool = False, workers: int = 1) -> VerifyReport:
-    """Check one shard set; ``workers`` > 1 checks shards in that many processes."""
+                     progress: bool = False, workers: int = 1,
+                     limits: ReadLimits = ReadLimits()) -> VerifyReport:
+    """Check one shard set; ``workers`` > 1 checks shards in that many processes. ``limits``: the
+    reader settings to check against (default: the reader's defaults)."""
     set_dir = Path(set_dir)
     report = VerifyReport(str(set_dir))
     try:
@@ -209,19 +236,24 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
         report.problems.append(Problem(str(set_dir), str(e)))
         return report
     try:
-        stats = load_norm_stats(set_dir)
-        missing = sorted(set(manifest["totals"].get("embodiments", {})) - set(stats))
-        if missing:
-            report.problems.append(Problem(str(set_dir / "norm_stats.json"),
-                                           f"no stats for embodiments {missing}"))
-    except (FileNotFoundError, ValueError) as e:
-        report.problems.append(Problem(str(set_dir / "norm_stats.json"), str(e)))
+        check_manifest_shards(set_dir, manifest)
+    except ShardSetError as e:  # the reader refuses the whole set with this message
+        report.problems.append(Problem(str(set_dir / "manifest.json"), str(e)))
+    stats = None
+    try:
+        stats = load_norm_stats(set_dir / NORM_STATS_FILE)
+        problem = stats_coverage_problem(set_dir, manifest, stats)
+        if problem:
+            report.problems.append(Problem(str(set_dir / NORM_STATS_FILE), problem))
+    except NormStatsError as e:
+        report.problems.append(Problem(str(set_dir / NORM_STATS_FILE), str(e)))
     rows = manifest["shards"]
     listed = {row["path"] for row in rows}
     for extra in sorted(p.name for p in set_dir.glob(SHARD_GLOB) if p.name not in listed):
         report.problems.append(Problem(str(set_dir / extra), "shard file not listed in manifest.json "
                                        "(ignored by readers)", severity="warning"))
-    jobs = [(str(set_dir / row["path"]), row, check_images, check_sha) for row in rows]
+    jobs = [(str(set_dir / row["path"]), row, check_images, check_sha, stats, limits) for row in rows]
+    first_shard: dict[str, str] = {}
     with ExitStack() as stack:
         if workers > 1 and len(jobs) > 1:
             pool = stack.enter_context(multiprocessing.get_context().Pool(min(workers, len(jobs))))
@@ -234,6 +266,13 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
             report.samples += shard_report.samples
             report.frames_decoded += shard_report.frames_decoded
             report.problems.extend(shard_report.problems)
+            for key in shard_report.keys:
+                if key in first_shard:
+                    report.problems.append(Problem(shard_report.set_dir, (
+                        f"episode key also in {first_shard[key]}: the reader would draw it twice as "
+                        "often (it cannot see repeats across shards); drop one copy"), key=key))
+                else:
+                    first_shard[key] = shard_report.set_dir
     log.info("verify %s: %d shards, %d samples, %d frames decoded, %d errors, %d warnings", set_dir,
              report.shards, report.samples, report.frames_decoded, len(report.errors),
              len(report.problems) - len(report.errors))

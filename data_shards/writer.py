@@ -9,12 +9,22 @@ manifest.json, and tools treat such a directory as incomplete. Leaving the ``wit
 exception deletes the partial files. ``overwrite=True`` first deletes an existing manifest (the old
 set is invalid from then on) and, at finish, the old shards the new manifest does not list.
 
+Resumable writes (``resumable=True``, used by ``megavla data import``). Each closed shard is
+committed: fsynced, kept as ``*.partial``, and listed in ``journal.json`` (atomic rewrite) together
+with the caller's ``progress`` token of the last episode in it. A killed or failed write leaves the
+committed shards and the journal; the next writer on that directory with the same ``generator``
+and shard size checks each committed shard's size and sha256, feeds its episodes to the norm stats
+again (same order -> the same stats), and exposes the token as ``resumed_progress`` so the caller
+continues after that episode. Only the uncommitted (open) shard is redone, so no episode is written
+twice and the finished set is byte-identical to an uninterrupted write.
+
 One tar sample per episode: the reader decodes an episode once and draws several timesteps from it
 (``data.samples_per_episode``); per-step samples would repeat state/actions/meta per step.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -22,16 +32,31 @@ from typing import Any
 
 import webdataset as wds
 
-from .format import FORMAT_VERSION, Episode, episode_to_sample
+from .format import FORMAT_VERSION, Episode, episode_to_sample, sample_to_episode
 from .manifest import (MANIFEST_FILE, MANIFEST_VERSION, SHARD_GLOB, SHARD_PATTERN, shard_row,
                        totals)
 from .stats import NORM_STATS_FILE, NormStatsAccumulator, write_json_atomic
+
+JOURNAL_FILE = "journal.json"
+JOURNAL_VERSION = 1
 
 log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
 DEFAULT_SHARD_BYTES = 64 * 2**20
+
+
+class JournalError(FileExistsError):
+    """An unfinished resumable write cannot be continued; the message says why and what to do."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _HashingFile:
@@ -69,7 +94,7 @@ class ShardSetWriter:
 
     def __init__(self, out_dir: str | os.PathLike, target_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  generator: dict[str, Any] | None = None, overwrite: bool = False,
-                 **stats_kwargs: Any):
+                 resumable: bool = False, **stats_kwargs: Any):
         if target_shard_bytes <= 0:
             raise ValueError(f"target_shard_bytes={target_shard_bytes} must be positive")
         self.out_dir = Path(out_dir)
@@ -84,22 +109,84 @@ class ShardSetWriter:
                                       "choose another directory or pass overwrite (--overwrite)")
             manifest.unlink()  # from here on the old set is invalid, never half-replaced
             log.info("%s: overwriting the existing shard set", self.out_dir)
-        stale = sorted(self.out_dir.glob("*.partial"))
-        if stale:
-            log.warning("%s: removing %d *.partial files of an earlier unfinished write",
-                        self.out_dir, len(stale))
-            for p in stale:
-                p.unlink()
+        self.resumable = resumable
+        self.resumed_progress: Any = None
+        self._progress: Any = None
         self._rows: list[dict[str, Any]] = []
         self._done_partials: list[tuple[Path, Path]] = []
         self._keys: set[str] = set()
         self._combos: dict[str, set[str]] = {}
         self._steps: dict[str, int] = {}
+        journal = self.out_dir / JOURNAL_FILE
+        if journal.exists() and (overwrite or not resumable):
+            log.info("%s: discarding the journal of an earlier unfinished write", self.out_dir)
+            journal.unlink()
+        elif journal.exists():
+            self._restore(journal)
+        keep = {p for p, _ in self._done_partials}
+        stale = sorted(p for p in self.out_dir.glob("*.partial") if p not in keep)
+        if stale:
+            log.warning("%s: removing %d *.partial files of an earlier unfinished write",
+                        self.out_dir, len(stale))
+            for p in stale:
+                p.unlink()
         self._file: _HashingFile | None = None
         self._tar: wds.TarWriter | None = None
         self._shard_episodes: list[dict[str, Any]] = []
         self._shard_estimate = 0
+        self._pending_progress: Any = None
         self.finished = False
+
+    def _restore(self, journal: Path) -> None:
+        """Adopt the committed shards of an earlier unfinished write (module docstring)."""
+        from .verify import iter_tar_samples  # verify imports simplejpeg: only when resuming
+
+        try:
+            state = json.loads(journal.read_text())
+        except ValueError as e:
+            raise JournalError(f"{journal}: not valid JSON ({e}); delete {self.out_dir} or pass "
+                               "--overwrite to start over") from None
+        wanted = {"version": JOURNAL_VERSION, "generator": self.generator,
+                  "target_shard_bytes": self.target_shard_bytes}
+        differs = [k for k, v in wanted.items() if state.get(k) != v]
+        if differs:
+            raise JournalError(
+                f"{journal}: an unfinished write with other settings is in {self.out_dir} (differs in "
+                f"{differs}: was {[state.get(k) for k in differs]}, now {[wanted[k] for k in differs]}); "
+                "rerun with the same arguments to resume, or pass --overwrite to start over")
+        for row in state["shards"]:
+            partial = self.out_dir / (row["path"] + ".partial")
+            if not partial.is_file() or partial.stat().st_size != row["bytes"] \
+                    or _file_sha256(partial) != row["sha256"]:
+                raise JournalError(f"{partial}: committed shard missing or changed since it was "
+                                   f"journaled in {journal}; pass --overwrite to start over")
+            problems: list = []
+            for sample in iter_tar_samples(partial, problems):
+                ep = sample_to_episode(sample, where=str(partial))
+                self.stats.add(ep)
+                self._keys.add(ep.key)
+                self._combos.setdefault(ep.embodiment, set()).add(ep.combo)
+                self._steps[ep.embodiment] = self._steps.get(ep.embodiment, 0) + ep.num_steps
+            if problems:
+                raise JournalError(f"{partial}: {problems[0]}; pass --overwrite to start over")
+            self._rows.append(row)
+            self._done_partials.append((partial, self.out_dir / row["path"]))
+        self.resumed_progress = state.get("progress")
+        log.info("%s: resuming an unfinished write: %d committed shards, %d episodes", self.out_dir,
+                 len(self._rows), len(self._keys))
+
+    def _write_journal(self) -> None:
+        write_json_atomic(self.out_dir / JOURNAL_FILE, {
+            "version": JOURNAL_VERSION, "generator": self.generator,
+            "target_shard_bytes": self.target_shard_bytes, "shards": self._rows,
+            "progress": self._progress})
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._keys)
+
+    def has_episode(self, key: str) -> bool:
+        return key in self._keys
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> "ShardSetWriter":
@@ -113,7 +200,9 @@ class ShardSetWriter:
             self.abort()
 
     # -- writing ---------------------------------------------------------------------------------
-    def write(self, ep: Episode) -> None:
+    def write(self, ep: Episode, progress: Any = None) -> None:
+        """Add one episode. ``progress``: a JSON value saying where the caller's source stands
+        after this episode; a resumable writer journals it when the episode's shard is committed."""
         if self.finished:
             raise RuntimeError(f"{self.out_dir}: write() after finish()")
         if ep.key in self._keys:
@@ -135,6 +224,7 @@ class ShardSetWriter:
                                      "steps": ep.num_steps, "valid_steps": valid_steps})
         self._combos.setdefault(ep.embodiment, set()).add(ep.combo)
         self._steps[ep.embodiment] = self._steps.get(ep.embodiment, 0) + ep.num_steps
+        self._pending_progress = progress
 
     def _open_shard(self) -> None:
         name = SHARD_PATTERN.format(len(self._rows))
@@ -152,6 +242,9 @@ class ShardSetWriter:
         row = shard_row(name, self._shard_episodes, self._file.bytes, self._file.sha256.hexdigest())
         self._rows.append(row)
         self._done_partials.append((self._partial, self.out_dir / name))
+        if self.resumable:  # commit point: the shard is fsynced, now make it count
+            self._progress = self._pending_progress
+            self._write_journal()
         log.debug("%s: closed %s (%d episodes, %d bytes)", self.out_dir, name, row["episodes"], row["bytes"])
         self._tar, self._file = None, None
 
@@ -182,6 +275,7 @@ class ShardSetWriter:
             "generator": self.generator,
         }
         write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)  # last: marks the set complete
+        (self.out_dir / JOURNAL_FILE).unlink(missing_ok=True)
         self.finished = True
         t = manifest["totals"]
         log.info("%s: wrote %d episodes (%d steps) in %d shards, %.1f MB", self.out_dir,
@@ -189,19 +283,21 @@ class ShardSetWriter:
         return manifest
 
     def abort(self) -> None:
-        """Drop everything written so far (partial files); no manifest is written."""
+        """Drop everything written so far (partial files); no manifest is written. A resumable
+        writer keeps its committed shards and journal, so the next run continues from them."""
         if self._tar is not None:
             try:
                 self._tar.close()
                 self._file.close()
             except Exception:  # noqa: BLE001 - already failing; the file is deleted next anyway
                 log.debug("closing a partial shard during abort failed", exc_info=True)
-        paths = [p for p, _ in self._done_partials]
+        paths = [] if self.resumable else [p for p, _ in self._done_partials]
         if self._file is not None or self._tar is not None:
             paths.append(self._partial)
         for p in paths:
             p.unlink(missing_ok=True)
         self._tar = self._file = None
         self.finished = True
-        log.warning("%s: shard set write aborted; %d partial files removed, no manifest written",
-                    self.out_dir, len(paths))
+        log.warning("%s: shard set write aborted; %d partial files removed, no manifest written%s",
+                    self.out_dir, len(paths), f"; {len(self._done_partials)} committed shards kept for "
+                    "a resume" if self.resumable else "")

@@ -27,6 +27,15 @@ except Exception:  # pragma: no cover - not installable on CPU boxes
     _flash_attn_varlen_func = None
 
 
+def _any_on_host(bad: torch.Tensor) -> bool:
+    """bad.any() for a validity check without a device sync: read on the host for a CPU tensor; on
+    a GPU the check is queued (torch._assert_async) and fails at a later kernel launch instead."""
+    if bad.device.type == "cpu":
+        return bool(bad.numpy().any())
+    torch._assert_async(~bad.any(), "AttentionLayout.from_kinds: kinds must be non-decreasing")
+    return False
+
+
 @dataclass
 class AttentionLayout:
     """Per-token attributes: queries [B, L], keys [B, S]. Build with `from_kinds` when you can."""
@@ -60,7 +69,7 @@ class AttentionLayout:
         if kind.shape != valid.shape or kind.dim() != 2:
             raise ValueError(f"AttentionLayout.from_kinds: kind {tuple(kind.shape)} and valid "
                              f"{tuple(valid.shape)} must both be [B, N]")
-        if bool((kind[:, 1:] < kind[:, :-1]).any()):
+        if _any_on_host(kind[:, 1:] < kind[:, :-1]):
             raise ValueError("AttentionLayout.from_kinds: kinds must be non-decreasing along each sequence "
                              "(PREFIX, then LM_SUFFIX, then EXPERT); give padding its segment's kind")
         prev = torch.cat([torch.full_like(kind[:, :1], PREFIX), kind[:, :-1]], dim=1)

@@ -33,6 +33,10 @@ from typing import Any
 
 import torch
 
+# Embodiment ids are in [0, MAX_EMBODIMENTS): the model logs per-embodiment losses as fixed-size
+# device vectors of this length (no host sync to find which ids a batch holds).
+MAX_EMBODIMENTS = 16
+
 
 @dataclass
 class Batch:

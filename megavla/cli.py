@@ -12,13 +12,14 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("megavla.data.cli", "synth | inspect | stats | verify shard sets"),
+    "data": ("megavla.data.cli", "synth | import | inspect | stats | verify shard sets"),
     "tokenizer": ("megavla.tokenizers.cli", "train the text tokenizer / FAST tokenizer on a shard set"),
     "model": ("megavla.model.cli", "summary: parameters per part and FLOPs per sample"),
     "train": ("megavla.train.cli", "train (1 or N local processes, DeepSpeed ZeRO)"),
     "export": ("megavla.train.export", "consolidate a checkpoint into one safetensors file"),
     "launch": ("megavla.launch.cli", "launch a training run locally or on SLURM (submitit)"),
     "sweep": ("megavla.launch.sweep", "expand a sweep grid into runs; `sweep status DIR`"),
+    "serve": ("megavla.serving.cli", "serve a trained policy to openpi clients (websocket, batched)"),
     "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives"),
     "demo": ("megavla.demo", "the README's main job: synth -> train (2 procs) -> resume"),
 }

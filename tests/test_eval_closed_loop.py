@@ -81,9 +81,10 @@ def test_transfer_gap_rows_and_markdown():
         lo, hi = cl.wilson_interval(k, n)
         return {"closed_loop": {"successes": k, "episodes": n, "success_rate": k / n, "ci95": [lo, hi]},
                 "offline": {"action_mse": mse}}
-    rows = report.transfer_gap_rows({0.5: {"robot": ev(1, 4, 0.5), "robot+human": ev(3, 4, 0.25)},
-                                     0.0: {"robot": ev(0, 4, 1.0), "robot+human": ev(0, 4, 1.0)}})
+    rows = report.transfer_gap_rows({0.5: {"robot": ev(1, 4, 0.5), "robot+human": ev(3, 4, 0.25), "seen": ev(4, 4, 0.1)},
+                                     0.0: {"robot": ev(0, 4, 1.0), "robot+human": ev(0, 4, 1.0), "seen": None}})
     assert [r["diversity"] for r in rows] == [0.0, 0.5]
     assert rows[1]["delta_success"] == pytest.approx(0.5) and rows[1]["delta_mse"] == pytest.approx(0.25)
+    assert [r["gate"] for r in rows] == ["not evaluated", "pass"]
     md = report.transfer_gap_markdown(rows)
-    assert md.count("\n") == 3 and "| 50% | 0.25 [" in md and "+0.50" in md
+    assert md.count("\n") == 3 + 1 + 4 and "| 50% | 1.00 [" in md and "| 0.25 [" in md and "+0.50 [" in md

@@ -32,8 +32,17 @@ def diversity(out):
 
 def test_diversity_report_structure(out, diversity):
     md = (out / "report_diversity.md").read_text()
-    assert "| pretrain diversity | robot only: success [95% CI] |" in md
+    assert "| pretrain diversity | seen combos, robot only [95% CI] | gate | robot only: success [95% CI] |" in md
     assert "| 0% |" in md and "| 100% |" in md
+    # Power and baselines: the test, the gate and the blind baselines are in the report.
+    assert "## Verdict" in md and "p (Fisher)" in md and "baseline: repeat previous" in md
+    for row in diversity["rows"]:
+        assert set(row["baselines"]) == {"zero", "repeat_previous", "mean_action", "mean_action_train"}
+        assert row["gate"] in ("pass", "fail") and 0.0 <= row["comparison"]["p_value"] <= 1.0
+        seen = diversity["evaluations"][str(row["diversity"])]["seen"]["closed_loop"]
+        assert row["seen_success"] == seen["success_rate"] and seen["per_combo"].keys() == {"0:1"}
+        if row["gate"] == "fail":  # a toy policy is not competent: no verdict for that level
+            assert row["diversity"] in diversity["verdict"]["refused_levels"]
     assert (out / "transfer_gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["diversity"] for r in diversity["rows"]] == [0.0, 1.0]
     configs = sorted(p.name for p in (out / "configs").glob("*.yaml"))
@@ -144,10 +153,23 @@ def test_bad_preset_and_spec_errors(tmp_path, capsys):
     assert "presets are" in capsys.readouterr().err
     assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--set", "diversity_levels=[2.0]"]) == 2
     assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path), "--human-weight", "0"]) == 2
+    # Too few closed-loop episodes per cell is refused before any work starts.
+    assert cli.main(["diversity", "--preset", "mini", "--out", str(tmp_path), "--set", "eval.episodes_per_combo=4"]) == 2
+    assert "eval.min_episodes_per_cell=20" in capsys.readouterr().err
+    assert cli.main(["diversity", "--preset", "toy", "--out", str(tmp_path),
+                     "--set", "eval.competence_threshold=1.5"]) == 2
+    assert "competence_threshold" in capsys.readouterr().err
     assert cli.main(["probe", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["probe", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "checkpoints/latest" in capsys.readouterr().err
+
+
+def test_default_and_mini_evaluations_have_20_episodes_per_cell():
+    assert ex.EvalSpec().episodes_per_combo >= 20 and ex.EvalSpec().competence_threshold == 0.6
+    spec = ex.load_spec("mini")
+    for combos in (spec.world.targets, ex.seen_combos(spec)):
+        assert spec.eval.episodes_per_combo * len(combos) >= 20
 
 
 def test_changed_world_in_an_existing_report_dir_is_refused(out, diversity):

@@ -82,8 +82,8 @@ def test_known_rigid_motion_is_recovered():
         # The same motion applied to both hands gives the same rotation on the left arm dims.
         np.testing.assert_allclose(out.actions[0, 10:13], expect_r, atol=1e-5)
         # Applying the action to the state reproduces the next state (the convention round-trips).
-        nxt = hands.apply_ee_delta(hands.vec_to_pose(out.state[0, :6]), out.actions[0, :6])
-        np.testing.assert_allclose(hands.pose_to_vec(nxt), out.state[1, :6], atol=1e-5)
+        nxt = hands.apply_ee_delta(hands.state_to_pose(out.state[0, :9]), out.actions[0, :6])
+        np.testing.assert_allclose(hands.pose_to_state(nxt), out.state[1, :9], atol=1e-5)
 
 
 def test_moving_scene_with_camera_changes_nothing():

@@ -39,8 +39,8 @@ def test_step_follows_the_action_convention(embodiment):
         action[6] = 0.0
         w.step(action)
         s1 = w.ee_state()
-        expect = hands.apply_ee_delta(hands.vec_to_pose(s0[:6]), action[:6])
-        np.testing.assert_allclose(s1[:6], hands.pose_to_vec(expect), atol=1e-5)
+        expect = hands.apply_ee_delta(hands.state_to_pose(s0[:9]), action[:6])
+        np.testing.assert_allclose(s1[:9], hands.pose_to_state(expect), atol=1e-5)
         np.testing.assert_allclose(s1[:3] - s0[:3], action[:3], atol=1e-6)
     with pytest.raises(ValueError, match="action"):
         w.step(np.zeros(w.action_dim + 1))

@@ -13,7 +13,8 @@ import numpy as np
 import simplejpeg
 import webdataset as wds
 
-from megavla.data_shards.format import CAMERAS, Episode, Subtask, episode_to_sample, sample_to_episode
+from megavla.data_shards.format import CAMERAS, FORMAT_VERSION, Episode, Subtask, episode_to_sample, sample_to_episode
+from megavla.data_shards.manifest import MANIFEST_VERSION, shard_row, totals
 
 CAMERA_LEVEL = {"head": 40, "left_wrist": 120, "right_wrist": 200}
 
@@ -87,12 +88,17 @@ def write_shard_set(directory: str | Path, episodes: list[Episode], per_shard: i
             for s in raw[i : i + per_shard]:
                 sink.write(s)
         data = path.read_bytes()
-        shards.append({"path": path.name, "samples": len(chunk_eps), "episodes": len(chunk_eps),
-                       "steps": int(sum(e.num_steps for e in chunk_eps)),
-                       "embodiments": sorted({e.embodiment for e in chunk_eps}),
-                       "combos": sorted({e.combo for e in chunk_eps}), "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
-    (directory / "manifest.json").write_text(json.dumps({"shards": shards}))
+        facts = [{"key": e.key, "embodiment": e.embodiment, "combo": e.combo, "steps": e.num_steps,
+                  "valid_steps": int(e.step_valid.sum())} for e in chunk_eps]
+        shards.append(shard_row(path.name, facts, len(data), hashlib.sha256(data).hexdigest()))
+    combos: dict[str, set[str]] = {}
+    steps: dict[str, int] = {}
+    for e in episodes:
+        combos.setdefault(e.embodiment, set()).add(e.combo)
+        steps[e.embodiment] = steps.get(e.embodiment, 0) + e.num_steps
+    manifest = {"format_version": MANIFEST_VERSION, "episode_format_version": FORMAT_VERSION, "shards": shards,
+                "totals": totals(shards, combos, steps)}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     (directory / "norm_stats.json").write_text(json.dumps(norm_stats_of(episodes)))
     return directory
 

@@ -27,7 +27,7 @@ def test_robot_episode_format():
     ep = generate_episode("robot/arm", 0, 0, 0, image_size=32)
     validate_episode(ep)
     assert set(ep.frames) == set(CAMERAS) and 25 <= ep.num_steps <= 70 and ep.fps == FPS
-    assert ep.actions.shape == (ep.num_steps, 7) and ep.state.shape == (ep.num_steps, 7)
+    assert ep.actions.shape == (ep.num_steps, 7) and ep.state.shape == (ep.num_steps, 10)
     assert ep.action_mask.all() and ep.step_valid.all()
     assert ep.hand_keypoints is None and ep.head_pose is None
     img = simplejpeg.decode_jpeg(ep.frames["head"][0])
@@ -45,7 +45,7 @@ def test_human_episode_format_and_masks():
     validate_episode(ep)
     assert set(ep.frames) == {"head"}  # head camera only, as in real egocentric video
     T = ep.num_steps
-    assert ep.actions.shape == (T, 14) and ep.state.shape == (T, 14)
+    assert ep.actions.shape == (T, 14) and ep.state.shape == (T, 20)
     np.testing.assert_array_equal(ep.action_mask, [d not in (6, 13) for d in range(14)])
     assert ep.hand_keypoints.shape == (T, 2, 17, 3) and ep.head_pose.shape == (T, 4, 4)
     assert np.isfinite(ep.actions).all() and np.isfinite(ep.state).all()
@@ -88,7 +88,7 @@ def test_human_actions_track_the_true_hand_motion():
     # Clean keypoints reproduce the executed actions and true states (the world and hands.py
     # agree on the palm frame and on the ego frame).
     np.testing.assert_allclose(clean.actions[:, :6], truth.actions[:, :6], atol=1e-5)
-    np.testing.assert_allclose(clean.state[:, :6], truth.states[:, :6], atol=1e-5)
+    np.testing.assert_allclose(clean.state[:, :9], truth.states[:, :9], atol=1e-5)
     valid = ep.step_valid
     pos_err = np.abs(ep.actions[valid, :3] - truth.actions[valid, :3])
     assert pos_err.mean() < 0.004  # a few mm: 2 mm keypoint noise averaged over the palm

@@ -68,7 +68,7 @@ def test_tiny_vla_two_processes_zero2_then_export(shards, tmp_path):
     records = [r for r in lines if "loss/total" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     val = [r for r in lines if "val/loss/total" in r]
-    assert [r["step"] for r in val] == [4] and "val/flow/0" in val[0]          # robot-only val set
+    assert [r["step"] for r in val] == [4] and "val/flow/robot_arm" in val[0]  # robot-only val set
     for key in ("loss/total", "loss/flow", "optim/lr", "optim/grad_norm", "perf/samples_per_s",
                 "time/data_wait_pct", "memory/peak_mb"):
         assert key in records[-1], key

@@ -40,6 +40,10 @@ class DataConfig:
     # Smallest q99-q01 range (quantile) or std (zscore) used as a divisor: degenerate dims (e.g. a
     # constant gripper) use it, with a warning, instead of dividing by ~0.
     normalization_floor: float = 1e-3
+    # Largest |value| of normalized state/actions (quantile: [q01, q99] -> [-1, 1]) an episode may
+    # put in a batch; an episode beyond it (a corrupt value, or stats that do not fit the data) is
+    # skipped and counted as bad_sample. Checked per episode by data_shards/validate.py.
+    max_abs_normalized: float = 100.0
 
     def validate(self) -> None:
         if not 0.0 <= self.diversity_fraction <= 1.0:
@@ -54,6 +58,8 @@ class DataConfig:
                               "(0: each shuffle window holds one episode's samples)")
         if self.normalization_floor <= 0:
             raise ConfigError(f"normalization_floor={self.normalization_floor} must be positive")
+        if not self.max_abs_normalized > 0:
+            raise ConfigError(f"max_abs_normalized={self.max_abs_normalized} must be positive")
         if not self.cameras:
             raise ConfigError("cameras is empty; list at least one of head, left_wrist, right_wrist")
         if self.num_workers < 0:

@@ -50,14 +50,25 @@ class ModelConfig:
     chunk_length: int = 10
     action_dim: int = 32
     state_dim: int = 32
-    # discrete: pi0.5 state tokens in the prefix (state_bins bins over [-1, 1]);
-    # continuous: one projected state token in the expert suffix (pi0).
-    state_mode: Literal["discrete", "continuous"] = "discrete"
+    # continuous: one projected state token in the expert suffix (pi0): the flow loss trains it and
+    # a small from-scratch model reads it precisely.
+    # discrete: pi0.5 state tokens in the prefix (state_bins bins over [-1, 1]); what a pretrained
+    # VLM backbone reads. A from-scratch tiny model cannot read the unordered bins well (issue 11:
+    # 1/20 vs 9/20 closed-loop success on one combo).
+    # null = the preset's choice (presets.TRAINING_DEFAULTS): continuous for the from-scratch
+    # presets tiny / small / 1b, discrete for pi05-3b (PaliGemma-initialised).
+    state_mode: Literal["discrete", "continuous"] | None = None
     state_bins: int = 256
     # adarms: pi0.5 adaptive RMSNorm in the expert; mlp: pi0 time embedding mixed into action tokens.
     time_conditioning: Literal["adarms", "mlp"] = "adarms"
     # No gradient from the flow loss into the backbone (the expert sees detached backbone K/V).
-    knowledge_insulation: bool = True
+    # null = the preset's choice: off for from-scratch presets (with a random backbone, insulation
+    # leaves vision and state to the FAST / subtask losses alone), on for pi05-3b (a pretrained
+    # VLM whose knowledge the flow gradient would erode; the paper's recipe).
+    # knowledge_insulation_start_step=N with insulation on: the first N steps train without it
+    # (the backbone learns to see for the actions), then it switches on ("on after N").
+    knowledge_insulation: bool | None = None
+    knowledge_insulation_start_step: int = 0
 
     # --- loss weights (0 = objective off, its compute skipped)
     flow_weight: float = 1.0
@@ -79,6 +90,12 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}={value} must be positive (or null for the preset's value)")
+        if self.knowledge_insulation_start_step < 0:
+            raise ConfigError(f"knowledge_insulation_start_step={self.knowledge_insulation_start_step} "
+                              "must be >= 0")
+        if self.knowledge_insulation_start_step and self.knowledge_insulation is False:
+            raise ConfigError("knowledge_insulation_start_step is set but knowledge_insulation is false; "
+                              "set model.knowledge_insulation=true for 'on after N steps'")
         for name in ("chunk_length", "action_dim", "state_dim", "state_bins", "num_cameras"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")

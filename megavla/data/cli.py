@@ -1,4 +1,4 @@
-"""``megavla data synth | inspect | stats | verify``: make and check shard sets.
+"""``megavla data synth | import | inspect | stats | verify``: make and check shard sets.
 
 ``synth --out DIR`` writes one shard set per embodiment family, ``DIR/robot`` and ``DIR/human``
 (layout: data_shards/manifest.py), so training mixes them with
@@ -25,6 +25,7 @@ from megavla.data_shards.manifest import (ManifestError, embodiment_family, find
                                           load_manifest)
 from megavla.data_shards.stats import (DEFAULT_NUM_BINS, NORM_STATS_FILE, NormStatsAccumulator,
                                        compare_norm_stats, write_json_atomic)
+from megavla.data_shards.validate import ReadLimits
 from megavla.data_shards.verify import Problem, iter_tar_samples, verify_shard_set
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,12 @@ def verify(args: argparse.Namespace) -> int:
     if not sets:
         return 1
     failed = bool(incomplete)
+    # The reader's data.* settings that decide which episodes it reads (the rest are its defaults).
+    limits = ReadLimits(normalization=args.normalization, max_abs_normalized=args.max_abs_normalized,
+                        normalization_floor=args.normalization_floor)
     for set_dir in sets:
         report = verify_shard_set(set_dir, check_images=not args.no_images, progress=not args.no_progress,
-                                  workers=args.workers)
+                                  workers=args.workers, limits=limits)
         for p in report.problems:
             print(p)
         status = "OK" if report.ok else f"{len(report.errors)} errors in {len(report.bad_shards)} shards"
@@ -267,6 +271,15 @@ def verify(args: argparse.Namespace) -> int:
     for d in incomplete:
         print(f"ERROR {d}: incomplete shard set (no manifest.json)")
     return 1 if failed else 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from megavla.data_shards.convert import convert_v1_set
+    manifest = convert_v1_set(args.dir, args.out, overwrite=args.overwrite)
+    t = manifest["totals"]
+    print(f"{args.out}: {t['episodes']} episodes, {t['steps']} steps in episode format "
+          f"v{manifest['episode_format_version']}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -298,12 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-bins", type=int, default=DEFAULT_NUM_BINS)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=stats)
-    p = sub.add_parser("verify", help="sha256, parse every sample, decode every JPEG")
+    p = sub.add_parser("verify", help="the reader's checks + sha256, parse every sample, decode every JPEG; "
+                                      "exit 0 only when the reader would read every episode")
     p.add_argument("dir")
+    defaults = ReadLimits()
+    p.add_argument("--normalization", default=defaults.normalization, choices=("quantile", "zscore", "none"),
+                   help="as data.normalization of the run that will read the set")
+    p.add_argument("--normalization-floor", type=float, default=defaults.normalization_floor,
+                   help="as data.normalization_floor")
+    p.add_argument("--max-abs-normalized", type=float, default=defaults.max_abs_normalized,
+                   help="as data.max_abs_normalized")
     p.add_argument("--no-images", action="store_true", help="skip JPEG decoding")
     p.add_argument("--workers", type=int, default=2, help="shards checked in parallel processes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=verify)
+    p = sub.add_parser("convert", help="rewrite a v1 shard set (axis-angle state) as v2 (6D rotation)")
+    p.add_argument("dir", help="the v1 shard set (only read)")
+    p.add_argument("--out", required=True, help="new directory for the v2 set")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
+    p.set_defaults(func=convert)
+    from megavla.data.import_cli import add_parser as add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 
@@ -311,6 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
-    except (ManifestError, FileNotFoundError) as e:
+    except (ManifestError, FileNotFoundError, NotADirectoryError) as e:
         log.error("%s", e)
         return 2

@@ -20,8 +20,15 @@ Frames
 Action per arm (7 numbers): ``[dx, dy, dz, rx, ry, rz, gripper]`` with
 ``p_{t+1} = p_t + d`` and ``R_{t+1} = Rot(r) @ R_t`` (r = axis-angle, ego axes, about the EE origin);
 gripper is absolute in [0, 1], 0 = open, 1 = closed. ``actions[t]`` moves step t to step t+1; the
-last step holds (zero delta). State per arm: ``[x, y, z, rx, ry, rz, gripper]`` (EE pose in E,
-orientation as axis-angle). Right arm/hand = dims 0-6, left = dims 7-13.
+last step holds (zero delta). Right arm/hand = action dims 0-6, left = 7-13.
+
+State per arm (10 numbers, episode format v2): ``[x, y, z, r00, r10, r20, r01, r11, r21, gripper]``
+= EE position in E, the first two columns of the EE rotation matrix in E ("6D", Zhou et al. 2019),
+gripper. Right = state dims 0-9, left = 10-19. Why not axis-angle (format v1): a grasp orientation
+near a half turn from E has |r| near pi, where the axis-angle vector flips sign between
+neighbouring steps (28 jumps > 1 rad in 2,869 mini-world steps); the 6D columns are a continuous
+function of the rotation, so nearby poses always have nearby states. Actions stay axis-angle
+*deltas*: one step rotates by a few degrees, far from the pi discontinuity.
 """
 from __future__ import annotations
 
@@ -49,9 +56,12 @@ KP = {name: i for i, name in enumerate(KEYPOINT_NAMES)}
 PALM_KEYPOINTS = np.array([KP["wrist"], KP["index_mcp"], KP["middle_mcp"], KP["ring_mcp"],
                            KP["pinky_mcp"]])
 HANDS = ("right", "left")  # order of the hand axis in hand_keypoints [T, 2, 17, 3]
-ARM_DIM = 7
+ARM_DIM = 7  # action numbers per arm
+ARM_STATE_DIM = 10  # state numbers per arm: position 3 + rotation 6D + gripper
 HUMAN_ACTION_DIM = 2 * ARM_DIM
-GRIPPER_DIMS = (6, 13)
+HUMAN_STATE_DIM = 2 * ARM_STATE_DIM
+GRIPPER_DIMS = (6, 13)  # action dims
+STATE_GRIPPER_DIMS = (9, 19)
 
 # Rotation whose columns are the ego axes (forward, left, up) written in camera coordinates.
 CAMERA_FROM_EGO = np.eye(4)
@@ -77,8 +87,58 @@ def ego_frame(head_pose0: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the action convention ------
 
+def matrix_to_rot6d(rot: np.ndarray) -> np.ndarray:
+    """[..., 3, 3] rotation matrices -> [..., 6] = first column then second column."""
+    rot = np.asarray(rot)
+    return np.concatenate([rot[..., :, 0], rot[..., :, 1]], axis=-1)
+
+
+def rot6d_to_matrix(d6: np.ndarray) -> np.ndarray:
+    """[..., 6] -> [..., 3, 3] by Gram-Schmidt (so a noisy / predicted 6D still gives a rotation)."""
+    d6 = np.asarray(d6, dtype=np.float64)
+    a, b = d6[..., :3], d6[..., 3:6]
+    na = np.linalg.norm(a, axis=-1, keepdims=True)
+    if (na < 1e-9).any():
+        raise ValueError("rot6d_to_matrix: a first column of (near) zero length is not a rotation")
+    x = a / na
+    b = b - (x * b).sum(-1, keepdims=True) * x
+    nb = np.linalg.norm(b, axis=-1, keepdims=True)
+    if (nb < 1e-9).any():
+        raise ValueError("rot6d_to_matrix: the two columns are parallel; not a rotation")
+    y = b / nb
+    return np.stack([x, y, np.cross(x, y)], axis=-1)
+
+
+def pose_to_state(poses: np.ndarray) -> np.ndarray:
+    """[..., 4, 4] -> [..., 9] = position + 6D rotation (the state convention, format v2)."""
+    poses = np.asarray(poses)
+    return np.concatenate([poses[..., :3, 3], matrix_to_rot6d(poses[..., :3, :3])], axis=-1)
+
+
+def state_to_pose(vec: np.ndarray) -> np.ndarray:
+    """[..., 9] position + 6D -> [..., 4, 4] (inverse of pose_to_state)."""
+    vec = np.asarray(vec, dtype=np.float64)
+    poses = np.zeros(vec.shape[:-1] + (4, 4))
+    poses[..., :3, :3] = rot6d_to_matrix(vec[..., 3:9])
+    poses[..., :3, 3] = vec[..., :3]
+    poses[..., 3, 3] = 1.0
+    return poses
+
+
+def axis_angle_state_to_6d(state: np.ndarray, arms: int) -> np.ndarray:
+    """Format v1 state [T, 7 * arms] (position, axis-angle, gripper per arm) -> v2 [T, 10 * arms]."""
+    state = np.asarray(state, dtype=np.float64)
+    if state.ndim != 2 or state.shape[1] != ARM_DIM * arms:
+        raise ValueError(f"v1 state: expected [T, {ARM_DIM * arms}] for {arms} arm(s), got {state.shape}")
+    out = []
+    for arm in range(arms):
+        arm_state = state[:, arm * ARM_DIM:(arm + 1) * ARM_DIM]
+        out += [pose_to_state(vec_to_pose(arm_state[:, :6])), arm_state[:, 6:7]]
+    return np.concatenate(out, axis=-1).astype(np.float32)
+
+
 def pose_to_vec(poses: np.ndarray) -> np.ndarray:
-    """[..., 4, 4] -> [..., 6] = position + axis-angle."""
+    """[..., 4, 4] -> [..., 6] = position + axis-angle (format v1 state; the v1 -> v2 converter)."""
     flat = poses.reshape(-1, 4, 4)
     rotvec = Rotation.from_matrix(flat[:, :3, :3]).as_rotvec()
     return np.concatenate([flat[:, :3, 3], rotvec], axis=-1).reshape(*poses.shape[:-2], 6)
@@ -106,6 +166,24 @@ def apply_ee_delta(pose: np.ndarray, delta: np.ndarray) -> np.ndarray:
     out[:3, :3] = Rotation.from_rotvec(np.asarray(delta[3:6], dtype=np.float64)).as_matrix() @ pose[:3, :3]
     out[:3, 3] = pose[:3, 3] + np.asarray(delta[:3], dtype=np.float64)
     return out
+
+
+def ee_track_state_actions(poses: np.ndarray, gripper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One arm's EE track in the ego frame -> (state [T, ARM_STATE_DIM], actions [T, ARM_DIM]).
+
+    state[t] = pose_to_state(pose t) + gripper[t]; actions[t] = ee_delta(pose t, pose t+1) +
+    gripper[t+1]; the last step holds (zero delta, gripper unchanged). Importers of EE-pose robot
+    data use this, so the state/action representation is decided in this module only.
+    """
+    poses = np.asarray(poses, dtype=np.float64)
+    gripper = np.asarray(gripper, dtype=np.float64).reshape(-1)
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4) or gripper.shape != (poses.shape[0],):
+        raise ValueError(f"poses [T, 4, 4] and gripper [T] expected, got {poses.shape} and {gripper.shape}")
+    state = np.concatenate([pose_to_state(poses), gripper[:, None]], axis=-1)
+    actions = np.zeros((poses.shape[0], ARM_DIM))
+    actions[:-1, :ARM_DIM - 1] = ee_delta(poses[:-1], poses[1:])
+    actions[:, ARM_DIM - 1] = np.concatenate([gripper[1:], gripper[-1:]])
+    return state.astype(np.float32), actions.astype(np.float32)
 
 
 # ---------------------------------------------------------------- palm frame ------------------
@@ -162,7 +240,7 @@ def grip_closure(keypoints: np.ndarray) -> np.ndarray:
 @dataclass
 class HandActions:
     actions: np.ndarray  # float32 [T, 14]
-    state: np.ndarray  # float32 [T, 14]
+    state: np.ndarray  # float32 [T, 20]
     action_mask: np.ndarray  # bool [14], gripper dims False
     step_valid: np.ndarray  # bool [T]
     num_invalid_steps: int
@@ -185,6 +263,8 @@ def hands_to_actions(hand_keypoints: np.ndarray, head_pose: np.ndarray,
     head = np.asarray(head_pose, dtype=np.float64)
     if head.shape != (T, 4, 4):
         raise ValueError(f"head_pose: expected [{T}, 4, 4], got {head.shape}")
+    if T == 0:
+        raise ValueError("hand_keypoints: the episode is empty (0 frames); drop it")
     head_ok = np.isfinite(head).all(axis=(-1, -2))
     if not head_ok.any():
         raise ValueError("head_pose: no finite head pose in the episode, so the ego frame is "
@@ -197,7 +277,7 @@ def hands_to_actions(hand_keypoints: np.ndarray, head_pose: np.ndarray,
     if gripper is None:
         gripper = grip_closure(kp)  # [T, 2]
     actions = np.zeros((T, HUMAN_ACTION_DIM))
-    state = np.zeros((T, HUMAN_ACTION_DIM))
+    state = np.zeros((T, HUMAN_STATE_DIM))
     pose_ok = np.ones(T, dtype=bool) & head_ok
     invalid_poses = {}
     for h, name in enumerate(HANDS):
@@ -205,7 +285,7 @@ def hands_to_actions(hand_keypoints: np.ndarray, head_pose: np.ndarray,
         invalid_poses[name] = int((~valid).sum())
         pose_ok &= valid
         ego_poses = ego_inv @ head @ cam_poses  # [T, 4, 4]
-        vec = pose_to_vec(ego_poses)
+        vec = pose_to_state(ego_poses)
         # Forward-fill the state over invalid frames (first valid frame back-fills the start).
         good = np.flatnonzero(valid & head_ok)
         if good.size:
@@ -214,10 +294,11 @@ def hands_to_actions(hand_keypoints: np.ndarray, head_pose: np.ndarray,
             vec = vec[src]
             ego_poses = ego_poses[src]
         else:
-            vec = np.zeros_like(vec)
-            ego_poses = np.tile(np.eye(4), (T, 1, 1))
+            ego_poses = np.tile(np.eye(4), (T, 1, 1))  # placeholder: identity, a valid rotation
+            vec = pose_to_state(ego_poses)
         sl = slice(h * ARM_DIM, (h + 1) * ARM_DIM)
-        state[:, sl] = np.concatenate([vec, gripper[:, h:h + 1]], axis=-1)
+        state_sl = slice(h * ARM_STATE_DIM, (h + 1) * ARM_STATE_DIM)
+        state[:, state_sl] = np.concatenate([vec, gripper[:, h:h + 1]], axis=-1)
         actions[:-1, sl.start:sl.start + 6] = ee_delta(ego_poses[:-1], ego_poses[1:])
         actions[:, sl.start + 6] = np.concatenate([gripper[1:, h], gripper[-1:, h]])
     step_valid = pose_ok.copy()

@@ -25,38 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+# One definition of the stats checks and the affine map, shared with `megavla data verify`:
+# load_norm_stats refuses NaN/inf, inverted (q01 > q99) or negative-std stats naming file and field.
+from megavla.data_shards.stats import (NormStatsError, check_norm_stats, load_norm_stats,  # noqa: F401
+                                       norm_affine)
+
 log = logging.getLogger(__name__)
 
 KINDS = ("state", "actions")
 STAT_FIELDS = ("mean", "std", "q01", "q99")
-
-
-class NormStatsError(ValueError):
-    """norm_stats.json is missing an embodiment or field, or has inconsistent shapes."""
-
-
-def load_norm_stats(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise NormStatsError(f"{path}: norm stats file not found; the shard writer writes norm_stats.json "
-                             "beside manifest.json (recompute with `megavla data stats DIR`)")
-    try:
-        stats = json.loads(path.read_text())
-    except ValueError as e:
-        raise NormStatsError(f"{path}: not valid JSON ({e})") from None
-    _check_stats(stats, str(path))
-    return stats
-
-
-def _check_stats(stats: dict, where: str) -> None:
-    for emb, entry in stats.items():
-        for kind in KINDS:
-            if kind not in entry:
-                raise NormStatsError(f"{where}: embodiment {emb!r} lacks {kind!r} stats")
-            lengths = {f: len(entry[kind].get(f, [])) for f in STAT_FIELDS}
-            if len(set(lengths.values())) != 1 or 0 in lengths.values():
-                raise NormStatsError(f"{where}: {emb}.{kind} fields must be equal-length, non-empty "
-                                     f"lists; got lengths {lengths}")
 
 
 def merge_norm_stats(stats_list: list[dict[str, Any]]) -> dict[str, Any]:
@@ -99,7 +76,7 @@ class Normalizer:
     def __init__(self, stats: dict[str, Any], mode: str = "quantile", floor: float = 1e-3):
         if mode not in ("quantile", "zscore", "none"):
             raise ValueError(f"normalization mode {mode!r}; choose quantile, zscore or none")
-        _check_stats(stats, "norm stats")
+        check_norm_stats(stats, "norm stats")
         self.stats, self.mode, self.floor = stats, mode, float(floor)
         self._affine: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         for emb, entry in stats.items():
@@ -107,23 +84,16 @@ class Normalizer:
                 self._affine[(emb, kind)] = self._make_affine(emb, kind, entry[kind])
 
     def _make_affine(self, emb: str, kind: str, s: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(center, half_range) with y = (x - center) / half_range."""
-        if self.mode == "quantile":
-            q01, q99 = np.asarray(s["q01"], np.float64), np.asarray(s["q99"], np.float64)
-            width = q99 - q01
-            center, scale = (q01 + q99) / 2, np.maximum(width, self.floor) / 2
-        elif self.mode == "zscore":
-            width = np.asarray(s["std"], np.float64)
-            center, scale = np.asarray(s["mean"], np.float64), np.maximum(width, self.floor)
-        else:
-            n = len(s["mean"])
-            return np.zeros(n, np.float32), np.ones(n, np.float32)
+        """(center, half_range) with y = (x - center) / half_range (data_shards.stats.norm_affine)."""
+        center, scale, width = norm_affine(s, self.mode, self.floor)
+        if self.mode == "none":
+            return center, scale
         degenerate = np.flatnonzero(width < self.floor)
         if degenerate.size:
             log.warning("norm stats %s.%s: dims %s have a %s below the floor %g; using the floor "
                         "(constant dims normalize to ~0)", emb, kind, degenerate.tolist(),
                         "q99-q01 range" if self.mode == "quantile" else "std", self.floor)
-        return center.astype(np.float32), scale.astype(np.float32)
+        return center, scale
 
     @classmethod
     def from_file(cls, path: str | Path, mode: str = "quantile", floor: float = 1e-3) -> "Normalizer":

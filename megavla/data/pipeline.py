@@ -6,7 +6,8 @@ Usage (the trainer)::
     for batch in loader: ...                      # endless; iter() again continues, never restarts
     state = loader.state_dict()                   # JSON types; save per rank with the checkpoint
     loader.load_state_dict(state)                 # before iterating, on a freshly built loader
-    loader.skip_counts()                          # {"bad_sample": n, ...} for the logs
+    loader.skip_counts()                          # {"bad_sample": n, ...}: data/skipped_<reason>
+    loader.read_counts()                          # {"episodes_read": n, "samples_read": n}
     loader.normalizer.unnormalize(actions, embodiment, "actions")   # evaluator
 
 The stream of one (rank, logical worker) is a pure function of (seed, rank, world size, num workers,
@@ -18,11 +19,17 @@ worker, index), with no hidden RNG state:
    epoch (``RNG(seed, source, rank, worker, epoch)``): resampling without repeats inside an epoch.
 2. Episodes. shard_reader.py walks the tar headers (~50x faster than ``tarfile``), reads the small
    members and only *locates* the JPEG frames; episodes of excluded combos (combo read from the key)
-   have only their ``meta.json`` read and are counted (``excluded_episode``). Bad input -- a truncated
-   or corrupt tar, a missing shard file (``bad_shard``: the rest of that shard is skipped), a missing
-   member, wrong shape, NaN/inf, no valid step (``bad_sample``), an undecodable frame (``bad_image``)
-   -- is logged with shard and key and counted, or raises :class:`DataError` when
-   ``data.on_bad_sample = "fail"``.
+   have only their ``meta.json`` read and are counted (``excluded_episode``). Each episode passes
+   data_shards/validate.py, the checks `megavla data verify` runs too (same code, same messages); a
+   set that fails the per-set checks (manifest, shard paths, norm stats, or stats that do not fit its
+   first episode) is refused by build_loader before any work. Bad input -- a truncated or corrupt
+   tar, a missing shard file or one that is not a regular file (``bad_shard``: the rest of that shard
+   is skipped, counted once per epoch by the slot that owns it), a missing member, wrong shape,
+   NaN/inf, a value normalized beyond ``data.max_abs_normalized``, no valid step, a tokenizer error
+   (``bad_sample``), a key repeated in its shard (``duplicate_episode``), an undecodable frame
+   (``bad_image``) -- is logged with shard and key and counted, or raises :class:`DataError` when
+   ``data.on_bad_sample = "fail"``. ``skip_counts()`` has the skips by reason, ``read_counts()``
+   ``episodes_read`` / ``samples_read``; collate_samples asserts every state/action is finite.
 3. Mixture. A deterministic weighted round robin (mixture.py) picks the source of each accepted
    episode; ``samples_per_episode`` timesteps are drawn among the episode's valid steps with
    ``RNG(seed, rank, worker, episode index)``.
@@ -57,13 +64,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megavla.config.core import ConfigError
 from megavla.config.data import DataConfig
-from megavla.data_shards.format import Episode, EpisodeFormatError
+from megavla.data_shards.format import EpisodeFormatError
+from megavla.data_shards.validate import EpisodeValidator, ReadLimits, StatsMismatchError
 
-from .collate import build_sample, check_episode_dims, collate_samples
+from .collate import ImageDecodeError, build_sample, collate_samples
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
-from .normalize import Normalizer, load_norm_stats, merge_norm_stats
-from .shard_reader import Counters, DataError, ShardCursor, ShardInfo, read_manifest
+from .normalize import Normalizer, merge_norm_stats
+from .shard_reader import (READ_COUNTERS, Counters, DataError, ShardCursor, ShardInfo, read_first_episode,
+                           read_manifest)
 
 __all__ = ["DataError", "LoaderStateError", "StreamingLoader", "build_loader"]
 
@@ -86,6 +95,7 @@ class Plan:
     weights: dict[str, float]
     kept_combos: set[str]
     normalizer: Normalizer | None
+    validator: EpisodeValidator  # the per-episode checks `megavla data verify` runs
     text_tokenizer: Any = None
     fast_tokenizer: Any = None
     stream_settings: dict[str, Any] = field(default_factory=dict)
@@ -110,18 +120,15 @@ class WorkerStream:
             self._restore(state)
 
     def _cursor(self, name: str) -> ShardCursor:
-        plan, cfg = self.plan, self.plan.cfg
+        plan = self.plan
         slot = plan.rank * max(1, plan.num_workers) + self.worker
         shards = plan.sources[name]
         mine = shards[slot :: plan.slots] if len(shards) >= plan.slots else shards
 
-        def accept(ep: Episode, where: str) -> None:
-            check_episode_dims(ep, plan.normalizer, cfg.max_state_dim, cfg.max_action_dim, where)
-            if not ep.step_valid.any():
-                raise EpisodeFormatError(f"{where}.step_valid.npy: no valid step to sample")
-
+        counted = {s.path for s in (mine if len(shards) >= plan.slots else shards[slot::plan.slots])}
         order_seed = [plan.seed, _TAG_SHARD_ORDER, sorted(plan.sources).index(name), plan.rank, self.worker]
-        return ShardCursor(name, mine, order_seed, plan.kept_combos, accept, self.counters)
+        return ShardCursor(name, mine, order_seed, plan.kept_combos, plan.validator.check, self.counters,
+                           counted_shards=counted)
 
     def _rng(self, tag: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.plan.seed, tag, self.plan.rank, self.worker, index])
@@ -138,7 +145,7 @@ class WorkerStream:
             rng = self._rng(_TAG_TIMESTEPS, self.episodes)
             steps = rng.choice(valid, size=cfg.samples_per_episode, replace=valid.size < cfg.samples_per_episode)
             self.episodes += 1
-            self.counters.add("episodes")
+            self.counters.add("episodes_read")
             text_cache: dict = {}  # one tokenization of the instruction/subtasks per episode
             items.extend((ep, int(t), name, where, text_cache) for t in steps)
         order = self._rng(_TAG_WINDOW, self.window).permutation(len(items))
@@ -146,7 +153,7 @@ class WorkerStream:
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state["window"] < 0:
-            self.counters.values.update(state["counters"])
+            self.counters.load(state["counters"])
             return
         start = state["window_start"]
         self.counters.muted = True  # the replay re-reads what was counted before the save
@@ -157,7 +164,7 @@ class WorkerStream:
         self._fill_window()
         self.pos = state["pos"]
         self.counters.muted = False
-        self.counters.values = {k: int(v) for k, v in state["counters"].items()}
+        self.counters.load(state["counters"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": self.window, "pos": self.pos, "window_start": self.window_start,
@@ -187,9 +194,11 @@ class WorkerStream:
                         max_action_dim=cfg.max_action_dim, normalizer=plan.normalizer,
                         text_tokenizer=plan.text_tokenizer, fast_tokenizer=plan.fast_tokenizer,
                         text_cache=cache, images_out=slots[len(samples)]))
-                except EpisodeFormatError as e:
+                except ImageDecodeError as e:
                     self.counters.bad("bad_image", f"{e} (timestep {t})")
-            self.counters.add("samples", len(samples))
+                except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
+                    self.counters.bad("bad_sample", f"{e} (timestep {t})")
+            self.counters.add("samples_read", len(samples))
             yield collate_samples(samples, text_pad_id=int(text_pad), images=images), self.state_dict()
 
 
@@ -263,8 +272,14 @@ class StreamingLoader:
         self._consumed = int(state["batches_consumed"])
 
     def skip_counts(self) -> dict[str, int]:
-        """Summed over this rank's workers, as of the last consumed batch."""
-        return sum_counters(self._worker_states)
+        """Skips per reason (shard_reader.SKIP_REASONS), summed over this rank's workers, as of the
+        last consumed batch."""
+        return {k: v for k, v in sum_counters(self._worker_states).items() if k not in READ_COUNTERS}
+
+    def read_counts(self) -> dict[str, int]:
+        """``episodes_read`` / ``samples_read`` (what was read, not skipped), as skip_counts."""
+        totals = sum_counters(self._worker_states)
+        return {k: totals.get(k, 0) for k in READ_COUNTERS}
 
 
 def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None, rank: int = 0,
@@ -282,7 +297,10 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
         raise ConfigError(f"data.{'val_sources' if val else 'sources'} is empty; name at least one shard set "
                           "directory (e.g. data.sources.robot=/tmp/s)")
     weights = {name: 1.0 for name in sources} if val else data_cfg.resolved_mixture()
-    manifests = {name: read_manifest(d) for name, d in sources.items() if weights[name] > 0}
+    # Per-set checks shared with `megavla data verify`: a refused set stops here, before any work.
+    need_stats = data_cfg.normalization != "none" and norm_stats is None
+    checked = {name: read_manifest(d, need_stats=need_stats) for name, d in sources.items() if weights[name] > 0}
+    manifests = {name: shards for name, (shards, _) in checked.items()}
     universe = {c for shards in manifests.values() for s in shards for c in s.combos}
     fraction = 1.0 if val else data_cfg.diversity_fraction
     kept = select_combos(universe, fraction, data_cfg.diversity_seed,
@@ -303,7 +321,7 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
     normalizer = None
     if data_cfg.normalization != "none":
         if norm_stats is None:
-            norm_stats = merge_norm_stats([load_norm_stats(Path(sources[n]) / "norm_stats.json") for n in manifests])
+            norm_stats = merge_norm_stats([stats for _, stats in checked.values()])
         missing = {e for shards in manifests.values() for s in shards for e in s.embodiments} - set(norm_stats)
         if missing:
             raise ConfigError(f"norm stats lack embodiments {sorted(missing)} that the manifests list")
@@ -318,8 +336,19 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
             "chunk_length", "max_action_dim", "max_state_dim", "cameras", "image_size", "batch_size",
             "shuffle_buffer", "samples_per_episode", "normalization")},
     }
+    validator = EpisodeValidator(normalizer.stats if normalizer is not None else None, ReadLimits.from_config(data_cfg))
+    for name, shards in eligible.items():  # stats that do not fit a whole set: refused now, not per episode
+        probe = read_first_episode(shards[0].path)
+        try:
+            if probe is not None:
+                validator.check(*probe)
+        except StatsMismatchError as e:
+            raise ConfigError(f"source {name!r} ({sources[name]}): {e} [its first episode; the norm stats "
+                              "do not fit this set, so the run is refused before it starts]") from None
+        except EpisodeFormatError:
+            pass  # one bad episode: the reader skips and counts it
     plan = Plan(cfg=data_cfg, seed=seed, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
                 sources=eligible, weights={n: weights[n] for n in manifests}, kept_combos=kept,
-                normalizer=normalizer, text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
+                normalizer=normalizer, validator=validator, text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
                 stream_settings=json.loads(json.dumps(settings)))
     return StreamingLoader(plan)

@@ -11,7 +11,6 @@ of the basename).
 """
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -24,12 +23,18 @@ import numpy as np
 
 from megavla.config.core import ConfigError
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
+from megavla.data_shards.validate import (ShardSetError, check_shard_set, duplicate_key_message,
+                                          open_regular_file, shard_file_problem)
 
 from .mixture import combo_of_key
 
 log = logging.getLogger(__name__)
 
-COUNTER_NAMES = ("bad_shard", "bad_sample", "bad_image", "excluded_episode", "episodes", "samples")
+# Skip reasons (logged as data/skipped_<reason>) and what was read (data/<name>).
+SKIP_REASONS = ("bad_shard", "bad_sample", "bad_image", "duplicate_episode", "excluded_episode")
+READ_COUNTERS = ("episodes_read", "samples_read")
+COUNTER_NAMES = SKIP_REASONS + READ_COUNTERS
+RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # in states saved before
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 
@@ -50,23 +55,19 @@ class ShardInfo:
     embodiments: list[str]
 
 
-def read_manifest(directory: str | Path) -> list[ShardInfo]:
-    directory = Path(directory)
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no manifest.json; data.sources must name shard set directories "
-                          "written by `megavla data synth` (or the shard writer)")
+def read_manifest(directory: str | Path, need_stats: bool = True) -> tuple[list[ShardInfo], dict | None]:
+    """(shards, norm stats or None) of one set after the per-set checks `megavla data verify` runs
+    (data_shards.validate.check_shard_set): a refused set is a ConfigError before any work starts."""
     try:
-        manifest = json.loads(path.read_text())
-        shards = [ShardInfo(path=str(directory / s["path"]), episodes=int(s.get("episodes", s.get("samples", 0))),
-                            combos=list(s["combos"]), embodiments=list(s.get("embodiments", [])))
-                  for s in manifest["shards"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: manifest is malformed ({e!r}); expected "
-                          '{"shards": [{"path", "episodes", "combos", "embodiments", ...}]}') from None
-    if not shards:
-        raise ConfigError(f"{path}: the manifest lists no shards")
-    return shards
+        info = check_shard_set(directory, need_stats=need_stats)
+    except ShardSetError as e:
+        raise ConfigError(f"{e} (data.sources must name shard set directories written by `megavla data "
+                          "synth` or a converter; `megavla data verify DIR` checks one)") from None
+    directory = Path(directory)
+    shards = [ShardInfo(path=str(directory / s["path"]), episodes=int(s["episodes"]),
+                        combos=list(s["combos"]), embodiments=sorted(s["embodiments"]))
+              for s in info.manifest["shards"]]
+    return shards, info.norm_stats
 
 
 def _number(field: bytes) -> int:
@@ -106,10 +107,16 @@ class MemberRef:
 def map_shard(path: str) -> mmap.mmap:
     """Read-only memory map of a shard (the writer renames finished shards into place, so a mapped
     file is never rewritten under the reader)."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+    problem = shard_file_problem(path)  # a FIFO would block open() forever
+    if problem:
+        raise TarFormatError(f"{path}: {problem}")
+    fd = open_regular_file(path)  # O_NONBLOCK + fstat: a FIFO swapped in since the stat cannot block
+    try:
+        if os.fstat(fd).st_size == 0:
             raise TarFormatError(f"{path}: empty file")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -176,18 +183,29 @@ def iter_tar_members(buf, where: str, mode: Callable[[str, str], int] | None = N
 
 
 def group_members(members: Iterator[tuple[str, str, Any]], where: str) -> Iterator[dict[str, Any]]:
-    """Consecutive members sharing a key -> one sample dict (as webdataset's group_by_keys)."""
+    """Consecutive members sharing a key -> one sample dict (as webdataset's group_by_keys). A
+    member already in the current sample starts a new sample with the same key (an episode written
+    twice in a row): the cursor then skips it as a duplicate key, and so does `verify`."""
     current: dict[str, Any] | None = None
     for key, suffix, data in members:
-        if current is None or key != current["__key__"]:
+        if current is None or key != current["__key__"] or suffix in current:
             if current is not None:
                 yield current
             current = {"__key__": key, "__url__": where}
-        if suffix in current:
-            raise TarFormatError(f"{where}: duplicate member {key}.{suffix}")
         current[suffix] = data
     if current is not None:
         yield current
+
+
+def read_first_episode(path: str) -> tuple[Episode, str] | None:
+    """The first episode of a shard (frames located, not read), or None when it does not parse:
+    build_loader checks it against the stats to refuse a set whose stats do not fit, at start."""
+    try:
+        mode = lambda key, suffix: REF if suffix.endswith(".jpg") else READ  # noqa: E731
+        group = next(group_members(iter_tar_members(map_shard(path), path, mode), path))
+        return sample_to_episode(group, where=path), f"{path}:{group['__key__']}"
+    except (TarFormatError, OSError, ValueError, StopIteration):  # the cursor will count it
+        return None
 
 
 class Counters:
@@ -201,12 +219,19 @@ class Counters:
         if not self.muted:
             self.values[kind] = self.values.get(kind, 0) + n
 
-    def bad(self, kind: str, message: str) -> None:
+    def bad(self, kind: str, message: str, count: bool = True) -> None:
+        """Skip (or raise in fail mode). ``count=False``: another worker counts this same event."""
         if self.on_bad == "fail":
             raise DataError(f"{message} (data.on_bad_sample=fail; set it to 'skip' to count and skip)")
-        if not self.muted:
+        if not self.muted and count:
             self.values[kind] = self.values.get(kind, 0) + 1
             log.warning("skipped %s: %s [%s so far: %d]", kind, message, kind, self.values[kind])
+
+    def load(self, values: dict[str, int]) -> None:
+        self.values = {RENAMED_COUNTERS.get(k, k): int(v) for k, v in values.items()}
+
+    def skips(self) -> dict[str, int]:
+        return {k: v for k, v in self.values.items() if k not in READ_COUNTERS}
 
 
 class ShardCursor:
@@ -218,11 +243,16 @@ class ShardCursor:
     """
 
     def __init__(self, name: str, shards: list[ShardInfo], order_seed: list[int], kept_combos: set[str],
-                 accept: Callable[[Episode, str], None], counters: Counters):
+                 accept: Callable[[Episode, str], None], counters: Counters,
+                 counted_shards: set[str] | None = None):
         self.name, self.shards, self.order_seed = name, shards, order_seed
         self.kept_combos, self.accept, self.counters = kept_combos, accept, counters
+        # Bad shards this slot counts: its own. When every slot reads every shard (fewer shards than
+        # slots) only one slot counts each, so a bad shard counts once per epoch, not once per reader.
+        self.counted_shards = counted_shards if counted_shards is not None else {s.path for s in shards}
         self.draw, self.offset = 0, 0
         self._groups: Iterator[dict] | None = None
+        self._shard_keys: set[str] = set()  # keys of the current draw (rebuilt by seek's replay)
         self._path = ""
         self._mode_key, self._mode_kept = "", True
 
@@ -261,6 +291,7 @@ class ShardCursor:
         if self._groups is None:
             self._path = self._shard_of_draw(self.draw).path
             self._groups = self._iter_groups(self._path)
+            self._shard_keys = set()
         try:
             group = next(self._groups)
         except StopIteration:
@@ -268,10 +299,13 @@ class ShardCursor:
             return None
         except (TarFormatError, OSError, ValueError) as e:
             self.counters.bad("bad_shard", f"{self._path}: unreadable after {self.offset} samples ({e}); "
-                                           "rest of the shard skipped")
+                                           "rest of the shard skipped", count=self._path in self.counted_shards)
             self._next_draw()
             return None
         self.offset += 1
+        if group["__key__"] in self._shard_keys:
+            group["__duplicate__"] = True
+        self._shard_keys.add(group["__key__"])
         return group
 
     def next_episode(self) -> tuple[Episode, str]:
@@ -287,6 +321,9 @@ class ShardCursor:
                 continue
             where = f"{self._path}:{group.get('__key__', '?')}"
             key = group["__key__"]
+            if group.get("__duplicate__"):
+                self.counters.bad("duplicate_episode", duplicate_key_message(self._path, key))
+                continue
             combo = combo_of_key(key[key.rfind("/") + 1 :])
             if combo is not None and combo not in self.kept_combos:
                 self.counters.add("excluded_episode")

@@ -3,6 +3,8 @@
     megavla experiment diversity --preset mini --out runs/exp/diversity
     megavla experiment objectives --preset mini --out runs/exp/objectives
     megavla experiment probe RUN_OR_CKPT... --out runs/exp/probe --combos 0:0,0:1
+    megavla experiment closed-loop RUN_OR_CKPT --combos 0:0,1:1 --episodes-per-combo 4
+    megavla experiment closed-loop --policy-server ws://127.0.0.1:8000 --combos 0:0,1:1   # megavla serve
 
 Knobs honoured by all three: ``--cameras head`` (wrist cameras off), ``--chunk-length H``,
 ``--human-weight W`` (human : robot mixture weight in co-finetuning; 1 = 50/50), and any dotted
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -75,13 +78,13 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
             run_dir = Path(run.cfg.train.run_dir)
             levels[level][kind] = ex.evaluate_run(spec, run_dir, spec.world.targets)
             run_dirs[f"finetune_div-{level:g}_{kind}"] = run_dir
-    rows = report.transfer_gap_rows(levels)
+        # Competence gate: can this level's robot-only policy do robot tasks it *was* finetuned on?
+        seen = ex.seen_combos(spec)
+        levels[level]["seen"] = (ex.evaluate_run(spec, Path(levels[level]["robot"]["run_dir"]), seen, tag="seen")
+                                 if seen else None)
+    rows = report.transfer_gap_rows(levels, spec.eval.competence_threshold)
+    verdict = report.transfer_verdict(rows, spec.eval.alpha)
     report.plot_transfer_gap(rows, out / "transfer_gap.png")
-    # Reference: can the most diverse robot-only policy do robot tasks it *was* finetuned on?
-    seen = ex.finetune_combos(spec.world)[: spec.eval.seen_reference_combos]
-    top = max(levels)
-    reference = (ex.evaluate_run(spec, Path(levels[top]["robot"]["run_dir"]), seen, tag="seen")
-                 if seen else None)
     probe = {}
     if spec.eval.probe:
         from .probe import run_probe
@@ -91,21 +94,28 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
     report.copy_configs(run_dirs, out / "configs")
     results = {"experiment": "diversity", "targets": spec.world.targets,
                "finetune_combos": ex.finetune_combos(spec.world),
-               "rows": [{k: v for k, v in r.items() if not k.endswith("_cl")} for r in rows],
-               "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe,
-               "seen_reference": reference}
+               "seen_combos": seen, "competence_threshold": spec.eval.competence_threshold,
+               "rows": [{k: v for k, v in r.items() if not k.endswith("_cl")} for r in rows], "verdict": verdict,
+               "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe}
     report.write_json(results, out / "results_diversity.json")
     lines = _header("Diversity ablation: human→robot transfer gap", spec, argv, time.perf_counter() - start)
-    lines += ["## Transfer gap on the target combos " + ", ".join(spec.world.targets), "",
+    ev = spec.eval
+    lines += ["## Verdict", "", verdict["summary"], "", *verdict["lines"], "",
+              "## Transfer gap on the target combos " + ", ".join(spec.world.targets), "",
               "Robot data never shows the targets; in robot+human finetuning only human data shows them. "
-              "Success: closed-loop, robot, "
-              f"{spec.eval.episodes_per_combo} episodes per target combo. Action MSE: offline, normalized units, "
-              "held-out robot episodes of the targets.", "", report.transfer_gap_markdown(rows), "",
+              f"Success: closed-loop, robot, {ev.episodes_per_combo} episodes per combo "
+              f"({ev.episodes_per_combo * len(spec.world.targets)} per target cell), Wilson 95% intervals. "
+              f"Δ success: robot+human − robot only, Newcombe 95% interval; p: two-sided Fisher exact test "
+              f"(exact at small n and at 0/n, where a z-test is not), Holm-corrected across the gated levels. "
+              f"Gate: robot-only success on seen finetune combos {', '.join(seen) or '(none)'} "
+              f"({ev.episodes_per_combo * len(seen)} episodes) must reach {ev.competence_threshold:.2f} "
+              "for the level to get a verdict.", "",
+              "Action MSE: offline, normalized units, held-out robot episodes of the targets, beside "
+              "observation-blind baselines on the same targets and mask (zero = hold still; repeat previous = "
+              "a[t-1] over the chunk; mean action (targets) = per-dim mean of these targets, hindsight; mean "
+              "action (train) = the training data's mean action). A policy at or above a baseline learned "
+              "nothing usable from its observation.", "", report.transfer_gap_markdown(rows), "",
               "![transfer gap](transfer_gap.png)", ""]
-    if reference:
-        lines += [f"Reference (robot only, {top:.0%} diversity) on finetune combos it was trained on "
-                  f"({', '.join(seen)}): success {report.fmt_rate(reference['closed_loop'])}, action MSE "
-                  f"{reference['offline']['action_mse']:.3f}.", ""]
     if probe:
         lines += _probe_section(probe, "probe/")
     lines += ["Exact configs: `configs/` (one per run) and `sweeps/` (the sweep files that ran them).", ""]
@@ -139,8 +149,11 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
     rows = []
     for variant, ev in evals.items():
         off = ev["offline"]
-        rows.append([variant, report.fmt_rate(ev["closed_loop"]), off["action_mse"], off["subtask_accuracy"],
-                     off["breakdown"]["ok"], off["breakdown"]["wrong_subtask"], off["breakdown"]["wrong_motion"]])
+        base = off.get("baselines", {})
+        rows.append([variant, report.fmt_rate(ev["closed_loop"]), off["action_mse"],
+                     " / ".join(report.fmt(base.get(k)) for k in ("zero", "repeat_previous", "mean_action")),
+                     off["subtask_accuracy"], off["breakdown"]["ok"], off["breakdown"]["wrong_subtask"],
+                     off["breakdown"]["wrong_motion"]])
     results = {"experiment": "objectives", "targets": spec.world.targets, "evaluations": evals,
                "runs": {k: str(v) for k, v in run_dirs.items()}}
     report.write_json(results, out / "results_objectives.json")
@@ -149,7 +162,8 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
               "pretrain checkpoint; evaluated on the targets. Breakdown over held-out robot steps: wrong "
               f"subtask = predicted subtask text differs from the annotation; wrong motion = subtask right but "
               f"action MSE > {spec.eval.motion_threshold}.", "",
-              report.markdown_table(["objective", "success [95% CI]", "action MSE", "subtask acc.", "ok",
+              report.markdown_table(["objective", "success [95% CI]", "action MSE",
+                                     "baselines: zero / repeat prev. / mean (targets)", "subtask acc.", "ok",
                                      "wrong subtask", "wrong motion"], rows), ""]
     (out / "report_objectives.md").write_text("\n".join(lines))
     return results
@@ -172,6 +186,38 @@ def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
     return probe
 
 
+def closed_loop_command(args: argparse.Namespace) -> dict:
+    """Mini-world success of one policy, in process (a checkpoint) or over the wire (``megavla
+    serve`` through the unmodified ``openpi_client``). Same seeds, same noise stream: same result."""
+    from . import closed_loop
+    combos = [c.strip() for c in args.combos.split(",") if c.strip()]
+    if (args.checkpoint is None) == (args.policy_server is None):
+        raise ValueError("give either a checkpoint (in process) or --policy-server ws://HOST:PORT")
+    if args.policy_server:
+        try:
+            from openpi_client.websocket_client_policy import WebsocketClientPolicy
+        except ImportError:
+            raise ValueError("--policy-server needs the openpi client: pip install openpi-client") from None
+        from websockets.exceptions import WebSocketException
+        try:
+            client = WebsocketClientPolicy(args.policy_server, api_key=args.api_key)
+        except (OSError, WebSocketException) as e:  # refused, 401 (API key), not a websocket
+            raise ValueError(f"--policy-server {args.policy_server}: cannot connect: {e}") from None
+        meta = client.get_server_metadata()
+        policy, image_size = closed_loop.ClientPolicy(client, meta, args.execute_k), int(meta["image_size"])
+    else:
+        from .policy import VLAPolicy, load_checkpoint
+        loaded = load_checkpoint(args.checkpoint)
+        policy = VLAPolicy(loaded, execute_k=args.execute_k, num_steps=args.flow_steps, seed=args.noise_seed)
+        image_size = loaded.cfg.data.image_size
+    try:
+        return closed_loop.evaluate(policy, combos, args.episodes_per_combo, image_size=image_size,
+                                    max_steps=args.max_steps, seed=args.seed)
+    finally:
+        if args.policy_server:
+            client._ws.close()  # openpi's client has no close(); leave the server a clean close frame
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megavla.launch.cli import add_launch_flags
     parser = argparse.ArgumentParser(prog="megavla experiment", description=__doc__,
@@ -192,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combos", default="0:0,0:1,1:0,1:1", help="scene:task combos to observe")
     p.add_argument("--episodes-per-combo", type=int, default=2)
     p.add_argument("--steps-per-episode", type=int, default=6)
+    p = sub.add_parser("closed-loop", help="mini-world success of one policy (in process or via megavla serve)")
+    p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or export dir (in process)")
+    p.add_argument("--policy-server", help="ws://HOST:PORT of `megavla serve` (flow steps and noise seed "
+                                           "are the server's --flow-steps / --seed)")
+    p.add_argument("--api-key", default=os.environ.get("MEGAVLA_API_KEY"), help="the server's API key")
+    p.add_argument("--combos", default="0:0", help="scene:task combos, comma-separated")
+    p.add_argument("--episodes-per-combo", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (which start states)")
+    p.add_argument("--noise-seed", type=int, default=0, help="in process: the flow noise seed (= serve --seed)")
+    p.add_argument("--execute-k", type=int, default=5, help="actions executed per predicted chunk")
+    p.add_argument("--flow-steps", type=int, default=10, help="in process: Euler steps (= serve --flow-steps)")
+    p.add_argument("--max-steps", type=int, default=90)
+    p.add_argument("--out", help="write the result (every episode) to this JSON file")
     return parser
 
 
@@ -199,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.experiment == "closed-loop":
+            res = closed_loop_command(args)
+            lo, hi = res["ci95"]
+            print(f"success {res['successes']}/{res['episodes']} = {res['success_rate']:.3f} "
+                  f"[95% CI {lo:.3f}, {hi:.3f}]")
+            for combo, block in res["per_combo"].items():
+                print(f"  {combo}: {block['successes']}/{block['episodes']}")
+            if args.out:
+                report.write_json(res, Path(args.out))
+            return 0
         if args.experiment == "probe":
             probe = probe_command(args, argv)
             for name, p in probe.items():

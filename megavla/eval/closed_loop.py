@@ -1,8 +1,9 @@
 """Closed-loop evaluation in the mini-world: run a policy for M episodes per scene x task combo.
 
 A policy is anything with ``reset(world)`` and ``act(world) -> action [world.action_dim]``
-(:class:`megavla.eval.policy.VLAPolicy` for trained models; :class:`ScriptedPolicy` and
-:class:`HoldPolicy` here as the upper and lower reference points). The world is
+(:class:`megavla.eval.policy.VLAPolicy` for trained models; :class:`ClientPolicy` for a policy behind
+openpi's ``infer(obs)`` contract, e.g. ``megavla serve`` through ``openpi_client``; :class:`ScriptedPolicy`
+and :class:`HoldPolicy` here as the upper and lower reference points). The world is
 ``data_shards.miniworld.MiniWorld``, the one the shard generator records demonstrations in.
 
 Evaluation episodes use world seeds from :data:`EVAL_SEED_BASE` upwards: the generator draws its
@@ -11,8 +12,8 @@ distribution (object jitter, start pose), not a replay of a training episode.
 """
 from __future__ import annotations
 
+import copy
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -21,6 +22,8 @@ from tqdm import tqdm
 
 from megavla.data_shards.miniworld import MiniWorld
 from megavla.data_shards.synth import MAX_STEPS, ScriptedExpert
+
+from .stats import wilson_interval  # noqa: F401  (re-exported: callers use closed_loop.wilson_interval)
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +34,6 @@ class Policy(Protocol):
     def reset(self, world: MiniWorld) -> None: ...
 
     def act(self, world: MiniWorld) -> np.ndarray: ...
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion (stays inside [0, 1], sane at 0/n and n/n)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def parse_combo(combo: str) -> tuple[int, int]:
@@ -76,6 +68,55 @@ class ScriptedPolicy:
         return self.expert.hold_action() if out is None else out[0]
 
 
+class OracleChunkPolicy:
+    """The scripted expert as a *chunked* policy, through the same transforms a learned policy's
+    output goes through: the harness regression reference (it must succeed ~always).
+
+    Every ``execute_k`` steps it rolls the expert ``chunk_length`` steps ahead in a copy of the world
+    (the world's step is deterministic), optionally sends the chunk through ``normalizer``
+    (normalize -> unnormalize) and a FAST tokenizer (encode -> decode, in normalized units, as the
+    training targets are), and executes the first ``execute_k`` actions. If this fails, the harness
+    (chunking, normalization, tokenization, episode termination) is broken, not the model.
+    """
+
+    def __init__(self, chunk_length: int = 10, execute_k: int = 5, normalizer=None, fast_tokenizer=None,
+                 seed: int = 0):
+        if not 1 <= execute_k <= chunk_length:
+            raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={chunk_length}]")
+        if fast_tokenizer is not None and normalizer is None:
+            raise ValueError("a FAST round trip needs the normalizer (FAST codes normalized actions)")
+        self.H, self.k, self.seed = chunk_length, execute_k, seed
+        self.normalizer, self.fast = normalizer, fast_tokenizer
+
+    def reset(self, world: MiniWorld) -> None:
+        self.expert = ScriptedExpert(world, np.random.default_rng([self.seed, world.seed]))
+        self.queue: list[np.ndarray] = []
+
+    def plan(self, world: MiniWorld) -> np.ndarray:
+        sim_world, sim_expert = copy.deepcopy((world, self.expert))
+        chunk, carried = [], None
+        for i in range(self.H):
+            if i == self.k:  # the expert's state once the executed prefix is done, bound to the real world
+                carried = copy.deepcopy(sim_expert, {id(sim_world): world})
+            out = sim_expert.act()
+            action = sim_expert.hold_action() if out is None else out[0]
+            chunk.append(action)
+            sim_world.step(action)
+        self.expert = carried if carried is not None else copy.deepcopy(sim_expert, {id(sim_world): world})
+        chunk = np.asarray(chunk, np.float32)
+        if self.normalizer is not None:
+            normed = self.normalizer.normalize(chunk, world.embodiment, "actions")
+            if self.fast is not None:
+                normed = self.fast.decode(self.fast.encode(normed), self.H, chunk.shape[1])
+            chunk = self.normalizer.unnormalize(np.asarray(normed, np.float32), world.embodiment, "actions")
+        return chunk
+
+    def act(self, world: MiniWorld) -> np.ndarray:
+        if not self.queue:
+            self.queue = list(self.plan(world)[: self.k])
+        return self.queue.pop(0)
+
+
 class HoldPolicy:
     """Never moves: the floor every learned policy should beat."""
 
@@ -84,6 +125,39 @@ class HoldPolicy:
 
     def act(self, world: MiniWorld) -> np.ndarray:
         return np.zeros(world.action_dim)
+
+
+class ClientPolicy:
+    """Action chunking over an openpi-style policy: ``client.infer(obs) -> {"actions": [H, D]}``.
+
+    ``metadata`` is what the server sent on connect (``get_server_metadata()``) or
+    ``LoadedPolicy.metadata``; its observation schema says which keys carry the world's renders
+    (HWC uint8), its end-effector state and the instruction."""
+
+    def __init__(self, client, metadata: dict, execute_k: int = 5):
+        H = int(metadata["chunk_length"])
+        if not 1 <= execute_k <= H:
+            raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={H}]")
+        self.client, self.schema, self.execute_k = client, metadata["observation_schema"], execute_k
+        self.queue: list[np.ndarray] = []
+        self.queries = 0
+
+    def reset(self, world: MiniWorld) -> None:
+        self.queue = []
+
+    def observation(self, world: MiniWorld) -> dict:
+        images = {key: world.render(cam) for cam, key in self.schema["images"].items() if cam in world.cameras}
+        return {**images, self.schema["state"]: world.ee_state(), self.schema["prompt"]: world.instruction}
+
+    def act(self, world: MiniWorld) -> np.ndarray:
+        if not self.queue:
+            chunk = np.asarray(self.client.infer(self.observation(world))["actions"])
+            if chunk.ndim != 2 or chunk.shape[1] != world.action_dim:
+                raise ValueError(f"policy returned actions of shape {list(chunk.shape)}; the world takes "
+                                 f"[H, {world.action_dim}] ({world.embodiment})")
+            self.queries += 1
+            self.queue = list(chunk[: self.execute_k])
+        return self.queue.pop(0)
 
 
 def run_episode(policy: Policy, scene: int, task: int, seed: int, *, image_size: int,

@@ -55,7 +55,10 @@ class WorldSpec:
 
 @dataclass
 class EvalSpec:
-    episodes_per_combo: int = 5
+    # Closed-loop episodes per evaluated combo; a cell (one success rate in a report: a level x
+    # condition over the targets, or the seen-combo gate) must total >= min_episodes_per_cell.
+    episodes_per_combo: int = 20
+    min_episodes_per_cell: int = 20
     max_steps: int = 90
     execute_k: int = 5
     flow_steps: int = 10
@@ -65,8 +68,24 @@ class EvalSpec:
     probe: bool = True
     probe_episodes_per_combo: int = 2
     probe_steps_per_episode: int = 6
-    # Finetune (seen) combos evaluated once as a reference for what the policy can do at all.
+    # Competence gate: each level's robot-only finetuned policy is evaluated on this many of its
+    # (seen) finetune combos (0 = all of them); below competence_threshold success, the level gets
+    # no transfer verdict (failing the targets says nothing about transfer if it fails seen tasks too).
     seen_reference_combos: int = 1
+    competence_threshold: float = 0.6
+    # Significance level of the robot+human vs robot comparison (two-sided Fisher exact test,
+    # Holm-corrected across the gated levels).
+    alpha: float = 0.05
+
+    def validate(self) -> None:
+        if not 0.0 <= self.competence_threshold <= 1.0:
+            raise ConfigError(f"eval.competence_threshold={self.competence_threshold} must be a success rate in [0, 1]")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1), e.g. 0.05")
+        if self.episodes_per_combo <= 0 or self.min_episodes_per_cell < 1 or self.seen_reference_combos < 0:
+            raise ConfigError(f"eval.episodes_per_combo={self.episodes_per_combo} and eval.min_episodes_per_cell="
+                              f"{self.min_episodes_per_cell} must be positive, eval.seen_reference_combos="
+                              f"{self.seen_reference_combos} >= 0")
 
 
 @dataclass
@@ -88,6 +107,15 @@ class ExperimentSpec:
             raise ConfigError(f"diversity_levels={self.diversity_levels} must be fractions in [0, 1]")
         if not self.world.targets:
             raise ConfigError("world.targets is empty; name the target combos, e.g. ['0:0']")
+        ev = self.eval
+        for cell, combos in (("target", self.world.targets), ("seen-combo (competence gate)", seen_combos(self))):
+            if combos and ev.episodes_per_combo * len(combos) < ev.min_episodes_per_cell:
+                raise ConfigError(
+                    f"eval.episodes_per_combo={ev.episodes_per_combo} x {len(combos)} {cell} combos = "
+                    f"{ev.episodes_per_combo * len(combos)} closed-loop episodes per cell, below "
+                    f"eval.min_episodes_per_cell={ev.min_episodes_per_cell}: a success rate from so few "
+                    "episodes cannot separate the conditions. Raise eval.episodes_per_combo (or, for a "
+                    "smoke test only, lower eval.min_episodes_per_cell)")
 
 
 def load_spec(preset: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
@@ -111,6 +139,13 @@ def finetune_combos(world: WorldSpec) -> list[str]:
         return list(world.finetune_combos)
     scenes = {closed_loop.parse_combo(c)[0] for c in world.targets}
     return [c for c in all_combos(world) if c not in world.targets and closed_loop.parse_combo(c)[0] in scenes]
+
+
+def seen_combos(spec: ExperimentSpec) -> list[str]:
+    """The finetune combos the competence gate evaluates (eval.seen_reference_combos of them; 0 = all)."""
+    combos = finetune_combos(spec.world)
+    n = spec.eval.seen_reference_combos
+    return combos[:n] if n else combos
 
 
 def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, world: WorldSpec) -> Path:

@@ -1,20 +1,26 @@
-"""Parameter counts per part and training FLOPs per sample (the trainer's MFU numerator).
+"""Parameter counts per part and training FLOPs: of a nominal sample (``megavla model summary``) and
+of the batch actually run (the trainer's MFU numerator, the train_step benchmark).
 
-Formula (model FLOPs, the PaLM/MFU convention: activation-checkpoint recompute is *not* counted):
+Formula (model FLOPs, the PaLM/MFU convention: activation-checkpoint recompute is *not* counted,
+padding is not counted: only valid tokens do useful work):
 
-    train FLOPs/sample = 3 x forward FLOPs        (backward = 2 x forward)
-    forward = sum over every Linear / Conv of 2 x in x out x (tokens it sees per sample)
-            + attention: per layer 4 x Lq x Lk x num_heads x head_dim  (QK^T and PV, dense mask)
-            + tied LM head: 2 x width x vocab x (subtask + FAST target tokens)
+    train FLOPs = 3 x forward FLOPs               (backward = 2 x forward)
+    forward = sum over every Linear / Conv of 2 x in x out x (valid tokens it sees)
+            + attention: per layer 4 x (visible query-key pairs) x num_heads x head_dim
+              (QK^T and PV; the same pair count as benchmarks/kernels.py)
+            + tied LM head: 2 x width x vocab x (valid subtask + FAST target tokens)
 
-Tokens per sample come from the config's nominal lengths: vision runs num_cameras x (R/p)^2
-patches; the backbone sees cameras' tokens + text_len + state tokens (state_dim when discrete) +
-LM suffix (1 + subtask_len, 1 + fast_len for the objectives switched on); the expert sees
-chunk_length (+1 state token when continuous) queries over backbone + expert keys; its adaRMS
-``dense`` layers and the time MLP run once per sample. Embedding lookups cost nothing. With
-knowledge insulation the backbone's backward still runs (for the CE losses), so the 3x holds;
-when only the flow loss is on, the backbone backward is skipped and its 3x overcounts by 2x.
-The model is built on the meta device, so even pi05-3b costs no memory.
+Tokens of one sample: the vision tower runs only on present cameras ((R/p)^2 patches each); the
+backbone sees the prefix (camera tokens + valid text + valid state dims when the state is discrete)
+and the LM suffix (1 + subtask, 1 + FAST for the objectives switched on); prefix tokens see the whole
+prefix, suffix token i sees the prefix and suffix tokens <= i; the expert's chunk_length (+1 state
+token when continuous) queries see the prefix and each other; its adaRMS ``dense`` layers and the time
+MLP run once per sample. Embedding lookups cost nothing. With knowledge insulation and no CE
+objective the backbone (and vision) backward never runs, so they count 1x, not 3x. Frozen parts
+(train.freeze) still count 3x (their weight gradients are skipped: a small overcount).
+
+The model is built on the meta device once per config (cached), so even pi05-3b costs no memory, and
+the per-batch count is a few vector operations on the batch's CPU masks.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import dataclasses
 import functools
 import json
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +38,7 @@ from megavla.config.model import ModelConfig
 from .presets import resolve
 
 PARTS = ("vision", "backbone", "expert")
+FORWARD_PARTS = ("vision", "backbone", "expert", "attention", "lm_head")
 
 
 def part_of(param_name: str) -> str:
@@ -57,6 +65,10 @@ def model_config_of(cfg) -> ModelConfig:
     return cfg
 
 
+def _key(cfg: ModelConfig) -> str:
+    return json.dumps(to_dict(resolve(cfg)), sort_keys=True)
+
+
 @functools.lru_cache(maxsize=16)
 def _meta_model(cfg_json: str):
     from .vla import VLA  # local: vla imports presets, which this module also needs
@@ -67,54 +79,155 @@ def _meta_model(cfg_json: str):
 
 def meta_model(cfg) -> nn.Module:
     """The VLA built on the meta device (shapes only, no memory)."""
-    return _meta_model(json.dumps(to_dict(resolve(model_config_of(cfg))), sort_keys=True))
+    return _meta_model(_key(model_config_of(cfg)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+    """Forward FLOPs per unit of work for one model config (from the meta model's layer shapes)."""
+    vision_per_image: float       # tower Linears/Conv + projector, per present camera image
+    vision_attention_per_image: float
+    backbone_per_token: float     # decoder Linears, per backbone token
+    expert_per_token: float       # expert stack Linears, per expert token (chunk steps + state token)
+    expert_per_step: float        # action in/out projections (+ action-time MLP), per chunk step
+    expert_per_sample: float      # adaRMS dense / time MLP / state_proj: once per sample
+    expert_state_tokens: int      # 1 with a continuous state token, else 0
+    attention_per_pair: float     # 4 x heads x head_dim x depth, per visible query-key pair
+    lm_head_per_target: float     # 2 x width x vocab
+    patches_per_image: int
+    lm_objective: bool            # a CE objective (subtask / FAST) trains the backbone
+
+
+@functools.lru_cache(maxsize=16)
+def _coefficients(cfg_json: str) -> Coefficients:
+    mcfg = ModelConfig(**json.loads(cfg_json))
+    model = _meta_model(cfg_json)
+    patches = (mcfg.image_size // mcfg.patch_size) ** 2
+    macs = dict(vision=0.0, backbone=0.0, expert=0.0, expert_step=0.0, expert_once=0.0)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            macs["vision"] += module.weight.numel() * patches
+        elif isinstance(module, nn.Linear):
+            n = module.weight.numel()
+            if name.startswith(("vision.", "projector")):
+                macs["vision"] += n * patches
+            elif name.startswith("expert.stack."):
+                macs["expert_once" if name.endswith(".dense") else "expert"] += n
+            elif name.startswith(("expert.time_mlp_", "expert.state_proj")):
+                macs["expert_once"] += n
+            elif name.startswith("expert."):  # action_in/out_proj, action_time_mlp_*: chunk steps only
+                macs["expert_step"] += n
+            else:
+                macs["backbone"] += n
+    lm_objective = mcfg.subtask_weight > 0 or mcfg.fast_weight > 0
+    return Coefficients(
+        vision_per_image=2.0 * macs["vision"],
+        vision_attention_per_image=mcfg.vision_depth * 4.0 * patches ** 2 * mcfg.vision_width,
+        backbone_per_token=2.0 * macs["backbone"], expert_per_token=2.0 * macs["expert"],
+        expert_per_step=2.0 * macs["expert_step"], expert_per_sample=2.0 * macs["expert_once"],
+        expert_state_tokens=1 if mcfg.state_mode == "continuous" else 0,
+        attention_per_pair=mcfg.depth * 4.0 * mcfg.num_heads * mcfg.head_dim,
+        lm_head_per_target=2.0 * mcfg.width * model.vocab_size, patches_per_image=patches,
+        lm_objective=lm_objective)
+
+
+def coefficients(cfg) -> Coefficients:
+    return _coefficients(_key(model_config_of(cfg)))
+
+
+def forward_flops(cfg, images, prefix, suffix, expert, lm_targets, insulated: bool | None = None
+                  ) -> dict[str, float]:
+    """Forward FLOPs per part, summed over samples; each count is a number or a 1-D array (one
+    entry per sample): present camera images, prefix / LM-suffix / expert tokens, LM targets.
+    "train_total" applies the backward factors; `insulated`: knowledge insulation in effect at this
+    step (VLA.insulated; default: the config's setting)."""
+    c = coefficients(cfg)
+    if insulated is None:
+        insulated = bool(resolve(model_config_of(cfg)).knowledge_insulation)
+    # only the flow loss, insulated from the backbone: the backbone / vision backward never runs
+    backbone_factor = 1.0 if (insulated and not c.lm_objective) else 3.0
+    t = {k: np.asarray(v, dtype=np.float64) for k, v in
+         dict(images=images, prefix=prefix, suffix=suffix, expert=expert, lm_targets=lm_targets).items()}
+    backbone_tokens = t["prefix"] + t["suffix"]
+    has_expert = (t["expert"] > 0).astype(np.float64)
+    chunk_steps = np.maximum(t["expert"] - c.expert_state_tokens, 0.0)
+    pairs_backbone = t["prefix"] ** 2 + t["suffix"] * t["prefix"] + t["suffix"] * (t["suffix"] + 1) / 2
+    pairs_expert = t["expert"] * (t["prefix"] + t["expert"])
+    out = {
+        "vision": float((t["images"] * c.vision_per_image).sum()),
+        "backbone": float((backbone_tokens * c.backbone_per_token).sum()),
+        "expert": float((t["expert"] * c.expert_per_token + chunk_steps * c.expert_per_step
+                         + has_expert * c.expert_per_sample).sum()),
+        "attention_vlm": float((t["images"] * c.vision_attention_per_image
+                                + pairs_backbone * c.attention_per_pair).sum()),
+        "attention_expert": float((pairs_expert * c.attention_per_pair).sum()),
+        "lm_head": float((t["lm_targets"] * c.lm_head_per_target).sum()),
+    }
+    out["attention"] = out["attention_vlm"] + out["attention_expert"]
+    vlm = out["vision"] + out["backbone"] + out["attention_vlm"] + out["lm_head"]
+    out["train_total"] = backbone_factor * vlm + 3.0 * (out["expert"] + out["attention_expert"])
+    return out
 
 
 def token_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Nominal tokens of one sample (model.num_cameras, text_len, subtask_len, fast_len)."""
     cfg = resolve(cfg)
     patches = cfg.num_cameras * (cfg.image_size // cfg.patch_size) ** 2
     lm_targets = (cfg.subtask_len if cfg.subtask_weight > 0 else 0) + (cfg.fast_len if cfg.fast_weight > 0 else 0)
     lm_suffix = (1 + cfg.subtask_len if cfg.subtask_weight > 0 else 0) + (1 + cfg.fast_len if cfg.fast_weight > 0 else 0)
-    backbone = patches + cfg.text_len + (cfg.state_dim if cfg.state_mode == "discrete" else 0) + lm_suffix
+    prefix = patches + cfg.text_len + (cfg.state_dim if cfg.state_mode == "discrete" else 0)
     expert = cfg.chunk_length + (1 if cfg.state_mode == "continuous" else 0) if cfg.flow_weight > 0 else 0
-    return {"patches": patches, "backbone": backbone, "expert": expert, "lm_targets": lm_targets}
+    return {"images": cfg.num_cameras, "patches": patches, "prefix": prefix, "suffix": lm_suffix,
+            "backbone": prefix + lm_suffix, "expert": expert, "lm_targets": lm_targets}
 
 
 def flops_breakdown(cfg) -> dict[str, float]:
-    """Forward FLOPs per sample per part (+ "train_total" = 3 x their sum)."""
+    """Forward FLOPs of one nominal sample per part (+ "train_total")."""
     mcfg = resolve(model_config_of(cfg))
-    model = meta_model(mcfg)
     tok = token_counts(mcfg)
-    per_camera_patches = tok["patches"] // mcfg.num_cameras
-    out = dict.fromkeys(("vision", "backbone", "expert", "attention", "lm_head"), 0.0)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            macs = module.weight.numel() * tok["patches"]
-        elif isinstance(module, nn.Linear):
-            if name.startswith(("vision.", "projector")):
-                tokens = tok["patches"]
-            elif name.startswith("expert."):
-                once = name.endswith(".dense") or "time_mlp_" in name or "state_proj" in name
-                tokens = 1 if once else tok["expert"]
-                if tok["expert"] == 0:
-                    tokens = 0
-            else:
-                tokens = tok["backbone"]
-            macs = module.weight.numel() * tokens
-        else:
-            continue
-        out[part_of(name)] += 2.0 * macs
-    heads_dim = mcfg.num_heads * mcfg.head_dim
-    attn = mcfg.vision_depth * 4.0 * per_camera_patches ** 2 * mcfg.vision_width * mcfg.num_cameras
-    attn += mcfg.depth * 4.0 * tok["backbone"] ** 2 * heads_dim
-    attn += mcfg.depth * 4.0 * tok["expert"] * (tok["backbone"] + tok["expert"]) * heads_dim
-    out["attention"] = attn
-    out["lm_head"] = 2.0 * mcfg.width * model.vocab_size * tok["lm_targets"]
-    out["train_total"] = 3.0 * sum(out[k] for k in ("vision", "backbone", "expert", "attention", "lm_head"))
-    return out
+    return forward_flops(mcfg, tok["images"], tok["prefix"], tok["suffix"], tok["expert"], tok["lm_targets"])
 
 
 def flops_per_sample(cfg) -> float:
-    """Training (forward + backward) FLOPs for one sample; cfg is a ModelConfig (nominal
+    """Training (forward + backward) FLOPs for one nominal sample; cfg is a ModelConfig (nominal
     model.num_cameras) or a full Config (cameras = len(data.cameras))."""
     return flops_breakdown(cfg)["train_total"]
+
+
+def _valid_per_sample(mask: torch.Tensor) -> np.ndarray:
+    if mask.device.type != "cpu":
+        raise ValueError("batch_token_counts reads the batch's masks on the host: call it on the CPU batch "
+                         "(before batch.to(device)), so that it forces no device sync")
+    return mask.numpy().sum(axis=1)
+
+
+def batch_token_counts(cfg: ModelConfig, batch) -> dict[str, np.ndarray]:
+    """Per-sample valid token counts [B] of a megavla.batch.Batch, as VLA.forward consumes them.
+    Reads the CPU batch's masks with numpy (no tensor -> host conversion, no device sync)."""
+    cfg = resolve(cfg)
+    images = _valid_per_sample(batch.image_mask)
+    prefix = images * coefficients(cfg).patches_per_image + _valid_per_sample(batch.text_mask)
+    if cfg.state_mode == "discrete":
+        prefix = prefix + _valid_per_sample(batch.state_mask)
+    zero = np.zeros_like(images)
+    suffix, lm_targets = zero, zero
+    for weight, mask in ((cfg.subtask_weight, batch.subtask_mask), (cfg.fast_weight, batch.fast_mask)):
+        if weight > 0:
+            valid = _valid_per_sample(mask)
+            suffix = suffix + 1 + valid
+            lm_targets = lm_targets + valid
+    per_expert = cfg.chunk_length + (1 if cfg.state_mode == "continuous" else 0) if cfg.flow_weight > 0 else 0
+    return {"images": images, "prefix": prefix, "suffix": suffix, "expert": zero + per_expert,
+            "lm_targets": lm_targets}
+
+
+def batch_flops(cfg: ModelConfig, batch, insulated: bool | None = None) -> float:
+    """Training FLOPs of one micro-batch as the model runs it (valid tokens only)."""
+    tok = batch_token_counts(cfg, batch)
+    return forward_flops(cfg, **tok, insulated=insulated)["train_total"]
+
+
+def batch_tokens(cfg: ModelConfig, batch) -> int:
+    """Valid tokens the model processes for this batch (backbone + expert), for tokens/s."""
+    tok = batch_token_counts(cfg, batch)
+    return int((tok["prefix"] + tok["suffix"] + tok["expert"]).sum())

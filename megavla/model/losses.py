@@ -12,14 +12,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megavla.batch import Batch
+from megavla.batch import MAX_EMBODIMENTS, Batch
+from megavla.data_shards.format import EMBODIMENT_IDS
 from megavla.kernels import flow_matching_loss, flow_noise, mean_over_supervised_samples
 
 TIME_BETA_ALPHA, TIME_BETA_BETA = 1.5, 1.0
 
 
 def check_batch(model, batch: Batch) -> None:
-    """Shapes and id ranges the model relies on, with the config field to fix."""
+    """Shapes and id ranges the model relies on, with the config field to fix.
+
+    The id-range check reads token ids on the host: free for a CPU batch (numpy), a device sync for a
+    GPU batch, so a model checks the ids of its first device batch only (a vocabulary mismatch
+    between config and tokenizer shows there; the trainer's hot path stays free of syncs)."""
     cfg = model.cfg
     b, h, a = batch.actions.shape
     if h != cfg.chunk_length or a != cfg.action_dim:
@@ -29,12 +34,20 @@ def check_batch(model, batch: Batch) -> None:
     if batch.state.shape[1] != cfg.state_dim:
         raise ValueError(f"batch.state has {batch.state.shape[1]} dims but model.state_dim={cfg.state_dim}; "
                          f"make it equal to data.max_state_dim")
+    on_host = batch.text_tokens.device.type == "cpu"
+    if not on_host:
+        if getattr(model, "_device_ids_checked", False):
+            return
+        model._device_ids_checked = True
     for name, ids, mask, limit, field in (
             ("text_tokens", batch.text_tokens, batch.text_mask, cfg.text_vocab_size, "text_vocab_size"),
             ("subtask_tokens", batch.subtask_tokens, batch.subtask_mask, cfg.text_vocab_size, "text_vocab_size"),
             ("fast_tokens", batch.fast_tokens, batch.fast_mask, cfg.fast_vocab_size, "fast_vocab_size")):
-        if ids.numel() and bool(((ids < 0) | (ids >= limit))[mask].any()):
-            bad = int(ids[mask].max())
+        if not ids.numel():
+            continue
+        valid = (ids.numpy() if on_host else ids.cpu().numpy())[(mask.numpy() if on_host else mask.cpu().numpy())]
+        if valid.size and (valid.min() < 0 or valid.max() >= limit):
+            bad = int(valid.max()) if valid.max() >= limit else int(valid.min())
             raise ValueError(f"batch.{name} holds id {bad} outside [0, {limit}); set model.{field} to "
                              f"the tokenizer's vocab_size (>= {bad + 1})")
 
@@ -46,8 +59,10 @@ def clean_actions(batch: Batch) -> torch.Tensor:
 
 
 def sample_time(batch_size: int, device: torch.device) -> torch.Tensor:
+    # validate_args=False: the argument check reads the (constant) parameters on the host, a device
+    # sync every forward
     beta = torch.distributions.Beta(torch.tensor(TIME_BETA_ALPHA, device=device),
-                                    torch.tensor(TIME_BETA_BETA, device=device))
+                                    torch.tensor(TIME_BETA_BETA, device=device), validate_args=False)
     return beta.sample((batch_size,)) * 0.999 + 0.001
 
 
@@ -82,12 +97,26 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
 
 def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.Tensor,
                        denom: torch.Tensor, batch: Batch, summed: bool = False) -> None:
-    """out[name] = value (detached); out[f"{name}/{id}"] = sum(numer) / sum(denom) over that embodiment.
-    For the flow loss numer = per-sample loss and denom = supervised flags (numer is masked here)."""
+    """out[name] = value (detached); out[f"{name}/by_embodiment"] = float [2, MAX_EMBODIMENTS]: row 0 the
+    sum of numer, row 1 the sum of denom per embodiment id (the trainer logs
+    "{name}/{embodiment_tag(id)}" = row 0 / row 1 where row 1 > 0). For the flow loss numer =
+    per-sample loss and denom = supervised flags (numer is masked here). Fixed-size sums on the
+    device: no host sync to find the ids present."""
     out[name] = value.detach()
     numer, denom = numer.detach(), denom.detach().to(numer.dtype)
     if not summed:
         numer = numer * denom
-    for emb in torch.unique(batch.embodiment).tolist():
-        sel = batch.embodiment == emb
-        out[f"{name}/{emb}"] = numer[sel].sum() / denom[sel].sum().clamp_min(1.0)
+    sums = torch.zeros(2, MAX_EMBODIMENTS, dtype=numer.dtype, device=numer.device)
+    sums[0].index_add_(0, batch.embodiment, numer)
+    sums[1].index_add_(0, batch.embodiment, denom)
+    out[f"{name}/by_embodiment"] = sums
+
+
+def embodiment_tag(embodiment_id: int) -> str:
+    """Metric tag of an embodiment id: "robot_arm" for robot/arm (format.EMBODIMENT_IDS), so logs
+    say flow/robot_arm rather than flow/0; an id without a name stays a number."""
+    return _EMBODIMENT_TAGS.get(int(embodiment_id), str(embodiment_id))
+
+
+_EMBODIMENT_TAGS = {i: name.replace("/", "_") for name, i in EMBODIMENT_IDS.items()}
+assert max(EMBODIMENT_IDS.values()) < MAX_EMBODIMENTS, "raise megavla.batch.MAX_EMBODIMENTS"

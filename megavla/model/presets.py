@@ -34,14 +34,30 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# Training-recipe defaults per preset (used where the config leaves them null). The from-scratch
+# presets read a continuous state token and train the backbone with the flow loss (measured in
+# issue 11: discrete tokens + insulation left a tiny model unable to act); pi05-3b starts from
+# PaliGemma, reads pi0.5's discrete state tokens and insulates the pretrained backbone.
+TRAINING_DEFAULTS: dict[str, dict] = {
+    "tiny": dict(state_mode="continuous", knowledge_insulation=False),
+    "small": dict(state_mode="continuous", knowledge_insulation=False),
+    "1b": dict(state_mode="continuous", knowledge_insulation=False),
+    "pi05-3b": dict(state_mode="discrete", knowledge_insulation=True),
+}
+
+
 def resolve(cfg: ModelConfig) -> ModelConfig:
-    """A copy of ``cfg`` with every size field filled from its preset; checks the combination."""
+    """A copy of ``cfg`` with every size field (and the null training-recipe fields) filled from its
+    preset; checks the combination."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"model.preset={cfg.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    preset = PRESETS[cfg.preset]
+    preset = {**PRESETS[cfg.preset], **TRAINING_DEFAULTS[cfg.preset]}
     filled = {name: (getattr(cfg, name) if getattr(cfg, name) is not None else preset[name])
-              for name in SIZE_FIELDS}
+              for name in (*SIZE_FIELDS, *TRAINING_DEFAULTS[cfg.preset])}
     out = dataclasses.replace(cfg, **filled)
+    if out.knowledge_insulation_start_step and not out.knowledge_insulation:
+        raise ConfigError(f"model.knowledge_insulation_start_step={out.knowledge_insulation_start_step} "
+                          f"but insulation is off for preset {cfg.preset}; set model.knowledge_insulation=true")
     if out.image_size % out.patch_size:
         raise ConfigError(f"model.image_size={out.image_size} must be a multiple of model.patch_size="
                           f"{out.patch_size}")

@@ -105,6 +105,14 @@ class VLA(nn.Module):
                                    cfg.time_conditioning, cfg.state_mode == "continuous", impl)
         self.vision.checkpoint_layers = cfg.activation_checkpointing
         self.apply(_init_weights)
+        # Optimizer steps taken so far; the trainer sets it (knowledge insulation "on after N").
+        self.training_step = 0
+
+    @property
+    def insulated(self) -> bool:
+        """Whether the flow loss is kept out of the backbone at the current training step."""
+        cfg = self.cfg
+        return cfg.knowledge_insulation and self.training_step >= cfg.knowledge_insulation_start_step
 
     @property
     def tokens_per_image(self) -> int:
@@ -165,7 +173,7 @@ class VLA(nn.Module):
         return Stream(x, positions, cond), kind, valid
 
     def shared_attention(self, bb_layout, ex_layout, cache=None) -> SharedAttention:
-        return SharedAttention(bb_layout, ex_layout, cache, self.cfg.knowledge_insulation,
+        return SharedAttention(bb_layout, ex_layout, cache, self.insulated,
                                self.cfg.rope_theta, self.cfg.kernels, self.cfg.attention)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

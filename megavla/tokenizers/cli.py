@@ -32,7 +32,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from megavla.data_shards.format import EpisodeFormatError, sample_to_episode
-from megavla.data_shards.manifest import MANIFEST_FILE, find_shard_sets
+from megavla.data_shards.manifest import MANIFEST_FILE, find_shard_sets, shard_file_problem
 from megavla.data_shards.manifest import shard_paths as manifest_shard_paths
 from megavla.data_shards.stats import NORM_STATS_FILE
 
@@ -92,7 +92,16 @@ def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
         log.warning("skipping unreadable tar data: %s", exc)
         return True
 
-    urls = [url for d in resolve_shard_sets(shard_dirs) for url in manifest_shard_paths(d)]
+    urls = []
+    for url in (url for d in resolve_shard_sets(shard_dirs) for url in manifest_shard_paths(d)):
+        problem = shard_file_problem(url)  # a FIFO named like a shard would block open() forever
+        if problem and on_bad_sample == "fail":
+            raise ValueError(f"{url}: {problem}")
+        if problem:
+            counts.bad_samples += 1
+            log.warning("skipping shard %s: %s", url, problem)
+        else:
+            urls.append(url)
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls),
                                 wds.tarfile_to_samples(handler=on_tar_error))
     for sample in pipeline:

@@ -49,6 +49,14 @@ def check_launchable(cfg: Config, nproc: int) -> None:
         raise ConfigError(str(e)) from None
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
+    # The reader's per-set checks (manifest, shard paths, norm stats), before any process starts.
+    from megavla.data_shards.validate import ShardSetError, check_shard_set
+    for field, sources in (("sources", cfg.data.sources), ("val_sources", cfg.data.val_sources)):
+        for name, directory in sources.items():
+            try:
+                check_shard_set(directory, need_stats=cfg.data.normalization != "none")
+            except ShardSetError as e:
+                raise ConfigError(f"data.{field}.{name}: {e}") from None
 
 
 def check_paths(cfg: Config) -> None:
@@ -201,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         nproc = int(os.environ.get("WORLD_SIZE", args.nproc)) if in_job else args.nproc
-        check_launchable(cfg, nproc)
         check_paths(cfg)
+        check_launchable(cfg, nproc)
         if not in_job or os.environ["RANK"] == "0":
             message = check_run_dir(cfg, args.resume, args.overwrite)
     except (ConfigError, TrainingError) as e:

@@ -108,6 +108,18 @@ def _rank0_decides(dist: DistInfo, decide: Callable[[], dict]) -> dict:
     return result["ok"]
 
 
+def batch_accounting(model: torch.nn.Module):
+    """(valid tokens, training FLOPs) of a CPU micro-batch for the VLA (megavla.model.flops: the
+    batch's own token counts, not the config's nominal lengths); None for other models (tests' toys:
+    then tokens are counted from the masks and no FLOPs / MFU are logged)."""
+    from megavla.model.vla import VLA
+    if not isinstance(model, VLA):
+        return None
+    from megavla.model.flops import batch_flops, batch_tokens
+    mcfg = model.cfg
+    return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
+
+
 def batch_layout(micro_batch: int, accum: int, world_size: int) -> dict:
     return {"micro_batch": micro_batch, "grad_accum": accum, "world_size": world_size,
             "global_batch_size": micro_batch * accum * world_size}
@@ -251,16 +263,12 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
             from safetensors.torch import load_file
             ema.shadow.update(load_file(str(plan.path / "ema.safetensors")))
 
-    from megavla.model.vla import VLA
-    flops = None
-    if isinstance(model, VLA):    # a test's toy model has no FLOPs formula: no MFU then
-        from megavla.model.flops import flops_per_sample
-        flops = float(flops_per_sample(cfg))   # full Config: counts len(data.cameras) cameras
     extra = {"norm_stats.json": run_dir / "norm_stats.json"}
     if cfg.train.tokenizer_dir:
         extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
     trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
-                      flops_per_sample=flops, tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
+                      batch_accounting=batch_accounting(model),
+                      tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
                       val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version(),
                       batch=layout, skipped_nonfinite=int(saved.get("skipped_nonfinite", 0)) if saved else 0,
                       events=events)

@@ -53,6 +53,68 @@ def allgather_json(obj, device: torch.device) -> list:
     return [json.loads(bytes(c[: int(s.item())].cpu().tolist()).decode()) for c, s in zip(chunks, sizes)]
 
 
+def metric_key(name: str) -> str:
+    """Model output name -> logged key: "loss" -> "loss/total", "flow" -> "loss/flow", "flow/x" kept."""
+    return "loss/total" if name == "loss" else (name if "/" in name else f"loss/{name}")
+
+
+BY_EMBODIMENT = "/by_embodiment"
+
+
+class DeviceSums:
+    """Metric values summed where they live (device tensors stay on the device) between two reads;
+    `read()` copies them to the host in one transfer -- the only host sync per log interval.
+
+    `add(name, value, weight)`: a scalar (tensor or number) -> sum += value * weight, count += weight
+    (counts are host numbers). A model output "<name>/by_embodiment" (float [2, E]: per-embodiment sums
+    of numerators and denominators) -> "<name>/<tag>" (model.losses.embodiment_tag: flow/robot_arm)
+    with sum = numerator, count = denominator."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.numbers: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, value, weight: float = 1.0) -> None:
+        if name.endswith(BY_EMBODIMENT):
+            value = value.detach().double()
+            held = self.tensors.get(name)
+            self.tensors[name] = value if held is None else held + value
+        elif isinstance(value, torch.Tensor):
+            key = metric_key(name)
+            value = value.detach().double() * weight
+            held = self.tensors.get(key)
+            self.tensors[key] = value if held is None else held + value
+            self.counts[key] += weight
+        else:
+            key = metric_key(name)
+            self.numbers[key] += float(value) * weight
+            self.counts[key] += weight
+
+    def read(self) -> dict[str, list[float]]:
+        """{key: [sum, count]} of everything added since the last read; resets."""
+        out = {k: [self.numbers[k], self.counts[k]] for k in self.numbers}
+        if self.tensors:
+            keys = list(self.tensors)
+            flat = torch.cat([self.tensors[k].reshape(-1) for k in keys]).tolist()  # the one host sync
+            pos = 0
+            for k in keys:
+                n = self.tensors[k].numel()
+                values, pos = flat[pos:pos + n], pos + n
+                if k.endswith(BY_EMBODIMENT):
+                    from megavla.model.losses import embodiment_tag
+                    prefix, half = k[: -len(BY_EMBODIMENT)], n // 2
+                    for emb in range(half):
+                        if values[half + emb] > 0:
+                            out[f"{prefix}/{embodiment_tag(emb)}"] = [values[emb], values[half + emb]]
+                else:
+                    out[k] = [values[0], self.counts[k]]
+        self.tensors.clear()
+        self.numbers.clear()
+        self.counts.clear()
+        return out
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, rank: int, device: torch.device, *, total_steps: int, start_step: int,
                  tensorboard: bool = True, progress: bool = True):
@@ -77,6 +139,12 @@ class MetricsLogger:
         for k, v in values.items():
             self.sums[k] += float(v)
             self.counts[k] += 1
+
+    def add_sums(self, pairs: dict[str, list[float]]) -> None:
+        """{key: [sum, count]} (DeviceSums.read()): averaged as sum / count over steps and ranks."""
+        for k, (total, count) in pairs.items():
+            self.sums[k] += total
+            self.counts[k] += count
 
     def reduce(self) -> dict[str, float]:
         """Average of everything added since the last call, over steps and ranks (collective)."""

@@ -1,20 +1,21 @@
 """The training loop: micro-batches -> DeepSpeed engine, metrics, periodic/signal checkpoints.
 
-Signals only set a flag; at every step boundary the flags are all-reduced (MAX, together with the
-non-finite-loss flag: one collective per step), so every rank acts at the same step:
+Signals only set a flag; at every step boundary the flags are all-reduced (MAX; the one per-step
+collective, none at world size 1), so every rank acts at the same step:
 - SIGUSR2 (SLURM's warning before preemption / time-out, `--signal=USR2@120`; USR1 is NCCL's):
   a preemption: save and exit EXIT_SIGNAL_SAVED (75); the launcher requeues.
 - SIGTERM or SIGINT without any USR2: a stop (scancel, Ctrl-C, kill): save and exit 128 + signal;
   nobody requeues. A second SIGINT aborts at once without saving.
 Non-finite steps: DeepSpeed (ZeRO 1-3) skips an update whose global gradient norm is inf/NaN (the
-norm is reduced over ranks, so they agree) and counts it in `engine.skipped_steps`; ZeRO-0 is
-checked here. Such steps are counted (`train/skipped_nonfinite`) and max_nonfinite_steps in a row
-stop the run with NonFiniteError; weights are checked finite before every save.
+norm is reduced over ranks, so all ranks skip together; a NaN loss gives NaN gradients) and counts
+it in `engine.skipped_steps`, a host int: no extra sync. ZeRO-0 has no such check: it is done
+here. Skipped steps stay out of the logged means, are counted (`train/skipped_nonfinite`), and
+`train.max_nonfinite_steps` in a row stop the run with NonFiniteError; weights are checked finite
+before every save.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -29,7 +30,7 @@ from megavla.config import Config, to_dict
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
 from .errors import NonFiniteError
-from .metrics import MetricsLogger, peak_flops, peak_memory_mb
+from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ EXIT_SIGNAL_SAVED = 75
 # After a SIGTERM / SIGINT stop with a checkpoint saved: 128 + signal, the shell's convention.
 EXIT_STOPPED = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+def _several_ranks() -> bool:
+    return tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 class StopFlag:
@@ -72,29 +77,29 @@ class StopFlag:
                 (" (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
             os.write(2, f"{signal.Signals(signum).name} ({what})\n".encode())
 
-    def agreed(self, device: torch.device, nonfinite: bool = False) -> tuple[bool, bool, bool]:
-        """(stop, preempt, nonfinite), each True on every rank if True on any: one all-reduce."""
-        flags = torch.tensor([self.signum is not None, self.preempt, nonfinite], dtype=torch.int32, device=device)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        stop, preempt, bad = (bool(x) for x in flags.tolist())
-        return stop, preempt, bad
+    def agreed(self, device: torch.device) -> tuple[bool, bool]:
+        """(stop, preempt), each True on every rank if True on any: the one per-step collective (one
+        host read) when there are several ranks; none at 1."""
+        if not _several_ranks():
+            return self.signum is not None, self.preempt
+        flags = torch.tensor([self.signum is not None, self.preempt], dtype=torch.int32, device=device)
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        stop, preempt = flags.tolist()
+        return bool(stop), bool(preempt)
 
 
-def metric_key(name: str) -> str:
-    """The model's output names -> metric keys ("loss" -> "loss/total", "flow" -> "loss/flow")."""
-    return "loss/total" if name == "loss" else (name if "/" in name else f"loss/{name}")
-
-
-def scalar(v) -> float:
-    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+def _valid(mask: torch.Tensor) -> int:
+    return int(mask.numpy().sum())   # a CPU batch: numpy, so no tensor -> host conversion
 
 
 def batch_tokens(batch, tokens_per_image: int) -> int:
-    """Valid tokens the model attends over for this batch (text, FAST, subtask, images, actions)."""
-    n = int(batch.text_mask.sum() + batch.fast_mask.sum() + batch.subtask_mask.sum())
-    n += int(batch.action_time_mask.sum())
-    return n + int(batch.image_mask.sum()) * tokens_per_image
+    """Valid tokens of a CPU batch for models without a FLOP model (text, FAST, subtask, images, actions)."""
+    n = _valid(batch.text_mask) + _valid(batch.fast_mask) + _valid(batch.subtask_mask)
+    return n + _valid(batch.action_time_mask) + _valid(batch.image_mask) * tokens_per_image
+
+
+# (tokens, training FLOPs or None) of one CPU micro-batch; entry.run builds it from the model.
+BatchAccounting = Callable[[Any], "tuple[int, float | None]"]
 
 
 class EMA:
@@ -111,9 +116,31 @@ class EMA:
                 self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
 
+class StepClock:
+    """Marks inside a step: host time on CPU (ops run synchronously); CUDA events on a GPU, read only
+    when the log interval's metrics are read (host clocks there would time kernel launches, and
+    synchronizing to read them would stall the queue every step)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()   # already complete when the metric sums were read first: no wait
+        return start.elapsed_time(end) / 1000.0
+
+
 class Trainer:
     def __init__(self, cfg: Config, engine, scheduler, loader, dist: DistInfo, run_dir: Path, *,
-                 start_step: int = 0, flops_per_sample: float | None = None, tokens_per_image: int = 0,
+                 start_step: int = 0, batch_accounting: BatchAccounting | None = None, tokens_per_image: int = 0,
                  val_loader_factory: Callable[[], Iterable] | None = None,
                  ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
                  code_version: str = "unknown", batch: dict | None = None, skipped_nonfinite: int = 0,
@@ -122,23 +149,29 @@ class Trainer:
         self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.step = start_step
-        self.flops_per_sample, self.tokens_per_image = flops_per_sample, tokens_per_image
+        self.batch_accounting = batch_accounting or (lambda b: (batch_tokens(b, tokens_per_image), None))
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
-        self.batch = batch or {}
+        self.batch = batch or {}              # micro batch, accumulation, world size, global batch
         self.events = events or []            # written to metrics.jsonl before the first step
-        self.stop = StopFlag()
-        self.peak = peak_flops(dist.device)
         self.skipped_nonfinite = skipped_nonfinite   # over the whole run (kept in trainer_state.json)
         self.nonfinite_in_a_row = 0
+        self.step_skipped = False
+        self.stop = StopFlag()
+        self.peak = peak_flops(dist.device)
+        self.clock = StepClock(dist.device)
+        self.last_loss: torch.Tensor | None = None   # detached, on the device: reading it syncs
         self._iter = iter(loader)
+        self._new_window(time.perf_counter())
+
+    def _new_window(self, now: float) -> None:
+        """Per-log-interval accumulators: device sums + host counters and clock marks."""
+        self.sums = DeviceSums()
+        self.window = {"start": now, "excluded_s": 0.0, "steps": 0, "samples": 0, "tokens": 0, "flops": 0.0,
+                       "data_wait_s": 0.0, "marks": [], "lr": 0.0}
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-
     def _next_batch(self):
         # torch's DataLoader draws its base seed from the global RNG when its iterator starts (lazily,
         # at the first next()). A resumed run starts one where the uninterrupted run did not, which
@@ -151,59 +184,91 @@ class Trainer:
                 self._iter = iter(self.loader)
                 return next(self._iter)
 
-    def train_step(self) -> dict[str, float]:
-        self.engine.train()
-        t_step = time.perf_counter()
-        data_wait = fwd_bwd = opt = 0.0
-        samples = tokens = 0
-        sums: dict[str, float] = {}
-        lr = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+    def train_step(self) -> None:
+        """One optimizer step. Forces no host sync of its own: losses, grad norm and timings are
+        accumulated on the device and read once per log interval (`_read_window`)."""
+        w = self.window
+        w["lr"] = self.tcfg.lr * lr_factor(self.step, self.tcfg)
+        module = getattr(self.engine, "module", self.engine)
+        if hasattr(module, "training_step"):  # knowledge insulation may switch on at step N
+            module.training_step = self.step
+        skipped_before, self._zero0_skipped = self.engine.skipped_steps, False
+        outs = []
         for _ in range(self.accum):
             t0 = time.perf_counter()
-            batch = self._next_batch().to(self.dist.device, non_blocking=True)
-            t1 = time.perf_counter()
+            host_batch = self._next_batch()
+            tokens, flops = self.batch_accounting(host_batch)   # host masks: no device sync
+            batch = host_batch.to(self.dist.device, non_blocking=True)
+            w["data_wait_s"] += time.perf_counter() - t0
+            m1 = self.clock.mark()
             out = self.engine(batch)
             self.engine.backward(out["loss"])
-            self._sync()
-            t2 = time.perf_counter()
+            m2 = self.clock.mark()
             if self.tcfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 self._drop_nonfinite_grads()
             self.engine.step()     # optimizer step only at the accumulation boundary
             self.engine.__dict__.pop("gradient_clipping", None)   # undo _drop_nonfinite_grads
-            self._sync()
-            t3 = time.perf_counter()
-            data_wait, fwd_bwd, opt = data_wait + t1 - t0, fwd_bwd + t2 - t1, opt + t3 - t2
-            samples += batch.batch_size
-            tokens += batch_tokens(batch, self.tokens_per_image)
-            for k, v in out.items():
-                key = metric_key(k)
-                sums[key] = sums.get(key, 0.0) + scalar(v) / self.accum
+            w["marks"].append((m1, m2, self.clock.mark()))
+            w["samples"] += batch.batch_size
+            w["tokens"] += tokens
+            w["flops"] = None if flops is None or w["flops"] is None else w["flops"] + flops
+            outs.append(out)
+            self.last_loss = out["loss"].detach()
+        # A host int DeepSpeed already computed (its overflow check): no sync of ours.
+        ds_skipped = self.engine.skipped_steps > skipped_before
+        self.step_skipped = ds_skipped or self._zero0_skipped
+        if ds_skipped:
+            self.scheduler.step()    # DeepSpeed does not step the schedule on a skipped update; the lr
+            #                          stays a function of the step (as a resume assumes)
         if self.ema is not None:
             self.ema.update(self.engine.module)
         self.step += 1
-        total = time.perf_counter() - t_step
-        world = self.dist.world_size
-        metrics = dict(sums)
+        w["steps"] += 1
+        if self.step_skipped:        # its NaN / inf losses stay out of the logged means
+            return
+        for out in outs:
+            for k, v in out.items():
+                self.sums.add(k, v, 1.0 / self.accum)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
-            metrics["optim/grad_norm"] = scalar(grad_norm)
-        metrics.update({
-            "optim/lr": lr,
-            "time/step_s": total, "time/data_wait_s": data_wait, "time/fwd_bwd_s": fwd_bwd,
-            "time/optimizer_s": opt, "time/data_wait_pct": 100.0 * data_wait / max(total, 1e-9),
+            self.sums.add("optim/grad_norm", grad_norm)
+
+    def _read_window(self) -> dict[str, list[float]]:
+        """This rank's {key: [sum, count]} since the last read (the one host sync), then a new window.
+        Throughput divides by the whole loop's wall time (data, logging, the stop-flag collective),
+        minus checkpoint saves and validation, which are logged on their own."""
+        now = time.perf_counter()
+        w, steps = self.window, max(1, self.window["steps"])
+        pairs = self.sums.read()
+        wall = max(now - w["start"] - w["excluded_s"], 1e-9)
+        fwd_bwd = sum(self.clock.seconds(a, b) for a, b, _ in w["marks"])
+        opt = sum(self.clock.seconds(b, c) for _, b, c in w["marks"])
+        world = self.dist.world_size
+        per_step = {
+            "optim/lr": w["lr"], "time/step_s": wall / steps, "time/data_wait_s": w["data_wait_s"] / steps,
+            "time/fwd_bwd_s": fwd_bwd / steps, "time/optimizer_s": opt / steps,
+            "time/data_wait_pct": 100.0 * w["data_wait_s"] / wall,
+            # the loop's time outside data + forward/backward + optimizer (logging, collectives, EMA)
+            "time/other_pct": 100.0 * max(0.0, wall - w["data_wait_s"] - fwd_bwd - opt) / wall,
             # Per-rank throughput x world = global (ranks run in lockstep).
-            "perf/samples_per_s": samples * world / total, "perf/tokens_per_s": tokens * world / total,
+            "perf/samples_per_s": w["samples"] * world / wall, "perf/tokens_per_s": w["tokens"] * world / wall,
             "memory/peak_mb": peak_memory_mb(self.dist.device),
-        })
-        if self.peak and self.flops_per_sample:
-            metrics["perf/mfu"] = self.flops_per_sample * samples / total / self.peak
-        return metrics
+        }
+        if w["flops"]:
+            # FLOPs of the batches actually run (valid tokens; megavla.model.flops), per rank
+            per_step["perf/tflops_per_s"] = w["flops"] / wall / 1e12
+            if self.peak:
+                per_step["perf/mfu"] = w["flops"] / wall / self.peak
+        self._new_window(now)
+        pairs.update({k: [v, 1.0] for k, v in per_step.items()})
+        return pairs
 
     # ---- non-finite steps ---------------------------------------------------------------------
     def _drop_nonfinite_grads(self) -> None:
         """ZeRO-0 has no overflow check in DeepSpeed, so a NaN/inf gradient would reach AdamW. At the
         boundary the gradients are already all-reduced (the same on every rank), so this local check
-        agrees; grad=None makes AdamW skip every parameter: no weight or moment update."""
+        agrees; grad=None makes AdamW skip every parameter: no weight or moment update. (One host
+        read per step, ZeRO-0 only.)"""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()):
             for p in params:
@@ -212,19 +277,19 @@ class Trainer:
             self.engine.gradient_clipping = lambda: 0.0
             self._zero0_skipped = True
 
-    def _count_nonfinite(self, step_metrics: dict[str, float]) -> None:
+    def _count_nonfinite(self) -> None:
         self.skipped_nonfinite += 1
         self.nonfinite_in_a_row += 1
-        loss, norm = step_metrics.get("loss/total", float("nan")), step_metrics.get("optim/grad_norm", float("nan"))
+        loss = float(self.last_loss) if self.last_loss is not None else float("nan")   # rare path: may sync
         if self.dist.rank == 0:
-            log.warning("step %d: non-finite loss (%.4g) or gradient norm (%.4g): update skipped (%d in a row, "
-                        "%d in this run)", self.step, loss, norm, self.nonfinite_in_a_row, self.skipped_nonfinite)
+            log.warning("step %d: non-finite loss (%.4g) or gradient norm: update skipped (%d in a row, "
+                        "%d in this run)", self.step, loss, self.nonfinite_in_a_row, self.skipped_nonfinite)
         if self.nonfinite_in_a_row >= self.tcfg.max_nonfinite_steps:
             latest = ckpt.list_checkpoints(self.ckpt_dir)
             raise NonFiniteError(
                 f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a non-finite "
-                f"loss or gradient norm (last loss {loss:.4g}, grad norm {norm:.4g}); stopped without saving "
-                f"(newest checkpoint: {latest[-1] if latest else 'none'}). Check the data (`megavla data verify`: "
+                f"loss or gradient norm (last loss on rank 0: {loss:.4g}); stopped without saving (newest "
+                f"checkpoint: {latest[-1] if latest else 'none'}). Check the data (`megavla data verify`: "
                 f"NaN/inf in norm stats or samples), lower train.lr, or raise train.max_nonfinite_steps")
 
     def _check_finite_weights(self) -> None:
@@ -262,40 +327,29 @@ class Trainer:
     def validate(self, metrics: MetricsLogger) -> None:
         if self.val_loader_factory is None:
             return
+        t0 = time.perf_counter()
         self.engine.eval()
+        sums = DeviceSums()
         for i, batch in enumerate(self.val_loader_factory()):
             if i >= self.tcfg.val_batches:
                 break
-            out = self.engine(batch.to(self.dist.device))
-            metrics.add({metric_key(k): scalar(v) for k, v in out.items()})
+            for k, v in self.engine(batch.to(self.dist.device)).items():
+                sums.add(k, v)
+        metrics.add_sums(sums.read())
         metrics.write(self.step, metrics.reduce(), prefix="val/")
         self.engine.train()
+        self.window["excluded_s"] += time.perf_counter() - t0
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _one_step(self, metrics: MetricsLogger) -> tuple[bool, bool]:
-        """Train one optimizer step; returns the agreed (stop, preempt) flags."""
-        skipped_before = self.engine.skipped_steps
-        self._zero0_skipped = False
-        step_metrics = self.train_step()
-        ds_skipped = self.engine.skipped_steps > skipped_before
-        if ds_skipped:
-            self.scheduler.step()    # DeepSpeed does not step the schedule on a skipped update; the lr
-            #                          stays a function of the step (as a resume assumes)
-        stop, preempt, bad_loss = self.stop.agreed(
-            self.dist.device, nonfinite=not math.isfinite(step_metrics.get("loss/total", 0.0)))
-        if ds_skipped or self._zero0_skipped or bad_loss:
-            self._count_nonfinite(step_metrics)
-        else:
-            self.nonfinite_in_a_row = 0
-            metrics.add(step_metrics)
-        metrics.advance()
-        return stop, preempt
-
     def _log(self, metrics: MetricsLogger) -> None:
+        metrics.add_sums(self._read_window())
         reduced = metrics.reduce()
         skips = getattr(self.loader, "skip_counts", None)
-        for k, v in (skips() if callable(skips) else {}).items():
+        for k, v in (skips() if callable(skips) else {}).items():      # what was skipped, by reason
             reduced[f"data/skipped_{k}"] = float(v)
+        read = getattr(self.loader, "read_counts", None)
+        for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
+            reduced[f"data/{k}"] = float(v)
         reduced["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
         metrics.write(self.step, reduced)
         if self.dist.rank == 0 and not self.tcfg.progress:
@@ -309,11 +363,10 @@ class Trainer:
         self.save(reason="preempted" if preempt else "stopped")
         # submitit's preemption sends TERM then USR2 at once: a USR2 that arrived during the save
         # still makes this a preemption.
-        _, preempt, _ = self.stop.agreed(self.dist.device)
-        if preempt:
+        if preempt or self.stop.agreed(self.dist.device)[1]:
             return EXIT_SIGNAL_SAVED
         interrupted = torch.tensor([int(self.stop.signum == signal.SIGINT)], device=self.dist.device)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
+        if _several_ranks():
             tdist.all_reduce(interrupted, op=tdist.ReduceOp.MAX)
         return EXIT_STOPPED[signal.SIGINT if interrupted.item() else signal.SIGTERM]
 
@@ -328,17 +381,27 @@ class Trainer:
         code = EXIT_OK
         first_step = self.step
         try:
+            self.engine.train()
+            self._new_window(time.perf_counter())
             while self.step < stop_at:
-                stop, preempt = self._one_step(metrics)
+                self.train_step()
+                if self.step_skipped:
+                    self._count_nonfinite()
+                else:
+                    self.nonfinite_in_a_row = 0
+                metrics.advance()
                 if self.step % t.log_every == 0 or self.step == stop_at:
                     self._log(metrics)
                 if t.val_every and self.step % t.val_every == 0:
                     self.validate(metrics)
+                stop, preempt = self.stop.agreed(self.dist.device)
                 if stop:
                     code = self._stop_code(preempt)
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < stop_at:
+                    t_save = time.perf_counter()
                     self.save(reason="periodic")
+                    self.window["excluded_s"] += time.perf_counter() - t_save
             else:
                 if self.step > first_step:      # nothing new to save when resumed at the end
                     self.save(reason="end" if self.step >= t.steps else "segment")

@@ -1,0 +1,110 @@
+"""``megavla data import lerobot | egodex | keypoints SRC --out DIR``: real data into one shard set.
+
+All three go through data_shards.importing.run_import (one resumable writer, norm stats as for
+synth): rerun the same command after a crash to continue; ``--overwrite`` starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _cameras(text: str) -> dict[str, str] | None:
+    if not text:
+        return None
+    mapping = {}
+    for part in text.split(","):
+        cam, sep, key = part.partition("=")
+        if not sep or not cam.strip() or not key.strip():
+            raise SystemExit(f"--cameras: {part!r} is not CAMERA=VIDEO_KEY (e.g. head=observation.images.top)")
+        mapping[cam.strip()] = key.strip()
+    return mapping
+
+
+def run(args: argparse.Namespace) -> int:
+    from megavla.data.cli import _print_inspect
+    from megavla.data_shards import import_egodex, import_hands, import_lerobot
+    from megavla.data_shards.importing import ImportRefused, run_import
+    from megavla.data_shards.writer import JournalError
+
+    src = str(Path(args.src).resolve())
+    common: dict[str, Any] = {"importer": args.source, "source": src, "image_size": args.image_size,
+                              "fps": args.fps}
+    try:
+        if args.source == "lerobot":
+            opts, episodes = import_lerobot.plan(src, _cameras(args.cameras), args.state, args.action,
+                                                 args.action_space, args.fps, args.image_size, args.scene)
+            convert = import_lerobot.convert
+            common.update(cameras=opts.cameras, state=args.state, action=args.action,
+                          action_space=args.action_space, scene=args.scene)
+        elif args.source == "egodex":
+            _, episodes = import_egodex.plan(src, args.fps, args.image_size, args.min_confidence,
+                                             args.camera_axes)
+            convert = import_egodex.convert
+            common.update(min_confidence=args.min_confidence, camera_axes=args.camera_axes)
+        else:
+            _, episodes = import_hands.plan_keypoints(src, args.fps or 10.0, args.image_size,
+                                                      args.min_confidence)
+            convert = import_hands.convert_keypoints
+            common.update(min_confidence=args.min_confidence)
+        log.info("import %s: %d source episodes in %s", args.source, len(episodes), src)
+        report = run_import(args.out, episodes, convert, common, overwrite=args.overwrite,
+                            workers=args.workers, shard_bytes=int(args.shard_size_mb * 2**20),
+                            progress=not args.no_progress, label=f"import {args.source}")
+    except ImportRefused as e:
+        log.error("%s", e)
+        return 1
+    except JournalError as e:
+        log.error("%s", e)
+        return 2
+    except FileExistsError as e:
+        log.error("%s", e)
+        return 2
+    _print_inspect([Path(args.out)], [])
+    print(f"\nimported {report.written} episodes ({report.frames} frames, {report.seconds:.1f} s"
+          + (f", resumed at source episode {report.resumed_from}" if report.resumed_from else "")
+          + f"); skipped {len(report.skipped)}")
+    for skip in report.skipped:
+        print(f"  skipped {skip['episode']}: {skip['reason']}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import LeRobot / EgoDex / hand-keypoint recordings into a shard set")
+    kinds = p.add_subparsers(dest="source", required=True)
+    helps = {"lerobot": "a LeRobot dataset directory (format v3.0)",
+             "egodex": "EgoDex: <task>/<n>.hdf5 + <n>.mp4 (3D hand skeleton, head camera)",
+             "keypoints": "any hand tracker: <name>.npz (17 keypoints x 2 hands x T, head poses) + <name>.mp4"}
+    for kind, text in helps.items():
+        q = kinds.add_parser(kind, help=text, description=text)
+        q.add_argument("src", help="source directory (keypoints: a directory of .npz or one .npz)")
+        q.add_argument("--out", required=True, help="output shard set directory")
+        q.add_argument("--image-size", type=int, default=224, help="frames letterboxed to N x N")
+        q.add_argument("--fps", type=float, default=None,
+                       help="output frame rate: an integer divisor of the source rate (default: the "
+                            "source rate; keypoints: the rate of files without an 'fps' array, 10)")
+        q.add_argument("--workers", type=int, default=1, help="decoding processes (output is identical)")
+        q.add_argument("--shard-size-mb", type=float, default=64.0)
+        q.add_argument("--overwrite", action="store_true", help="replace an existing set or unfinished import")
+        q.add_argument("--no-progress", action="store_true")
+        if kind == "lerobot":
+            q.add_argument("--cameras", default="", help="CAMERA=VIDEO_KEY,... with CAMERA in head, "
+                           "left_wrist, right_wrist (default: by name: *wrist* -> right_wrist, "
+                           "*left*wrist* -> left_wrist, first other -> head)")
+            q.add_argument("--state", default="observation.state", help="state feature key")
+            q.add_argument("--action", default="action", help="action feature key")
+            q.add_argument("--action-space", default="joint", choices=("joint", "ee"),
+                           help="joint: actions as recorded (embodiment robot/joint); ee: --state is "
+                                "[x,y,z,rx,ry,rz,gripper] and actions follow the EE convention (robot/arm)")
+            q.add_argument("--scene", type=int, default=0, help="scene id for the scene x task combos")
+        else:
+            q.add_argument("--min-confidence", type=float, default=0.5,
+                           help="keypoints below this tracking confidence count as not tracked")
+        if kind == "egodex":
+            q.add_argument("--camera-axes", default="auto", choices=("auto", "arkit", "opencv"),
+                           help="axes of transforms/camera (auto: the one with the hands in front)")
+        q.set_defaults(func=run)

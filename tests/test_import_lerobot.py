@@ -1,0 +1,210 @@
+"""megavla data import lerobot: on a dataset written by lerobot itself (tests/fixtures/lerobot_v30_tiny,
+made by tests/fixtures/make_lerobot_fixture.py with lerobot 0.4.4, AV1 videos), plus bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow", reason="pip install -e .[import] (pyarrow<22 with numpy<2)")
+pq = pytest.importorskip("pyarrow.parquet")
+pytest.importorskip("av")
+import simplejpeg  # noqa: E402
+
+from megavla.data.cli import main as data_main  # noqa: E402
+from megavla.data_shards.format import sample_to_episode  # noqa: E402
+from megavla.data_shards.manifest import load_manifest  # noqa: E402
+from megavla.data_shards.verify import iter_tar_samples, verify_shard_set  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+import make_lerobot_fixture as made  # noqa: E402
+
+SRC = FIXTURES / "lerobot_v30_tiny"
+DATA = "data/chunk-000/file-000.parquet"
+
+
+def read_set(out: Path) -> list:
+    eps = []
+    for row in load_manifest(out)["shards"]:
+        eps += [sample_to_episode(s) for s in iter_tar_samples(out / row["path"], [])]
+    return eps
+
+
+def run_import(src: Path, out: Path, *extra: str) -> int:
+    return data_main(["import", "lerobot", str(src), "--out", str(out), "--image-size", "64",
+                      "--no-progress", *extra])
+
+
+def test_fixture_was_written_by_lerobot():
+    made_by = json.loads((SRC / "MADE_BY.json").read_text())
+    assert made_by["codebase_version"] == "v3.0" and made_by["lerobot_version"] == "0.4.4"
+    info = json.loads((SRC / "meta/info.json").read_text())
+    assert info["features"]["observation.images.top"]["info"]["video.codec"] == "av1"
+    assert sum(p.stat().st_size for p in SRC.rglob("*") if p.is_file()) < 200_000
+
+
+def test_import_matches_what_lerobot_wrote(tmp_path):
+    assert run_import(SRC, tmp_path / "out") == 0
+    eps = read_set(tmp_path / "out")
+    assert [e.num_steps for e in eps] == list(made.EPISODE_LENGTHS)
+    assert [e.instruction for e in eps] == list(made.EPISODE_TASKS)
+    assert [e.task for e in eps] == [0, 1, 0] and [e.episode for e in eps] == [0, 1, 2]
+    for ep_index, ep in enumerate(eps):
+        assert ep.embodiment == "robot/joint" and ep.action_mask.all() and ep.step_valid.all()
+        want_state = np.stack([made.expected_state(ep_index, t) for t in range(ep.num_steps)])
+        want_action = np.stack([made.expected_action(ep_index, t) for t in range(ep.num_steps)])
+        np.testing.assert_array_equal(ep.state, want_state)
+        np.testing.assert_array_equal(ep.actions, want_action)
+        np.testing.assert_array_equal(ep.joint_actions, want_action)
+        assert ep.fps == made.FPS and sorted(ep.frames) == ["head", "right_wrist"]
+        for cam, key in (("head", "observation.images.top"), ("right_wrist", "observation.images.wrist")):
+            h, w = made.CAMERAS[key]
+            scale = 64 / max(h, w)
+            top, left = (64 - round(h * scale)) // 2, (64 - round(w * scale)) // 2
+            for t in (0, ep.num_steps // 2, ep.num_steps - 1):  # AV1 is lossy: compare flat regions
+                img = simplejpeg.decode_jpeg(ep.frames[cam][t]).astype(int)
+                want_top, want_bottom = made.expected_colors(key, ep_index, t)
+                hh = round(h * scale)
+                upper = img[top + 2: top + hh // 2 - 2, left + 2: 64 - left - 2].mean((0, 1))
+                lower = img[top + hh // 2 + 2: top + hh - 2, left + 2: 64 - left - 2].mean((0, 1))
+                assert np.abs(upper - want_top).max() < 12, (cam, ep_index, t, upper, want_top)
+                assert np.abs(lower - want_bottom).max() < 12, (cam, ep_index, t, lower, want_bottom)
+                if top:
+                    assert img[: top - 1].max() < 20  # letterbox bars, aspect kept
+    stats = json.loads((tmp_path / "out/norm_stats.json").read_text())
+    assert stats["robot/joint"]["num_steps"] == sum(made.EPISODE_LENGTHS)
+    report = verify_shard_set(tmp_path / "out", check_images=True, progress=False)
+    assert report.ok, report.problems
+
+
+def test_import_is_deterministic_across_workers_and_fps_subsamples(tmp_path):
+    assert run_import(SRC, tmp_path / "a", "--workers", "1") == 0
+    assert run_import(SRC, tmp_path / "b", "--workers", "2") == 0
+    sha = [[r["sha256"] for r in load_manifest(tmp_path / d)["shards"]] for d in ("a", "b")]
+    assert sha[0] == sha[1]
+    assert run_import(SRC, tmp_path / "c", "--fps", "5") == 0
+    eps = read_set(tmp_path / "c")
+    assert [e.num_steps for e in eps] == [10, 14, 17] and eps[0].fps == 5
+    np.testing.assert_array_equal(eps[1].state[3], made.expected_state(1, 6))
+    assert run_import(SRC, tmp_path / "d", "--fps", "3") == 1  # 10 / 3 is not an integer stride
+
+
+def _copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "src"
+    shutil.copytree(SRC, dst)
+    return dst
+
+
+def _rewrite_data(src: Path, fn) -> None:
+    table = pq.read_table(src / DATA)
+    pq.write_table(fn(table), src / DATA)
+
+
+def _set_rows(table, column: str, episode: int, value):
+    values = table.column(column).to_pylist()
+    episodes = table.column("episode_index").to_pylist()
+    new = [value if e == episode else v for v, e in zip(values, episodes)]
+    kind = table.schema.field(column).type
+    if value is None and pa.types.is_fixed_size_list(kind):
+        kind = pa.list_(kind.value_type)  # pyarrow cannot read back null fixed-size lists
+    return table.set_column(table.column_names.index(column), column, pa.array(new, type=kind))
+
+
+def test_bad_episodes_are_skipped_named_and_counted(tmp_path, caplog, capsys):
+    src = _copy(tmp_path)
+    # episode 1: a task index with no task; episode 2: frames but no actions
+    _rewrite_data(src, lambda t: _set_rows(_set_rows(t, "task_index", 1, 7), "action", 2, None))
+    assert run_import(src, tmp_path / "out") == 0
+    eps = read_set(tmp_path / "out")
+    assert [e.episode for e in eps] == [0]
+    skipped = load_manifest(tmp_path / "out")["generator"]["skipped"]
+    assert [s["episode"] for s in skipped] == ["episode 1", "episode 2"]
+    assert "task_index 7 has no task in meta/tasks.parquet" in skipped[0]["reason"]
+    assert "column 'action' (actions) is null in 33 of 33 frames: frames but no actions" in skipped[1]["reason"]
+    assert DATA in skipped[1]["reason"]
+    out = capsys.readouterr().out
+    assert "skipped 2" in out and "skipped episode 1: episode 1: task_index 7" in out
+
+
+def test_corrupt_data_file_skips_its_episodes(tmp_path):
+    src = _copy(tmp_path)
+    episodes_file = src / "meta/episodes/chunk-000/file-000.parquet"
+    table = pq.read_table(episodes_file)
+    table = _set_rows(table, "data/file_index", 2, 1)  # episode 2 lives in a second data file ...
+    pq.write_table(table, episodes_file)
+    (src / "data/chunk-000/file-001.parquet").write_bytes(b"PAR1 this is not parquet")  # ... corrupt
+    assert run_import(src, tmp_path / "out") == 0
+    skipped = load_manifest(tmp_path / "out")["generator"]["skipped"]
+    assert len(skipped) == 1 and skipped[0]["episode"] == "episode 2"
+    assert "file-001.parquet is not a readable parquet file" in skipped[0]["reason"]
+    assert [e.episode for e in read_set(tmp_path / "out")] == [0, 1]
+
+
+def test_missing_video_and_other_version_are_refused(tmp_path, caplog):
+    src = _copy(tmp_path)
+    (src / "videos/observation.images.wrist/chunk-000/file-000.mp4").unlink()
+    assert run_import(src, tmp_path / "out") == 1  # every episode needs that file: nothing to import
+    assert "none of the 3 source episodes could be imported" in caplog.text
+    assert "videos/observation.images.wrist/chunk-000/file-000.mp4 is missing" in caplog.text
+    assert not (tmp_path / "out/manifest.json").exists()
+    # only the head camera: the same dataset imports
+    assert run_import(src, tmp_path / "head", "--cameras", "head=observation.images.top") == 0
+    assert [sorted(e.frames) for e in read_set(tmp_path / "head")] == [["head"]] * 3
+    info = json.loads((src / "meta/info.json").read_text())
+    info["codebase_version"] = "v2.1"
+    (src / "meta/info.json").write_text(json.dumps(info))
+    caplog.clear()
+    assert run_import(src, tmp_path / "v21") == 1
+    assert "codebase_version='v2.1'" in caplog.text and "convert_dataset_v21_to_v30" in caplog.text
+    assert run_import(tmp_path / "nowhere", tmp_path / "x") == 1
+    assert "not a LeRobot dataset directory" in caplog.text
+
+
+def test_unknown_feature_and_camera_are_refused_before_work(tmp_path, caplog):
+    assert run_import(SRC, tmp_path / "a", "--state", "observation.qpos") == 1
+    assert "no feature 'observation.qpos' for --state" in caplog.text
+    assert run_import(SRC, tmp_path / "b", "--cameras", "head=observation.images.side") == 1
+    assert "is not a video feature" in caplog.text
+    assert run_import(SRC, tmp_path / "c", "--action-space", "ee") == 1  # a 6-dim joint state
+    assert "needs 'observation.state' = [x, y, z, rx, ry, rz, gripper]" in caplog.text
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")
+
+
+def test_ee_action_space_follows_the_project_convention(tmp_path):
+    """A dataset whose state is an EE pose [x, y, z, rx, ry, rz, gripper]: state = position + 6D
+    rotation + gripper, actions = hands.ee_delta between consecutive poses (robot/arm)."""
+    from scipy.spatial.transform import Rotation
+
+    from megavla.data import hands
+
+    src = _copy(tmp_path)
+    table = pq.read_table(src / DATA)
+    n = table.num_rows
+    ee = np.zeros((n, 7), np.float32)
+    ee[:, 0] = 0.4 + 0.01 * np.arange(n)  # moves forward 1 cm per frame
+    ee[:, 5] = 0.02 * np.arange(n)  # turns 0.02 rad per frame about z
+    ee[:, 6] = (np.arange(n) % 20) > 10
+    column = pa.FixedSizeListArray.from_arrays(pa.array(ee.ravel()), 7)
+    pq.write_table(table.append_column("observation.ee_pose", column), src / DATA)
+    info = json.loads((src / "meta/info.json").read_text())
+    info["features"]["observation.ee_pose"] = {"dtype": "float32", "shape": [7], "names": None}
+    (src / "meta/info.json").write_text(json.dumps(info))
+    assert run_import(src, tmp_path / "out", "--state", "observation.ee_pose", "--action-space", "ee") == 0
+    eps = read_set(tmp_path / "out")
+    ep = eps[1]  # rows 20..46
+    rows = ee[20:47]
+    assert ep.embodiment == "robot/arm" and ep.state.shape == (27, hands.ARM_STATE_DIM)
+    np.testing.assert_allclose(ep.state[:, :3], rows[:, :3], atol=1e-6)
+    want_rot = Rotation.from_rotvec(rows[:, 3:6]).as_matrix()
+    np.testing.assert_allclose(ep.state[:, 3:6], want_rot[:, :, 0], atol=1e-6)  # first column
+    np.testing.assert_allclose(ep.state[:, 9], rows[:, 6])
+    np.testing.assert_allclose(ep.actions[:-1, 0], 0.01, atol=1e-6)
+    np.testing.assert_allclose(ep.actions[:-1, 5], 0.02, atol=1e-6)
+    np.testing.assert_allclose(ep.actions[:-1, 6], rows[1:, 6])
+    np.testing.assert_array_equal(ep.actions[-1, :6], 0)
+    np.testing.assert_array_equal(ep.joint_actions, np.stack([made.expected_action(1, t) for t in range(27)]))
