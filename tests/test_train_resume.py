@@ -149,3 +149,15 @@ def test_local_launcher_forwards_signals_and_names_the_failing_rank(tmp_path):
     assert failing.returncode == 3 and time.monotonic() - t0 < 30   # rank 0 was stopped, not waited out
     assert "rank 1 failed first: exit code 3" in failing.stderr, failing.stderr
     assert "rank 0 exit code 143" in failing.stderr and "| ValueError: shard 7 is corrupt" in failing.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_is_skipped_on_both(tmp_path, straight):
+    """A NaN loss on rank 1 only at steps 3-4: the reduced gradient norm is NaN on both ranks, so
+    both skip the same updates (no divergence between ranks), count them, and finish finite."""
+    config = write_config(tmp_path, "run")
+    assert launch(config, TOY_NAN_AT_CALLS="3,4", TOY_NAN_RANK=1) == 0
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_nonfinite"] for r in recs][:6] == [0, 0, 1, 2, 2, 2]
+    assert "loss/total" not in recs[2] and all(r["loss/total"] == r["loss/total"] for r in recs if "loss/total" in r)
+    assert losses(tmp_path / "run")[2] == pytest.approx(straight[2], rel=1e-6)    # same run up to there

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -224,11 +225,25 @@ def _keep_as_is(item):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C / SIGTERM (sent to the whole process group) to the trainer, which
-    saves at the step boundary and then shuts them down; dying first would fail that step."""
+    """Loader workers leave Ctrl-C and a SIGTERM sent to the whole process group / job step (a
+    terminal, `kill -- -PGID`, scancel) to the trainer, which saves at the step boundary and then
+    shuts them down; dying first would fail that step. A SIGTERM from the parent itself (torch's
+    and multiprocessing's shutdown `terminate()`) still ends the worker: SIGTERM is blocked and a
+    thread reads each one with its sender (sigwaitinfo); ignoring it outright would hang the
+    parent's exit in multiprocessing's join."""
     import signal
+    import threading
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def exit_on_sigterm_from_parent() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=exit_on_sigterm_from_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 class StreamingLoader:
