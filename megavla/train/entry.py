@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as tdist
 
-from megavla.config import Config, write_yaml
+from megavla.config import Config, ConfigError, write_yaml
 
 from . import checkpoint as ckpt
 from .engine import (DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything,
@@ -48,10 +48,22 @@ def load_tokenizers(cfg: Config):
     return load(cfg.train.tokenizer_dir)
 
 
+def check_subtask_eos(cfg: Config, text_tok) -> None:
+    """Subtask targets end in the text tokenizer's EOS; inference stops decoding the subtask at
+    model.subtask_eos_id. If they differ, inference would decode past the subtask the actions were
+    trained on (action_conditioning=subtask) and the subtask metrics would never see an end."""
+    if text_tok is None or text_tok.eos_id < 0 or text_tok.eos_id == cfg.model.subtask_eos_id:
+        return
+    raise ConfigError(f"{cfg.train.tokenizer_dir}: the text tokenizer's eos_id is {text_tok.eos_id} but "
+                      f"model.subtask_eos_id={cfg.model.subtask_eos_id}; set model.subtask_eos_id="
+                      f"{text_tok.eos_id}")
+
+
 def default_loader_factory(cfg: Config, rank: int, world_size: int, seed: int | None = None,
                            split: str = "train"):
     from megavla.data.pipeline import build_loader
     text_tok, fast_tok = load_tokenizers(cfg)
+    check_subtask_eos(cfg, text_tok)
     return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split)
 
 
