@@ -16,10 +16,11 @@ import torch
 import torch.distributed as tdist
 
 from megavla.config import Config, to_dict
+from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
-from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb
+from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class Trainer:
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
+        # training batches only (validate() and evaluation see the images as recorded)
+        self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
         self.stop = StopFlag()
         self.peak = peak_flops(dist.device)
         self.clock = StepClock(dist.device)
@@ -166,6 +169,8 @@ class Trainer:
             batch = host_batch.to(self.dist.device, non_blocking=True)
             w["data_wait_s"] += time.perf_counter() - t0
             m1 = self.clock.mark()
+            if self.augment is not None:  # on the device, from the global RNG the checkpoint saves
+                batch = self.augment(batch)
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             m2 = self.clock.mark()
@@ -261,6 +266,15 @@ class Trainer:
         self.engine.train()
         self.window["excluded_s"] += time.perf_counter() - t0
 
+    def _data_counts(self) -> dict[str, float]:
+        """data/skipped_<reason> and data/episodes_read, samples_read: summed over ranks (each rank's
+        reader counts only its own shards), once per log interval (collective)."""
+        skips = getattr(self.loader, "skip_counts", None)
+        read = getattr(self.loader, "read_counts", None)
+        local = {**{f"data/skipped_{k}": float(v) for k, v in (skips() if callable(skips) else {}).items()},
+                 **{f"data/{k}": float(v) for k, v in (read() if callable(read) else {}).items()}}
+        return sum_over_ranks(local, self.dist.device)
+
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
         t = self.tcfg
@@ -284,14 +298,7 @@ class Trainer:
                         metrics.add(self._launch_metrics)
                         self._launch_metrics = {}
                     reduced = metrics.reduce()
-                    skips = getattr(self.loader, "skip_counts", None)
-                    if callable(skips):
-                        skips = skips()
-                    for k, v in (skips or {}).items():      # what was skipped, by reason
-                        reduced[f"data/skipped_{k}"] = float(v)
-                    read = getattr(self.loader, "read_counts", None)
-                    for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
-                        reduced[f"data/{k}"] = float(v)
+                    reduced.update(self._data_counts())
                     metrics.write(self.step, reduced)
                     self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
                     if self.dist.rank == 0 and not t.progress:
