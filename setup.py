@@ -25,6 +25,7 @@ setup(
         "megavla.tokenizers",
         "megavla.train",
         "megavla.eval",
+        "megavla.serving",
         *SUBPACKAGES,
     ],
     package_dir={"megavla": "megavla", **SUBPACKAGES},
@@ -47,6 +48,10 @@ setup(
         "scipy>=1.10",
         "scikit-learn>=1.3",
         "matplotlib>=3.7",
+        # `megavla serve` (openpi's websocket protocol): core, not an extra, so that the command works
+        # on a plain install; both are small dependency-free wheels.
+        "websockets>=13",
+        "msgpack>=1.0",
     ],
     extras_require={
         # triton ships with CUDA torch wheels; on CPU it runs kernels under TRITON_INTERPRET=1.
@@ -55,7 +60,9 @@ setup(
         # `megavla data import` (LeRobot parquet + AV1/H.264 video, EgoDex HDF5). pyarrow >= 22
         # needs numpy >= 2, which openpi-client (numpy < 2) rules out here.
         "import": ["pyarrow>=15,<22", "av>=12", "h5py>=3.8"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "triton>=3.0"],
+        # openpi-client drives `megavla serve` in the tests (the real client); note it pins numpy<2.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "triton>=3.0",
+                 "openpi-client>=0.1.2"],
     },
     entry_points={"console_scripts": ["megavla=megavla.cli:main"]},
 )

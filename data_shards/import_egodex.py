@@ -152,7 +152,7 @@ def convert(locator: tuple[EgoDexOptions, str, int, int]) -> Episode:
     if axes == "auto":
         axes = _detect_axes(camera, world)
     head = camera @ ARKIT_TO_OPENCV if axes == "arkit" else camera
-    cam_from_world = np.linalg.inv(np.where(np.isfinite(head), head, np.eye(4)))
+    cam_from_world = rigid_inverse(np.where(np.isfinite(head), head, np.eye(4)))
     keypoints = np.einsum("tij,thkj->thki", cam_from_world[:, :3, :3], world) + cam_from_world[:, None, None, :3, 3]
     keypoints[~np.isfinite(head).all(axis=(1, 2))] = np.nan
     s = opts.stride
@@ -171,14 +171,22 @@ def convert(locator: tuple[EgoDexOptions, str, int, int]) -> Episode:
 
 def _detect_axes(camera: np.ndarray, world: np.ndarray) -> str:
     """The camera convention under which the tracked wrists lie in front of the camera (z > 0)."""
-    ok = np.isfinite(camera).all(axis=(1, 2))
+    inv = rigid_inverse(np.where(np.isfinite(camera), camera, np.eye(4)))
     wrists = world[:, :, hands.KP["wrist"]]  # [N, 2, 3]
-    depths = []
-    for t in np.flatnonzero(ok):
-        inv = np.linalg.inv(camera[t])
-        for p in wrists[t]:
-            if np.isfinite(p).all():
-                depths.append(float(inv[2, :3] @ p + inv[2, 3]))  # z in the raw camera frame
-    if not depths:
+    depth = np.einsum("tj,thj->th", inv[:, 2, :3], wrists) + inv[:, 2, 3, None]  # raw camera z
+    depth = depth[np.isfinite(camera).all(axis=(1, 2))]
+    depth = depth[np.isfinite(depth)]
+    if not depth.size:
         return "arkit"  # nothing tracked: the episode is skipped later anyway
-    return "opencv" if np.median(depths) > 0 else "arkit"
+    return "opencv" if np.median(depth) > 0 else "arkit"
+
+
+def rigid_inverse(poses: np.ndarray) -> np.ndarray:
+    """[..., 4, 4] rigid transforms -> their inverses [R^T, -R^T t] (no LAPACK call: a worker
+    once spun for 15 min in np.linalg.inv on an oversubscribed machine)."""
+    out = np.zeros_like(poses)
+    rt = np.swapaxes(poses[..., :3, :3], -1, -2)
+    out[..., :3, :3] = rt
+    out[..., :3, 3] = -np.einsum("...ij,...j->...i", rt, poses[..., :3, 3])
+    out[..., 3, 3] = 1.0
+    return out

@@ -78,6 +78,10 @@ def _read_parquet(path: Path, what: str, columns: list[str] | None = None, filte
                           f"{e}); re-download or re-export it") from None
 
 
+# The last row groups read, per process: one entry, so memory stays at one row group per worker.
+_ROW_GROUP_CACHE: dict[tuple, Any] = {}
+
+
 def _episode_rows(path: Path, ep_index: int, what: str):
     """The rows of one episode: only the row groups whose episode_index range covers it are read
     (row-group statistics), then the episode's contiguous rows are sliced out. (A dataset filter
@@ -97,7 +101,11 @@ def _episode_rows(path: Path, ep_index: int, what: str):
             stats = pf.metadata.row_group(g).column(col).statistics
             if stats is None or not stats.has_min_max or stats.min <= ep_index <= stats.max:
                 groups.append(g)
-        table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        key = (str(path), path.stat().st_mtime_ns, tuple(groups))
+        if key not in _ROW_GROUP_CACHE:  # consecutive episodes share a data file and row group
+            _ROW_GROUP_CACHE.clear()
+            _ROW_GROUP_CACHE[key] = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        table = _ROW_GROUP_CACHE[key]
     except SkipEpisode:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a corrupt file

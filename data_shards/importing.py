@@ -126,9 +126,15 @@ def decode_video_frames(path: Path, start_s: float, num_frames: int, fps: float,
 _worker_convert: Callable[[Any], Episode] | None = None
 
 
-def _worker_init(convert: Callable[[Any], Episode]) -> None:
+def _worker_init(convert: Callable[[Any], Episode], limit_threads: bool = False) -> None:
     global _worker_convert
     _worker_convert = convert
+    if limit_threads:
+        # One decoding process per core is the parallelism; BLAS threads inside each worker only
+        # oversubscribe the cores (a worker spun 15 min in a 4x4 np.linalg.inv at load 30).
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
 
 
 def _worker_run(locator: Any) -> Episode | str:
@@ -146,7 +152,11 @@ def _results(convert: Callable[[Any], Episode], locators: list[Any], workers: in
         for loc in locators:
             yield _worker_run(loc)
         return
-    with multiprocessing.get_context().Pool(workers, initializer=_worker_init, initargs=(convert,)) as pool:
+    # forkserver: workers start from a clean process, not a copy of a parent holding decoder
+    # and BLAS thread state (about 1 s of imports per worker).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([convert.__module__])  # imported once, in the server
+    with context.Pool(workers, initializer=_worker_init, initargs=(convert, True)) as pool:
         pending: deque = deque()
         for loc in locators:
             pending.append(pool.apply_async(_worker_run, (loc,)))

@@ -392,3 +392,41 @@ def test_normalizer_refuses_bad_stats_from_a_checkpoint():
     stats["robot/arm"]["state"]["std"][0] = float("inf")
     with pytest.raises(NormStatsError, match=r"robot/arm.state.std is not finite in dims \[0\]"):
         Normalizer(stats)
+
+
+def test_train_refuses_a_bad_set_before_any_process(tmp_path, capsys):
+    """NaN stats once trained to loss nan, exited 0 and saved a checkpoint: now `megavla train`
+    stops at the per-set check, exit 2, nothing written."""
+    from megavla.train.cli import main as train_main
+    d = build(tmp_path, "nan_in_norm_stats")
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    code = train_main([str(config), f"data.sources.robot={d}", f"train.run_dir={tmp_path / 'run'}", "--nproc", "2"])
+    assert code == 2 and "robot/arm.actions.q99 is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_inspect_and_stats_name_a_fifo_shard(tmp_path, caplog):
+    d = build(tmp_path, "fifo_shard")
+    for command in (["inspect", str(d)], ["stats", str(d), "--no-progress"]):
+        out = io.StringIO()
+        with deadline(), contextlib.redirect_stdout(out), caplog.at_level(logging.WARNING):
+            assert data_cli(command) == 1, command
+        assert "not a regular file but a FIFO" in out.getvalue() + caplog.text, command
+
+
+def test_loader_state_with_old_counter_names_resumes(tmp_path):
+    """States saved before the rename hold "episodes"/"samples": restored as *_read, not lost."""
+    cfg = reader_cfg(write(tmp_path / "s"))
+    loader = build_loader(cfg, TinyTextTokenizer())
+    list(itertools.islice(loader, 3))
+    state = loader.state_dict()
+    before = loader.read_counts()
+    for worker in state["workers"]:
+        worker["counters"]["episodes"] = worker["counters"].pop("episodes_read")
+        worker["counters"]["samples"] = worker["counters"].pop("samples_read")
+    restored = build_loader(cfg, TinyTextTokenizer())
+    restored.load_state_dict(state)
+    list(itertools.islice(restored, 1))
+    after = restored.read_counts()
+    assert after["samples_read"] == before["samples_read"] + 4 and after["episodes_read"] >= before["episodes_read"]
+    assert "episodes" not in restored.skip_counts() and "samples" not in restored.skip_counts()

@@ -230,9 +230,6 @@ class Counters:
     def load(self, values: dict[str, int]) -> None:
         self.values = {RENAMED_COUNTERS.get(k, k): int(v) for k, v in values.items()}
 
-    def skips(self) -> dict[str, int]:
-        return {k: v for k, v in self.values.items() if k not in READ_COUNTERS}
-
 
 class ShardCursor:
     """One source's endless episode stream for one (rank, worker), positioned by (draw, offset).

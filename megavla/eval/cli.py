@@ -3,6 +3,8 @@
     megavla experiment diversity --preset mini --out runs/exp/diversity
     megavla experiment objectives --preset mini --out runs/exp/objectives
     megavla experiment probe RUN_OR_CKPT... --out runs/exp/probe --combos 0:0,0:1
+    megavla experiment closed-loop RUN_OR_CKPT --combos 0:0,1:1 --episodes-per-combo 4
+    megavla experiment closed-loop --policy-server ws://127.0.0.1:8000 --combos 0:0,1:1   # megavla serve
 
 Knobs honoured by all three: ``--cameras head`` (wrist cameras off), ``--chunk-length H``,
 ``--human-weight W`` (human : robot mixture weight in co-finetuning; 1 = 50/50), and any dotted
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -183,6 +186,38 @@ def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
     return probe
 
 
+def closed_loop_command(args: argparse.Namespace) -> dict:
+    """Mini-world success of one policy, in process (a checkpoint) or over the wire (``megavla
+    serve`` through the unmodified ``openpi_client``). Same seeds, same noise stream: same result."""
+    from . import closed_loop
+    combos = [c.strip() for c in args.combos.split(",") if c.strip()]
+    if (args.checkpoint is None) == (args.policy_server is None):
+        raise ValueError("give either a checkpoint (in process) or --policy-server ws://HOST:PORT")
+    if args.policy_server:
+        try:
+            from openpi_client.websocket_client_policy import WebsocketClientPolicy
+        except ImportError:
+            raise ValueError("--policy-server needs the openpi client: pip install openpi-client") from None
+        from websockets.exceptions import WebSocketException
+        try:
+            client = WebsocketClientPolicy(args.policy_server, api_key=args.api_key)
+        except (OSError, WebSocketException) as e:  # refused, 401 (API key), not a websocket
+            raise ValueError(f"--policy-server {args.policy_server}: cannot connect: {e}") from None
+        meta = client.get_server_metadata()
+        policy, image_size = closed_loop.ClientPolicy(client, meta, args.execute_k), int(meta["image_size"])
+    else:
+        from .policy import VLAPolicy, load_checkpoint
+        loaded = load_checkpoint(args.checkpoint)
+        policy = VLAPolicy(loaded, execute_k=args.execute_k, num_steps=args.flow_steps, seed=args.noise_seed)
+        image_size = loaded.cfg.data.image_size
+    try:
+        return closed_loop.evaluate(policy, combos, args.episodes_per_combo, image_size=image_size,
+                                    max_steps=args.max_steps, seed=args.seed)
+    finally:
+        if args.policy_server:
+            client._ws.close()  # openpi's client has no close(); leave the server a clean close frame
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megavla.launch.cli import add_launch_flags
     parser = argparse.ArgumentParser(prog="megavla experiment", description=__doc__,
@@ -203,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combos", default="0:0,0:1,1:0,1:1", help="scene:task combos to observe")
     p.add_argument("--episodes-per-combo", type=int, default=2)
     p.add_argument("--steps-per-episode", type=int, default=6)
+    p = sub.add_parser("closed-loop", help="mini-world success of one policy (in process or via megavla serve)")
+    p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or export dir (in process)")
+    p.add_argument("--policy-server", help="ws://HOST:PORT of `megavla serve` (flow steps and noise seed "
+                                           "are the server's --flow-steps / --seed)")
+    p.add_argument("--api-key", default=os.environ.get("MEGAVLA_API_KEY"), help="the server's API key")
+    p.add_argument("--combos", default="0:0", help="scene:task combos, comma-separated")
+    p.add_argument("--episodes-per-combo", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (which start states)")
+    p.add_argument("--noise-seed", type=int, default=0, help="in process: the flow noise seed (= serve --seed)")
+    p.add_argument("--execute-k", type=int, default=5, help="actions executed per predicted chunk")
+    p.add_argument("--flow-steps", type=int, default=10, help="in process: Euler steps (= serve --flow-steps)")
+    p.add_argument("--max-steps", type=int, default=90)
+    p.add_argument("--out", help="write the result (every episode) to this JSON file")
     return parser
 
 
@@ -210,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.experiment == "closed-loop":
+            res = closed_loop_command(args)
+            lo, hi = res["ci95"]
+            print(f"success {res['successes']}/{res['episodes']} = {res['success_rate']:.3f} "
+                  f"[95% CI {lo:.3f}, {hi:.3f}]")
+            for combo, block in res["per_combo"].items():
+                print(f"  {combo}: {block['successes']}/{block['episodes']}")
+            if args.out:
+                report.write_json(res, Path(args.out))
+            return 0
         if args.experiment == "probe":
             probe = probe_command(args, argv)
             for name, p in probe.items():

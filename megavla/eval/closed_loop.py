@@ -1,8 +1,9 @@
 """Closed-loop evaluation in the mini-world: run a policy for M episodes per scene x task combo.
 
 A policy is anything with ``reset(world)`` and ``act(world) -> action [world.action_dim]``
-(:class:`megavla.eval.policy.VLAPolicy` for trained models; :class:`ScriptedPolicy` and
-:class:`HoldPolicy` here as the upper and lower reference points). The world is
+(:class:`megavla.eval.policy.VLAPolicy` for trained models; :class:`ClientPolicy` for a policy behind
+openpi's ``infer(obs)`` contract, e.g. ``megavla serve`` through ``openpi_client``; :class:`ScriptedPolicy`
+and :class:`HoldPolicy` here as the upper and lower reference points). The world is
 ``data_shards.miniworld.MiniWorld``, the one the shard generator records demonstrations in.
 
 Evaluation episodes use world seeds from :data:`EVAL_SEED_BASE` upwards: the generator draws its
@@ -124,6 +125,39 @@ class HoldPolicy:
 
     def act(self, world: MiniWorld) -> np.ndarray:
         return np.zeros(world.action_dim)
+
+
+class ClientPolicy:
+    """Action chunking over an openpi-style policy: ``client.infer(obs) -> {"actions": [H, D]}``.
+
+    ``metadata`` is what the server sent on connect (``get_server_metadata()``) or
+    ``LoadedPolicy.metadata``; its observation schema says which keys carry the world's renders
+    (HWC uint8), its end-effector state and the instruction."""
+
+    def __init__(self, client, metadata: dict, execute_k: int = 5):
+        H = int(metadata["chunk_length"])
+        if not 1 <= execute_k <= H:
+            raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={H}]")
+        self.client, self.schema, self.execute_k = client, metadata["observation_schema"], execute_k
+        self.queue: list[np.ndarray] = []
+        self.queries = 0
+
+    def reset(self, world: MiniWorld) -> None:
+        self.queue = []
+
+    def observation(self, world: MiniWorld) -> dict:
+        images = {key: world.render(cam) for cam, key in self.schema["images"].items() if cam in world.cameras}
+        return {**images, self.schema["state"]: world.ee_state(), self.schema["prompt"]: world.instruction}
+
+    def act(self, world: MiniWorld) -> np.ndarray:
+        if not self.queue:
+            chunk = np.asarray(self.client.infer(self.observation(world))["actions"])
+            if chunk.ndim != 2 or chunk.shape[1] != world.action_dim:
+                raise ValueError(f"policy returned actions of shape {list(chunk.shape)}; the world takes "
+                                 f"[H, {world.action_dim}] ({world.embodiment})")
+            self.queries += 1
+            self.queue = list(chunk[: self.execute_k])
+        return self.queue.pop(0)
 
 
 def run_episode(policy: Policy, scene: int, task: int, seed: int, *, image_size: int,

@@ -19,6 +19,7 @@ and an ``init_from.json`` written here into each run dir (see finetune.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ class EvalSpec:
     # Significance level of the robot+human vs robot comparison (two-sided Fisher exact test,
     # Holm-corrected across the gated levels).
     alpha: float = 0.05
+    # torch CPU threads while evaluating: a tiny model's per-step matmuls are microseconds, and with
+    # more threads than free cores OpenMP spin-waits dominate (measured: one closed-loop episode
+    # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting.
+    cpu_threads: int = 1
 
     def validate(self) -> None:
         if not 0.0 <= self.competence_threshold <= 1.0:
@@ -272,7 +277,7 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
                  tag: str = "targets") -> dict:
     """Closed-loop success + offline error of one finished run on ``combos`` (cached in
     ``eval_<tag>.json``; recomputed when the evaluation settings change)."""
-    from .policy import VLAPolicy, load_checkpoint, resolve_checkpoint_dir
+    from .policy import resolve_checkpoint_dir
     ev = spec.eval
     # The checkpoint is part of the key: a run resumed to more steps is evaluated again.
     # Only settings that change the numbers: a new gate threshold or alpha must not re-run episodes.
@@ -283,6 +288,27 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             return saved
+    with _torch_threads(ev.cpu_threads):
+        result = _evaluate(spec, run_dir, combos, subtask, settings)
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict) -> dict:
+    from .policy import VLAPolicy, load_checkpoint
+    ev = spec.eval
     loaded = load_checkpoint(run_dir)
     image_size = loaded.cfg.data.image_size
     execute_k = min(ev.execute_k, loaded.cfg.data.chunk_length)  # a short chunk (knob H) caps k
@@ -297,5 +323,4 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
                                         cameras=tuple(loaded.cfg.data.cameras))
     result["offline"] = offline.evaluate_offline(loaded, episodes, ev.offline_steps_per_episode, ev.flow_steps,
                                                  subtask=subtask, motion_threshold=ev.motion_threshold)
-    cache.write_text(json.dumps(result, indent=1))
     return result

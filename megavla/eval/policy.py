@@ -135,28 +135,45 @@ def encode_frame(image: np.ndarray) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=JPEG_QUALITY, colorspace="RGB")
 
 
+def frames_episode(embodiment: str, instruction: str, state: np.ndarray, images: dict[str, np.ndarray],
+                   action_dim: int, scene: int = 0, task: int = 0) -> Episode:
+    """One observation (HWC uint8 frames per camera, raw state [S], instruction) as a one-step
+    Episode (actions unknown: zeros). The closed-loop evaluator and the policy server both build
+    their batches through here, so the two see identical inputs."""
+    frames = {cam: [encode_frame(image)] for cam, image in images.items()}
+    return Episode(embodiment=embodiment, scene=scene, task=task, episode=0, instruction=instruction,
+                   subtasks=[Subtask("", 0, 1)], fps=10.0, state=np.asarray(state, np.float32)[None],
+                   actions=np.zeros((1, action_dim), np.float32), action_mask=np.ones(action_dim, bool),
+                   step_valid=np.ones(1, bool), frames=frames)
+
+
 def observation_episode(world: MiniWorld, cameras: list[str]) -> Episode:
-    """The world's current observation as a one-step Episode (actions unknown: zeros)."""
-    state = world.ee_state()[None]
-    frames = {cam: [encode_frame(world.render(cam))] for cam in cameras if cam in world.cameras}
-    return Episode(embodiment=world.embodiment, scene=world.scene, task=world.task, episode=0,
-                   instruction=world.instruction, subtasks=[Subtask("", 0, 1)], fps=10.0,
-                   state=state.astype(np.float32), actions=np.zeros((1, world.action_dim), np.float32),
-                   action_mask=np.ones(world.action_dim, bool), step_valid=np.ones(1, bool), frames=frames)
+    """The world's current observation as a one-step Episode."""
+    images = {cam: world.render(cam) for cam in cameras if cam in world.cameras}
+    return frames_episode(world.embodiment, world.instruction, world.ee_state(), images, world.action_dim,
+                          world.scene, world.task)
+
+
+def episode_sample(loaded: LoadedCheckpoint, ep: Episode, t: int, with_fast: bool = False) -> dict:
+    """One (episode, timestep) as the training pipeline's sample (same cameras, sizes, normalization,
+    tokens)."""
+    d = loaded.cfg.data
+    return build_sample(ep, t, source="eval", where=f"eval:{ep.key}", cameras=list(d.cameras),
+                        image_size=d.image_size, chunk_length=d.chunk_length,
+                        max_state_dim=d.max_state_dim, max_action_dim=d.max_action_dim,
+                        normalizer=loaded.normalizer, text_tokenizer=loaded.text_tokenizer,
+                        fast_tokenizer=loaded.fast_tokenizer if with_fast else None)
+
+
+def collate(loaded: LoadedCheckpoint, samples: list[dict]) -> Batch:
+    pad = loaded.text_tokenizer.pad_id if loaded.text_tokenizer is not None else 0
+    return collate_samples(samples, text_pad_id=int(pad))
 
 
 def episode_batch(loaded: LoadedCheckpoint, episodes_and_steps: list[tuple[Episode, int]],
                   with_fast: bool = False) -> Batch:
     """Batch of (episode, timestep) pairs built exactly as the training pipeline builds it."""
-    d = loaded.cfg.data
-    samples = [build_sample(ep, t, source="eval", where=f"eval:{ep.key}", cameras=list(d.cameras),
-                            image_size=d.image_size, chunk_length=d.chunk_length,
-                            max_state_dim=d.max_state_dim, max_action_dim=d.max_action_dim,
-                            normalizer=loaded.normalizer, text_tokenizer=loaded.text_tokenizer,
-                            fast_tokenizer=loaded.fast_tokenizer if with_fast else None)
-               for ep, t in episodes_and_steps]
-    pad = loaded.text_tokenizer.pad_id if loaded.text_tokenizer is not None else 0
-    return collate_samples(samples, text_pad_id=int(pad))
+    return collate(loaded, [episode_sample(loaded, ep, t, with_fast) for ep, t in episodes_and_steps])
 
 
 class VLAPolicy:

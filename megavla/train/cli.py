@@ -38,6 +38,14 @@ def check_launchable(cfg: Config, nproc: int) -> None:
         raise ConfigError(str(e)) from None
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
+    # The reader's per-set checks (manifest, shard paths, norm stats), before any process starts.
+    from megavla.data_shards.validate import ShardSetError, check_shard_set
+    for field, sources in (("sources", cfg.data.sources), ("val_sources", cfg.data.val_sources)):
+        for name, directory in sources.items():
+            try:
+                check_shard_set(directory, need_stats=cfg.data.normalization != "none")
+            except ShardSetError as e:
+                raise ConfigError(f"data.{field}.{name}: {e}") from None
 
 
 def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None = None,

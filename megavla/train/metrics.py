@@ -115,6 +115,15 @@ class DeviceSums:
         return out
 
 
+def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Per-key sums over ranks (counters such as data/skipped_bad_shard; ranks may hold other keys)."""
+    total: dict[str, float] = defaultdict(float)
+    for part in allgather_json(values, device):
+        for k, v in part.items():
+            total[k] += v
+    return dict(sorted(total.items()))
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, rank: int, device: torch.device, *, total_steps: int, start_step: int,
                  tensorboard: bool = True, progress: bool = True):

@@ -19,7 +19,7 @@ from megavla.config import Config, to_dict
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
-from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb
+from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,15 @@ class Trainer:
         self.engine.train()
         self.window["excluded_s"] += time.perf_counter() - t0
 
+    def _data_counts(self) -> dict[str, float]:
+        """data/skipped_<reason> and data/episodes_read, samples_read: summed over ranks (each rank's
+        reader counts only its own shards), once per log interval (collective)."""
+        skips = getattr(self.loader, "skip_counts", None)
+        read = getattr(self.loader, "read_counts", None)
+        local = {**{f"data/skipped_{k}": float(v) for k, v in (skips() if callable(skips) else {}).items()},
+                 **{f"data/{k}": float(v) for k, v in (read() if callable(read) else {}).items()}}
+        return sum_over_ranks(local, self.dist.device)
+
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
         t = self.tcfg
@@ -268,14 +277,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == stop_at:
                     metrics.add_sums(self._read_window())
                     reduced = metrics.reduce()
-                    skips = getattr(self.loader, "skip_counts", None)
-                    if callable(skips):
-                        skips = skips()
-                    for k, v in (skips or {}).items():      # what was skipped, by reason
-                        reduced[f"data/skipped_{k}"] = float(v)
-                    read = getattr(self.loader, "read_counts", None)
-                    for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
-                        reduced[f"data/{k}"] = float(v)
+                    reduced.update(self._data_counts())
                     metrics.write(self.step, reduced)
                     self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
                     if self.dist.rank == 0 and not t.progress:
