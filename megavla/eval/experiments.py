@@ -36,9 +36,9 @@ from .finetune import write_init
 
 log = logging.getLogger(__name__)
 
-# EvalSpec fields that shape the report, not an evaluation's numbers (left out of the eval cache key).
+# EvalSpec fields that do not change an evaluation's numbers (left out of the eval cache key).
 REPORT_ONLY_EVAL_KEYS = {"min_episodes_per_cell", "seen_reference_combos", "competence_threshold", "alpha",
-                         "probe", "probe_episodes_per_combo", "probe_steps_per_episode"}
+                         "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads"}
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 
 
