@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from megavla.config import Config, to_dict
+from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
@@ -122,6 +123,8 @@ class Trainer:
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
+        # training batches only (validate() and evaluation see the images as recorded)
+        self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
         self.stop = StopFlag()
         self.peak = peak_flops(dist.device)
         self.clock = StepClock(dist.device)
@@ -164,6 +167,8 @@ class Trainer:
             batch = host_batch.to(self.dist.device, non_blocking=True)
             w["data_wait_s"] += time.perf_counter() - t0
             m1 = self.clock.mark()
+            if self.augment is not None:  # on the device, from the global RNG the checkpoint saves
+                batch = self.augment(batch)
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             m2 = self.clock.mark()
