@@ -159,16 +159,24 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
         print(f"submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} run(s); "
               f"status: megavla sweep status {out_dir}")
         return [r.name for r in todo]
+    # Local: array_parallelism runs at a time (default 1: one after the other).
+    width, running = max(1, array_parallelism or 1), []
     for i, (run, d) in enumerate(zip(todo, run_dirs)):
         executor = make_executor(lc, d / rundir.SUBMITIT_DIR, name=run.name)
         job = executor.submit(TrainTask(str(d)), "auto")
         record_submission(d, run.cfg, job)
         log.info("sweep: run %d/%d %s (local job %s)", i + 1, len(todo), run.name, job.job_id)
-        try:
-            job.results()
-        except Exception as e:  # one failed run should not stop the sweep; status shows it
-            log.error("sweep: run %s failed: %s", run.name, str(e).splitlines()[-1] if str(e) else e)
+        running.append((run, job))
+        while len(running) >= width or (i == len(todo) - 1 and running):
+            _wait_local(*running.pop(0))
     return [r.name for r in todo]
+
+
+def _wait_local(run: SweepRun, job) -> None:
+    try:
+        job.results()
+    except Exception as e:  # one failed run should not stop the sweep; status shows it
+        log.error("sweep: run %s failed: %s", run.name, str(e).splitlines()[-1] if str(e) else e)
 
 
 def status_rows(directory: str | Path) -> list[dict]:

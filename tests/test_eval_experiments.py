@@ -67,6 +67,8 @@ def test_diversity_runs_are_what_the_table_says(out, diversity):
         assert (init["checkpoint"] is None) == (level == "0")
     # The robot shard set holds no target combo; the human one only targets.
     manifest = json.loads((out / "data" / "robot" / "manifest.json").read_text())
+    # world.finetune_episodes_per_combo: the finetune combo has more robot episodes than the rest
+    assert manifest["totals"]["episodes"] == 2 + (spec.world.scenes * spec.world.tasks - 2)
     assert "0:0" not in json.dumps(manifest["shards"]) or all("0:0" not in s["combos"] for s in manifest["shards"])
     # Recompute every table number from the runs' own evaluation files.
     for row in diversity["rows"]:
