@@ -120,7 +120,14 @@ def test_cached_subtask_decoding_equals_predict_subtask_and_reencoding():
     assert torch.equal(mask, ref_mask[:, :n]) and not ref_mask[:, n:].any()
     assert torch.equal(ids[mask], ref_ids[:, :n][mask])
     # the cache of the decode loop equals one pass over prefix + [SUBTASK_START, subtask...]
-    ctx2, cache2 = inference.action_context(model, batch, True, (ref_ids, ref_mask))
+    ctx2, cache2, _ = inference.action_context(model, batch, True, (ref_ids, ref_mask))
+    # sample_actions hands back the subtask it conditioned on: the same decode
+    _, (got_ids, got_mask) = model.sample_actions(batch, num_steps=1, return_subtask=True)
+    (want_ids, want_mask), _, _ = inference.decode_subtask_cached(model, batch, model.cfg.subtask_len,
+                                                                  model.cfg.subtask_eos_id)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_mask, want_mask)
+    _, none = make(action_conditioning="instruction")[0].sample_actions(batch, num_steps=1, return_subtask=True)
+    assert none is None
     valid = context.valid
     assert torch.equal(valid.sum(1), ctx2.valid.sum(1))
     k1 = cache[-1][0].transpose(1, 2)[valid]
