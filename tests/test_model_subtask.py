@@ -208,3 +208,16 @@ def test_greedy_fast_decoding_stops_at_fast_end_and_decodes_through_the_tokenize
     ref, ref_mask = model.predict_fast(batch, max_len=12, use_cache=False)
     assert torch.equal(fast, ref) and torch.equal(mask, ref_mask)
     assert model.decode_fast(fast[0], tok, 10, 6).shape == (10, 6)
+
+
+def test_training_refuses_a_tokenizer_whose_eos_is_not_the_models(tmp_path):
+    from megavla.config import Config, ConfigError
+    from megavla.tokenizers import train_text_tokenizer
+    from megavla.train.entry import check_subtask_eos
+    tok = train_text_tokenizer(["pick up the red cube", "open the gripper"] * 10, tmp_path / "t.model", vocab_size=300)
+    cfg = Config()
+    cfg.model.subtask_eos_id = tok.eos_id
+    check_subtask_eos(cfg, tok)  # matching: fine
+    cfg.model.subtask_eos_id = tok.eos_id + 1
+    with pytest.raises(ConfigError, match=f"set model.subtask_eos_id={tok.eos_id}"):
+        check_subtask_eos(cfg, tok)
