@@ -105,6 +105,11 @@ class Coefficients:
 _COEFFICIENTS: dict[str, Coefficients] = {}
 
 
+def _numel(param) -> int:
+    """Full element count, also of a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def _coefficients(cfg_json: str, model: nn.Module | None = None) -> Coefficients:
     if cfg_json in _COEFFICIENTS:
         return _COEFFICIENTS[cfg_json]
@@ -114,9 +119,9 @@ def _coefficients(cfg_json: str, model: nn.Module | None = None) -> Coefficients
     macs = dict(vision=0.0, backbone=0.0, expert=0.0, expert_step=0.0, expert_once=0.0)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            macs["vision"] += module.weight.numel() * patches
+            macs["vision"] += _numel(module.weight) * patches
         elif isinstance(module, nn.Linear):
-            n = module.weight.numel()
+            n = _numel(module.weight)
             if name.startswith(("vision.", "projector")):
                 macs["vision"] += n * patches
             elif name.startswith("expert.stack."):

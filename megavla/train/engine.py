@@ -248,6 +248,28 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
     return config
 
 
+def build_partitioned(model_factory, cfg, micro_batch: int, world_size: int) -> nn.Module:
+    """Build the model under DeepSpeed's zero.Init (ZeRO-3): each module's parameters are partitioned
+    across ranks as soon as the module exists, so no rank ever holds the whole model (peak memory
+    follows the partition, not the model). Weight init that the model applies after construction
+    (VLA.init_module_weights) is re-applied one module at a time with that module's parameters
+    gathered (rank 0's values are kept), so the weights equal an unpartitioned build's."""
+    import deepspeed
+
+    from megavla.model.vla import deferred_weight_init
+    config = ds_config(cfg.train, micro_batch, world_size)
+    with deferred_weight_init(), deepspeed.zero.Init(config_dict_or_path=config):
+        model = model_factory(cfg)
+    init = getattr(model, "init_module_weights", None)
+    if init is not None:
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    init(module)
+    return model
+
+
 def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: DistInfo,
                   load_universal: bool = False):
     """Returns (engine, optimizer, scheduler)."""

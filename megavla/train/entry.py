@@ -26,7 +26,7 @@ import torch.distributed as tdist
 from megavla.config import Config, ConfigError, write_yaml
 
 from . import checkpoint as ckpt
-from .engine import (DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything,
+from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, init_distributed, lr_factor, seed_everything,
                      shutdown_distributed)
 from .metrics import LaunchClock
 from .trainer import EXIT_OK, EXIT_SIGNAL_SAVED, EMA, Trainer  # noqa: F401 (exit codes: the launcher reads them here)
@@ -154,9 +154,12 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
 
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
     seed_everything(cfg.train.seed)
-    model = model_factory(cfg)
+    if cfg.train.zero_stage == 3 and cfg.train.zero3_init:
+        model = build_partitioned(model_factory, cfg, cfg.data.batch_size, dist.world_size)
+    else:
+        model = model_factory(cfg)
     frozen = apply_freeze(model, cfg.train.freeze)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     if dist.rank == 0:
         log.info("model: %.2fM parameters (%.2fM frozen)", n_params / 1e6, frozen / 1e6)
     seed_everything(cfg.train.seed * 1000 + dist.rank)
