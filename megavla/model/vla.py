@@ -292,12 +292,14 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------ inference / probes
     @torch.no_grad()
     def sample_actions(self, batch: Batch, num_steps: int = 10, noise: torch.Tensor | None = None,
-                       use_cache: bool = True, subtask: tuple[torch.Tensor, torch.Tensor] | None = None
-                       ) -> torch.Tensor:
+                       use_cache: bool = True, subtask: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       return_subtask: bool = False):
         """Euler-integrate the expert's velocity from t=1 (noise) to t=0 -> actions [B, H, A] fp32.
         With action_conditioning=subtask the subtask is decoded first (greedy, up to
-        model.subtask_len tokens or model.subtask_eos_id), unless ``subtask`` = (ids, mask) is given."""
-        return inference.sample_actions(self, batch, num_steps, noise, use_cache, subtask)
+        model.subtask_len tokens or model.subtask_eos_id), unless ``subtask`` = (ids, mask) is given.
+        ``return_subtask``: -> (actions, (text ids [B, n], valid [B, n]) the actions were conditioned
+        on, None with action_conditioning=instruction), so callers need not decode it twice."""
+        return inference.sample_actions(self, batch, num_steps, noise, use_cache, subtask, return_subtask)
 
     @torch.no_grad()
     def predict_subtask(self, batch: Batch, max_len: int = 16, eos_id: int | None = None,

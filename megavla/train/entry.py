@@ -23,11 +23,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as tdist
 
-from megavla.config import Config, write_yaml
+from megavla.config import Config, ConfigError, write_yaml
 
 from . import checkpoint as ckpt
 from .engine import (DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything,
                      shutdown_distributed)
+from .metrics import LaunchClock
 from .trainer import EXIT_OK, EXIT_SIGNAL_SAVED, EMA, Trainer  # noqa: F401 (exit codes: the launcher reads them here)
 
 log = logging.getLogger("megavla.train.entry")   # also when run as __main__
@@ -48,10 +49,22 @@ def load_tokenizers(cfg: Config):
     return load(cfg.train.tokenizer_dir)
 
 
+def check_subtask_eos(cfg: Config, text_tok) -> None:
+    """Subtask targets end in the text tokenizer's EOS; inference stops decoding the subtask at
+    model.subtask_eos_id. If they differ, inference would decode past the subtask the actions were
+    trained on (action_conditioning=subtask) and the subtask metrics would never see an end."""
+    if text_tok is None or text_tok.eos_id < 0 or text_tok.eos_id == cfg.model.subtask_eos_id:
+        return
+    raise ConfigError(f"{cfg.train.tokenizer_dir}: the text tokenizer's eos_id is {text_tok.eos_id} but "
+                      f"model.subtask_eos_id={cfg.model.subtask_eos_id}; set model.subtask_eos_id="
+                      f"{text_tok.eos_id}")
+
+
 def default_loader_factory(cfg: Config, rank: int, world_size: int, seed: int | None = None,
                            split: str = "train"):
     from megavla.data.pipeline import build_loader
     text_tok, fast_tok = load_tokenizers(cfg)
+    check_subtask_eos(cfg, text_tok)
     return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split)
 
 
@@ -94,8 +107,9 @@ def batch_accounting(model: torch.nn.Module):
     from megavla.model.vla import VLA
     if not isinstance(model, VLA):
         return None
-    from megavla.model.flops import batch_flops, batch_tokens
+    from megavla.model.flops import batch_flops, batch_tokens, coefficients
     mcfg = model.cfg
+    coefficients(mcfg, model)   # from the full-size model, before ZeRO-3 partitions its parameters
     return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
 
 
@@ -111,6 +125,8 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
     """Train on this process's rank. `resume`: None (fresh), "auto" (newest complete checkpoint in
     the run dir, fresh if none), or a checkpoint path. The factories replace the real model /
     loader (tests use toy ones); they receive the resolved Config."""
+    launch = LaunchClock()
+    launch.mark("imports")
     model_factory = model_factory or default_model_factory
     loader_factory = loader_factory or default_loader_factory
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
@@ -120,6 +136,7 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) // local) - (1 if local == 1 else 0)))
     dist = init_distributed(cfg.train.dist_backend)
     _setup_logging(dist.rank)
+    launch.mark("process_group")
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if dist.rank == 0:
@@ -128,6 +145,12 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
         _write_norm_stats(cfg, run_dir / "norm_stats.json")
     resume_path = ckpt.resolve_resume(resume, ckpt_dir)
     saved = ckpt.read_trainer_state(resume_path) if resume_path else None
+    if saved is not None and int(saved["step"]) >= cfg.train.steps:
+        # Every rank reads the same trainer_state.json, so all return here together.
+        if dist.rank == 0:
+            log.info("%s is at step %d >= train.steps=%d: nothing to train (no model, engine or loader built)",
+                     resume_path, int(saved["step"]), cfg.train.steps)
+        return EXIT_OK
 
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
     seed_everything(cfg.train.seed)
@@ -137,6 +160,8 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
     if dist.rank == 0:
         log.info("model: %.2fM parameters (%.2fM frozen)", n_params / 1e6, frozen / 1e6)
     seed_everything(cfg.train.seed * 1000 + dist.rank)
+    accounting = batch_accounting(model)
+    launch.mark("model")
 
     layout_changed = bool(saved) and (saved["world_size"] != dist.world_size
                                       or saved["zero_stage"] != cfg.train.zero_stage)
@@ -170,10 +195,12 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
                      " (world size / ZeRO stage changed: universal checkpoint, loader reseeded)"
                      if layout_changed else "")
 
+    launch.mark("engine")
     loader_seed = None if (loader_state is not None or not resume_path) else cfg.data.seed + start_step
     loader = loader_factory(cfg, dist.rank, dist.world_size, loader_seed, "train")
     if loader_state is not None:
         loader.load_state_dict(loader_state)
+    launch.mark("loader")
     val_factory = None
     if cfg.train.val_every and cfg.data.val_sources:
         val_factory = lambda: loader_factory(cfg, dist.rank, dist.world_size, cfg.data.seed, "val")  # noqa: E731
@@ -189,9 +216,10 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
     if cfg.train.tokenizer_dir:
         extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
     trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
-                      batch_accounting=batch_accounting(model),
+                      batch_accounting=accounting,
                       tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
-                      val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version())
+                      val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version(),
+                      launch=launch)
     code = trainer.fit()
     if dist.rank == 0:
         log.info("done at step %d: tensorboard logs in %s, checkpoints in %s", trainer.step,

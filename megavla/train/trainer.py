@@ -20,7 +20,7 @@ from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
-from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
+from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Trainer:
                  start_step: int = 0, batch_accounting: BatchAccounting | None = None, tokens_per_image: int = 0,
                  val_loader_factory: Callable[[], Iterable] | None = None,
                  ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
-                 code_version: str = "unknown"):
+                 code_version: str = "unknown", launch: LaunchClock | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
         self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -130,7 +130,9 @@ class Trainer:
         self.clock = StepClock(dist.device)
         self.losses: list[tuple[int, float]] = []   # (step, total loss averaged over ranks) for callers
         self.last_loss: torch.Tensor | None = None   # detached, on the device: reading it syncs
+        self.launch = launch   # marked after the first step, reported in the first metrics record
         self._iter = iter(loader)
+        self._launch_metrics: dict[str, float] = {}
         self._new_window(time.perf_counter())
 
     def _new_window(self, now: float) -> None:
@@ -187,6 +189,15 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             self.sums.add("optim/grad_norm", grad_norm)
+
+    def _mark_first_step(self) -> None:
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)   # once: the first step's true end
+        self.launch.mark("first_step")
+        self._launch_metrics = self.launch.metrics()
+        if self.dist.rank == 0:
+            log.info("launch: %s", self.launch.summary())
+        self.launch = None
 
     def _read_window(self) -> dict[str, list[float]]:
         """This rank's {key: [sum, count]} since the last read (the one host sync), then a new window.
@@ -278,9 +289,14 @@ class Trainer:
             self._new_window(time.perf_counter())
             while self.step < stop_at:
                 self.train_step()
+                if self.launch is not None:
+                    self._mark_first_step()
                 metrics.advance()
                 if self.step % t.log_every == 0 or self.step == stop_at:
                     metrics.add_sums(self._read_window())
+                    if self._launch_metrics:
+                        metrics.add(self._launch_metrics)
+                        self._launch_metrics = {}
                     reduced = metrics.reduce()
                     reduced.update(self._data_counts())
                     metrics.write(self.step, reduced)
