@@ -26,7 +26,8 @@ worker, index), with no hidden RNG state:
    tar, a missing shard file or one that is not a regular file (``bad_shard``: the rest of that shard
    is skipped, counted once per epoch by the slot that owns it), a missing member, wrong shape,
    NaN/inf, a value normalized beyond ``data.max_abs_normalized``, no valid step, a tokenizer error
-   (``bad_sample``), a key repeated in its shard (``duplicate_episode``), an undecodable frame
+   (``bad_sample``), a key repeated in its shard or held by an earlier shard too (``duplicate_episode``:
+   episode_keys.json shows the latter at start, so every rank skips the same later copies), an undecodable frame
    (``bad_image``) -- is logged with shard and key and counted, or raises :class:`DataError` when
    ``data.on_bad_sample = "fail"``. ``skip_counts()`` has the skips by reason, ``read_counts()``
    ``episodes_read`` / ``samples_read``; collate_samples asserts every state/action is finite.
@@ -291,7 +292,8 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
     weights = {name: 1.0 for name in sources} if val else data_cfg.resolved_mixture()
     # Per-set checks shared with `megavla data verify`: a refused set stops here, before any work.
     need_stats = data_cfg.normalization != "none" and norm_stats is None
-    checked = {name: read_manifest(d, need_stats=need_stats) for name, d in sources.items() if weights[name] > 0}
+    checked = {name: read_manifest(d, need_stats=need_stats, on_bad=data_cfg.on_bad_sample)
+               for name, d in sources.items() if weights[name] > 0}
     manifests = {name: shards for name, (shards, _) in checked.items()}
     universe = {c for shards in manifests.values() for s in shards for c in s.combos}
     fraction = 1.0 if val else data_cfg.diversity_fraction
