@@ -2,7 +2,7 @@
 
 ``megavla.load_policy(path)`` returns a :class:`LoadedPolicy`; ``megavla serve`` puts the same object
 behind a websocket. Both parse the observation with the schema (megavla/serving/schema.py), build the
-batch with the training pipeline's code (``eval.policy.frames_episode`` + ``episode_batch``) and
+batch with the training pipeline's code (``eval.policy.frames_episode`` + ``episode_sample``) and
 sample through the KV-cached ``VLA.sample_actions``; actions come back unnormalized, native dims only.
 
 Noise: each caller owns a ``torch.Generator`` (the in-process policy one, the server one per
