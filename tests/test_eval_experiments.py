@@ -39,6 +39,7 @@ def test_diversity_report_structure(out, diversity):
     for row in diversity["rows"]:
         assert set(row["baselines"]) == {"zero", "repeat_previous", "mean_action", "mean_action_train"}
         assert row["gate"] in ("pass", "fail") and 0.0 <= row["comparison"]["p_value"] <= 1.0
+        assert row["paired"] is not None  # both conditions ran the same start states
         seen = diversity["evaluations"][str(row["diversity"])]["seen"]["closed_loop"]
         assert row["seen_success"] == seen["success_rate"] and seen["per_combo"].keys() == {"0:1"}
         if row["gate"] == "fail":  # a toy policy is not competent: no verdict for that level

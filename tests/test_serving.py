@@ -292,6 +292,13 @@ def test_load_policy_and_serve_errors_name_the_problem(export, tmp_path, capsys)
 
 
 def test_subtask_text_and_bf16_weights(export):
+    # The returned subtask is the one the actions were conditioned on (model.action_conditioning):
+    # decoding it up front and passing it in gives the actions sample_actions decodes for itself.
+    with_text = megavla.load_policy(export, subtask=True, flow_steps=2)
+    assert with_text.model.actions_read_subtask
+    np.testing.assert_allclose(with_text.infer(observation())["actions"],
+                               megavla.load_policy(export, flow_steps=2).infer(observation())["actions"],
+                               rtol=0, atol=1e-6)
     policy = megavla.load_policy(export, subtask=True, flow_steps=2, dtype="bf16")
     out = policy.infer(observation())
     assert isinstance(out["subtask"], str) and out["actions"].shape == (10, 7)

@@ -118,9 +118,17 @@ class LoadedPolicy:
         batch = collate(self.loaded, samples).to(self.device)
         noise = torch.cat([requests[i].noise for i in kept]).to(self.device)
         prepared = time.perf_counter()
-        chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise).float()
-        texts = self._subtasks(batch) if self.subtask else None
-        chunks = chunks.cpu()
+        texts, subtask = None, None
+        if self.subtask:
+            # Decode once and, when the actions read the subtask (model.action_conditioning=subtask),
+            # condition them on exactly the text returned with them.
+            mcfg = self.loaded.cfg.model
+            subtask = self.model.predict_subtask(batch, max_len=mcfg.subtask_len, eos_id=mcfg.subtask_eos_id)
+            texts = self._decode(*subtask)
+            if not self.model.actions_read_subtask:
+                subtask = None
+        chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise, subtask=subtask)
+        chunks = chunks.float().cpu()
         if self.loaded.normalizer is not None:
             chunks = self.loaded.normalizer.unnormalize(chunks, s.schema.embodiment, "actions")
         actions = chunks[:, :, : s.action_dim].numpy()
@@ -134,10 +142,8 @@ class LoadedPolicy:
             results[i] = out
         return results
 
-    def _subtasks(self, batch) -> list[str]:
+    def _decode(self, ids, valid) -> list[str]:
         tok = self.loaded.text_tokenizer
-        ids, valid = self.model.predict_subtask(batch, max_len=self.loaded.cfg.model.subtask_len,
-                                                eos_id=tok.eos_id)
         return [tok.decode([int(i) for i, v in zip(row, m) if v]) for row, m in zip(ids.tolist(), valid.tolist())]
 
 
