@@ -5,12 +5,12 @@ One server subprocess (`python -m megavla.cli serve`, port from the OS, 127.0.0.
 random export serves the whole module; its log (stderr) is checked for the one-line-per-error rule.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import msgpack
 import numpy as np
@@ -214,6 +214,9 @@ def test_api_key_missing_or_wrong_is_refused(server, client):
             client(api_key=key)
     log = server["log"].read_text()
     assert "connection refused: no API key" in log and "connection refused: wrong API key" in log
+    # The health check needs no key and opens no websocket (what a supervisor or load balancer polls).
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/healthz", timeout=30) as reply:
+        assert reply.status == 200 and reply.read() == b"OK\n"
 
 
 def test_oversized_message_closes_only_that_connection(server, client):
