@@ -295,8 +295,7 @@ def test_load_policy_and_serve_errors_name_the_problem(export, tmp_path, capsys)
 
 
 def test_subtask_text_and_bf16_weights(export):
-    # The returned subtask is the one the actions were conditioned on (model.action_conditioning):
-    # decoding it up front and passing it in gives the actions sample_actions decodes for itself.
+    # Asking for the subtask text does not change the actions (it is the one they were conditioned on).
     with_text = megavla.load_policy(export, subtask=True, flow_steps=2)
     assert with_text.model.actions_read_subtask
     np.testing.assert_allclose(with_text.infer(observation())["actions"],

@@ -118,16 +118,17 @@ class LoadedPolicy:
         batch = collate(self.loaded, samples).to(self.device)
         noise = torch.cat([requests[i].noise for i in kept]).to(self.device)
         prepared = time.perf_counter()
-        texts, subtask = None, None
-        if self.subtask:
-            # Decode once and, when the actions read the subtask (model.action_conditioning=subtask),
-            # condition them on exactly the text returned with them.
-            mcfg = self.loaded.cfg.model
-            subtask = self.model.predict_subtask(batch, max_len=mcfg.subtask_len, eos_id=mcfg.subtask_eos_id)
+        texts, mcfg = None, self.loaded.cfg.model
+        if self.subtask and self.model.actions_read_subtask:
+            # The text returned is the one the actions were conditioned on (action_conditioning=subtask).
+            chunks, subtask = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise,
+                                                        return_subtask=True)
             texts = self._decode(*subtask)
-            if not self.model.actions_read_subtask:
-                subtask = None
-        chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise, subtask=subtask)
+        else:
+            chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise)
+            if self.subtask:
+                texts = self._decode(*self.model.predict_subtask(batch, max_len=mcfg.subtask_len,
+                                                                 eos_id=mcfg.subtask_eos_id))
         chunks = chunks.float().cpu()
         if self.loaded.normalizer is not None:
             chunks = self.loaded.normalizer.unnormalize(chunks, s.schema.embodiment, "actions")
