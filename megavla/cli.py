@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("megavla.launch.cli", "launch a training run locally or on SLURM (submitit)"),
     "sweep": ("megavla.launch.sweep", "expand a sweep grid into runs; `sweep status DIR`, `sweep report DIR`"),
     "serve": ("megavla.serving.cli", "serve a trained policy to openpi clients (websocket, batched)"),
-    "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives"),
+    "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives; closed-loop (one policy, local or served)"),
     "demo": ("megavla.demo", "the README's main job: synth -> train (2 procs) -> resume"),
 }
 
