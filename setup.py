@@ -12,6 +12,10 @@ SUBPACKAGES = {
     "megavla.data_shards": "data_shards",
 }
 
+# `megavla data import` (LeRobot parquet + AV1/H.264 video, EgoDex HDF5). pyarrow >= 22 needs
+# numpy >= 2, which openpi-client (numpy < 2, a test dependency) rules out.
+IMPORT_DEPS = ["pyarrow>=15,<22", "av>=12", "h5py>=3.8"]
+
 setup(
     name="megavla",
     version="0.1.0",
@@ -57,12 +61,10 @@ setup(
         # triton ships with CUDA torch wheels; on CPU it runs kernels under TRITON_INTERPRET=1.
         "triton": ["triton>=3.0"],
         "gpu": ["flash-attn>=2.6", "triton>=3.0"],
-        # `megavla data import` (LeRobot parquet + AV1/H.264 video, EgoDex HDF5). pyarrow >= 22
-        # needs numpy >= 2, which openpi-client (numpy < 2) rules out here.
-        "import": ["pyarrow>=15,<22", "av>=12", "h5py>=3.8"],
+        "import": IMPORT_DEPS,
         # openpi-client drives `megavla serve` in the tests (the real client); note it pins numpy<2.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "triton>=3.0",
-                 "openpi-client>=0.1.2"],
+                 "openpi-client>=0.1.2", *IMPORT_DEPS],  # the import tests run in CI, not skip
     },
     entry_points={"console_scripts": ["megavla=megavla.cli:main"]},
 )

@@ -1,6 +1,7 @@
 """Import throughput: frames/s per core of `megavla data import` on the test fixtures scaled up.
 
     python benchmarks/import_throughput.py [--episodes 12] [--steps 100] [--size 224] [--workers 1 2]
+    python benchmarks/import_throughput.py --rss 4 16 [--size 64]   # peak RSS vs dataset size
 
 LeRobot: the committed fixture (tests/fixtures/lerobot_v30_tiny, written by lerobot 0.4.4) scaled
 to ``--episodes`` x ``--steps`` frames with the same v3.0 schema (its parquet schemas are reused),
@@ -120,14 +121,48 @@ def timed_import(kind: str, src: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - start
 
 
+RSS_SCRIPT = """
+import resource, sys
+from megavla.cli import setup_logging
+from megavla.data.cli import main
+setup_logging(30)
+code = main(sys.argv[1:])
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def peak_rss_mb(kind: str, src: Path, out: Path) -> float:
+    """Peak RSS of a fresh 1-worker import process (streaming: must not grow with the dataset)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "import", kind, str(src), "--out", str(out),
+                           "--no-progress", "--workers", "1"], capture_output=True, text=True, check=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("MAXRSS_KB")][-1]
+    return int(line.split()[1]) / 1024
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=12)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--size", type=int, default=224, help="source video resolution (square)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rss", type=int, nargs="+", default=None,
+                        help="instead: peak RSS of 1-worker imports of these episode counts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.rss:
+        print(f"peak RSS of `megavla data import` (1 worker), {args.steps} steps/episode, {args.size} px")
+        print("| source | episodes | frames | peak RSS MB |\n|---|---|---|---|")
+        with tempfile.TemporaryDirectory(prefix="import_rss_") as tmp:
+            for kind, make in (("lerobot", scaled_lerobot), ("egodex", scaled_egodex)):
+                for n in args.rss:
+                    src = Path(tmp) / f"{kind}_{n}"
+                    src.mkdir()
+                    frames = make(src, n, args.steps, args.size)
+                    print(f"| {kind} | {n} | {frames} | {peak_rss_mb(kind, src, Path(tmp) / f'out_{kind}_{n}'):.0f} |")
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="import_bench_") as tmp:
         tmp = Path(tmp)

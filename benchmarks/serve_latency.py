@@ -2,7 +2,7 @@
 
     python benchmarks/serve_latency.py [--preset tiny] [--clients 1 2 4 8] [--requests 30]
     python benchmarks/serve_latency.py --preset small --image-size 224 --clients 1 2 4 --requests 6
-    python benchmarks/serve_latency.py --preset pi05-3b --image-size 224 --device cuda   # on a GPU
+    python benchmarks/serve_latency.py --preset pi05-3b --device cuda --dtype bf16   # on a GPU
 
 Real code path end to end: a random-weight export (megavla.serving.random_export, so the numbers
 are those of the architecture, not of a trained model), `python -m megavla.cli serve` in its own
@@ -31,6 +31,7 @@ import numpy as np
 
 def start_server(export: Path, args) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "megavla.cli", "serve", str(export), "--port", "0", "--device", args.device,
+           "--dtype", args.dtype,
            "--flow-steps", str(args.flow_steps), "--max-batch", str(max(args.clients)),
            "--batch-wait-ms", str(args.batch_wait_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -91,6 +92,7 @@ def main() -> None:
     p.add_argument("--flow-steps", type=int, default=10)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     import torch
     from megavla.serving.random_export import write_random_export
@@ -107,7 +109,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     print(f"Device: **{device}**, preset {args.preset}, image {size} px x 3 cameras, {args.flow_steps} flow "
-          f"steps, fp32, --batch-wait-ms {args.batch_wait_ms:g}, torch {torch.__version__}\n")
+          f"steps, {args.dtype}, --batch-wait-ms {args.batch_wait_ms:g}, torch {torch.__version__}\n")
     print("| clients | timed requests | batch size mean (max) | round trip p50 ms | p90 ms | p99 ms | "
           "server inference p50 ms | requests/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

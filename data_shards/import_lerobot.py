@@ -1,4 +1,4 @@
-"""LeRobot dataset (format v3.0) -> MegaVLA episodes. Read with pyarrow + PyAV; lerobot not needed.
+"""LeRobot dataset (format v3.0, also v2.x) -> MegaVLA episodes. Read with pyarrow + PyAV; no lerobot.
 
 The v3.0 layout (lerobot.datasets.utils / lerobot_dataset.py, codebase_version "v3.0")::
 
@@ -14,7 +14,10 @@ The v3.0 layout (lerobot.datasets.utils / lerobot_dataset.py, codebase_version "
     videos/<key>/chunk-XXX/file-YYY.mp4  many episodes per file (AV1 by default); episode e
                                     starts at its from_timestamp
 
-Datasets of format v2.x are refused with the lerobot command that converts them to v3.0.
+Format v2.x (v2.0 / v2.1) is read too: ``meta/tasks.jsonl`` ({task_index, task} per line),
+``meta/episodes.jsonl`` ({episode_index, tasks, length}), one data file and one video per episode
+at the ``data_path`` / ``video_path`` templates of info.json (``episode_chunk`` = index //
+``chunks_size``), each video starting at 0. Other versions are refused.
 
 Action spaces (``action_space``):
 
@@ -47,8 +50,8 @@ from .importing import ImportRefused, SkipEpisode, SourceEpisode, decode_video_f
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("v3.0",)
-CONVERT_HINT = ("convert it with lerobot: `python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
+SUPPORTED_VERSIONS = ("v3.0", "v2.1", "v2.0")
+CONVERT_HINT = ("or convert it with lerobot: `python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
                 "--repo-id=<id>` (in an environment with lerobot installed)")
 
 
@@ -140,7 +143,22 @@ def load_info(root: Path) -> dict[str, Any]:
     return info
 
 
-def load_tasks(root: Path) -> dict[int, str]:
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ImportRefused(f"{path}: missing (a v2.x LeRobot dataset lists its tasks and episodes there)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise ImportRefused(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def load_tasks(root: Path, info: dict[str, Any]) -> dict[int, str]:
+    if info["codebase_version"] != "v3.0":
+        return {int(r["task_index"]): str(r["task"]) for r in _jsonl(root / "meta" / "tasks.jsonl")}
     path = root / "meta" / "tasks.parquet"
     try:
         table = _read_parquet(path, "meta/tasks.parquet")
@@ -157,7 +175,34 @@ def load_tasks(root: Path) -> dict[int, str]:
                                             table.column(text_col).to_pylist())}
 
 
-def list_episodes(root: Path, info: dict[str, Any]) -> list[dict[str, Any]]:
+def list_episodes(root: Path, info: dict[str, Any], video_keys: list[str]) -> list[dict[str, Any]]:
+    """Per episode: episode_index, length, the data file and (video file, start s) per video key."""
+    if info["codebase_version"] != "v3.0":
+        chunk = int(info.get("chunks_size") or 1000)
+        episodes = []
+        for row in sorted(_jsonl(root / "meta" / "episodes.jsonl"), key=lambda r: r["episode_index"]):
+            where = dict(episode_index=row["episode_index"], episode_chunk=row["episode_index"] // chunk)
+            episodes.append({"episode_index": row["episode_index"], "length": row["length"],
+                             "data": info["data_path"].format(**where),
+                             "videos": {k: (info["video_path"].format(video_key=k, **where), 0.0)
+                                        for k in video_keys}})
+        return episodes
+    try:
+        return _v3_locations(root, info, video_keys)
+    except KeyError as e:
+        raise ImportRefused(f"{root / 'meta/episodes'}: episode rows lack field {e}") from None
+
+
+def _v3_locations(root: Path, info: dict[str, Any], video_keys: list[str]) -> list[dict[str, Any]]:
+    return [{"episode_index": r["episode_index"], "length": r["length"],
+             "data": info["data_path"].format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]),
+             "videos": {k: (info["video_path"].format(video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
+                                                       file_index=r[f"videos/{k}/file_index"]),
+                            float(r[f"videos/{k}/from_timestamp"])) for k in video_keys}}
+            for r in _episode_index_rows(root)]
+
+
+def _episode_index_rows(root: Path) -> list[dict[str, Any]]:
     """Episode rows (without stats columns) from every meta/episodes parquet file, by index."""
     files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not files:
@@ -240,12 +285,10 @@ def plan(root: str, cameras: dict[str, str] | None, state_key: str, action_key: 
                           stride=output_stride(float(info["fps"]), fps, str(path)),
                           image_size=image_size, scene=scene,
                           dims={"state": _width(features[state_key]), "actions": _width(features[action_key])})
-    tasks = load_tasks(path)
+    tasks = load_tasks(path, info)
     episodes = []
-    for row in list_episodes(path, info):
-        row = {k: v for k, v in row.items() if k != "tasks"}
-        row["_info"] = {"data_path": info["data_path"], "video_path": info.get("video_path")}
-        row["_tasks"] = tasks
+    for row in list_episodes(path, info, sorted(set(cams.values()))):
+        row["tasks"] = tasks
         episodes.append(SourceEpisode(f"episode {row['episode_index']}", (opts, row)))
     return opts, episodes
 
@@ -255,8 +298,7 @@ def convert(locator: tuple[LeRobotOptions, dict[str, Any]]) -> Episode:
     opts, row = locator
     root, ep_index, length = Path(opts.root), int(row["episode_index"]), int(row["length"])
     what = f"episode {ep_index}"
-    data_rel = row["_info"]["data_path"].format(chunk_index=row["data/chunk_index"],
-                                                file_index=row["data/file_index"])
+    data_rel = row["data"]
     columns = [opts.state_key, opts.action_key, "frame_index", "task_index"]
     table = _episode_rows(root / data_rel, ep_index, what)
     absent = [c for c in columns if c not in table.column_names]
@@ -283,18 +325,16 @@ def convert(locator: tuple[LeRobotOptions, dict[str, Any]]) -> Episode:
                               f"{int((~np.isfinite(arr)).sum())} NaN/inf values")
         arrays[role] = arr
     task_index = int(table.column("task_index")[0].as_py())
-    if task_index not in row["_tasks"]:
-        raise SkipEpisode(f"{what}: task_index {task_index} has no task in meta/tasks.parquet "
-                          f"(known: {sorted(row['_tasks'])})")
+    if task_index not in row["tasks"]:
+        raise SkipEpisode(f"{what}: task_index {task_index} has no task in meta/tasks "
+                          f"(known: {sorted(row['tasks'])})")
     frames = {}
     steps = arrays["actions"].shape[0]
     for cam, key in opts.cameras.items():
-        rel = row["_info"]["video_path"].format(video_key=key, chunk_index=row[f"videos/{key}/chunk_index"],
-                                                file_index=row[f"videos/{key}/file_index"])
-        frames[cam] = decode_video_frames(root / rel, float(row[f"videos/{key}/from_timestamp"]),
-                                          steps, opts.fps, opts.image_size, f"{what} camera {key}",
+        rel, start = row["videos"][key]
+        frames[cam] = decode_video_frames(root / rel, start, steps, opts.fps, opts.image_size, f"{what} camera {key}",
                                           stride=opts.stride)
-    instruction = row["_tasks"][task_index]
+    instruction = row["tasks"][task_index]
     common = dict(scene=opts.scene, task=task_index, episode=ep_index, instruction=instruction,
                   subtasks=[Subtask(instruction, 0, steps)], fps=opts.fps / opts.stride, frames=frames,
                   step_valid=np.ones(steps, bool), joint_actions=arrays["actions"],

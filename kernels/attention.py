@@ -2,11 +2,20 @@
 
 Every token carries three attributes: an autoregressive level ``ar``, a ``kind`` and ``valid``.
 Query i sees key j iff q_valid[i] & k_valid[j] & k_ar[j] <= q_ar[i]
-& not (q_kind[i] == EXPERT and k_kind[j] == LM_SUFFIX). Kinds:
-PREFIX (images, text, state; one shared ar -> bidirectional), LM_SUFFIX (subtask + FAST tokens; ar
-increments per token -> causal), EXPERT (action tokens; one ar above every LM_SUFFIX token ->
-bidirectional among themselves, blind to LM_SUFFIX tokens). All backends compute the same function;
-query rows that see no key output zeros (never NaN), and their gradients are zero.
+& not (q_kind[i] in EXPERT_KINDS and k_kind[j] == LM_SUFFIX). Kinds, in sequence order:
+
+* PREFIX (images, text, discrete state): one shared ar -> bidirectional.
+* SUBTASK (the subtask segment when actions are conditioned on it): ar increments per token ->
+  causal; the expert rows see it.
+* LM_SUFFIX (FAST tokens; the subtask too when actions are not conditioned on it): causal; the
+  expert rows never see it (the KI paper: actions must not read the discretized actions).
+* EXPERT_STATE (pi0's continuous state token): its own block (openpi ``ar_mask=True`` on the state),
+  so it does not see the noisy actions.
+* EXPERT (action tokens): one block above everything else -> bidirectional among themselves.
+
+This is openpi's ``make_attn_mask`` (cumulative ar, ``k_ar <= q_ar``) plus the one exception the
+KI paper adds (actions blind to FAST tokens). All backends compute the same function; query rows
+that see no key output zeros (never NaN), and their gradients are zero.
 """
 from __future__ import annotations
 
@@ -18,7 +27,9 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-PREFIX, LM_SUFFIX, EXPERT = 0, 1, 2
+PREFIX, SUBTASK, LM_SUFFIX, EXPERT_STATE, EXPERT = 0, 1, 2, 3, 4
+CAUSAL_KINDS = (SUBTASK, LM_SUFFIX)       # ar steps at every token
+EXPERT_KINDS = (EXPERT_STATE, EXPERT)     # expert-stream queries: blind to LM_SUFFIX keys
 ATTENTION_IMPLS = ("auto", "flash", "flex", "sdpa", "eager")
 
 try:  # optional: only with a CUDA build of flash-attn
@@ -46,7 +57,7 @@ class AttentionLayout:
     k_ar: torch.Tensor
     k_kind: torch.Tensor
     k_valid: torch.Tensor
-    # True when built by `from_kinds` (kinds sorted PREFIX < LM_SUFFIX < EXPERT along the sequence,
+    # True when built by `from_kinds` (kinds non-decreasing along the sequence,
     # ar derived from kinds, queries = the last L keys): the flash backend can then decompose the mask.
     canonical: bool = False
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -63,17 +74,20 @@ class AttentionLayout:
 
     @classmethod
     def from_kinds(cls, kind: torch.Tensor, valid: torch.Tensor, num_queries: int | None = None) -> "AttentionLayout":
-        """Layout for a sequence [B, N] ordered PREFIX..., LM_SUFFIX..., EXPERT... (padding tokens keep
-        their segment's kind and have valid=False). Queries are all N tokens, or with a KV cache the
-        last `num_queries` tokens while the keys are all N."""
+        """Layout for a sequence [B, N] ordered PREFIX..., SUBTASK..., LM_SUFFIX..., EXPERT_STATE...,
+        EXPERT... (any segment may be empty; padding tokens keep their segment's kind and have
+        valid=False). Queries are all N tokens, or with a KV cache the last `num_queries` tokens
+        while the keys are all N."""
         if kind.shape != valid.shape or kind.dim() != 2:
             raise ValueError(f"AttentionLayout.from_kinds: kind {tuple(kind.shape)} and valid "
                              f"{tuple(valid.shape)} must both be [B, N]")
         if _any_on_host(kind[:, 1:] < kind[:, :-1]):
             raise ValueError("AttentionLayout.from_kinds: kinds must be non-decreasing along each sequence "
-                             "(PREFIX, then LM_SUFFIX, then EXPERT); give padding its segment's kind")
+                             "(PREFIX, SUBTASK, LM_SUFFIX, EXPERT_STATE, EXPERT); give padding its "
+                             "segment's kind")
         prev = torch.cat([torch.full_like(kind[:, :1], PREFIX), kind[:, :-1]], dim=1)
-        step = (kind == LM_SUFFIX) | ((kind == EXPERT) & (prev != EXPERT))
+        # causal kinds step at every token; an expert block steps once, at its first token
+        step = _is_any(kind, CAUSAL_KINDS) | (_is_any(kind, EXPERT_KINDS) & (prev != kind))
         ar = torch.cumsum(step.to(torch.int32), dim=1).to(torch.int32)
         n = kind.shape[1] if num_queries is None else num_queries
         if not 0 < n <= kind.shape[1]:
@@ -87,7 +101,7 @@ class AttentionLayout:
             qk, kk = self.q_kind[:, :, None], self.k_kind[:, None, :]
             self._cache["dense"] = (self.q_valid[:, :, None] & self.k_valid[:, None, :]
                                     & (self.k_ar[:, None, :] <= self.q_ar[:, :, None])
-                                    & ~((qk == EXPERT) & (kk == LM_SUFFIX)))
+                                    & ~(_is_any(qk, EXPERT_KINDS) & (kk == LM_SUFFIX)))
         return self._cache["dense"]
 
     def row_has_key(self) -> torch.Tensor:
@@ -95,6 +109,13 @@ class AttentionLayout:
         if "has_key" not in self._cache:
             self._cache["has_key"] = self.dense_mask().any(dim=-1)
         return self._cache["has_key"]
+
+
+def _is_any(kind: torch.Tensor, kinds: tuple[int, ...]) -> torch.Tensor:
+    out = kind == kinds[0]
+    for k in kinds[1:]:
+        out = out | (kind == k)
+    return out
 
 
 # ----------------------------------------------------------------------------- backends
@@ -145,8 +166,8 @@ def _flex_block_mask(layout: AttentionLayout, device: torch.device):
         ka, kk, kv = layout.k_ar, layout.k_kind, layout.k_valid
 
         def mask_mod(b, h, qi, ki):  # the same rule as dense_mask, per element
-            return (qv[b, qi] & kv[b, ki] & (ka[b, ki] <= qa[b, qi])
-                    & ~((qk[b, qi] == EXPERT) & (kk[b, ki] == LM_SUFFIX)))
+            q_expert = (qk[b, qi] == EXPERT) | (qk[b, qi] == EXPERT_STATE)
+            return qv[b, qi] & kv[b, ki] & (ka[b, ki] <= qa[b, qi]) & ~(q_expert & (kk[b, ki] == LM_SUFFIX))
 
         b, length = qa.shape
         layout._cache[key] = create_block_mask(mask_mod, b, None, length, ka.shape[1], device=device)
@@ -202,9 +223,11 @@ def _pack(x: torch.Tensor, select: torch.Tensor):
 
 
 def attention_flash(q, k, v, layout: AttentionLayout, scale: float, varlen_fn=None) -> torch.Tensor:
-    """flash-attn varlen, one call per query kind (the mask decomposes for a canonical layout):
-    PREFIX queries -> prefix keys (bidirectional); LM_SUFFIX queries -> prefix + LM keys, causal
-    aligned bottom-right; EXPERT queries -> prefix + expert keys (bidirectional).
+    """flash-attn varlen, one call per query group (the mask decomposes for a canonical layout):
+    PREFIX queries -> prefix keys (bidirectional); SUBTASK + LM_SUFFIX queries -> prefix + subtask
+    + LM keys, causal aligned bottom-right (they are the last of those keys); EXPERT_STATE queries
+    -> prefix + subtask + state keys; EXPERT queries -> prefix + subtask + state + expert keys
+    (bidirectional).
     `varlen_fn` (flash_attn_varlen_func's signature) is injectable so the decomposition is testable on CPU."""
     fn = varlen_fn or _flash_attn_varlen_func
     if fn is None:
@@ -213,10 +236,12 @@ def attention_flash(q, k, v, layout: AttentionLayout, scale: float, varlen_fn=No
         raise ValueError("attention(impl='flash') needs a layout built by AttentionLayout.from_kinds")
     b, hq, length, d = q.shape
     out = q.new_zeros(b * length, hq, d)
-    for q_kind, k_kinds, causal in ((PREFIX, (PREFIX,), False), (LM_SUFFIX, (PREFIX, LM_SUFFIX), True),
-                                    (EXPERT, (PREFIX, EXPERT), False)):
-        q_sel = layout.q_valid & (layout.q_kind == q_kind)
-        k_sel = layout.k_valid & sum(layout.k_kind == kk for kk in k_kinds).bool()
+    for q_kinds, k_kinds, causal in (((PREFIX,), (PREFIX,), False),
+                                     (CAUSAL_KINDS, (PREFIX, SUBTASK, LM_SUFFIX), True),
+                                     ((EXPERT_STATE,), (PREFIX, SUBTASK, EXPERT_STATE), False),
+                                     ((EXPERT,), (PREFIX, SUBTASK, EXPERT_STATE, EXPERT), False)):
+        q_sel = layout.q_valid & _is_any(layout.q_kind, q_kinds)
+        k_sel = layout.k_valid & _is_any(layout.k_kind, k_kinds)
         qp, q_flat, cu_q, max_q = _pack(q, q_sel)
         if qp.shape[0] == 0:
             continue

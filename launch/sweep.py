@@ -1,4 +1,5 @@
-"""`megavla sweep SWEEP.yaml [--executor slurm ...]` and `megavla sweep status DIR`.
+"""`megavla sweep SWEEP.yaml [--executor slurm ...]`, `megavla sweep status DIR` and
+`megavla sweep report DIR` (one Markdown table + a PNG per swept axis: launch/sweep_report.py).
 
 A sweep file names a base config, fixed overrides and a grid of dotted keys -> value lists::
 
@@ -162,16 +163,24 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
         print(f"submitted job array {jobs[0].job_id.split('_')[0]} with {len(jobs)} run(s); "
               f"status: megavla sweep status {out_dir}")
         return [r.name for r in todo]
+    # Local: array_parallelism runs at a time (default 1: one after the other).
+    width, running = max(1, array_parallelism or 1), []
     for i, (run, d) in enumerate(zip(todo, run_dirs)):
         executor = make_executor(lc, d / rundir.SUBMITIT_DIR, name=run.name)
         job = executor.submit(TrainTask(str(d)), "auto")
         record_submission(d, run.cfg, job)
         log.info("sweep: run %d/%d %s (local job %s)", i + 1, len(todo), run.name, job.job_id)
-        try:
-            job.results()
-        except Exception as e:  # one failed run should not stop the sweep; status shows it
-            log.error("sweep: run %s failed: %s", run.name, str(e).splitlines()[-1] if str(e) else e)
+        running.append((run, job))
+        while len(running) >= width or (i == len(todo) - 1 and running):
+            _wait_local(*running.pop(0))
     return [r.name for r in todo]
+
+
+def _wait_local(run: SweepRun, job) -> None:
+    try:
+        job.results()
+    except Exception as e:  # one failed run should not stop the sweep; status shows it
+        log.error("sweep: run %s failed: %s", run.name, str(e).splitlines()[-1] if str(e) else e)
 
 
 def status_rows(directory: str | Path) -> list[dict]:
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(format_table(status_rows(args.dir)))
         return 0
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     parser = argparse.ArgumentParser(prog="megavla sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/sweeps/...)")
@@ -244,4 +255,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print("\n".join(names) if names else "nothing to submit")
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    from .sweep_report import write_report
+    parser = argparse.ArgumentParser(prog="megavla sweep report",
+                                     description="gather every run of a sweep into sweep_report.md + "
+                                     "sweep_<axis>.png (losses, offline and closed-loop metrics)")
+    parser.add_argument("dir", help="the sweep's out_dir (one run directory per grid point)")
+    parser.add_argument("--sweep", help="the sweep YAML: its runs without a directory are listed as missing")
+    parser.add_argument("--out", help="where the report goes (default: DIR)")
+    parser.add_argument("--last-k", type=int, default=5, help="final loss = mean of the last K logged values")
+    args = parser.parse_args(argv)
+    if args.last_k < 1:
+        sys.stderr.write(f"megavla sweep report: error: --last-k {args.last_k} must be >= 1\n")
+        return 2
+    try:
+        report, plots, entries = write_report(args.dir, args.out, args.sweep, args.last_k)
+    except ConfigError as e:
+        sys.stderr.write(f"megavla sweep report: error: {e}\n")
+        return 2
+    unfinished = [e for e in entries if e.state != "finished"]
+    print(f"{len(entries)} runs, {len(entries) - len(unfinished)} finished"
+          + (f"; not finished: {', '.join(f'{e.name} ({e.state})' for e in unfinished)}" if unfinished else ""))
+    for png in plots:
+        print(f"plot: {png}")
+    print(f"report: {report}")
     return 0

@@ -18,9 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megavla.train.cli", "train (1 or N local processes, DeepSpeed ZeRO)"),
     "export": ("megavla.train.export", "consolidate a checkpoint into one safetensors file"),
     "launch": ("megavla.launch.cli", "launch a training run locally or on SLURM (submitit)"),
-    "sweep": ("megavla.launch.sweep", "expand a sweep grid into runs; `sweep status DIR`"),
+    "sweep": ("megavla.launch.sweep", "expand a sweep grid into runs; `sweep status DIR`, `sweep report DIR`"),
     "serve": ("megavla.serving.cli", "serve a trained policy to openpi clients (websocket, batched)"),
-    "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives"),
+    "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives; closed-loop (one policy, local or served)"),
     "demo": ("megavla.demo", "the README's main job: synth -> train (2 procs) -> resume"),
 }
 

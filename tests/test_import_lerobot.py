@@ -124,7 +124,7 @@ def test_bad_episodes_are_skipped_named_and_counted(tmp_path, caplog, capsys):
     assert [e.episode for e in eps] == [0]
     skipped = load_manifest(tmp_path / "out")["generator"]["skipped"]
     assert [s["episode"] for s in skipped] == ["episode 1", "episode 2"]
-    assert "task_index 7 has no task in meta/tasks.parquet" in skipped[0]["reason"]
+    assert "task_index 7 has no task in meta/tasks" in skipped[0]["reason"]
     assert "column 'action' (actions) is null in 33 of 33 frames: frames but no actions" in skipped[1]["reason"]
     assert DATA in skipped[1]["reason"]
     out = capsys.readouterr().out
@@ -156,11 +156,11 @@ def test_missing_video_and_other_version_are_refused(tmp_path, caplog):
     assert run_import(src, tmp_path / "head", "--cameras", "head=observation.images.top") == 0
     assert [sorted(e.frames) for e in read_set(tmp_path / "head")] == [["head"]] * 3
     info = json.loads((src / "meta/info.json").read_text())
-    info["codebase_version"] = "v2.1"
+    info["codebase_version"] = "v1.6"
     (src / "meta/info.json").write_text(json.dumps(info))
     caplog.clear()
-    assert run_import(src, tmp_path / "v21") == 1
-    assert "codebase_version='v2.1'" in caplog.text and "convert_dataset_v21_to_v30" in caplog.text
+    assert run_import(src, tmp_path / "v16") == 1
+    assert "codebase_version='v1.6'" in caplog.text and "convert_dataset_v21_to_v30" in caplog.text
     assert run_import(tmp_path / "nowhere", tmp_path / "x") == 1
     assert "not a LeRobot dataset directory" in caplog.text
 
@@ -208,3 +208,50 @@ def test_ee_action_space_follows_the_project_convention(tmp_path):
     np.testing.assert_allclose(ep.actions[:-1, 6], rows[1:, 6])
     np.testing.assert_array_equal(ep.actions[-1, :6], 0)
     np.testing.assert_array_equal(ep.joint_actions, np.stack([made.expected_action(1, t) for t in range(27)]))
+
+
+def _v21_from_fixture(dst: Path) -> None:
+    """The v2.1 layout of the same dataset (one parquet + one MP4 per episode, jsonl metadata),
+    made here from the lerobot-written v3.0 fixture (lerobot 0.4.4 writes only v3.0)."""
+    import av
+
+    from hand_recordings import write_mp4
+
+    info = json.loads((SRC / "meta/info.json").read_text())
+    info.update(codebase_version="v2.1",
+                data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                video_path="videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4")
+    (dst / "meta").mkdir(parents=True)
+    (dst / "meta/info.json").write_text(json.dumps(info))
+    (dst / "meta/tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in
+                                                  enumerate(dict.fromkeys(made.EPISODE_TASKS))))
+    (dst / "meta/episodes.jsonl").write_text("".join(
+        json.dumps({"episode_index": e, "tasks": [made.EPISODE_TASKS[e]], "length": n}) + "\n"
+        for e, n in enumerate(made.EPISODE_LENGTHS)))
+    table = pq.read_table(SRC / DATA)
+    starts = np.cumsum((0,) + made.EPISODE_LENGTHS)
+    (dst / "data/chunk-000").mkdir(parents=True)
+    for e in range(len(made.EPISODE_LENGTHS)):
+        rows = table.slice(int(starts[e]), made.EPISODE_LENGTHS[e])
+        pq.write_table(rows, dst / f"data/chunk-000/episode_{e:06d}.parquet")
+    for key in made.CAMERAS:
+        with av.open(str(SRC / f"videos/{key}/chunk-000/file-000.mp4")) as container:
+            images = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        (dst / f"videos/chunk-000/{key}").mkdir(parents=True)
+        for e in range(len(made.EPISODE_LENGTHS)):
+            write_mp4(dst / f"videos/chunk-000/{key}/episode_{e:06d}.mp4",
+                      images[starts[e]:starts[e + 1]], made.FPS)
+
+
+def test_v21_layout_imports_the_same_episodes(tmp_path):
+    _v21_from_fixture(tmp_path / "v21")
+    assert run_import(tmp_path / "v21", tmp_path / "out") == 0
+    eps = read_set(tmp_path / "out")
+    assert [e.num_steps for e in eps] == list(made.EPISODE_LENGTHS)
+    assert [e.instruction for e in eps] == list(made.EPISODE_TASKS)
+    for ep_index, ep in enumerate(eps):
+        np.testing.assert_array_equal(ep.actions, np.stack([made.expected_action(ep_index, t)
+                                                            for t in range(ep.num_steps)]))
+        img = simplejpeg.decode_jpeg(ep.frames["head"][-1]).astype(int)
+        top, _ = made.expected_colors("observation.images.top", ep_index, ep.num_steps - 1)
+        assert np.abs(img[12:28, 4:60].mean((0, 1)) - top).max() < 14

@@ -8,11 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavla.kernels import EXPERT, LM_SUFFIX, PREFIX, AttentionLayout, attention, choose_attention_impl
+from megavla.kernels import (EXPERT, EXPERT_STATE, LM_SUFFIX, PREFIX, SUBTASK, AttentionLayout, attention,
+                             choose_attention_impl)
 from megavla.kernels.attention import attention_flash
 
-KINDS = [[PREFIX] * 4 + [LM_SUFFIX] * 3 + [EXPERT] * 3,
-         [PREFIX] * 5 + [LM_SUFFIX] * 2 + [EXPERT] * 3,
+KINDS = [[PREFIX] * 4 + [LM_SUFFIX] * 3 + [EXPERT] * 3,             # pi0.5, actions conditioned on the instruction
+         [PREFIX] * 3 + [SUBTASK] * 2 + [LM_SUFFIX] * 2 + [EXPERT] * 3,  # pi0.5, conditioned on the subtask
+         [PREFIX] * 5 + [EXPERT_STATE] + [EXPERT] * 4,                 # pi0: continuous state token
          [PREFIX] * 6 + [EXPERT] * 4]
 
 
@@ -20,8 +22,9 @@ def make_layout(num_queries=None, device="cpu"):
     kind = torch.tensor(KINDS, device=device)
     valid = torch.ones_like(kind, dtype=torch.bool)
     valid[0, 3] = False  # a padded prefix token
-    valid[1, 6] = False  # a padded LM token (right-padded FAST tokens)
-    valid[2, 9] = False  # a padded action token
+    valid[0, 6] = False  # a padded LM token (right-padded FAST tokens)
+    valid[1, 4] = False  # a padded subtask token
+    valid[3, 9] = False  # a padded action token
     return AttentionLayout.from_kinds(kind, valid, num_queries=num_queries)
 
 
@@ -35,8 +38,16 @@ def rule_mask(layout: AttentionLayout) -> torch.Tensor:
             for j in range(s):
                 out[bi, i, j] = bool(layout.q_valid[bi, i]) and bool(layout.k_valid[bi, j]) \
                     and int(layout.k_ar[bi, j]) <= int(layout.q_ar[bi, i]) \
-                    and not (int(layout.q_kind[bi, i]) == EXPERT and int(layout.k_kind[bi, j]) == LM_SUFFIX)
+                    and not (int(layout.q_kind[bi, i]) in (EXPERT_STATE, EXPERT)
+                             and int(layout.k_kind[bi, j]) == LM_SUFFIX)
     return out
+
+
+def openpi_mask(input_mask: torch.Tensor, ar_mask: list[bool]) -> torch.Tensor:
+    """openpi's make_attn_mask (pi0.py, from big_vision): key j visible to query i iff both are valid
+    and cumsum(ar)[j] <= cumsum(ar)[i]."""
+    cumsum = torch.cumsum(torch.tensor(ar_mask, dtype=torch.int64), dim=0).expand_as(input_mask)
+    return (cumsum[:, None, :] <= cumsum[:, :, None]) & input_mask[:, None, :] & input_mask[:, :, None]
 
 
 def naive_attention(q, k, v, mask, scale):
@@ -56,13 +67,42 @@ def naive_attention(q, k, v, mask, scale):
 def test_from_kinds_gives_the_pi0_structure():
     layout = make_layout()
     assert layout.q_ar[0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 4, 4]
+    assert layout.q_ar[1].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 5, 5]
+    assert layout.q_ar[2].tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
     torch.testing.assert_close(layout.dense_mask(), rule_mask(layout))
-    m = layout.dense_mask()[1]
-    assert m[:5, :5].all() and not m[:5, 5:].any()              # prefix: bidirectional, sees only prefix
     m0 = layout.dense_mask()[0]
-    assert m0[4, 4] and not m0[4, 5] and m0[5, 4] and m0[5, 5] and m0[6, 4:7].all()  # LM suffix: causal
-    assert m[7:, 7:].all() and not m[7:, 5:7].any()            # expert: bidirectional, blind to LM tokens
-    assert not layout.dense_mask()[0, 3].any() and not layout.dense_mask()[0, :, 3].any()  # padding
+    assert m0[:3, :3].all() and not m0[:4, 4:].any()            # prefix: bidirectional, sees only prefix
+    assert m0[4, 4] and not m0[4, 5] and m0[5, 4] and m0[5, 5] and not m0[6].any()  # LM suffix: causal
+    assert m0[7:, 7:].all() and not m0[7:, 4:7].any()            # expert: bidirectional, blind to LM tokens
+    assert not m0[3].any() and not m0[:, 3].any()                # padding
+    m1 = layout.dense_mask()[1]
+    assert m1[7:, 3].all() and not m1[7:, 4].any()               # expert sees the valid subtask tokens
+    assert not m1[7:, 5:7].any()                                 # ... but never the FAST tokens
+    assert m1[5, 3] and m1[6, 3] and not m1[3, 5]                # FAST reads the subtask, causal
+    m2 = layout.dense_mask()[2]
+    assert m2[5, :6].all() and not m2[5, 6:].any()               # pi0 state token: blind to actions
+    assert m2[6:, :].all()                                       # actions see prefix, state, each other
+
+
+def test_masks_equal_openpis_make_attn_mask():
+    """pi0 (openpi pi0.py embed_prefix/embed_suffix): prefix ar False, the state token ar True (own
+    block), the first action token ar True, the others False. pi0.5: the same without the state token.
+    Subtask conditioning: subtask tokens ar True each (causal), then the action block."""
+    kind = torch.tensor(KINDS[1:])
+    valid = torch.ones_like(kind, dtype=torch.bool)
+    valid[0, 4] = False
+    valid[1, 2] = False
+    valid[2, 5] = False
+    ours = AttentionLayout.from_kinds(kind, valid).dense_mask()
+    pi0_ar = [False] * 5 + [True] + [True] + [False] * 3
+    torch.testing.assert_close(ours[1:2], openpi_mask(valid[1:2], pi0_ar))
+    pi05_ar = [False] * 6 + [True] + [False] * 3
+    torch.testing.assert_close(ours[2:3], openpi_mask(valid[2:3], pi05_ar))
+    # subtask conditioning: the FAST tokens are the one exception to the block rule (actions never
+    # see them); with them removed the mask is openpi's rule with causal subtask tokens
+    keep = torch.tensor([True] * 5 + [False] * 2 + [True] * 3)
+    sub_ar = [False] * 3 + [True] * 2 + [True] + [False] * 2
+    torch.testing.assert_close(ours[0:1][:, keep][:, :, keep], openpi_mask(valid[0:1, keep], sub_ar))
 
 
 def test_kv_cache_layout_equals_the_matching_rows_of_the_full_mask():
@@ -72,6 +112,9 @@ def test_kv_cache_layout_equals_the_matching_rows_of_the_full_mask():
 
 def test_from_kinds_rejects_unsorted_kinds():
     kind = torch.tensor([[PREFIX, EXPERT, LM_SUFFIX]])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        AttentionLayout.from_kinds(kind, torch.ones_like(kind, dtype=torch.bool))
+    kind = torch.tensor([[PREFIX, LM_SUFFIX, SUBTASK, EXPERT]])
     with pytest.raises(ValueError, match="non-decreasing"):
         AttentionLayout.from_kinds(kind, torch.ones_like(kind, dtype=torch.bool))
 

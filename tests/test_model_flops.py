@@ -8,16 +8,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megavla.config.model import ModelConfig
-from megavla.kernels import AttentionLayout
 from megavla.model.flops import (batch_flops, batch_token_counts, batch_tokens, coefficients, flops_per_sample,
                                  forward_flops)
 from megavla.model.synthetic import random_batch
-from megavla.model.vla import Tokens, build_model
+from megavla.model.vla import build_model
 
 MASKS = ("image_mask", "text_mask", "subtask_mask", "fast_mask", "state_mask")
 
 VARIANTS = [{}, {"state_mode": "continuous"}, {"fast_weight": 0.0},
-            {"subtask_weight": 0.0, "fast_weight": 0.0},
+            {"subtask_weight": 0.0, "fast_weight": 0.0}, {"action_conditioning": "instruction", "subtask_weight": 0.0},
             {"time_conditioning": "mlp", "state_mode": "continuous"}]
 
 
@@ -41,20 +40,21 @@ def test_matmul_flops_equal_torch_flop_counter(overrides):
     assert ours["vision"] + ours["backbone"] + ours["expert"] + ours["lm_head"] == measured
 
 
-def test_attention_pairs_equal_the_models_layouts():
-    """Visible query-key pairs per layer = what the model's own AttentionLayouts allow (padded batch)."""
-    cfg = ModelConfig(preset="tiny", kernels="torch")
+@pytest.mark.parametrize("overrides", [{}, {"state_mode": "continuous"}, {"action_conditioning": "instruction"},
+                                       {"subtask_weight": 0.0}, {"fast_weight": 0.0, "state_mode": "discrete"}])
+def test_attention_pairs_equal_the_models_layouts(overrides, monkeypatch):
+    """Visible query-key pairs per layer = what the model's own AttentionLayouts allow (padded batch;
+    the layouts are the ones VLA.run builds: subtask context, FAST_END and the pi0 state block)."""
+    cfg = ModelConfig(preset="tiny", kernels="torch", **overrides)
     model = build_model(cfg)
     batch = random_batch(cfg, batch_size=4, seed=3)  # padded text/subtask/FAST, absent cameras
-    prefix = model.prefix_tokens(batch)
-    suffix, _ = model.lm_suffix_tokens(batch, prefix, True, True)
-    bb = Tokens.cat([prefix, suffix])
-    backbone_pairs = int(AttentionLayout.from_kinds(bb.kind, bb.valid).dense_mask().sum())
-    x_t = torch.zeros_like(batch.actions)
-    ex, ex_kind, ex_valid = model.expert_tokens(x_t, torch.full((4,), 0.5), batch, prefix)
-    ex_layout = AttentionLayout.from_kinds(torch.cat([bb.kind, ex_kind], 1), torch.cat([bb.valid, ex_valid], 1),
-                                           ex.x.shape[1])
-    expert_pairs = int(ex_layout.dense_mask().sum())
+    seen = []
+    original = model.shared_attention
+    monkeypatch.setattr(model, "shared_attention", lambda *a: seen.append(original(*a)) or seen[-1])
+    with torch.no_grad():
+        model.run(batch)
+    backbone_pairs = int(seen[0].backbone_layout.dense_mask().sum())
+    expert_pairs = int(seen[0].expert_layout.dense_mask().sum())
     c = coefficients(cfg)
     tok = batch_token_counts(cfg, batch)
     ours = forward_flops(cfg, **tok)

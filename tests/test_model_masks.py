@@ -48,19 +48,24 @@ def with_(batch, **fields):
     return dataclasses.replace(batch, **{k: v.clone() for k, v in fields.items()})
 
 
-def test_fast_and_subtask_tokens_do_not_reach_the_expert():
-    model, batch, noise, time = make()
+@pytest.mark.parametrize("conditioning", ["instruction", "subtask"])
+def test_fast_tokens_never_reach_the_expert_and_subtask_tokens_only_when_conditioned(conditioning):
+    model, batch, noise, time = make(action_conditioning=conditioning)
     base = run(model, batch, noise, time)
     fast = batch.fast_tokens.clone()
     fast[batch.fast_mask] = (fast[batch.fast_mask] + 17) % model.cfg.fast_vocab_size
+    changed = run(model, with_(batch, fast_tokens=fast), noise, time)
+    assert torch.allclose(changed.velocity, base.velocity, atol=ATOL)
+    assert moved(changed.fast_logits, base.fast_logits)  # the perturbation is real
     sub = batch.subtask_tokens.clone()
     sub[batch.subtask_mask] = (sub[batch.subtask_mask] + 29) % model.cfg.text_vocab_size
-    changed = run(model, with_(batch, fast_tokens=fast, subtask_tokens=sub), noise, time)
-    assert torch.allclose(changed.velocity, base.velocity, atol=ATOL)
-    # the perturbation is real: the LM suffix's own outputs move
-    assert moved(changed.fast_logits, base.fast_logits)
-    # the prefix (bidirectional, before the suffix) is unchanged too
-    n_prefix = base.backbone_hidden.shape[1] - 2 - batch.subtask_tokens.shape[1] - batch.fast_tokens.shape[1]
+    changed = run(model, with_(batch, subtask_tokens=sub), noise, time)
+    if conditioning == "subtask":
+        assert moved(changed.velocity, base.velocity)
+    else:
+        assert torch.allclose(changed.velocity, base.velocity, atol=ATOL)
+    # the prefix (bidirectional, before the suffix) is unchanged either way
+    n_prefix = base.backbone_hidden.shape[1] - 3 - batch.subtask_tokens.shape[1] - batch.fast_tokens.shape[1]
     assert torch.allclose(changed.backbone_hidden[:, :n_prefix], base.backbone_hidden[:, :n_prefix], atol=ATOL)
 
 

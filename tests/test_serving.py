@@ -5,12 +5,12 @@ One server subprocess (`python -m megavla.cli serve`, port from the OS, 127.0.0.
 random export serves the whole module; its log (stderr) is checked for the one-line-per-error rule.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import msgpack
 import numpy as np
@@ -45,7 +45,7 @@ def server(export, tmp_path_factory):
     # A long batch wait: the 3-client test must batch even on a loaded machine; a lone client never
     # waits (the batch closes once every connected client has a request in it).
     cmd = [sys.executable, "-m", "megavla.cli", "serve", str(export), "--port", "0", "--api-key", KEY,
-           "--max-message-mb", "1", "--batch-wait-ms", "3000", "--max-batch", "4"]
+           "--max-message-mb", "1", "--batch-wait-ms", "10000", "--max-batch", "4"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()  # blocks until the server listens (or dies)
@@ -165,6 +165,7 @@ def _bad_requests():
         "four cameras": (_frame({**good, "observation/images/extra": good[head]}), "wrong camera count"),
         "unknown key": (_frame({**good, "observation/joints": np.zeros(3)}), "unexpected key"),
         "prompt not text": (replaced("prompt", 3), "expected a string"),
+        "prompt too long": (replaced("prompt", "x" * 1001), "max_prompt_chars"),
         "object array": (raw("prompt", _raw_array("|O", [1], b"\0" * 8)), "not allowed"),
         "structured dtype": (raw("prompt", _raw_array("i4,O", [1], b"\0" * 12)), "not allowed"),
         "shape lies": (raw("prompt", _raw_array("<f4", [1000, 1000], b"\0" * 16)), "needs 4000000 bytes"),
@@ -213,6 +214,9 @@ def test_api_key_missing_or_wrong_is_refused(server, client):
             client(api_key=key)
     log = server["log"].read_text()
     assert "connection refused: no API key" in log and "connection refused: wrong API key" in log
+    # The health check needs no key and opens no websocket (what a supervisor or load balancer polls).
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/healthz", timeout=30) as reply:
+        assert reply.status == 200 and reply.read() == b"OK\n"
 
 
 def test_oversized_message_closes_only_that_connection(server, client):
@@ -290,8 +294,30 @@ def test_load_policy_and_serve_errors_name_the_problem(export, tmp_path, capsys)
     assert "observation/images/head" in capsys.readouterr().out
 
 
-def test_subtask_text_comes_with_the_actions(export):
-    policy = megavla.load_policy(export, subtask=True, flow_steps=2)
+def test_subtask_text_and_bf16_weights(export):
+    # Asking for the subtask text does not change the actions (it is the one they were conditioned on).
+    with_text = megavla.load_policy(export, subtask=True, flow_steps=2)
+    assert with_text.model.actions_read_subtask
+    np.testing.assert_allclose(with_text.infer(observation())["actions"],
+                               megavla.load_policy(export, flow_steps=2).infer(observation())["actions"],
+                               rtol=0, atol=1e-6)
+    policy = megavla.load_policy(export, subtask=True, flow_steps=2, dtype="bf16")
     out = policy.infer(observation())
     assert isinstance(out["subtask"], str) and out["actions"].shape == (10, 7)
-    assert policy.metadata["subtask"] is True and policy.metadata["flow_steps"] == 2
+    assert out["actions"].dtype == np.float32 and np.isfinite(out["actions"]).all()
+    meta = policy.metadata
+    assert meta["subtask"] is True and meta["flow_steps"] == 2 and meta["dtype"] == "bf16"
+
+
+def test_schema_file_renames_keys_optional_camera_and_ignored_keys(export, tmp_path):
+    (tmp_path / "schema.yaml").write_text(
+        "images: {head: cam/high, left_wrist: cam/left, right_wrist: cam/right}\n"
+        "optional_cameras: [left_wrist]\nstate: qpos\nprompt: task\nignore_keys: [timestamp]\n")
+    policy = megavla.load_policy(export, schema=tmp_path / "schema.yaml")
+    obs = observation()
+    renamed = {"cam/high": obs["observation/images/head"], "cam/right": obs["observation/images/right_wrist"],
+               "qpos": obs["observation/state"], "task": obs["prompt"], "timestamp": 1.5}
+    assert policy.infer(renamed)["actions"].shape == (10, 7)  # left wrist left out: seen as absent
+    assert policy.metadata["observation_schema"]["optional_cameras"] == ["left_wrist"]
+    with pytest.raises(ValueError, match="wrong camera count"):
+        policy.infer({k: v for k, v in renamed.items() if k != "cam/high"})

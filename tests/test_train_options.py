@@ -50,8 +50,10 @@ def test_freeze_ema_accumulation_zero1(tmp_path, monkeypatch):
     state = ckpt.read_trainer_state(done[0])
     assert state["step"] == 6 and state["world_size"] == 1 and state["config"]["train"]["grad_accum"] == 2
 
-    # Resuming a finished run trains nothing and keeps the checkpoint.
-    assert run(cfg, resume="auto", model_factory=toy_model_factory, loader_factory=toy_loader_factory) == 0
+    # Resuming a finished run trains nothing (builds no model or engine) and keeps the checkpoint.
+    def no_model(cfg):
+        raise AssertionError("a resume with nothing to train built the model")
+    assert run(cfg, resume="auto", model_factory=no_model, loader_factory=toy_loader_factory) == 0
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step_000006"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 

@@ -70,7 +70,7 @@ def test_tiny_vla_two_processes_zero2_then_export(shards, tmp_path):
     val = [r for r in lines if "val/loss/total" in r]
     assert [r["step"] for r in val] == [4] and "val/flow/robot_arm" in val[0]  # robot-only val set
     for key in ("loss/total", "loss/flow", "optim/lr", "optim/grad_norm", "perf/samples_per_s",
-                "time/data_wait_pct", "memory/peak_mb"):
+                "time/data_wait_pct", "memory/peak_mb", "data/episodes_read", "data/skipped_bad_shard"):
         assert key in records[-1], key
     assert any(k.startswith("flow/") for k in records[-1])            # per-embodiment flow loss
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())

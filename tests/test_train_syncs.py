@@ -60,7 +60,8 @@ class SyntheticLoader:
     """Batches made up front (a loader's own CPU work is not the trainer's hot path)."""
 
     def __init__(self, cfg):
-        self.batches = [random_batch(cfg, batch_size=2, seed=i) for i in range(4)]
+        # data.cameras' default count (3): the trainer's image augmentation runs and is counted too
+        self.batches = [random_batch(cfg, batch_size=2, num_cameras=3, seed=i) for i in range(4)]
 
     def __iter__(self):
         while True:

@@ -19,15 +19,17 @@ from megavla.batch import Batch
 from megavla.config import load_config
 
 A, H, S = 4, 3, 5
+CAMERAS, PIXELS = 3, 8  # data.cameras' default count: training batches get image augmentation
 
 
 class ToyVLA(nn.Module):
     """Flow matching on actions given state: x_t = t*noise + (1-t)*a, predict v = noise - a.
-    Uses the torch RNG (noise, t) so exact resume also tests RNG restore."""
+    Uses the torch RNG (noise, t) so exact resume also tests RNG restore; reads the images (mean
+    colour per camera), so exact resume also covers the trainer's random image augmentation."""
 
     def __init__(self, cfg=None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(S + H * A + 1, 64), nn.GELU(), nn.Linear(64, H * A))
+        self.net = nn.Sequential(nn.Linear(S + H * A + 1 + 3 * CAMERAS, 64), nn.GELU(), nn.Linear(64, H * A))
         self.norm = nn.LayerNorm(S)
         self.calls = 0
 
@@ -47,7 +49,9 @@ class ToyVLA(nn.Module):
         t = torch.rand(b, 1, 1, dtype=a.dtype, device=a.device)
         x_t = t * noise + (1 - t) * a
         dtype = self.net[0].weight.dtype
-        inp = torch.cat([self.norm(batch.state.to(dtype)), x_t.flatten(1).to(dtype), t.flatten(1).to(dtype)], 1)
+        colour = batch.images.to(dtype).mean(dim=(3, 4)).flatten(1) / 255.0
+        inp = torch.cat([self.norm(batch.state.to(dtype)), x_t.flatten(1).to(dtype), t.flatten(1).to(dtype),
+                         colour], 1)
         v = self.net(inp).view(b, H, A).float()
         per_sample = ((v - (noise - a)) ** 2).mean(dim=(1, 2))
         if poison:
@@ -64,8 +68,9 @@ def toy_batch(seed: int, rank: int, index: int, batch_size: int) -> Batch:
     state = torch.randn(b, S, generator=g)
     # A learnable relation: actions are a fixed function of state.
     actions = torch.tanh(state[:, :A, None] * torch.linspace(0.5, 1.5, H)).transpose(1, 2).contiguous()
+    images = torch.randint(0, 256, (b, CAMERAS, 3, PIXELS, PIXELS), dtype=torch.uint8, generator=g)
     return Batch(
-        images=torch.zeros(b, 1, 3, 4, 4, dtype=torch.uint8), image_mask=torch.ones(b, 1, dtype=torch.bool),
+        images=images, image_mask=torch.ones(b, CAMERAS, dtype=torch.bool),
         text_tokens=torch.zeros(b, 2, dtype=torch.long), text_mask=torch.ones(b, 2, dtype=torch.bool),
         state=state, state_mask=torch.ones(b, S, dtype=torch.bool), actions=actions,
         action_dim_mask=torch.ones(b, A, dtype=torch.bool), action_time_mask=torch.ones(b, H, dtype=torch.bool),

@@ -29,6 +29,10 @@ class DataConfig:
     max_state_dim: int = 32
     cameras: list[str] = field(default_factory=lambda: ["head", "left_wrist", "right_wrist"])
     image_size: int = 224
+    # Training batches get openpi's image augmentation on the device (megavla/data/augment.py:
+    # 95 % crop + resize and +-5 deg rotation on non-wrist cameras, colour jitter on all);
+    # validation and evaluation never do.
+    augment_images: bool = True
     batch_size: int = 8
     num_workers: int = 2
     shuffle_buffer: int = 64

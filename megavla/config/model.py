@@ -41,7 +41,7 @@ class ModelConfig:
     # --- action expert (own, narrower weights)
     expert_width: int | None = None
     expert_mlp_dim: int | None = None
-    # --- vocabularies: model vocab = text + FAST (offset by text_vocab_size) + 2 start markers
+    # --- vocabularies: model vocab = text + FAST (offset by text_vocab_size) + FAST end + 2 start markers
     text_vocab_size: int | None = None
     fast_vocab_size: int | None = None
     rope_theta: float = 10000.0
@@ -69,6 +69,14 @@ class ModelConfig:
     # (the backbone learns to see for the actions), then it switches on ("on after N").
     knowledge_insulation: bool | None = None
     knowledge_insulation_start_step: int = 0
+    # What the action rows read besides the prefix. subtask (pi0.5: pi(a | o, l^) pi(l^ | o, l)):
+    # training feeds the ground-truth subtask tokens, inference first decodes the subtask greedily
+    # (up to subtask_len tokens or subtask_eos_id) and samples actions on prefix + subtask.
+    # instruction: the action rows read the prefix only (no subtask step at inference).
+    action_conditioning: Literal["instruction", "subtask"] = "subtask"
+    # The text tokenizer's EOS (Gemma / PaliGemma and `megavla tokenizer train`: 1); subtask targets
+    # end in it, and inference stops decoding the subtask there.
+    subtask_eos_id: int = 1
 
     # --- loss weights (0 = objective off, its compute skipped)
     flow_weight: float = 1.0
@@ -77,7 +85,8 @@ class ModelConfig:
 
     activation_checkpointing: bool = False
 
-    # --- nominal sequence lengths, used only for FLOPs accounting (flops_per_sample)
+    # --- nominal sequence lengths for FLOPs accounting (flops_per_sample); subtask_len is also the
+    # most subtask tokens inference decodes before sampling actions (action_conditioning=subtask)
     num_cameras: int = 3
     text_len: int = 48
     subtask_len: int = 16
@@ -90,13 +99,15 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}={value} must be positive (or null for the preset's value)")
+        if self.subtask_eos_id < 0:
+            raise ConfigError(f"subtask_eos_id={self.subtask_eos_id} must be >= 0 (the text tokenizer's eos_id)")
         if self.knowledge_insulation_start_step < 0:
             raise ConfigError(f"knowledge_insulation_start_step={self.knowledge_insulation_start_step} "
                               "must be >= 0")
         if self.knowledge_insulation_start_step and self.knowledge_insulation is False:
             raise ConfigError("knowledge_insulation_start_step is set but knowledge_insulation is false; "
                               "set model.knowledge_insulation=true for 'on after N steps'")
-        for name in ("chunk_length", "action_dim", "state_dim", "state_bins", "num_cameras"):
+        for name in ("chunk_length", "action_dim", "state_dim", "state_bins", "num_cameras", "subtask_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         for name in ("flow_weight", "fast_weight", "subtask_weight"):

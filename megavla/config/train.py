@@ -33,6 +33,9 @@ class TrainConfig:
     # min(5e7, params / 8), at least 2**20 -- a fixed 5e7 bucket (190 MiB in fp32) outweighs a small
     # model's whole sharded state and hides ZeRO-3's saving.
     zero_bucket_elements: int = 0
+    # ZeRO-3: build the model under deepspeed.zero.Init, so each rank only ever holds its partition
+    # (false: every rank builds the whole fp32 model first, then DeepSpeed partitions it).
+    zero3_init: bool = True
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
     # Optimizer and schedule (openpi pi0.5 defaults).

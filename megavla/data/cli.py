@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from megavla.data_shards.format import EMBODIMENT_IDS, EpisodeFormatError, sample_to_episode
 from megavla.data_shards.manifest import (ManifestError, embodiment_family, find_shard_sets,
-                                          load_manifest)
+                                          load_manifest, shard_file_problem)
 from megavla.data_shards.stats import (DEFAULT_NUM_BINS, NORM_STATS_FILE, NormStatsAccumulator,
                                        compare_norm_stats, write_json_atomic)
 from megavla.data_shards.validate import ReadLimits
@@ -137,7 +137,7 @@ def _combo_shape(combos: list[str]) -> str:
 def summarize(set_dir: Path) -> dict[str, Any]:
     m = load_manifest(set_dir)
     t = m["totals"]
-    missing = [r["path"] for r in m["shards"] if not (set_dir / r["path"]).is_file()]
+    missing = [r["path"] for r in m["shards"] if shard_file_problem(set_dir / r["path"])]
     resized = [r["path"] for r in m["shards"] if (set_dir / r["path"]).is_file()
                and (set_dir / r["path"]).stat().st_size != r["bytes"]]
     return {"set": str(set_dir), "shards": t["shards"], "bytes": t["bytes"], "episodes": t["episodes"],
@@ -166,7 +166,7 @@ def _print_inspect(sets: list[Path], incomplete: list[Path]) -> list[dict[str, A
             acc[0] += e["episodes"]
             acc[1] += e["steps"]
         for name in r["missing_shards"]:
-            print(f"  ! {r['set']}/{name}: listed in the manifest but missing")
+            print(f"  ! {r['set']}/{name}: {shard_file_problem(Path(r['set']) / name)}")
         for name in r["size_mismatch"]:
             print(f"  ! {r['set']}/{name}: size differs from the manifest (run `megavla data verify`)")
         if not r["norm_stats"]:
@@ -205,8 +205,9 @@ def recompute_stats(set_dir: Path, num_bins: int = DEFAULT_NUM_BINS,
     rows = load_manifest(set_dir)["shards"]
     for row in tqdm(rows, desc=f"stats {set_dir.name}", unit="shard", disable=not progress):
         path = set_dir / row["path"]
-        if not path.is_file():
-            problems.append(Problem(str(path), "shard file missing"))
+        problem = shard_file_problem(path)  # missing, or a FIFO that would block open()
+        if problem:
+            problems.append(Problem(str(path), problem))
             continue
         for sample in iter_tar_samples(path, problems):
             if sample.get("__error__"):

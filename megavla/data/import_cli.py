@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import LeRobot / EgoDex / hand-keypoint recordings into a shard set")
     kinds = p.add_subparsers(dest="source", required=True)
-    helps = {"lerobot": "a LeRobot dataset directory (format v3.0)",
+    helps = {"lerobot": "a LeRobot dataset directory (format v3.0; v2.1 too)",
              "egodex": "EgoDex: <task>/<n>.hdf5 + <n>.mp4 (3D hand skeleton, head camera)",
              "keypoints": "any hand tracker: <name>.npz (17 keypoints x 2 hands x T, head poses) + <name>.mp4"}
     for kind, text in helps.items():

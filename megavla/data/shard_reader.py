@@ -15,7 +15,7 @@ import logging
 import mmap
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,8 +23,9 @@ import numpy as np
 
 from megavla.config.core import ConfigError
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
-from megavla.data_shards.validate import (ShardSetError, check_shard_set, duplicate_key_message,
-                                          open_regular_file, shard_file_problem)
+from megavla.data_shards.validate import (ShardSetError, check_shard_set, cross_shard_message,
+                                          duplicate_key_message, no_key_list_message, open_regular_file,
+                                          shard_file_problem)
 
 from .mixture import combo_of_key
 
@@ -53,20 +54,48 @@ class ShardInfo:
     episodes: int
     combos: list[str]
     embodiments: list[str]
+    # Keys whose copy in this shard is skipped: an earlier shard holds them (episode_keys.json).
+    # key -> the message verify prints for it. Every rank derives the same from the manifest.
+    repeated: dict[str, str] = field(default_factory=dict)
 
 
-def read_manifest(directory: str | Path, need_stats: bool = True) -> tuple[list[ShardInfo], dict | None]:
+def read_manifest(directory: str | Path, need_stats: bool = True, on_bad: str = "skip"
+                  ) -> tuple[list[ShardInfo], dict | None]:
     """(shards, norm stats or None) of one set after the per-set checks `megavla data verify` runs
-    (data_shards.validate.check_shard_set): a refused set is a ConfigError before any work starts."""
+    (data_shards.validate.check_shard_set): a refused set is a ConfigError before any work starts.
+
+    An episode key in two shards (from episode_keys.json, no shard opened): the later copies are
+    skipped and counted ``duplicate_episode`` when their shard is read, so the run still starts and no
+    episode is drawn twice as often; a shard holding only such copies is not read at all. With
+    ``on_bad="fail"`` the set is refused instead. A set without episode_keys.json: a warning."""
     try:
         info = check_shard_set(directory, need_stats=need_stats)
     except ShardSetError as e:
         raise ConfigError(f"{e} (data.sources must name shard set directories written by `megavla data "
                           "synth` or a converter; `megavla data verify DIR` checks one)") from None
     directory = Path(directory)
-    shards = [ShardInfo(path=str(directory / s["path"]), episodes=int(s["episodes"]),
-                        combos=list(s["combos"]), embodiments=sorted(s["embodiments"]))
-              for s in info.manifest["shards"]]
+    if info.episode_keys is None:
+        log.warning("%s", no_key_list_message(directory))
+    repeated: dict[str, dict[str, str]] = {}
+    for dup in info.duplicates:
+        repeated.setdefault(dup.later, {})[dup.key] = cross_shard_message(directory, dup)
+    if info.duplicates:
+        first = cross_shard_message(directory, info.duplicates[0])
+        if on_bad == "fail":
+            raise ConfigError(f"{first} [{len(info.duplicates)} keys repeated across shards; "
+                              "data.on_bad_sample=fail refuses the set; 'skip' reads one copy of each]")
+        log.warning("%s: %d episode keys are in more than one shard; each later copy is skipped and counted "
+                    "as duplicate_episode when read, on every rank alike. First: %s", directory,
+                    len(info.duplicates), first)
+    shards = []
+    for s in info.manifest["shards"]:
+        mine = repeated.get(s["path"], {})
+        if mine and len(mine) >= int(s["episodes"]):
+            log.warning("%s: all %d episodes of %s are copies of episodes in earlier shards; the shard is "
+                        "not read", directory, len(mine), s["path"])
+            continue
+        shards.append(ShardInfo(path=str(directory / s["path"]), episodes=int(s["episodes"]),
+                                combos=list(s["combos"]), embodiments=sorted(s["embodiments"]), repeated=mine))
     return shards, info.norm_stats
 
 
@@ -230,9 +259,6 @@ class Counters:
     def load(self, values: dict[str, int]) -> None:
         self.values = {RENAMED_COUNTERS.get(k, k): int(v) for k, v in values.items()}
 
-    def skips(self) -> dict[str, int]:
-        return {k: v for k, v in self.values.items() if k not in READ_COUNTERS}
-
 
 class ShardCursor:
     """One source's endless episode stream for one (rank, worker), positioned by (draw, offset).
@@ -254,6 +280,7 @@ class ShardCursor:
         self._groups: Iterator[dict] | None = None
         self._shard_keys: set[str] = set()  # keys of the current draw (rebuilt by seek's replay)
         self._path = ""
+        self._repeated: dict[str, str] = {}  # of the current shard
         self._mode_key, self._mode_kept = "", True
 
     def position(self) -> dict[str, int]:
@@ -266,10 +293,12 @@ class ShardCursor:
 
     def member_mode(self, key: str, suffix: str) -> int:
         """Kept episodes: frames located (REF, read when a sample needs them), the rest read.
-        Excluded combos: only meta.json is read (cheap skip, still counted)."""
+        Excluded combos and copies of keys an earlier shard holds: only meta.json is read (cheap skip,
+        still counted)."""
         if key != self._mode_key:  # one combo lookup per episode, not per member
             combo = combo_of_key(key[key.rfind("/") + 1 :])
-            self._mode_key, self._mode_kept = key, combo is None or combo in self.kept_combos
+            self._mode_key = key
+            self._mode_kept = (combo is None or combo in self.kept_combos) and key not in self._repeated
         if not self._mode_kept:
             return READ if suffix == "meta.json" else SKIP
         return REF if suffix.endswith(".jpg") else READ
@@ -289,7 +318,9 @@ class ShardCursor:
     def _next_group(self) -> dict | None:
         """Next raw tar group of the current shard; None when the shard ended or broke (-> next draw)."""
         if self._groups is None:
-            self._path = self._shard_of_draw(self.draw).path
+            shard = self._shard_of_draw(self.draw)
+            self._path, self._repeated = shard.path, shard.repeated
+            self._mode_key = ""  # a shard may start with the key the last one ended with (a copy)
             self._groups = self._iter_groups(self._path)
             self._shard_keys = set()
         try:
@@ -321,8 +352,13 @@ class ShardCursor:
                 continue
             where = f"{self._path}:{group.get('__key__', '?')}"
             key = group["__key__"]
+            # Counted by the slot that owns the shard only: once per epoch, however many slots read it.
+            owner = self._path in self.counted_shards
             if group.get("__duplicate__"):
-                self.counters.bad("duplicate_episode", duplicate_key_message(self._path, key))
+                self.counters.bad("duplicate_episode", duplicate_key_message(self._path, key), count=owner)
+                continue
+            if key in self._repeated:
+                self.counters.bad("duplicate_episode", self._repeated[key], count=owner)
                 continue
             combo = combo_of_key(key[key.rfind("/") + 1 :])
             if combo is not None and combo not in self.kept_combos:

@@ -19,6 +19,7 @@ and an ``init_from.json`` written here into each run dir (see finetune.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ from .finetune import write_init
 
 log = logging.getLogger(__name__)
 
+# EvalSpec fields that do not change an evaluation's numbers (left out of the eval cache key).
+REPORT_ONLY_EVAL_KEYS = {"min_episodes_per_cell", "seen_reference_combos", "competence_threshold", "alpha",
+                         "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads"}
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 
 
@@ -43,6 +47,9 @@ class WorldSpec:
     scenes: int = 8
     tasks: int = 6
     robot_episodes_per_combo: int = 3
+    # Robot episodes on each finetune combo (0 = robot_episodes_per_combo): the task-specific robot
+    # data of the finetune stage; the competence gate is measured on these combos.
+    finetune_episodes_per_combo: int = 0
     human_episodes_per_combo: int = 6
     # Target combos ("scene:task"): robot data never shows them; human data shows only them.
     targets: list[str] = field(default_factory=lambda: ["0:0", "0:1"])
@@ -76,6 +83,10 @@ class EvalSpec:
     # Significance level of the robot+human vs robot comparison (two-sided Fisher exact test,
     # Holm-corrected across the gated levels).
     alpha: float = 0.05
+    # torch CPU threads while evaluating: a tiny model's per-step matmuls are microseconds, and with
+    # more threads than free cores OpenMP spin-waits dominate (measured: one closed-loop episode
+    # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting.
+    cpu_threads: int = 1
 
     def validate(self) -> None:
         if not 0.0 <= self.competence_threshold <= 1.0:
@@ -97,6 +108,10 @@ class ExperimentSpec:
     finetune_steps: int = 300
     # mixture weight of the human source in co-finetuning, robot weighs 1 (1.0 = the paper's 50/50).
     human_weight: float = 1.0
+    # Local executor: training runs of one sweep that run at the same time (each uses one CPU
+    # thread for a tiny model; 2 keeps both cores of a 2-core box busy). SLURM: the array's
+    # parallelism.
+    parallel_runs: int = 2
     # Training config shared by every run (a mapping of the run config: data / model / train / launch).
     train_config: dict = field(default_factory=dict)
     # Dotted overrides for every run, applied last (knobs: data.cameras, data.chunk_length, ...).
@@ -148,11 +163,16 @@ def seen_combos(spec: ExperimentSpec) -> list[str]:
     return combos[:n] if n else combos
 
 
-def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, world: WorldSpec) -> Path:
+def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, world: WorldSpec,
+               more: dict[str, int] | None = None) -> Path:
+    """``per_combo`` episodes of every combo, ``more[combo]`` where given."""
     from megavla.data_shards.writer import ShardSetWriter
+    more = {c: n for c, n in (more or {}).items() if n != per_combo}
     generator = {"generator": "megavla.eval.experiments (data_shards.synth.generate_episode)",
                  "embodiment": embodiment, "combos": combos, "episodes_per_combo": per_combo,
                  "image_size": world.image_size, "seed": world.seed}
+    if more:
+        generator["episodes_per_combo_override"] = more
     if (out / "manifest.json").is_file():
         stored = json.loads((out / "manifest.json").read_text()).get("generator")
         if stored != generator:
@@ -164,7 +184,7 @@ def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, wo
                         overwrite=True) as writer:
         for combo in combos:
             s, t = closed_loop.parse_combo(combo)
-            for e in range(per_combo):
+            for e in range(more.get(combo, per_combo)):
                 writer.write(generate_episode(embodiment, s, t, e, image_size=world.image_size, seed=world.seed))
     return out
 
@@ -179,7 +199,9 @@ def prepare_data(spec: ExperimentSpec, root: Path) -> dict[str, str]:
         raise ConfigError(f"world.targets / finetune_combos {bad} are outside the {world.scenes} x "
                           f"{world.tasks} world")
     robot = _write_set(root / "robot", "robot/arm", [c for c in universe if c not in world.targets],
-                       world.robot_episodes_per_combo, world)
+                       world.robot_episodes_per_combo, world,
+                       {c: world.finetune_episodes_per_combo for c in finetune_combos(world)
+                        if world.finetune_episodes_per_combo > 0})
     human = _write_set(root / "human", "human/ego", list(world.targets), world.human_episodes_per_combo, world)
     chunk = int(run_config(spec, {}, []).get("data", {}).get("chunk_length", 10))
     tok = root / f"tokenizers_H{chunk}"
@@ -212,10 +234,10 @@ def write_sweep(path: Path, base: dict, out_dir: Path, grid: dict, overrides: li
     return path
 
 
-def run_sweep(path: Path, launch_overrides: list[str]) -> list:
-    """Submit (local: run) the sweep's unfinished runs; returns its SweepRun list."""
+def run_sweep(path: Path, launch_overrides: list[str], parallel: int = 1) -> list:
+    """Submit (local: run, ``parallel`` at a time) the sweep's unfinished runs; returns its SweepRun list."""
     from megavla.launch.sweep import expand, submit_sweep
-    submit_sweep(path, launch_overrides)
+    submit_sweep(path, launch_overrides, array_parallelism=parallel)
     return expand(path, launch_overrides)[1]
 
 
@@ -241,7 +263,7 @@ def pretrain(spec: ExperimentSpec, data: dict, root: Path, levels: list[float], 
                                        "data.mixture.human=0.0"])
         sweep = write_sweep(root / "sweeps" / "pretrain.yaml", base, root / "runs" / "pretrain",
                             {"data.diversity_fraction": positive}, [])
-        for run in run_sweep(sweep, launch):
+        for run in run_sweep(sweep, launch, spec.parallel_runs):
             out[run.cfg.data.diversity_fraction] = finished_checkpoint(run)
     return out
 
@@ -258,7 +280,7 @@ def finetune(spec: ExperimentSpec, data: dict, root: Path, name: str, init: Path
     from megavla.launch.sweep import expand
     for run in expand(sweep, launch)[1]:
         write_init(run.cfg.train.run_dir, init)
-    runs = run_sweep(sweep, launch)
+    runs = run_sweep(sweep, launch, spec.parallel_runs)
     for run in runs:
         finished_checkpoint(run)
     return runs
@@ -269,16 +291,38 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
                  tag: str = "targets") -> dict:
     """Closed-loop success + offline error of one finished run on ``combos`` (cached in
     ``eval_<tag>.json``; recomputed when the evaluation settings change)."""
-    from .policy import VLAPolicy, load_checkpoint, resolve_checkpoint_dir
+    from .policy import resolve_checkpoint_dir
     ev = spec.eval
     # The checkpoint is part of the key: a run resumed to more steps is evaluated again.
+    # Only settings that change the numbers: a new gate threshold or alpha must not re-run episodes.
     settings = {"combos": combos, "subtask": subtask, "checkpoint": str(resolve_checkpoint_dir(run_dir)),
-                **to_dict(ev)}
+                **{k: v for k, v in to_dict(ev).items() if k not in REPORT_ONLY_EVAL_KEYS}}
     cache = run_dir / f"eval_{tag}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             return saved
+    with _torch_threads(ev.cpu_threads):
+        result = _evaluate(spec, run_dir, combos, subtask, settings)
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict) -> dict:
+    from .policy import VLAPolicy, load_checkpoint
+    ev = spec.eval
     loaded = load_checkpoint(run_dir)
     image_size = loaded.cfg.data.image_size
     execute_k = min(ev.execute_k, loaded.cfg.data.chunk_length)  # a short chunk (knob H) caps k
@@ -293,5 +337,4 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
                                         cameras=tuple(loaded.cfg.data.cameras))
     result["offline"] = offline.evaluate_offline(loaded, episodes, ev.offline_steps_per_episode, ev.flow_steps,
                                                  subtask=subtask, motion_threshold=ev.motion_threshold)
-    cache.write_text(json.dumps(result, indent=1))
     return result

@@ -12,9 +12,11 @@ padding is not counted: only valid tokens do useful work):
 
 Tokens of one sample: the vision tower runs only on present cameras ((R/p)^2 patches each); the
 backbone sees the prefix (camera tokens + valid text + valid state dims when the state is discrete)
-and the LM suffix (1 + subtask, 1 + FAST for the objectives switched on); prefix tokens see the whole
-prefix, suffix token i sees the prefix and suffix tokens <= i; the expert's chunk_length (+1 state
-token when continuous) queries see the prefix and each other; its adaRMS ``dense`` layers and the time
+and the LM suffix (1 + subtask when it is a target or the actions' context, 2 + FAST with FAST_END);
+prefix tokens see the whole prefix, suffix token i sees the prefix and suffix tokens <= i; the
+expert's chunk_length (+1 state token when continuous) queries see the prefix (+ the subtask segment
+with action_conditioning=subtask) and each other, except that the state token does not see the
+actions; its adaRMS ``dense`` layers and the time
 MLP run once per sample. Embedding lookups cost nothing. With knowledge insulation and no CE
 objective the backbone (and vision) backward never runs, so they count 1x, not 3x. Frozen parts
 (train.freeze) still count 3x (their weight gradients are skipped: a small overcount).
@@ -96,19 +98,30 @@ class Coefficients:
     lm_head_per_target: float     # 2 x width x vocab
     patches_per_image: int
     lm_objective: bool            # a CE objective (subtask / FAST) trains the backbone
+    subtask_in_sequence: bool     # the subtask segment runs: a CE target and/or the actions' context
+    actions_read_subtask: bool    # action_conditioning=subtask (with the flow objective on)
 
 
-@functools.lru_cache(maxsize=16)
-def _coefficients(cfg_json: str) -> Coefficients:
+_COEFFICIENTS: dict[str, Coefficients] = {}
+
+
+def _numel(param) -> int:
+    """Full element count, also of a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _coefficients(cfg_json: str, model: nn.Module | None = None) -> Coefficients:
+    if cfg_json in _COEFFICIENTS:
+        return _COEFFICIENTS[cfg_json]
     mcfg = ModelConfig(**json.loads(cfg_json))
-    model = _meta_model(cfg_json)
+    model = model if model is not None else _meta_model(cfg_json)
     patches = (mcfg.image_size // mcfg.patch_size) ** 2
     macs = dict(vision=0.0, backbone=0.0, expert=0.0, expert_step=0.0, expert_once=0.0)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            macs["vision"] += module.weight.numel() * patches
+            macs["vision"] += _numel(module.weight) * patches
         elif isinstance(module, nn.Linear):
-            n = module.weight.numel()
+            n = _numel(module.weight)
             if name.startswith(("vision.", "projector")):
                 macs["vision"] += n * patches
             elif name.startswith("expert.stack."):
@@ -120,7 +133,8 @@ def _coefficients(cfg_json: str) -> Coefficients:
             else:
                 macs["backbone"] += n
     lm_objective = mcfg.subtask_weight > 0 or mcfg.fast_weight > 0
-    return Coefficients(
+    read_subtask = mcfg.action_conditioning == "subtask" and mcfg.flow_weight > 0
+    _COEFFICIENTS[cfg_json] = Coefficients(
         vision_per_image=2.0 * macs["vision"],
         vision_attention_per_image=mcfg.vision_depth * 4.0 * patches ** 2 * mcfg.vision_width,
         backbone_per_token=2.0 * macs["backbone"], expert_per_token=2.0 * macs["expert"],
@@ -128,17 +142,25 @@ def _coefficients(cfg_json: str) -> Coefficients:
         expert_state_tokens=1 if mcfg.state_mode == "continuous" else 0,
         attention_per_pair=mcfg.depth * 4.0 * mcfg.num_heads * mcfg.head_dim,
         lm_head_per_target=2.0 * mcfg.width * model.vocab_size, patches_per_image=patches,
-        lm_objective=lm_objective)
+        lm_objective=lm_objective, subtask_in_sequence=mcfg.subtask_weight > 0 or read_subtask,
+        actions_read_subtask=read_subtask)
+    return _COEFFICIENTS[cfg_json]
 
 
-def coefficients(cfg) -> Coefficients:
-    return _coefficients(_key(model_config_of(cfg)))
+def coefficients(cfg, model: nn.Module | None = None) -> Coefficients:
+    """Per-config FLOP coefficients, read from `model`'s layer shapes when given (a built VLA of this
+    config whose parameters are not partitioned yet), else from a meta-device build. The meta build
+    costs ~1-2 CPU-s the first time in a process (its init ops import torch._dynamo and sympy), so
+    the trainer passes the model it already has."""
+    return _coefficients(_key(model_config_of(cfg)), model)
 
 
-def forward_flops(cfg, images, prefix, suffix, expert, lm_targets, insulated: bool | None = None
-                  ) -> dict[str, float]:
+def forward_flops(cfg, images, prefix, suffix, expert, lm_targets, insulated: bool | None = None,
+                  expert_context=None) -> dict[str, float]:
     """Forward FLOPs per part, summed over samples; each count is a number or a 1-D array (one
-    entry per sample): present camera images, prefix / LM-suffix / expert tokens, LM targets.
+    entry per sample): present camera images, prefix / LM-suffix / expert tokens, LM targets, and
+    the backbone tokens the action rows read (default: the prefix; + the subtask segment when
+    actions are conditioned on it).
     "train_total" applies the backward factors; `insulated`: knowledge insulation in effect at this
     step (VLA.insulated; default: the config's setting)."""
     c = coefficients(cfg)
@@ -152,7 +174,10 @@ def forward_flops(cfg, images, prefix, suffix, expert, lm_targets, insulated: bo
     has_expert = (t["expert"] > 0).astype(np.float64)
     chunk_steps = np.maximum(t["expert"] - c.expert_state_tokens, 0.0)
     pairs_backbone = t["prefix"] ** 2 + t["suffix"] * t["prefix"] + t["suffix"] * (t["suffix"] + 1) / 2
-    pairs_expert = t["expert"] * (t["prefix"] + t["expert"])
+    context = t["prefix"] if expert_context is None else np.asarray(expert_context, dtype=np.float64)
+    # every expert row reads the context and the expert block, but a pi0 state token (its own
+    # block) does not see the action tokens
+    pairs_expert = t["expert"] * (context + t["expert"]) - has_expert * c.expert_state_tokens * chunk_steps
     out = {
         "vision": float((t["images"] * c.vision_per_image).sum()),
         "backbone": float((backbone_tokens * c.backbone_per_token).sum()),
@@ -173,19 +198,23 @@ def token_counts(cfg: ModelConfig) -> dict[str, int]:
     """Nominal tokens of one sample (model.num_cameras, text_len, subtask_len, fast_len)."""
     cfg = resolve(cfg)
     patches = cfg.num_cameras * (cfg.image_size // cfg.patch_size) ** 2
-    lm_targets = (cfg.subtask_len if cfg.subtask_weight > 0 else 0) + (cfg.fast_len if cfg.fast_weight > 0 else 0)
-    lm_suffix = (1 + cfg.subtask_len if cfg.subtask_weight > 0 else 0) + (1 + cfg.fast_len if cfg.fast_weight > 0 else 0)
+    c = coefficients(cfg)
+    subtask = 1 + cfg.subtask_len if c.subtask_in_sequence else 0   # SUBTASK_START + tokens
+    fast = 2 + cfg.fast_len if cfg.fast_weight > 0 else 0           # FAST_START + tokens + FAST_END
+    lm_targets = (cfg.subtask_len if cfg.subtask_weight > 0 else 0) + (fast - 1 if fast else 0)
     prefix = patches + cfg.text_len + (cfg.state_dim if cfg.state_mode == "discrete" else 0)
     expert = cfg.chunk_length + (1 if cfg.state_mode == "continuous" else 0) if cfg.flow_weight > 0 else 0
-    return {"images": cfg.num_cameras, "patches": patches, "prefix": prefix, "suffix": lm_suffix,
-            "backbone": prefix + lm_suffix, "expert": expert, "lm_targets": lm_targets}
+    return {"images": cfg.num_cameras, "patches": patches, "prefix": prefix, "suffix": subtask + fast,
+            "backbone": prefix + subtask + fast, "expert": expert, "lm_targets": lm_targets,
+            "expert_context": prefix + (subtask if c.actions_read_subtask else 0)}
 
 
 def flops_breakdown(cfg) -> dict[str, float]:
     """Forward FLOPs of one nominal sample per part (+ "train_total")."""
     mcfg = resolve(model_config_of(cfg))
     tok = token_counts(mcfg)
-    return forward_flops(mcfg, tok["images"], tok["prefix"], tok["suffix"], tok["expert"], tok["lm_targets"])
+    return forward_flops(mcfg, tok["images"], tok["prefix"], tok["suffix"], tok["expert"], tok["lm_targets"],
+                         expert_context=tok["expert_context"])
 
 
 def flops_per_sample(cfg) -> float:
@@ -209,16 +238,23 @@ def batch_token_counts(cfg: ModelConfig, batch) -> dict[str, np.ndarray]:
     prefix = images * coefficients(cfg).patches_per_image + _valid_per_sample(batch.text_mask)
     if cfg.state_mode == "discrete":
         prefix = prefix + _valid_per_sample(batch.state_mask)
+    c = coefficients(cfg)
     zero = np.zeros_like(images)
-    suffix, lm_targets = zero, zero
-    for weight, mask in ((cfg.subtask_weight, batch.subtask_mask), (cfg.fast_weight, batch.fast_mask)):
-        if weight > 0:
-            valid = _valid_per_sample(mask)
-            suffix = suffix + 1 + valid
-            lm_targets = lm_targets + valid
+    suffix, lm_targets, context = zero, zero, prefix
+    if c.subtask_in_sequence:  # SUBTASK_START + subtask tokens: a CE target and/or the actions' context
+        segment = 1 + _valid_per_sample(batch.subtask_mask)
+        suffix = suffix + segment
+        if cfg.subtask_weight > 0:
+            lm_targets = lm_targets + segment - 1
+        if c.actions_read_subtask:
+            context = prefix + segment
+    if cfg.fast_weight > 0:    # FAST_START + FAST tokens + FAST_END (a target too)
+        valid = _valid_per_sample(batch.fast_mask)
+        suffix = suffix + 2 + valid
+        lm_targets = lm_targets + valid + 1
     per_expert = cfg.chunk_length + (1 if cfg.state_mode == "continuous" else 0) if cfg.flow_weight > 0 else 0
     return {"images": images, "prefix": prefix, "suffix": suffix, "expert": zero + per_expert,
-            "lm_targets": lm_targets}
+            "lm_targets": lm_targets, "expert_context": context}
 
 
 def batch_flops(cfg: ModelConfig, batch, insulated: bool | None = None) -> float:
@@ -230,4 +266,4 @@ def batch_flops(cfg: ModelConfig, batch, insulated: bool | None = None) -> float
 def batch_tokens(cfg: ModelConfig, batch) -> int:
     """Valid tokens the model processes for this batch (backbone + expert), for tokens/s."""
     tok = batch_token_counts(cfg, batch)
-    return int((tok["prefix"] + tok["suffix"] + tok["expert"]).sum())
+    return int((tok["prefix"] + tok["suffix"] + tok["expert"]).sum())  # expert_context: a subset

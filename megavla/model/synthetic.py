@@ -53,16 +53,26 @@ def random_batch(cfg: ModelConfig, batch_size: int = 4, num_cameras: int = 2, te
     actions = torch.rand(b, h, a, generator=g) * 2 - 1
     actions = garbage_where(actions, dim_mask[:, None, :] & time_mask[:, :, None])
     state = garbage_where(torch.rand(b, s, generator=g) * 2 - 1, state_mask)
+    # drawn in the order the fields are listed (seeded batches stay what they were)
+    images = torch.randint(0, 256, (b, num_cameras, 3, r, r), dtype=torch.uint8, generator=g)
+    text = torch.randint(0, cfg.text_vocab_size, (b, text_len), generator=g)
+    fast = torch.randint(0, cfg.fast_vocab_size, (b, fast_len), generator=g)
+    subtask = torch.randint(0, cfg.text_vocab_size, (b, subtask_len), generator=g)
+    # like the pipeline's: a subtask ends in the text EOS and holds no earlier one (inference stops there)
+    eos = cfg.subtask_eos_id
+    subtask = torch.where(subtask == eos, torch.full_like(subtask, (eos + 1) % cfg.text_vocab_size), subtask)
+    last = subtask_mask.long().sum(dim=1, keepdim=True) - 1
+    subtask = subtask.scatter(1, last, torch.full_like(last, eos))
     return Batch(
-        images=torch.randint(0, 256, (b, num_cameras, 3, r, r), dtype=torch.uint8, generator=g),
+        images=images,
         image_mask=image_mask,
-        text_tokens=torch.randint(0, cfg.text_vocab_size, (b, text_len), generator=g),
+        text_tokens=text,
         text_mask=text_mask,
         state=state, state_mask=state_mask,
         actions=actions, action_dim_mask=dim_mask, action_time_mask=time_mask,
-        fast_tokens=torch.randint(0, cfg.fast_vocab_size, (b, fast_len), generator=g),
+        fast_tokens=fast,
         fast_mask=fast_mask,
-        subtask_tokens=torch.randint(0, cfg.text_vocab_size, (b, subtask_len), generator=g),
+        subtask_tokens=subtask,
         subtask_mask=subtask_mask,
         embodiment=embodiment,
         meta={"source": ["robot" if e == ROBOT else "human" for e in embodiment.tolist()]},

@@ -10,7 +10,7 @@ Module tree (parameter names; HF PaliGemma names in brackets for the weight load
     │   │                                             [encoder.layers.{i}.<same names>]
     │   └── post_layernorm                            [post_layernorm]
     ├── projector: Linear(Wv, W)                      [multi_modal_projector.linear]
-    ├── embed_tokens: Embedding(text + FAST + 2, W)   [language_model.embed_tokens]; tied output head
+    ├── embed_tokens: Embedding(text + FAST + 3, W)   [language_model.embed_tokens]; tied output head
     ├── backbone: GemmaStack                          [language_model]
     │   ├── layers.{i}: input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
     │   │               mlp.{gate,up,down}_proj        [layers.{i}.<same names>]
@@ -23,21 +23,27 @@ Module tree (parameter names; HF PaliGemma names in brackets for the weight load
         └── state_proj (state_mode=continuous)
 
 Vocabulary rows of ``embed_tokens``: [0, text_vocab) text, [text_vocab, text_vocab + fast_vocab)
-FAST (batch FAST ids are FAST-local; the model adds ``fast_offset``), then SUBTASK_START and
-FAST_START markers that open the two LM-suffix segments.
+FAST (batch FAST ids are FAST-local; the model adds ``fast_offset``), FAST_END (FAST-local id
+``fast_vocab``: ends every FAST target, like openpi's "|" + EOS, so greedy FAST decoding stops by
+itself), then the SUBTASK_START and FAST_START markers that open the two LM-suffix segments.
 
 Sequence (kinds of megavla.kernels.AttentionLayout)::
 
-    PREFIX    [camera tokens (absent cameras invalid) | text | state tokens (discrete)]  bidirectional
-    LM_SUFFIX [SUBTASK_START, subtask..., FAST_START, fast...]                            causal
-    EXPERT    [(state token) action tokens x_t]    sees prefix + itself, never LM_SUFFIX
+    PREFIX        [camera tokens (absent cameras invalid) | text | state tokens (discrete)]  bidirectional
+    SUBTASK       [SUBTASK_START, subtask...]       causal; action rows read it (action_conditioning=subtask;
+                                                    with =instruction these tokens are LM_SUFFIX)
+    LM_SUFFIX     [FAST_START, fast..., FAST_END]   causal; action rows never read it
+    EXPERT_STATE  [state token] (continuous state, pi0)  its own block: blind to the action tokens
+    EXPERT        [action tokens x_t]               bidirectional; sees everything above but LM_SUFFIX
 
-RoPE positions count valid tokens; expert positions continue right after the prefix (as at
-inference, where no LM suffix exists). Images enter unscaled, text/state embeddings x sqrt(W)
-(= HF PaliGemma, which divides image features by sqrt(W) before Gemma's x sqrt(W)).
+RoPE positions count valid tokens; expert positions continue right after what the action rows read
+(prefix, + subtask segment when conditioned on it), exactly as at inference, where the FAST
+segment does not exist. Images enter unscaled, text/state embeddings x sqrt(W) (= HF PaliGemma,
+which divides image features by sqrt(W) before Gemma's x sqrt(W)).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -46,7 +52,7 @@ from torch import nn
 
 from megavla.batch import Batch
 from megavla.config.model import ModelConfig
-from megavla.kernels import EXPERT, LM_SUFFIX, PREFIX, AttentionLayout
+from megavla.kernels import EXPERT, EXPERT_STATE, LM_SUFFIX, PREFIX, SUBTASK, AttentionLayout
 
 from . import inference, losses
 from .expert import ActionExpert
@@ -92,10 +98,17 @@ class VLA(nn.Module):
         self.vision = VisionTower(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_depth,
                                   cfg.vision_heads, cfg.vision_mlp_dim)
         self.projector = nn.Linear(cfg.vision_width, cfg.width)
+        if cfg.subtask_eos_id >= cfg.text_vocab_size:
+            raise ValueError(f"model.subtask_eos_id={cfg.subtask_eos_id} is outside the text vocabulary "
+                             f"[0, {cfg.text_vocab_size}); set it to the text tokenizer's eos_id")
         self.fast_offset = cfg.text_vocab_size
-        self.subtask_start_id = cfg.text_vocab_size + cfg.fast_vocab_size
+        self.fast_end_local = cfg.fast_vocab_size          # FAST-local id of FAST_END
+        self.fast_end_id = self.fast_offset + self.fast_end_local
+        self.subtask_start_id = self.fast_end_id + 1
         self.fast_start_id = self.subtask_start_id + 1
         self.vocab_size = self.fast_start_id + 1
+        # the kind of the subtask segment: SUBTASK is read by the action rows, LM_SUFFIX is not
+        self.subtask_kind = SUBTASK if cfg.action_conditioning == "subtask" else LM_SUFFIX
         self.embed_tokens = TiedEmbedding(self.vocab_size, cfg.width)
         self.backbone = GemmaStack(cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
                                    cfg.head_dim, impl=impl)
@@ -104,7 +117,8 @@ class VLA(nn.Module):
                                    cfg.num_kv_heads, cfg.head_dim, cfg.action_dim, cfg.state_dim,
                                    cfg.time_conditioning, cfg.state_mode == "continuous", impl)
         self.vision.checkpoint_layers = cfg.activation_checkpointing
-        self.apply(_init_weights)
+        if not _DEFERRED_INIT:
+            self.apply(_init_weights)
         # Optimizer steps taken so far; the trainer sets it (knowledge insulation "on after N").
         self.training_step = 0
 
@@ -113,6 +127,12 @@ class VLA(nn.Module):
         """Whether the flow loss is kept out of the backbone at the current training step."""
         cfg = self.cfg
         return cfg.knowledge_insulation and self.training_step >= cfg.knowledge_insulation_start_step
+
+    @staticmethod
+    def init_module_weights(module: nn.Module) -> None:
+        """The weight init `__init__` applies to every module, for callers that build the model with
+        partitioned parameters (DeepSpeed zero.Init) and re-apply it one gathered module at a time."""
+        _init_weights(module)
 
     @property
     def tokens_per_image(self) -> int:
@@ -142,33 +162,64 @@ class VLA(nn.Module):
         positions = (torch.cumsum(valid.long(), dim=1) - 1).clamp_min(0)
         return Tokens(x, valid, torch.full_like(positions, PREFIX), positions)
 
-    def lm_suffix_tokens(self, batch: Batch, prefix: Tokens, with_subtask: bool, with_fast: bool):
-        """[SUBTASK_START, subtask..., FAST_START, fast...] -> (Tokens, {"subtask": start, "fast": start})."""
+    @property
+    def actions_read_subtask(self) -> bool:
+        """The action rows attend to the subtask segment (action_conditioning=subtask, flow on)."""
+        return self.cfg.action_conditioning == "subtask" and self.cfg.flow_weight > 0
+
+    @property
+    def subtask_in_sequence(self) -> bool:
+        """Training puts the subtask segment in the sequence: as a target and/or as action context."""
+        return self.cfg.subtask_weight > 0 or self.actions_read_subtask
+
+    def fast_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """FAST tokens in model ids with FAST_END after each row's last valid token -> ([B, Lf+1] ids,
+        [B, Lf+1] mask). Padding stays padding (invalid)."""
+        b, length = batch.fast_tokens.shape
+        ends = batch.fast_mask.long().sum(dim=1, keepdim=True)  # right-padded: first free slot
+        col = torch.arange(length + 1, device=ends.device)[None, :]
+        ids = torch.cat([batch.fast_tokens + self.fast_offset,
+                         batch.fast_tokens.new_zeros(b, 1)], dim=1)
+        ids = torch.where(col == ends, torch.full_like(ids, self.fast_end_id), ids)
+        return ids, torch.cat([batch.fast_mask, batch.fast_mask.new_zeros(b, 1)], dim=1) | (col == ends)
+
+    def lm_suffix_tokens(self, batch: Batch, prefix: Tokens, with_subtask: bool, with_fast: bool,
+                         fast_end: bool = True):
+        """[SUBTASK_START, subtask...] (kind ``subtask_kind``) + [FAST_START, fast..., FAST_END]
+        (LM_SUFFIX) -> (Tokens, {"subtask": start, "fast": start}). ``fast_end=False``: no FAST_END
+        (the seed of greedy FAST decoding)."""
         b, dev = batch.batch_size, batch.text_tokens.device
-        ids, valid, starts, length = [], [], {}, 0
+        ids, valid, kinds, starts, length = [], [], [], {}, 0
         one = torch.ones(b, 1, dtype=torch.bool, device=dev)
         if with_subtask:
             starts["subtask"] = length
             ids += [torch.full((b, 1), self.subtask_start_id, device=dev), batch.subtask_tokens]
             valid += [one, batch.subtask_mask]
             length += 1 + batch.subtask_tokens.shape[1]
+            kinds.append(torch.full((b, length), self.subtask_kind, device=dev))
         if with_fast:
             starts["fast"] = length
-            ids += [torch.full((b, 1), self.fast_start_id, device=dev), batch.fast_tokens + self.fast_offset]
-            valid += [one, batch.fast_mask]
+            fast_ids, fast_mask = (self.fast_targets(batch) if fast_end
+                                   else (batch.fast_tokens + self.fast_offset, batch.fast_mask))
+            ids += [torch.full((b, 1), self.fast_start_id, device=dev), fast_ids]
+            valid += [one, fast_mask]
+            kinds.append(torch.full((b, 1 + fast_ids.shape[1]), LM_SUFFIX, device=dev))
         ids_t, valid_t = torch.cat(ids, dim=1), torch.cat(valid, dim=1)
         # padded ids may be anything; embed a safe id there (the token is invalid anyway)
         ids_t = torch.where(valid_t, ids_t, torch.zeros_like(ids_t))
         positions = prefix_length(prefix)[:, None] + (torch.cumsum(valid_t.long(), dim=1) - 1).clamp_min(0)
-        return Tokens(self._embed_ids(ids_t), valid_t, torch.full_like(positions, LM_SUFFIX), positions), starts
+        kind = torch.cat(kinds, dim=1).to(prefix.kind.dtype)
+        return Tokens(self._embed_ids(ids_t), valid_t, kind, positions), starts
 
-    def expert_tokens(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, prefix: Tokens):
-        """Expert stream + its kind/valid: positions continue right after the prefix."""
+    def expert_tokens(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch, start: torch.Tensor):
+        """Expert stream + its kind/valid; positions continue from ``start`` [B] (the first position
+        after what the action rows read). A continuous state token is its own EXPERT_STATE block."""
         state = torch.where(batch.state_mask, batch.state, torch.zeros_like(batch.state))  # NaN-safe
         x, cond = self.expert.embed(x_t, t, state)
         b, length = x.shape[:2]
-        positions = prefix_length(prefix)[:, None] + torch.arange(length, device=x.device)[None, :]
-        kind = torch.full((b, length), EXPERT, dtype=prefix.kind.dtype, device=x.device)
+        positions = start[:, None] + torch.arange(length, device=x.device)[None, :]
+        kind = torch.full((b, length), EXPERT, dtype=torch.long, device=x.device)
+        kind[:, :self.expert.num_state_tokens] = EXPERT_STATE
         valid = torch.ones(b, length, dtype=torch.bool, device=x.device)
         return Stream(x, positions, cond), kind, valid
 
@@ -187,11 +238,12 @@ class VLA(nn.Module):
         """The training-path computation (objectives with weight 0 are left out of the sequence)."""
         cfg = self.cfg
         losses.check_batch(self, batch)
-        use_flow, use_fast, use_subtask = cfg.flow_weight > 0, cfg.fast_weight > 0, cfg.subtask_weight > 0
+        use_flow, use_fast = cfg.flow_weight > 0, cfg.fast_weight > 0
+        with_subtask = self.subtask_in_sequence
         prefix = self.prefix_tokens(batch)
         parts, starts = [prefix], {}
-        if use_fast or use_subtask:
-            suffix, starts = self.lm_suffix_tokens(batch, prefix, use_subtask, use_fast)
+        if use_fast or with_subtask:
+            suffix, starts = self.lm_suffix_tokens(batch, prefix, with_subtask, use_fast)
             parts.append(suffix)
         bb = Tokens.cat(parts)
         bb_layout = AttentionLayout.from_kinds(bb.kind, bb.valid)
@@ -200,8 +252,11 @@ class VLA(nn.Module):
         if use_flow:
             out.actions = losses.clean_actions(batch)
             t, out.noise, x_t = losses.noisy_actions(out.actions, noise, time, cfg.kernels)
-            ex, ex_kind, ex_valid = self.expert_tokens(x_t, t, batch, prefix)
-            ex_layout = AttentionLayout.from_kinds(torch.cat([bb.kind, ex_kind], 1),
+            start = prefix_length(prefix)
+            if self.actions_read_subtask:  # + SUBTASK_START + the valid subtask tokens
+                start = start + 1 + batch.subtask_mask.long().sum(dim=1)
+            ex, ex_kind, ex_valid = self.expert_tokens(x_t, t, batch, start)
+            ex_layout = AttentionLayout.from_kinds(torch.cat([bb.kind, ex_kind.to(bb.kind.dtype)], 1),
                                                    torch.cat([bb.valid, ex_valid], 1), ex.x.shape[1])
         bb_h, ex_h, _ = run_shared_layers(self.backbone, self.expert.stack if use_flow else None,
                                           Stream(bb.x, bb.positions), ex, self.shared_attention(bb_layout, ex_layout),
@@ -209,8 +264,11 @@ class VLA(nn.Module):
         out.backbone_hidden = bb_h
         if use_flow:
             out.velocity = self.expert.velocity(ex_h, ex.cond, cfg.chunk_length)
-        for name, length in (("subtask", batch.subtask_tokens.shape[1]), ("fast", batch.fast_tokens.shape[1])):
-            if name in starts:
+        # logits only for the objectives that are on (a subtask segment may be context only)
+        targets = {"subtask": (cfg.subtask_weight > 0, batch.subtask_tokens.shape[1]),
+                   "fast": (use_fast, batch.fast_tokens.shape[1] + 1)}  # + FAST_END
+        for name, (on, length) in targets.items():
+            if on:
                 begin = prefix.x.shape[1] + starts[name]  # hidden at the start marker predicts token 0
                 setattr(out, f"{name}_logits", self.logits(bb_h[:, begin:begin + length]))
         return out
@@ -227,9 +285,10 @@ class VLA(nn.Module):
             flow, per_sample = losses.flow_loss(res.velocity, res.actions, res.noise, batch, cfg.kernels)
             total = total + cfg.flow_weight * flow
             losses.log_per_embodiment(out, "flow", flow, per_sample, losses.flow_supervised(batch), batch)
+        fast_ids, fast_mask = self.fast_targets(batch)
         for name, logits, targets, mask, weight in (
                 ("subtask", res.subtask_logits, batch.subtask_tokens, batch.subtask_mask, cfg.subtask_weight),
-                ("fast", res.fast_logits, batch.fast_tokens + self.fast_offset, batch.fast_mask, cfg.fast_weight)):
+                ("fast", res.fast_logits, fast_ids, fast_mask, cfg.fast_weight)):
             if logits is None:
                 continue
             ce, per_sample_sum, per_sample_count = losses.token_ce(logits, targets, mask)
@@ -241,9 +300,14 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------ inference / probes
     @torch.no_grad()
     def sample_actions(self, batch: Batch, num_steps: int = 10, noise: torch.Tensor | None = None,
-                       use_cache: bool = True) -> torch.Tensor:
-        """Euler-integrate the expert's velocity from t=1 (noise) to t=0 -> actions [B, H, A] fp32."""
-        return inference.sample_actions(self, batch, num_steps, noise, use_cache)
+                       use_cache: bool = True, subtask: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       return_subtask: bool = False):
+        """Euler-integrate the expert's velocity from t=1 (noise) to t=0 -> actions [B, H, A] fp32.
+        With action_conditioning=subtask the subtask is decoded first (greedy, up to
+        model.subtask_len tokens or model.subtask_eos_id), unless ``subtask`` = (ids, mask) is given.
+        ``return_subtask``: -> (actions, (text ids [B, n], valid [B, n]) the actions were conditioned
+        on, None with action_conditioning=instruction), so callers need not decode it twice."""
+        return inference.sample_actions(self, batch, num_steps, noise, use_cache, subtask, return_subtask)
 
     @torch.no_grad()
     def predict_subtask(self, batch: Batch, max_len: int = 16, eos_id: int | None = None,
@@ -252,13 +316,15 @@ class VLA(nn.Module):
         return inference.greedy_decode(self, batch, "subtask", max_len, eos_id, use_cache)
 
     @torch.no_grad()
-    def predict_fast(self, batch: Batch, max_len: int = 64, eos_id: int | None = None,
-                     use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy FAST tokens (FAST-local ids) after the batch's subtask tokens -> (ids, mask)."""
-        return inference.greedy_decode(self, batch, "fast", max_len, eos_id, use_cache)
+    def predict_fast(self, batch: Batch, max_len: int = 64, use_cache: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy FAST tokens (FAST-local ids) after the batch's subtask tokens, stopping at FAST_END
+        (``fast_end_local``; valid in the mask, the tokens after it are not) -> (ids, mask)."""
+        return inference.greedy_decode(self, batch, "fast", max_len, self.fast_end_local, use_cache)
 
     def decode_fast(self, tokens, fast_tokenizer, horizon: int | None = None, dim: int | None = None):
-        """FAST-local token ids (list or 1-D tensor) -> action chunk [H, dim] via the FAST tokenizer."""
+        """FAST-local token ids (list or 1-D tensor; FAST_END and what follows are dropped) -> action
+        chunk [H, dim] via the FAST tokenizer."""
         return inference.decode_fast(self, tokens, fast_tokenizer, horizon, dim)
 
     @torch.no_grad()
@@ -272,8 +338,28 @@ def prefix_length(prefix: Tokens) -> torch.Tensor:
     return prefix.valid.long().sum(dim=1)
 
 
+_DEFERRED_INIT = False
+
+
+@contextlib.contextmanager
+def deferred_weight_init():
+    """VLAs built inside skip the final weight init: the caller applies `VLA.init_module_weights` to
+    each module itself (in module order, so the weights equal a plain build's), e.g. with the
+    module's partitioned parameters gathered (DeepSpeed zero.Init)."""
+    global _DEFERRED_INIT
+    previous, _DEFERRED_INIT = _DEFERRED_INIT, True
+    try:
+        yield
+    finally:
+        _DEFERRED_INIT = previous
+
+
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
+    if getattr(module, "_zero_init", False):   # adaLN-zero layers (gemma.AdaRMSNorm.dense)
+        nn.init.zeros_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
         nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)

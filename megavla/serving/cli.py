@@ -1,7 +1,7 @@
 """``megavla serve EXPORT_OR_CHECKPOINT``: serve a trained policy to openpi clients over a websocket.
 
     megavla serve runs/mine/export                        # ws://127.0.0.1:8000, CPU
-    megavla serve runs/mine/export --host 0.0.0.0 --port 8000 --device cuda --api-key "$KEY"
+    megavla serve runs/mine/export --host 0.0.0.0 --port 8000 --device cuda --dtype bf16 --api-key "$KEY"
     megavla serve runs/mine/export --print-schema         # the observation keys a client must send
 
 Client side (unmodified openpi-client)::
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (bf16 on a GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op CPU threads (default: torch's; 1 on a shared CPU box avoids OpenMP spin-wait)")
     p.add_argument("--flow-steps", type=int, default=10, help="Euler steps of the flow sampler (default 10)")
     p.add_argument("--subtask", action="store_true", help="also predict the next subtask's text per request")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Api-Key <key>' (or MEGAVLA_API_KEY)")
@@ -55,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     from .server import PolicyServer, ServerOptions
     from megavla.eval.policy import CheckpointError
 
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(max(1, args.threads))
     try:
         policy = load_policy(args.path, device=args.device, flow_steps=args.flow_steps, subtask=args.subtask,
-                             schema=args.schema, seed=args.seed)
+                             schema=args.schema, seed=args.seed, dtype=args.dtype)
         options = ServerOptions(host=args.host, port=args.port,
                                 api_key=args.api_key or os.environ.get("MEGAVLA_API_KEY") or None,
                                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,

@@ -2,7 +2,7 @@
 
 ``megavla.load_policy(path)`` returns a :class:`LoadedPolicy`; ``megavla serve`` puts the same object
 behind a websocket. Both parse the observation with the schema (megavla/serving/schema.py), build the
-batch with the training pipeline's code (``eval.policy.frames_episode`` + ``episode_batch``) and
+batch with the training pipeline's code (``eval.policy.frames_episode`` + ``episode_sample``) and
 sample through the KV-cached ``VLA.sample_actions``; actions come back unnormalized, native dims only.
 
 Noise: each caller owns a ``torch.Generator`` (the in-process policy one, the server one per
@@ -28,6 +28,10 @@ from .schema import ACTION_SPACE, Observation, ObservationSchema, ResolvedSchema
 
 log = logging.getLogger(__name__)
 
+# Weights' dtype at inference; bf16 halves memory and is what GPUs run fast (the sampler keeps the
+# noise and the integrated actions in fp32).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 @dataclass
 class Request:
@@ -39,7 +43,8 @@ class LoadedPolicy:
     """``infer(obs)`` / ``infer_batch(requests)`` over one loaded checkpoint or export."""
 
     def __init__(self, loaded: LoadedCheckpoint, schema: ObservationSchema | None = None, *,
-                 device: str = "cpu", flow_steps: int = 10, subtask: bool = False, seed: int = 0):
+                 device: str = "cpu", flow_steps: int = 10, subtask: bool = False, seed: int = 0,
+                 dtype: str = "fp32"):
         if flow_steps < 1:
             raise ValueError(f"flow_steps={flow_steps} must be >= 1")
         d = loaded.cfg.data
@@ -49,12 +54,15 @@ class LoadedPolicy:
             state_dim, action_dim = loaded.normalizer.dim(emb, "state"), loaded.normalizer.dim(emb, "actions")
         else:  # normalization "none": the native dims are unknown, serve the padded ones
             state_dim, action_dim = d.max_state_dim, d.max_action_dim
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
         if subtask and loaded.text_tokenizer is None:
             raise ValueError(f"{loaded.path}: subtask prediction needs the text tokenizer (tokenizers/)")
         self.loaded, self.device = loaded, torch.device(device)
         self.flow_steps, self.subtask, self.seed = flow_steps, subtask, seed
         self.schema = ResolvedSchema(schema, list(d.cameras), state_dim, action_dim)
-        self.model = loaded.model.to(self.device).eval()
+        self.dtype = dtype
+        self.model = loaded.model.to(self.device, DTYPES[dtype]).eval()
         self.generator = self.new_generator()
 
     # ------------------------------------------------------------------ description
@@ -67,6 +75,7 @@ class LoadedPolicy:
                 "action_dim": s.action_dim, "action_names": s.action_names, "action_space": ACTION_SPACE,
                 "chunk_length": cfg.data.chunk_length, "cameras": list(s.cameras),
                 "image_size": cfg.data.image_size, "flow_steps": self.flow_steps, "subtask": self.subtask,
+                "dtype": self.dtype,
                 "observation_schema": s.describe()}
 
     # ------------------------------------------------------------------ requests
@@ -109,9 +118,18 @@ class LoadedPolicy:
         batch = collate(self.loaded, samples).to(self.device)
         noise = torch.cat([requests[i].noise for i in kept]).to(self.device)
         prepared = time.perf_counter()
-        chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise).float()
-        texts = self._subtasks(batch) if self.subtask else None
-        chunks = chunks.cpu()
+        texts, mcfg = None, self.loaded.cfg.model
+        if self.subtask and self.model.actions_read_subtask:
+            # The text returned is the one the actions were conditioned on (action_conditioning=subtask).
+            chunks, subtask = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise,
+                                                        return_subtask=True)
+            texts = self._decode(*subtask)
+        else:
+            chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise)
+            if self.subtask:
+                texts = self._decode(*self.model.predict_subtask(batch, max_len=mcfg.subtask_len,
+                                                                 eos_id=mcfg.subtask_eos_id))
+        chunks = chunks.float().cpu()
         if self.loaded.normalizer is not None:
             chunks = self.loaded.normalizer.unnormalize(chunks, s.schema.embodiment, "actions")
         actions = chunks[:, :, : s.action_dim].numpy()
@@ -125,15 +143,14 @@ class LoadedPolicy:
             results[i] = out
         return results
 
-    def _subtasks(self, batch) -> list[str]:
+    def _decode(self, ids, valid) -> list[str]:
         tok = self.loaded.text_tokenizer
-        ids, valid = self.model.predict_subtask(batch, max_len=self.loaded.cfg.model.subtask_len,
-                                                eos_id=tok.eos_id)
         return [tok.decode([int(i) for i, v in zip(row, m) if v]) for row, m in zip(ids.tolist(), valid.tolist())]
 
 
 def load_policy(path: str | Path, *, device: str = "cpu", flow_steps: int = 10, subtask: bool = False,
-                schema: str | Path | ObservationSchema | None = None, seed: int = 0) -> LoadedPolicy:
+                schema: str | Path | ObservationSchema | None = None, seed: int = 0,
+                dtype: str = "fp32") -> LoadedPolicy:
     """An export (``megavla export``), a checkpoint or a run dir -> :class:`LoadedPolicy`::
 
         policy = megavla.load_policy("runs/mine/export")
@@ -143,4 +160,5 @@ def load_policy(path: str | Path, *, device: str = "cpu", flow_steps: int = 10, 
     loaded = load_checkpoint(path)
     if not isinstance(schema, ObservationSchema):
         schema = load_schema(schema, loaded.path)
-    return LoadedPolicy(loaded, schema, device=device, flow_steps=flow_steps, subtask=subtask, seed=seed)
+    return LoadedPolicy(loaded, schema, device=device, flow_steps=flow_steps, subtask=subtask, seed=seed,
+                        dtype=dtype)

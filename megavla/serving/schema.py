@@ -16,6 +16,10 @@ resolved one; ``--schema FILE.yaml`` or ``EXPORT/observation_schema.yaml`` chang
     prompt: prompt                      # str: the instruction
     default_prompt: null                # used when the prompt key is missing (null: it is required)
     ignore_keys: []                     # other keys the client sends that the server should ignore
+    action_names: []                    # dim names in the metadata (default: the embodiment's)
+    state_names: []
+    max_image_side: 2048                # larger frames are refused
+    max_prompt_chars: 1000              # longer prompts are refused
 
 Any other key is an error (nothing is dropped silently). Frames of any size up to
 ``max_image_side`` are JPEG-encoded and decoded to the model's image size exactly as training frames
@@ -66,10 +70,14 @@ class ObservationSchema:
     action_names: list[str] = field(default_factory=list)
     state_names: list[str] = field(default_factory=list)
     max_image_side: int = 2048
+    # Prompt tokens all enter attention: a cap keeps one request from costing O(length^2).
+    max_prompt_chars: int = 1000
 
     def validate(self) -> None:
         if self.embodiment not in EMBODIMENT_IDS:
             raise ConfigError(f"embodiment={self.embodiment!r}: known embodiments {sorted(EMBODIMENT_IDS)}")
+        if self.max_prompt_chars < 1:
+            raise ConfigError(f"max_prompt_chars={self.max_prompt_chars} must be >= 1")
         if not 1 <= self.max_image_side <= 8192:
             raise ConfigError(f"max_image_side={self.max_image_side} must be in [1, 8192]")
         keys = [*self.images.values(), self.state, self.prompt]
@@ -137,7 +145,8 @@ class ResolvedSchema:
                 "optional_cameras": [c for c in self.cameras if c not in self.required],
                 "image_layout": "HWC uint8 RGB", "max_image_side": s.max_image_side,
                 "state": s.state, "state_dim": self.state_dim, "state_names": self.state_names,
-                "prompt": s.prompt, "default_prompt": s.default_prompt, "ignore_keys": list(s.ignore_keys)}
+                "prompt": s.prompt, "default_prompt": s.default_prompt, "max_prompt_chars": s.max_prompt_chars,
+                "ignore_keys": list(s.ignore_keys)}
 
     def parse(self, obs: Any) -> Observation:
         flat = flatten(obs)
@@ -201,7 +210,10 @@ class ResolvedSchema:
             value = str(value)
         if not isinstance(value, str):
             raise ObservationError(f"{key}: expected a string, got {type(value).__name__}")
-        return value
+        if len(value) > self.schema.max_prompt_chars:
+            raise ObservationError(f"{key}: {len(value)} characters, over the schema's max_prompt_chars="
+                                   f"{self.schema.max_prompt_chars}")
+        return str(value)
 
 
 def _names(given: list[str], default: list[str], dim: int, kind: str) -> list[str]:

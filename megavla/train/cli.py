@@ -50,13 +50,16 @@ def check_launchable(cfg: Config, nproc: int) -> None:
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
     # The reader's per-set checks (manifest, shard paths, norm stats), before any process starts.
-    from megavla.data_shards.validate import ShardSetError, check_shard_set
+    from megavla.data_shards.validate import ShardSetError, check_shard_set, cross_shard_message
     for field, sources in (("sources", cfg.data.sources), ("val_sources", cfg.data.val_sources)):
         for name, directory in sources.items():
             try:
-                check_shard_set(directory, need_stats=cfg.data.normalization != "none")
+                info = check_shard_set(directory, need_stats=cfg.data.normalization != "none")
             except ShardSetError as e:
                 raise ConfigError(f"data.{field}.{name}: {e}") from None
+            if info.duplicates and cfg.data.on_bad_sample == "fail":  # the reader would refuse it too
+                raise ConfigError(f"data.{field}.{name}: {cross_shard_message(directory, info.duplicates[0])} "
+                                  f"[{len(info.duplicates)} keys repeated across shards; data.on_bad_sample=fail]")
 
 
 def check_paths(cfg: Config) -> None:

@@ -128,6 +128,85 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _disabled_dynamo_functions(obj, depth: int = 3) -> list:
+    """The plain functions that `torch._disable_dynamo` wrappers reachable from `obj` (through
+    functools.wraps / closures) wrap."""
+    marker = torch._disable_dynamo(lambda: None).__code__
+    found, seen = [], set()
+
+    def walk(o, d):
+        if d < 0 or id(o) in seen:
+            return
+        seen.add(id(o))
+        code = getattr(o, "__code__", None)
+        if code is marker:
+            found.append(o.__closure__[code.co_freevars.index("fn")].cell_contents)
+            return
+        for cell in getattr(o, "__closure__", None) or ():
+            try:
+                walk(cell.cell_contents, d - 1)
+            except ValueError:   # an empty cell
+                pass
+        if getattr(o, "__wrapped__", None) is not None:
+            walk(o.__wrapped__, d - 1)
+
+    walk(obj, depth)
+    return found
+
+
+def avoid_dynamo_import() -> None:
+    """Keep `torch._dynamo` (and sympy) out of an eager training process: ~1.5-3 CPU-s per process
+    start on this box, 85 % of `create_engine`. Three things import it only to mark code as "do not
+    trace": (1) torch.optim.Optimizer methods and the functional `adam` are wrapped by
+    `torch._disable_dynamo`, which imports dynamo on the first call to learn the "disabled" version of
+    the function; we pre-bind that version to the function itself (identical when nothing is being
+    compiled: we never compile the optimizer). (2) Optimizer.step's `_use_grad_for_differentiable`
+    imports it on every call: `EagerAdamW.step` skips that wrapper. (3) DeepSpeed imports its Muon
+    optimizer for isinstance checks (in initialize and ZeRO's gradient path), a module that applies
+    torch.compile at import: we import it once with the compile deferred to its first call.
+    A process that already imported dynamo (it compiles something) is left alone."""
+    if "torch._dynamo" in sys.modules:
+        return
+    import importlib
+    import functools
+    adam = importlib.import_module("torch.optim.adam")
+    for fn in [f for v in vars(torch.optim.Optimizer).values() for f in _disabled_dynamo_functions(v)] + \
+            _disabled_dynamo_functions(adam.adam):
+        fn.__dynamo_disable = fn
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+    original = compiler.compile
+
+    def deferred_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+            return call
+        return decorate
+
+    compiler.compile = deferred_compile
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        compiler.compile = original
+
+
+class EagerAdamW(torch.optim.AdamW):
+    """torch's AdamW (same update code, same state) whose step skips the graph-break wrapper that
+    imports torch._dynamo (see avoid_dynamo_import). Not for use inside torch.compile."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return torch.optim.AdamW.step.__wrapped__(self, closure)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     kind = cfg.optimizer
@@ -137,7 +216,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     fused = kind == "fused"
     if fused and device.type != "cuda":
         raise ValueError("train.optimizer=fused needs a GPU; use train.optimizer=torch on CPU")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    return EagerAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def zero_bucket_elements(cfg: TrainConfig, num_params: int | None) -> int:
@@ -176,10 +255,33 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
     return config
 
 
+def build_partitioned(model_factory, cfg, micro_batch: int, world_size: int) -> nn.Module:
+    """Build the model under DeepSpeed's zero.Init (ZeRO-3): each module's parameters are partitioned
+    across ranks as soon as the module exists, so no rank ever holds the whole model (peak memory
+    follows the partition, not the model). Weight init that the model applies after construction
+    (VLA.init_module_weights) is re-applied one module at a time with that module's parameters
+    gathered (rank 0's values are kept), so the weights equal an unpartitioned build's."""
+    import deepspeed
+
+    from megavla.model.vla import deferred_weight_init
+    config = ds_config(cfg.train, micro_batch, world_size)
+    with deferred_weight_init(), deepspeed.zero.Init(config_dict_or_path=config):
+        model = model_factory(cfg)
+    init = getattr(model, "init_module_weights", None)
+    if init is not None:
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    init(module)
+    return model
+
+
 def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: DistInfo,
                   load_universal: bool = False):
     """Returns (engine, optimizer, scheduler)."""
     import deepspeed
+    avoid_dynamo_import()
     model.to(dist.device)
     optimizer = build_optimizer(model, cfg, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -22,13 +22,14 @@ from typing import Any, Callable
 
 import torch
 
-from megavla.config import Config, write_yaml
+from megavla.config import Config, ConfigError, write_yaml
 from megavla.config.train import TrainConfig
 from megavla.fileio import atomic_write_json
 
 from . import checkpoint as ckpt
-from .engine import (DistInfo, apply_freeze, create_engine, grad_accum_steps, init_distributed, lr_factor,
-                     seed_everything, shutdown_distributed)
+from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
+                     lr_factor, seed_everything, shutdown_distributed)
+from .metrics import LaunchClock
 from .errors import EXIT_TRAINING_ERROR, ResumeError, RunDirBusy, TrainingError
 from .resume import ResumePlan, clear_run, plan_resume
 from .run_lock import RunLock
@@ -52,10 +53,22 @@ def load_tokenizers(cfg: Config):
     return load(cfg.train.tokenizer_dir)
 
 
+def check_subtask_eos(cfg: Config, text_tok) -> None:
+    """Subtask targets end in the text tokenizer's EOS; inference stops decoding the subtask at
+    model.subtask_eos_id. If they differ, inference would decode past the subtask the actions were
+    trained on (action_conditioning=subtask) and the subtask metrics would never see an end."""
+    if text_tok is None or text_tok.eos_id < 0 or text_tok.eos_id == cfg.model.subtask_eos_id:
+        return
+    raise ConfigError(f"{cfg.train.tokenizer_dir}: the text tokenizer's eos_id is {text_tok.eos_id} but "
+                      f"model.subtask_eos_id={cfg.model.subtask_eos_id}; set model.subtask_eos_id="
+                      f"{text_tok.eos_id}")
+
+
 def default_loader_factory(cfg: Config, rank: int, world_size: int, seed: int | None = None,
                            split: str = "train"):
     from megavla.data.pipeline import build_loader
     text_tok, fast_tok = load_tokenizers(cfg)
+    check_subtask_eos(cfg, text_tok)
     return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split)
 
 
@@ -115,7 +128,7 @@ def batch_accounting(model: torch.nn.Module):
     from megavla.model.vla import VLA
     if not isinstance(model, VLA):
         return None
-    from megavla.model.flops import batch_flops, batch_tokens
+    from megavla.model.flops import batch_flops, batch_tokens, coefficients
     mcfg = model.cfg
     return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
 
@@ -171,6 +184,8 @@ def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
     unless `overwrite`), "auto" (newest loadable checkpoint), or a checkpoint path; see resume.py.
     The factories replace the real model / loader (tests use toy ones); they receive the resolved
     Config. Raises a TrainingError (the same on every rank) for what the user must fix."""
+    launch = LaunchClock()
+    launch.mark("imports")
     model_factory = model_factory or default_model_factory
     loader_factory = loader_factory or default_loader_factory
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
@@ -180,6 +195,7 @@ def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) // local) - (1 if local == 1 else 0)))
     dist = init_distributed(cfg.train.dist_backend)
     _setup_logging(dist.rank)
+    launch.mark("process_group")
     run_dir = Path(cfg.train.run_dir)
     lock = RunLock(run_dir)
 
@@ -194,13 +210,13 @@ def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
 
     plan = ResumePlan.from_json(_rank0_decides(dist, decide))
     try:
-        return _train(cfg, plan, dist, model_factory, loader_factory)
+        return _train(cfg, plan, dist, model_factory, loader_factory, launch)
     finally:
         lock.release()
 
 
 def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFactory,
-           loader_factory: LoaderFactory) -> int:
+           loader_factory: LoaderFactory, launch: LaunchClock) -> int:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if dist.rank == 0:
@@ -213,15 +229,26 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
         write_yaml(cfg, run_dir / "config.yaml")
         _write_norm_stats(cfg, run_dir / "norm_stats.json")
     saved = ckpt.read_trainer_state(plan.path) if plan.path else None
+    if saved is not None and plan.step >= cfg.train.steps:
+        # Every rank got the same plan, so all return here together.
+        if dist.rank == 0:
+            log.info("%s is at step %d >= train.steps=%d: nothing to train (no model, engine or loader built)",
+                     plan.path, plan.step, cfg.train.steps)
+        return EXIT_OK
 
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
     seed_everything(cfg.train.seed)
-    model = model_factory(cfg)
+    if cfg.train.zero_stage == 3 and cfg.train.zero3_init:
+        model = build_partitioned(model_factory, cfg, cfg.data.batch_size, dist.world_size)
+    else:
+        model = model_factory(cfg)
     frozen = apply_freeze(model, cfg.train.freeze)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     if dist.rank == 0:
         log.info("model: %.2fM parameters (%.2fM frozen)", n_params / 1e6, frozen / 1e6)
     seed_everything(cfg.train.seed * 1000 + dist.rank)
+    accounting = batch_accounting(model)
+    launch.mark("model")
 
     layout_changed = bool(saved) and (saved["world_size"] != dist.world_size
                                       or saved["zero_stage"] != cfg.train.zero_stage)
@@ -248,10 +275,12 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
                      " (world size / ZeRO stage changed: universal checkpoint, loader reseeded)"
                      if layout_changed else "")
 
+    launch.mark("engine")
     loader_seed = None if (loader_state is not None or not plan.path) else cfg.data.seed + start_step
     loader = loader_factory(cfg, dist.rank, dist.world_size, loader_seed, "train")
     if loader_state is not None:
         loader.load_state_dict(loader_state)
+    launch.mark("loader")
     val_factory = None
     if cfg.train.val_every and cfg.data.val_sources:
         val_factory = lambda: loader_factory(cfg, dist.rank, dist.world_size, cfg.data.seed, "val")  # noqa: E731
@@ -267,11 +296,11 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
     if cfg.train.tokenizer_dir:
         extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
     trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
-                      batch_accounting=batch_accounting(model),
+                      batch_accounting=accounting,
                       tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
                       val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version(),
                       batch=layout, skipped_nonfinite=int(saved.get("skipped_nonfinite", 0)) if saved else 0,
-                      events=events)
+                      events=events, launch=launch)
     code = trainer.fit()
     if dist.rank == 0:
         log.info("done at step %d: tensorboard logs in %s, checkpoints in %s", trainer.step,

@@ -26,11 +26,12 @@ import torch
 import torch.distributed as tdist
 
 from megavla.config import Config, to_dict
+from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
 from .errors import NonFiniteError
-from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb
+from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class Trainer:
                  val_loader_factory: Callable[[], Iterable] | None = None,
                  ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
                  code_version: str = "unknown", batch: dict | None = None, skipped_nonfinite: int = 0,
-                 events: list[dict] | None = None):
+                 events: list[dict] | None = None, launch: LaunchClock | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
         self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -153,6 +154,8 @@ class Trainer:
         self.val_loader_factory = val_loader_factory
         self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
         self.accum = engine.gradient_accumulation_steps()
+        # training batches only (validate() and evaluation see the images as recorded)
+        self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
         self.batch = batch or {}              # micro batch, accumulation, world size, global batch
         self.events = events or []            # written to metrics.jsonl before the first step
         self.skipped_nonfinite = skipped_nonfinite   # over the whole run (kept in trainer_state.json)
@@ -162,7 +165,9 @@ class Trainer:
         self.peak = peak_flops(dist.device)
         self.clock = StepClock(dist.device)
         self.last_loss: torch.Tensor | None = None   # detached, on the device: reading it syncs
+        self.launch = launch   # marked after the first step, reported in the first metrics record
         self._iter = iter(loader)
+        self._launch_metrics: dict[str, float] = {}
         self._new_window(time.perf_counter())
 
     def _new_window(self, now: float) -> None:
@@ -201,6 +206,8 @@ class Trainer:
             batch = host_batch.to(self.dist.device, non_blocking=True)
             w["data_wait_s"] += time.perf_counter() - t0
             m1 = self.clock.mark()
+            if self.augment is not None:  # on the device, from the global RNG the checkpoint saves
+                batch = self.augment(batch)
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             m2 = self.clock.mark()
@@ -232,6 +239,15 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             self.sums.add("optim/grad_norm", grad_norm)
+
+    def _mark_first_step(self) -> None:
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)   # once: the first step's true end
+        self.launch.mark("first_step")
+        self._launch_metrics = self.launch.metrics()
+        if self.dist.rank == 0:
+            log.info("launch: %s", self.launch.summary())
+        self.launch = None
 
     def _read_window(self) -> dict[str, list[float]]:
         """This rank's {key: [sum, count]} since the last read (the one host sync), then a new window.
@@ -340,16 +356,23 @@ class Trainer:
         self.engine.train()
         self.window["excluded_s"] += time.perf_counter() - t0
 
+    def _data_counts(self) -> dict[str, float]:
+        """data/skipped_<reason> and data/episodes_read, samples_read: summed over ranks (each rank's
+        reader counts only its own shards), once per log interval (collective)."""
+        skips = getattr(self.loader, "skip_counts", None)
+        read = getattr(self.loader, "read_counts", None)
+        local = {**{f"data/skipped_{k}": float(v) for k, v in (skips() if callable(skips) else {}).items()},
+                 **{f"data/{k}": float(v) for k, v in (read() if callable(read) else {}).items()}}
+        return sum_over_ranks(local, self.dist.device)
+
     # ---- the loop ---------------------------------------------------------------------------
     def _log(self, metrics: MetricsLogger) -> None:
         metrics.add_sums(self._read_window())
+        if self._launch_metrics:
+            metrics.add(self._launch_metrics)
+            self._launch_metrics = {}
         reduced = metrics.reduce()
-        skips = getattr(self.loader, "skip_counts", None)
-        for k, v in (skips() if callable(skips) else {}).items():      # what was skipped, by reason
-            reduced[f"data/skipped_{k}"] = float(v)
-        read = getattr(self.loader, "read_counts", None)
-        for k, v in (read() if callable(read) else {}).items():  # episodes_read, samples_read
-            reduced[f"data/{k}"] = float(v)
+        reduced.update(self._data_counts())
         reduced["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
         metrics.write(self.step, reduced)
         if self.dist.rank == 0 and not self.tcfg.progress:
@@ -385,6 +408,8 @@ class Trainer:
             self._new_window(time.perf_counter())
             while self.step < stop_at:
                 self.train_step()
+                if self.launch is not None:
+                    self._mark_first_step()
                 if self.step_skipped:
                     self._count_nonfinite()
                 else:
