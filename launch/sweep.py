@@ -136,6 +136,10 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
         if state in ("finished", "queued", "running"):
             log.info("sweep: skipping %s (%s)", run.name, state)
             continue
+        if state == "unresumable":
+            log.error("sweep: skipping %s: %s has trained steps but no loadable checkpoint; restore one or "
+                      "delete the run dir to start it over", run.name, run.cfg.train.run_dir)
+            continue
         _check_same_config(run)
         log.info("sweep: %s %s", "resuming" if state in ("interrupted", "failed") else "starting", run.name)
         todo.append(run)

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -248,6 +249,28 @@ def _keep_as_is(item):
     return item
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and a SIGTERM sent to the whole process group / job step (a
+    terminal, `kill -- -PGID`, scancel) to the trainer, which saves at the step boundary and then
+    shuts them down; dying first would fail that step. A SIGTERM from the parent itself (torch's
+    and multiprocessing's shutdown `terminate()`) still ends the worker: SIGTERM is blocked and a
+    thread reads each one with its sender (sigwaitinfo); ignoring it outright would hang the
+    parent's exit in multiprocessing's join."""
+    import signal
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def exit_on_sigterm_from_parent() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=exit_on_sigterm_from_parent, name="sigterm-from-parent", daemon=True).start()
+
+
 class StreamingLoader:
     """Endless iterable of Batch for one rank, with ``state_dict``/``load_state_dict``/``skip_counts``.
 
@@ -275,7 +298,7 @@ class StreamingLoader:
                 q.cancel_join_thread()   # never block interpreter exit on undelivered buffer indices
         dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n, free_queues)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is,
-                            prefetch_factor=2 if workers > 0 else None)
+                            worker_init_fn=ignore_stop_signals, prefetch_factor=2 if workers > 0 else None)
         for batch, worker, state, buffer_index in loader:
             batch = _as_tensors(batch)
             self._worker_states[worker] = state

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,13 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # Said up front, DeepSpeed skips its "Setting accelerator to CPU ... unable to detect" warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_shm_comm_build()
+    # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor: one
+    # FutureWarning per rank per run that the user can do nothing about.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed",
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     import deepspeed
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)

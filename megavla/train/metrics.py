@@ -223,6 +223,12 @@ class MetricsLogger:
                      if k in ("loss/total", "loss/flow", "perf/samples_per_s", "time/data_wait_pct")}
             self.bar.set_postfix(shown, refresh=False)
 
+    def write_record(self, record: dict) -> None:
+        """Rank 0 only: one non-scalar line in metrics.jsonl (an event such as a changed batch)."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
