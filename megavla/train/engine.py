@@ -1,6 +1,7 @@
 """DeepSpeed engine from our TrainConfig: process group, optimizer groups, schedule, ZeRO config."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -170,7 +171,10 @@ def avoid_dynamo_import() -> None:
     import importlib
     import functools
     adam = importlib.import_module("torch.optim.adam")
-    for fn in [f for v in vars(torch.optim.Optimizer).values() for f in _disabled_dynamo_functions(v)] + \
+    # ZeRO-3's parameter coordinator wraps its per-step methods the same way
+    coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
+    wrapped = [torch.optim.Optimizer, coordinator.PartitionedParameterCoordinator]
+    for fn in [f for cls in wrapped for v in vars(cls).values() for f in _disabled_dynamo_functions(v)] + \
             _disabled_dynamo_functions(adam.adam):
         fn.__dynamo_disable = fn
     if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
@@ -196,6 +200,27 @@ def avoid_dynamo_import() -> None:
         importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
     finally:
         compiler.compile = original
+
+
+@contextlib.contextmanager
+def compiler_disable_as_identity():
+    """Inside: `torch.compiler.disable(fn)` returns fn. DeepSpeed's ZeRO-3 wraps its per-module hooks
+    with it while building the engine, and its first call imports torch._dynamo (1.5 CPU-s, +141 MB
+    RSS per rank). "Do not trace this" means nothing to a process that never compiles; a process that
+    already imported dynamo is left alone."""
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    original = torch.compiler.disable
+
+    def identity(fn=None, recursive=True, *, reason=None):
+        return fn if fn is not None else (lambda f: f)
+
+    torch.compiler.disable = identity
+    try:
+        yield
+    finally:
+        torch.compiler.disable = original
 
 
 class EagerAdamW(torch.optim.AdamW):
@@ -249,8 +274,13 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
     }
     if cfg.zero_stage == 3:
         # Export consolidates from the fp32 shards (zero_to_fp32), so no 16-bit gather at save time.
+        # Live gathered parameters bounded by the bucket too: DeepSpeed's default (1e9 elements) keeps
+        # every gathered layer alive between forward and backward -- for a model under 1e9 parameters
+        # that is the whole model on every rank at the step's peak, the memory ZeRO-3 is meant to save.
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False,
-                                           stage3_prefetch_bucket_size=bucket)
+                                           stage3_prefetch_bucket_size=bucket,
+                                           stage3_max_live_parameters=bucket,
+                                           stage3_max_reuse_distance=bucket)
         config["zero_optimization"].pop("allgather_bucket_size")
     return config
 
@@ -265,7 +295,8 @@ def build_partitioned(model_factory, cfg, micro_batch: int, world_size: int) -> 
 
     from megavla.model.vla import deferred_weight_init
     config = ds_config(cfg.train, micro_batch, world_size)
-    with deferred_weight_init(), deepspeed.zero.Init(config_dict_or_path=config):
+    avoid_dynamo_import()
+    with compiler_disable_as_identity(), deferred_weight_init(), deepspeed.zero.Init(config_dict_or_path=config):
         model = model_factory(cfg)
     init = getattr(model, "init_module_weights", None)
     if init is not None:
@@ -287,8 +318,9 @@ def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: Di
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     num_params = sum(p.numel() for p in model.parameters())
     config = ds_config(cfg, micro_batch, dist.world_size, load_universal, num_params)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    with compiler_disable_as_identity():
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x world %d", cfg.zero_stage,
              cfg.precision, micro_batch, config["gradient_accumulation_steps"], dist.world_size)
     return engine, optimizer, scheduler
