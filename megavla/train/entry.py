@@ -318,13 +318,15 @@ def report_training_error(e: TrainingError) -> int:
 
 
 def worker_main() -> int:
-    """`python -m megavla.train.entry CONFIG_YAML [--resume X]` on each rank (used by the launcher)."""
+    """`python -m megavla.train.entry CONFIG_YAML [--resume X] [--overwrite]` on each rank (used by
+    the local launcher)."""
     import argparse
 
     from megavla.config import load_config
     parser = argparse.ArgumentParser(prog="megavla.train.entry")
     parser.add_argument("config")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
