@@ -56,6 +56,13 @@ def test_freeze_ema_accumulation_zero1(tmp_path, monkeypatch):
     assert run(cfg, resume="auto", model_factory=no_model, loader_factory=toy_loader_factory) == 0
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step_000006"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    # ... and `megavla train --nproc 2 --resume auto` starts no worker process for it at all.
+    from megavla.train import cli as train_cli
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("worker processes started for a run with nothing to train")
+    monkeypatch.setattr(train_cli, "launch_local", no_launch)
+    assert train_cli.main([str(run_dir / "config.yaml"), "--nproc", "2", "--resume", "auto"]) == 0
 
 
 def test_zero3_checkpoint_resumes_exactly_and_exports(tmp_path, monkeypatch):
