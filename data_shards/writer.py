@@ -61,12 +61,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from megavla.fileio import atomic_write_bytes   # the project's one atomic writer
+    atomic_write_bytes(path, data)
 
 
 class _HashingFile:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megavla.fileio import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
@@ -69,9 +71,7 @@ def update_launch_record(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
         if event is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             record.setdefault("events", []).append({"time": stamp, **event})
-        tmp = path.with_name(f".{LAUNCH_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_json(path, record, sort_keys=True)
     return record
 
 

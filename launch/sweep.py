@@ -3,7 +3,7 @@
 
 A sweep file names a base config, fixed overrides and a grid of dotted keys -> value lists::
 
-    base: ../tiny_cpu.yaml            # relative to this file
+    base: ../demo.yaml                # relative to this file (configs/sweeps/smoke.yaml is one)
     out_dir: runs/sweeps/transfer     # one run directory per grid point inside it
     overrides: [train.steps=2000]
     grid:

@@ -144,3 +144,36 @@ def test_lock_is_taken_over_by_the_same_requeued_slurm_job(tmp_path, monkeypatch
     monkeypatch.setattr("megavla.train.run_lock._slurm_job_queued", lambda job: True)
     with pytest.raises(RunDirBusy, match="SLURM job 4243"):
         RunLock(tmp_path).acquire()
+
+
+# ---- the CLIs check before any process starts (item 9) and refuse a busy run dir (item 5) -------
+def test_cli_names_bad_paths_and_a_busy_run_dir_before_spawning(tmp_path, capsys):
+    from megavla.cli import main as megavla
+    from megavla.train.cli import main as train
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train: {{run_dir: {tmp_path / 'run'}}}\n")
+    cases = [
+        ([f"data.sources.robot={tmp_path / 'nope'}"], f"data.sources.robot={tmp_path / 'nope'}: no such directory"),
+        ([f"train.tokenizer_dir={tmp_path / 'tok'}"], f"train.tokenizer_dir={tmp_path / 'tok'}: no such directory"),
+        (["--resume", str(tmp_path / "ck")], f"--resume {tmp_path / 'ck'}: no such directory"),
+    ]
+    for extra, needle in cases:
+        assert train([str(cfg), "--nproc", "2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "run").mkdir()
+        lock = RunLock(tmp_path / "run")
+        (tmp_path / "run" / LOCK_FILE).write_text(json.dumps({**lock.mine, "pid": other.pid, "pid_start": None}))
+        assert train([str(cfg), "--nproc", "2"]) == 2
+        assert f"is in use by pid {other.pid}" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    assert not (tmp_path / "run" / "config.yaml").exists()      # nothing written for a refused run
+    assert megavla(["model", "summary", str(tmp_path / "missing.yaml")]) == 2
+    assert megavla(["model", "summary", str(cfg), "model.widht=3"]) == 2
+    assert megavla(["tokenizer", "train", "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Did you mean 'width'" in err and "no such directory" in err

@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="experiment", required=True)
     for name in ("diversity", "objectives"):
         p = sub.add_parser(name, help=f"the {name} experiment (sweeps of training runs + evaluation)")
-        p.add_argument("--preset", default="mini", help="configs/experiments/<preset>.yaml or a YAML path")
+        p.add_argument("--preset", default="mini", help="configs/experiments/<preset>.yaml or a YAML path: toy "
+                       "(smoke test, minutes), mini (tiny model, < 90 min on 2 CPU cores), gpu (a few GPU-hours)")
         p.add_argument("--out", default=f"runs/experiments/{name}", help="report directory (runs live inside)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of the experiment spec")
         p.add_argument("--cameras", help="comma-separated cameras, e.g. head (wrist cameras off)")
@@ -288,4 +289,5 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"megavla experiment: {e}\n")
         return 3
     print((out / f"report_{args.experiment}.md").read_text())
+    print(f"report: {out / f'report_{args.experiment}.md'} (results_{args.experiment}.json beside it)")
     return 0
