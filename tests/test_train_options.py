@@ -62,6 +62,8 @@ def test_freeze_ema_accumulation_zero1(tmp_path, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("worker processes started for a run with nothing to train")
     monkeypatch.setattr(train_cli, "launch_local", no_launch)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):   # run() set them; the launcher runs outside a job
+        monkeypatch.delenv(var, raising=False)
     assert train_cli.main([str(run_dir / "config.yaml"), "--nproc", "2", "--resume", "auto"]) == 0
 
 
