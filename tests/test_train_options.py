@@ -94,3 +94,18 @@ def test_zero3_checkpoint_resumes_exactly_and_exports(tmp_path, monkeypatch):
     weights = consolidated_state_dict(tmp_path / "split" / "checkpoints" / "step_000004")
     shapes = {n: tuple(p.shape) for n, p in ToyVLA().named_parameters()}
     assert {n: tuple(t.shape) for n, t in weights.items()} == shapes
+
+
+def test_worker_main_accepts_what_the_launcher_passes(tmp_path, monkeypatch):
+    """The local launcher starts `python -m megavla.train.entry CONFIG [--resume X] [--overwrite]`."""
+    from megavla.train import entry
+    seen = []
+    monkeypatch.setattr(entry, "run", lambda cfg, **kw: seen.append(kw) or 0)
+    monkeypatch.setattr(entry, "shutdown_distributed", lambda: None)
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  steps: 1\n")
+    for extra, want in (([], dict(resume=None, overwrite=False)),
+                        (["--resume", "auto", "--overwrite"], dict(resume="auto", overwrite=True))):
+        monkeypatch.setattr("sys.argv", ["megavla.train.entry", str(config), *extra])
+        assert entry.worker_main() == 0
+        assert seen[-1] == want

@@ -325,6 +325,7 @@ def worker_main() -> int:
     parser = argparse.ArgumentParser(prog="megavla.train.entry")
     parser.add_argument("config")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
