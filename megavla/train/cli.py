@@ -74,13 +74,25 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"train.tokenizer_dir={tok}: no such directory (written by `megavla tokenizer train`)")
 
 
-def check_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> str:
+def check_run_dir(cfg: Config, resume: str | None, overwrite: bool):
     """The run dir's lock and what will be resumed (sizes only; rank 0 also checks sha256 later).
-    Returns the plan's one-line message; raises a TrainingError."""
+    Returns the ResumePlan; raises a TrainingError."""
     from .resume import plan_resume
     from .run_lock import RunLock
     RunLock(cfg.train.run_dir).check()
-    return plan_resume(cfg.train.run_dir, resume, overwrite=overwrite, verify=False).message
+    return plan_resume(cfg.train.run_dir, resume, overwrite=overwrite, verify=False)
+
+
+def nothing_to_train(cfg: Config, resume: str | None, overwrite: bool, plan) -> bool:
+    """The resumed checkpoint already reached train.steps: then no worker process is started (each
+    would import torch and DeepSpeed and join a process group, ~2 CPU-s, to return at once).
+    Decided on the verified plan, the one rank 0 will make (a damaged newest checkpoint would send
+    the run back to an older one)."""
+    if plan.path is None or plan.step < cfg.train.steps:
+        return False
+    from .resume import plan_resume
+    verified = plan_resume(cfg.train.run_dir, resume, overwrite=overwrite, verify=True)
+    return verified.path is not None and verified.step >= cfg.train.steps
 
 
 def _die_with_parent() -> None:
@@ -215,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(cfg)
         check_launchable(cfg, nproc)
         if not in_job or os.environ["RANK"] == "0":
-            message = check_run_dir(cfg, args.resume, args.overwrite)
+            plan = check_run_dir(cfg, args.resume, args.overwrite)
+            message = plan.message
+            if not in_job and nothing_to_train(cfg, args.resume, args.overwrite, plan):
+                log.info("%s is at step %d >= train.steps=%d: nothing to train, no process started",
+                         plan.path, plan.step, cfg.train.steps)
+                return 0
     except (ConfigError, TrainingError) as e:
         sys.stderr.write(f"megavla train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}\n")
         return 2
