@@ -81,6 +81,7 @@ class FakeEngine:
 
     def __init__(self):
         self.seen, self.module, self.param = [], torch.nn.Linear(1, 1), torch.nn.Parameter(torch.zeros(()))
+        self.skipped_steps = 0     # DeepSpeed's count of updates skipped for a non-finite gradient norm
 
     def gradient_accumulation_steps(self):
         return 1
