@@ -167,16 +167,15 @@ def job_alive(record: dict[str, Any]) -> bool:
 
 def run_state(run_dir: str | Path, total_steps: int) -> str:
     """new | queued/running (job alive) | finished | interrupted (checkpoint, not done) | failed |
-    unresumable (trained, but no loadable checkpoint: the trainer refuses to start over silently)."""
+    unresumable (trained, but no loadable checkpoint: the trainer refuses to start over silently).
+    A run trained by `megavla train` directly has no launch.json: its checkpoints still count."""
     record = read_launch_record(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and ckpt[1] >= total_steps:
         return "finished"
     if record.get("status") == "finished" and ckpt is None:
         return "finished"  # a trainer that keeps no checkpoint: trust the job's own report
-    if not record:
-        return "new"
-    if job_alive(record):
+    if record and job_alive(record):
         return "running" if record.get("status") in ("running", "requeued") else "queued"
     if ckpt is None:
         from megavla.train.resume import progress_evidence

@@ -38,6 +38,8 @@ def test_latest_checkpoint_is_what_the_trainer_would_resume(tmp_path):
     assert rundir.latest_checkpoint(tmp_path / "d") == ("step_000005", 5)
     rundir.update_launch_record(tmp_path / "d", status="requeued", executor="local", job_id="999999999")
     assert rundir.run_state(tmp_path / "d", 20) == "interrupted"
+    _checkpoint(tmp_path / "f", "step_000003", 3)          # trained by `megavla train`: no launch.json
+    assert rundir.run_state(tmp_path / "f", 20) == "interrupted"
     # Progress but nothing loadable: the trainer refuses `--resume auto`; status says so.
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "metrics.jsonl").write_text('{"step": 1, "loss/total": 1.0}\n')

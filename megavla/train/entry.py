@@ -321,7 +321,8 @@ def report_training_error(e: TrainingError) -> int:
 
 
 def worker_main() -> int:
-    """`python -m megavla.train.entry CONFIG_YAML [--resume X]` on each rank (used by the launcher)."""
+    """`python -m megavla.train.entry CONFIG_YAML [--resume X] [--overwrite]` on each rank (used by
+    the local launcher)."""
     import argparse
 
     from megavla.config import load_config
