@@ -50,3 +50,19 @@ def test_dropped_batches_buffers_are_reused(shard_set):
     rings = [o.stream.ring for o in gc.get_objects()
              if isinstance(o, pipeline.MixtureStream) and o.stream is not None and o.plan is loader.plan]
     assert rings and len(rings[0].buffers) <= 2   # 12 batches, at most 2 image buffers ever allocated
+
+
+def test_remembered_member_index_reads_the_same_batches(shard_set, monkeypatch):
+    """Later epochs read shards through the member index of the first walk: same batches as walking
+    the tar headers every time (several epochs of this 8-episode set)."""
+    from megavla.data import shard_reader
+
+    def batches():
+        return [(b.images.clone(), b.actions.clone(), b.meta["key"])
+                for b in itertools.islice(iter(build_loader(make_cfg(shard_set, 0))), 24)]
+
+    cached = batches()
+    monkeypatch.setattr(shard_reader, "MEMBER_INDEX_LIMIT", 0)
+    walked = batches()
+    for (ia, aa, ka), (ib, ab, kb) in zip(cached, walked):
+        assert ka == kb and torch.equal(ia, ib) and torch.equal(aa, ab)

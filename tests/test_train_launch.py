@@ -58,3 +58,19 @@ def test_eager_adamw_steps_like_torch_adamw():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_batch_accounting_reads_the_built_model():
+    """The trainer's FLOP count takes its coefficients from the model it trains, never from a
+    meta-device build (whose init imports torch._dynamo in the first step)."""
+    from megavla.config.model import ModelConfig
+    from megavla.model import flops
+    from megavla.model.synthetic import random_batch
+    from megavla.model.vla import build_model
+    from megavla.train.entry import batch_accounting
+    model = build_model(ModelConfig(preset="tiny", kernels="torch", expert_mlp_dim=72))  # a config of its own
+    accounting = batch_accounting(model)
+    builds = flops._meta_model.cache_info().misses
+    tokens, train_flops = accounting(random_batch(model.cfg, batch_size=2))
+    assert tokens > 0 and train_flops > 0
+    assert flops._meta_model.cache_info().misses == builds

@@ -130,6 +130,9 @@ def batch_accounting(model: torch.nn.Module):
         return None
     from megavla.model.flops import batch_flops, batch_tokens, coefficients
     mcfg = model.cfg
+    # from the built model's layer shapes, before ZeRO-3 could partition them (the fallback, a
+    # meta-device build, imports torch._dynamo + sympy: ~1.3 CPU-s in the first step)
+    coefficients(mcfg, model)
     return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
 
 
