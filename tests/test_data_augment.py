@@ -79,8 +79,6 @@ def test_crop_rotate_is_a_small_zoom():
 class FakeEngine:
     """Records the batches the trainer hands to the model."""
 
-    skipped_steps = 0   # DeepSpeed's count of skipped (non-finite) updates, read by the trainer
-
     def __init__(self):
         self.seen, self.module, self.param = [], torch.nn.Linear(1, 1), torch.nn.Parameter(torch.zeros(()))
         self.skipped_steps = 0     # DeepSpeed's count of updates skipped for a non-finite gradient norm
