@@ -4,11 +4,14 @@
 # Dry run on CPU (GPU stages skip): OUT=/tmp/x GPU_CHECK_BENCH_ARGS="--quick --reps 1" bash benchmarks/gpu_check.sh
 # Stages, each under its own timeout so one hang cannot eat the lease (sum < 10 min):
 #   0. install carried wheels (.whl/*.whl, cp312) and make `megavla` importable (editable, offline)
-#   1. GPU kernel tests: pytest -m gpu tests/test_kernels_*.py (full shapes, fp32 + bf16)   240 s
-#   2. kernel benchmark without torch.compile (always yields a table), then with it          60 + 150 s
-#   3. benchmarks/train_step.py if it exists                                                   90 s
+#   1. GPU kernel tests: pytest -m gpu tests/test_kernels_*.py (full shapes, fp32 + bf16)   150 s
+#   2. kernel benchmark without torch.compile (always yields a table), then with it          45 + 110 s
+#   3. train step: 1b preset, bf16, plain PyTorch and DeepSpeed ZeRO-2 on 1 GPU; MFU from the
+#      FLOPs of the batch actually run (goal >= 40 %)                                          130 s
+#   4. launch -> first step -> steady state (benchmarks/launch.py, 1 process) and the reader
+#      per worker vs decode-only (benchmarks/loader.py), into perf.log                         70 + 70 s
 # Everything lands in $OUT (at most 8 files come back): gpu_check.log env.txt kernel_tests.log
-# kernels_bench.log kernels_table_nocompile.md kernels_table.md train_step.log (+ train_step.md).
+# kernels_bench.log kernels_table_nocompile.md kernels_table.md train_step.log perf.log.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}
 mkdir -p "$OUT"
@@ -39,24 +42,27 @@ fi
 $PY -c "import megavla.kernels as k; print('megavla.kernels from', k.__file__)" 2>&1 | tee -a "$OUT/gpu_check.log"
 
 log "stage 1: GPU kernel tests"
-timeout 240 $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_attention.py -m gpu -q -rs \
+timeout 150 $PY -m pytest tests/test_kernels_triton.py tests/test_kernels_attention.py -m gpu -q -rs \
   -p no:cacheprovider > "$OUT/kernel_tests.log" 2>&1
 log "kernel tests rc=$? ($(tail -1 "$OUT/kernel_tests.log"))"
 
 log "stage 2a: kernel benchmark, no torch.compile"
-timeout 60 $PY benchmarks/kernels.py $BENCH_ARGS --no-compile --out "$OUT/kernels_table_nocompile.md" >> "$OUT/kernels_bench.log" 2>&1
+timeout 45 $PY benchmarks/kernels.py $BENCH_ARGS --no-compile --out "$OUT/kernels_table_nocompile.md" >> "$OUT/kernels_bench.log" 2>&1
 log "benchmark (no compile) rc=$?"
 log "stage 2b: kernel benchmark with torch.compile"
-timeout 150 $PY benchmarks/kernels.py $BENCH_ARGS --out "$OUT/kernels_table.md" >> "$OUT/kernels_bench.log" 2>&1
+timeout 110 $PY benchmarks/kernels.py $BENCH_ARGS --out "$OUT/kernels_table.md" >> "$OUT/kernels_bench.log" 2>&1
 log "benchmark (compile) rc=$?"
 
-if [ -f benchmarks/train_step.py ]; then
-  log "stage 3: training-step benchmark"
-  extra=()
-  $PY benchmarks/train_step.py --help 2>/dev/null | grep -q -- "--out" && extra=(--out "$OUT/train_step.md")
-  timeout 90 $PY benchmarks/train_step.py "${extra[@]}" > "$OUT/train_step.log" 2>&1
-  log "train_step rc=$?"
-else
-  log "stage 3 skipped: benchmarks/train_step.py does not exist"
-fi
+log "stage 3: training-step benchmark (1b, bf16, 1 GPU)"
+if [ -n "$BENCH_ARGS" ]; then TS_ARGS="--presets tiny --stages -1 --steps 1 --batch 2 --nproc 1"
+else TS_ARGS="--presets 1b --stages -1 2 --steps 5 --batch 16 --nproc 1"; fi
+timeout 130 $PY benchmarks/train_step.py $TS_ARGS > "$OUT/train_step.log" 2>&1
+log "train_step rc=$? ($(grep -c '^| ' "$OUT/train_step.log") table lines)"
+
+log "stage 4: launch cost and reader throughput"
+{ echo "== benchmarks/launch.py --nproc 1"; timeout 70 $PY benchmarks/launch.py --nproc 1 --rounds 1 --steps 10 2>&1
+  echo "rc=$?"; echo "== benchmarks/loader.py"
+  if [ -n "$BENCH_ARGS" ]; then LD_ARGS="--quick"; else LD_ARGS="--rounds 1 --batches 30 --workers 0 1 2"; fi
+  OMP_NUM_THREADS=1 timeout 70 $PY benchmarks/loader.py $LD_ARGS 2>&1; echo "rc=$?"; } > "$OUT/perf.log"
+log "perf rc=$? ($(grep -c '^| ' "$OUT/perf.log") table lines)"
 log "done"

@@ -95,7 +95,9 @@ def reader_rate(cfg: DataConfig, text_tok, fast_tok, batches: int) -> tuple[floa
     wall, cpu, wcpu = time.perf_counter() - wall, time.process_time() - cpu, _worker_cpu_seconds() - wcpu
     stream.close()  # shuts the workers down
     samples = batches * cfg.batch_size
-    return samples / wall, samples / (wcpu if cfg.num_workers else cpu)
+    cpu_s = wcpu if cfg.num_workers else cpu
+    # a --quick run can finish inside one clock tick of the workers' CPU time: no rate then
+    return samples / wall, samples / cpu_s if cpu_s > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

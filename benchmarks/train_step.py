@@ -77,10 +77,20 @@ def worker(args) -> None:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     mcfg = ModelConfig(preset=args.preset, kernels="auto", attention="auto" if cuda else "sdpa")
-    model = build_model(mcfg)
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6   # before ZeRO-3 partitions them
-    tcfg = TrainConfig(zero_stage=max(0, args.stage), precision="bf16" if cuda else "fp32", warmup_steps=1)
+    tcfg = TrainConfig(zero_stage=max(0, args.stage), precision="bf16" if cuda else "fp32", warmup_steps=1,
+                       zero3_init=not args.no_zero3_init)
     rank = int(os.environ.get("RANK", "0"))
+    if args.stage == 3 and tcfg.zero3_init:   # partitioned from the start (as entry.run builds it)
+        from megavla.config import Config
+        from megavla.train.engine import build_partitioned, init_distributed
+        init_distributed()
+        cfg = Config(model=mcfg, train=tcfg)
+        model = build_partitioned(lambda c: build_model(c.model), cfg, args.batch,
+                                  int(os.environ.get("WORLD_SIZE", "1")))
+    else:
+        model = build_model(mcfg)
+    params_m = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()) / 1e6
+    peak_after_build = peak_memory_mb(torch.device("cuda" if cuda else "cpu"))
     if args.stage < 0:                      # plain PyTorch: no DeepSpeed, no process group
         device = torch.device("cuda" if cuda else "cpu")
         model.to(device)
@@ -120,7 +130,7 @@ def worker(args) -> None:
     from megavla.train.metrics import peak_flops
     step_s = sum(times) / len(times)
     peak = peak_flops(device)
-    result = {"rank": rank, "step_s": step_s, "peak_mb": peak_memory_mb(device),
+    result = {"rank": rank, "step_s": step_s, "peak_mb": peak_memory_mb(device), "build_peak_mb": peak_after_build,
               # MFU per device (GPU only): training FLOPs of the batch run / step time / dense bf16 peak.
               "mfu": run_flops / step_s / peak if peak else None,
               "tflops_s": run_flops / step_s / 1e12,
@@ -132,10 +142,11 @@ def worker(args) -> None:
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp: Path) -> dict:
+def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp: Path,
+               no_zero3_init: bool = False) -> dict:
     result = tmp / f"{preset}_{stage}"
     cmd = [__file__, "--worker", "--preset", preset, "--stage", str(stage), "--steps", str(steps),
-           "--batch", str(batch), "--result", str(result)]
+           "--batch", str(batch), "--result", str(result)] + (["--no-zero3-init"] if no_zero3_init else [])
     if nproc == 1:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("BENCH_PYTORCH_THREADS", "1"))
         subprocess.run([sys.executable, *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -146,9 +157,12 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
             raise RuntimeError(f"{preset} ZeRO-{stage}: workers exited with {code}")
     ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(nproc)]
     step_s = max(r["step_s"] for r in ranks)           # ranks run in lockstep; the slowest paces
-    return {"preset": preset, "mode": "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}", "nproc": nproc,
+    mode = "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}" + (
+        " (zero.Init)" if stage == 3 and not no_zero3_init else "")
+    return {"preset": preset, "mode": mode, "nproc": nproc,
             "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
-            "peak_mb": [round(r["peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks],
+            "peak_mb": [round(r["peak_mb"]) for r in ranks],
+            "build_peak_mb": [round(r["build_peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks],
             "mfu": ranks[0]["mfu"], "device": ranks[0]["device"],
             "tflops_s": sum(r["tflops_s"] for r in ranks) / nproc, "nominal_over_run": ranks[0]["nominal_over_run"]}
 
@@ -160,6 +174,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batch", type=int, default=2, help="micro batch per process")
     parser.add_argument("--nproc", type=int, default=2, help="processes for the DeepSpeed rows (= GPUs on a GPU box)")
+    parser.add_argument("--no-zero3-init", action="store_true",
+                        help="ZeRO-3 rows: build the whole model on every rank first (train.zero3_init=false)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -171,7 +187,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             for stage in args.stages:
-                row = run_config(preset, stage, 1 if stage < 0 else args.nproc, args.steps, args.batch, Path(tmp))
+                row = run_config(preset, stage, 1 if stage < 0 else args.nproc, args.steps, args.batch, Path(tmp),
+                                 args.no_zero3_init)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     print(f"\ndevice {rows[0]['device']}, micro batch {args.batch} per process, {args.steps} timed steps, "
@@ -179,13 +196,15 @@ def main() -> None:
     print("FLOPs: of the batch actually run (megavla.model.flops.batch_flops: valid tokens of the synthetic "
           "batch); 'nominal / run' = how much the config's nominal sample would overstate them.\n")
     print("| preset | params (M) | mode | procs | step (s) | samples/s | TFLOP/s per proc | MFU "
-          "| nominal / run FLOPs | model states per rank (MB) | peak RSS per rank (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| nominal / run FLOPs | model states per rank (MB) | peak RSS per rank after the model build (MB) "
+          "| peak RSS per rank (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {r['step_s']:.3f} | "
               f"{r['samples_s']:.2f} | {r['tflops_s']:.4f} | {mfu} | {r['nominal_over_run']:.2f}x | "
-              f"{' / '.join(map(str, r['state_mb']))} | {' / '.join(map(str, r['peak_mb']))} |")
+              f"{' / '.join(map(str, r['state_mb']))} | {' / '.join(map(str, r['build_peak_mb']))} | "
+              f"{' / '.join(map(str, r['peak_mb']))} |")
 
 
 if __name__ == "__main__":

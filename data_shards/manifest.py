@@ -32,7 +32,17 @@ directory holding several sets (``find_shard_sets``).
                 "steps_per_embodiment": {"robot/arm": steps},
                 "combos": {"robot/arm": ["0:0", "0:1", ...]}},   scene x task combos per embodiment
      "target_shard_bytes": n,
+     "episode_keys": {"path": "episode_keys.json",        the keys of every shard (below)
+                      "episodes": n, "bytes": n, "sha256": "<hex>"},
      "generator": {...}}                                   how the episodes were made (synth args)
+
+``episode_keys.json`` (beside the manifest, written before it) lists each shard's episode keys,
+sorted: ``{"format_version": 1, "shards": {"shard-000000.tar": ["robot/arm/...", ...], ...}}``, one
+line per shard. It lets the per-set check (data_shards/validate.py) see a key that two shards hold
+without opening a shard: a worker reads only its own shards and could not see it. It is a file of its
+own so that manifest.json stays small and readable (10^5 keys are ~3 MB; the manifest rows, first/last
+key only, ~300 bytes per shard). Sets written before 2026-11-30 have no ``episode_keys``: they load,
+without the cross-shard check (a warning; ``megavla data verify`` still finds repeats by reading).
 
 A shard holds at most ``target_shard_bytes`` unless one episode alone is larger (then it is alone
 in its shard).
@@ -40,6 +50,7 @@ in its shard).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -52,6 +63,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
+EPISODE_KEYS_FILE = "episode_keys.json"
+EPISODE_KEYS_VERSION = 1
 SHARD_FIELDS = ("path", "samples", "episodes", "steps", "embodiments", "combos", "bytes", "sha256")
 
 
@@ -105,6 +118,55 @@ def totals(rows: list[dict[str, Any]], combos_per_embodiment: dict[str, set[str]
         "steps_per_embodiment": dict(sorted(steps_per_embodiment.items())),
         "combos": {emb: sorted(c, key=combo_sort_key) for emb, c in sorted(combos_per_embodiment.items())},
     }
+
+
+def encode_episode_keys(keys_per_shard: dict[str, list[str]]) -> tuple[bytes, dict[str, Any]]:
+    """(bytes of ``episode_keys.json``, the manifest's ``episode_keys`` entry) for the keys of each
+    shard (shard path -> keys, in manifest order). Deterministic: the same keys give the same bytes."""
+    lines = [json.dumps(path) + ": " + json.dumps(sorted(keys), separators=(",", ":"))
+             for path, keys in keys_per_shard.items()]
+    text = ('{"format_version": %d, "shards": {\n' % EPISODE_KEYS_VERSION + ",\n".join(lines) + "\n}}\n")
+    data = text.encode("utf-8")
+    entry = {"path": EPISODE_KEYS_FILE, "episodes": sum(len(k) for k in keys_per_shard.values()),
+             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return data, entry
+
+
+def load_episode_keys(set_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, list[str]] | None:
+    """Shard path -> its episode keys from ``episode_keys.json``; None for a set written before the
+    file existed (no ``episode_keys`` in the manifest). ManifestError when the manifest names the file
+    but it is missing, changed since the manifest was written, or does not match the shard rows."""
+    entry = manifest.get("episode_keys")
+    if entry is None:
+        return None
+    where = Path(set_dir) / MANIFEST_FILE
+    fix = (f"restore it, write the set again, or delete the 'episode_keys' field of {where} to read the "
+           "set without the cross-shard duplicate check")
+    if not isinstance(entry, dict) or entry.get("path") != EPISODE_KEYS_FILE:
+        raise ManifestError(f"{where}: field 'episode_keys' must be {{\"path\": \"{EPISODE_KEYS_FILE}\", ...}}, "
+                            f"got {entry!r}")
+    path = Path(set_dir) / EPISODE_KEYS_FILE
+    try:
+        with os.fdopen(open_regular_file(path), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: missing (manifest.json lists it); {fix}") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ManifestError(f"{path}: sha256 differs from manifest.json's episode_keys.sha256 (changed "
+                            f"since the set was written); {fix}")
+    try:
+        keys = json.loads(data)["shards"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"{path}: not a key list ({type(e).__name__}: {e}); {fix}") from None
+    for i, row in enumerate(manifest["shards"]):
+        listed = keys.get(row["path"]) if isinstance(keys, dict) else None
+        if not isinstance(listed, list) or len(listed) != row["episodes"]:
+            got = "no list" if not isinstance(listed, list) else f"{len(listed)} keys"
+            raise ManifestError(f"{path}: {row['path']!r} has {got}, manifest.json shards[{i}] has "
+                                f"{row['episodes']} episodes; {fix}")
+    return {row["path"]: keys[row["path"]] for row in manifest["shards"]}
 
 
 def file_kind(mode: int) -> str:

@@ -260,15 +260,9 @@ class NormStatsAccumulator:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path.partial``, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """JSON written atomically (megavla.fileio: the project's one atomic writer)."""
+    from megavla.fileio import atomic_write_json
+    atomic_write_json(path, obj)
 
 
 class NormStatsError(ValueError):

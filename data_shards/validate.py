@@ -3,7 +3,9 @@
 Both ask the same three questions, with the same code and the same messages, so they cannot disagree:
 
 * per set (:func:`check_shard_set`, before any work): a readable manifest that lists at least one
-  shard, every shard path inside the set (no absolute path, no ``..``) and listed once, and, when
+  shard, every shard path inside the set (no absolute path, no ``..``) and listed once, no episode
+  key in two shards (:func:`cross_shard_duplicates`, from ``episode_keys.json``: later copies are
+  skipped, see there; sets written without that file warn that this cannot be checked), and, when
   the reader normalizes, a ``norm_stats.json`` that is finite, has ``q01 <= q99`` and ``std >= 0``
   and covers every embodiment the manifest lists. A failure here refuses the whole set.
 * per shard file (:func:`shard_file_problem`, :func:`open_regular_file`): a regular file. A FIFO
@@ -18,7 +20,8 @@ Both ask the same three questions, with the same code and the same messages, so 
 
 ``verify`` adds the integrity checks a streaming reader cannot afford per read (sha256 and size
 against the manifest, every JPEG decoded, members outside the format, counts against the manifest,
-episode keys repeated across shards), so ``verify`` exit 0 means every episode would be read.
+episode keys repeated across shards in sets without ``episode_keys.json``, each shard's keys equal to
+its list), so ``verify`` exit 0 means every episode would be read.
 Settings the reader takes from ``data.*`` come in :class:`ReadLimits`; ``verify`` uses the defaults.
 
 numpy only: ``verify`` must not pay the torch import.
@@ -26,7 +29,7 @@ numpy only: ``verify`` must not pay the torch import.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +37,13 @@ import numpy as np
 
 from .format import Episode, EpisodeFormatError
 # The regular-file helpers live in manifest.py (stats.py needs them too); they are part of this API.
-from .manifest import ManifestError, file_kind, load_manifest, open_regular_file, read_regular_text, shard_file_problem
+from .manifest import (EPISODE_KEYS_FILE, ManifestError, file_kind, load_episode_keys, load_manifest,
+                       open_regular_file, read_regular_text, shard_file_problem)
 from .stats import NORM_STATS_FILE, NormStatsError, load_norm_stats, norm_affine
 
 __all__ = ["EpisodeValidator", "ReadLimits", "ShardSetError", "ShardSetInfo", "StatsMismatchError",
-           "check_manifest_shards", "check_shard_set", "duplicate_key_message", "file_kind",
+           "CrossShardDuplicate", "check_manifest_shards", "check_shard_set", "cross_shard_duplicates",
+           "cross_shard_message", "duplicate_key_message", "no_key_list_message", "file_kind",
            "open_regular_file", "read_regular_text", "shard_file_problem", "stats_coverage_problem"]
 
 # Reader defaults; megavla.config.data.DataConfig has the same values (tests/test_shards_validate.py).
@@ -73,11 +78,23 @@ class ReadLimits:
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class CrossShardDuplicate:
+    """An episode key that shard ``later`` holds although the earlier shard ``first`` (manifest order)
+    holds it too: the copy in ``later`` is skipped."""
+
+    key: str
+    first: str
+    later: str
+
+
 @dataclass
 class ShardSetInfo:
     set_dir: Path
     manifest: dict[str, Any]
     norm_stats: dict[str, Any] | None  # None when the reader does not normalize
+    episode_keys: dict[str, list[str]] | None = None  # None: a set written without episode_keys.json
+    duplicates: list[CrossShardDuplicate] = field(default_factory=list)
 
 
 def check_manifest_shards(set_dir: Path, manifest: dict[str, Any]) -> None:
@@ -97,6 +114,37 @@ def check_manifest_shards(set_dir: Path, manifest: dict[str, Any]) -> None:
         seen[path] = i
 
 
+def cross_shard_duplicates(episode_keys: dict[str, list[str]]) -> list[CrossShardDuplicate]:
+    """Keys held by more than one shard, each later copy once (shards in manifest order)."""
+    first: dict[str, str] = {}
+    repeats: list[CrossShardDuplicate] = []
+    for path, keys in episode_keys.items():
+        for key in dict.fromkeys(keys):  # a key twice in one shard is the per-episode check's
+            if key in first:
+                repeats.append(CrossShardDuplicate(key, first[key], path))
+            else:
+                first[key] = path
+    return repeats
+
+
+def cross_shard_message(set_dir: str | os.PathLike, dup: CrossShardDuplicate, listed: bool = True) -> str:
+    """The message `verify` prints and the reader logs for one repeated key. ``listed=False``: a set
+    without episode_keys.json, where only `verify` (reading every shard) can see the repeat."""
+    where = f"{Path(set_dir) / dup.later}:{dup.key}"
+    fix = "keep one copy: write the set again from its source (the writer refuses repeated keys)"
+    if listed:
+        return (f"{where}: episode key also in {dup.first}; this later copy is skipped so the episode is "
+                f"not drawn twice as often ({EPISODE_KEYS_FILE} lists it in both shards); {fix}")
+    return (f"{where}: episode key also in {dup.first}: the reader would draw it twice as often (this set "
+            f"has no {EPISODE_KEYS_FILE}, so a reader cannot see repeats across shards); {fix}")
+
+
+def no_key_list_message(set_dir: str | os.PathLike) -> str:
+    return (f"{Path(set_dir) / 'manifest.json'}: no 'episode_keys' (set written before 2026-11-30): an "
+            "episode key in two shards cannot be checked at start and would be read twice; run "
+            f"`megavla data verify {set_dir}`, or write the set again to add {EPISODE_KEYS_FILE}")
+
+
 def stats_coverage_problem(set_dir: Path, manifest: dict[str, Any], stats: dict[str, Any]) -> str | None:
     listed = {emb for row in manifest["shards"] for emb in row["embodiments"]}
     missing = sorted(listed - set(stats))
@@ -114,6 +162,11 @@ def check_shard_set(set_dir: str | os.PathLike, need_stats: bool = True) -> Shar
     except ManifestError as e:
         raise ShardSetError(str(e)) from None
     check_manifest_shards(set_dir, manifest)
+    try:
+        episode_keys = load_episode_keys(set_dir, manifest)
+    except ManifestError as e:
+        raise ShardSetError(str(e)) from None
+    duplicates = cross_shard_duplicates(episode_keys) if episode_keys is not None else []
     stats = None
     if need_stats:
         try:
@@ -123,7 +176,7 @@ def check_shard_set(set_dir: str | os.PathLike, need_stats: bool = True) -> Shar
         problem = stats_coverage_problem(set_dir, manifest, stats)
         if problem:
             raise ShardSetError(problem)
-    return ShardSetInfo(set_dir, manifest, stats)
+    return ShardSetInfo(set_dir, manifest, stats, episode_keys, duplicates)
 
 
 def duplicate_key_message(where: str, key: str) -> str:

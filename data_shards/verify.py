@@ -5,7 +5,9 @@ Each problem names the shard, the sample key and the member where known, with th
 logs when it skips or refuses the same thing. Errors make ``megavla data verify`` exit non-zero;
 warnings (a stale file the manifest does not list, non-square frames) do not: exit 0 means the
 reader would read every episode. Per set: validate.check_manifest_shards, norm stats
-(validate/stats.check_norm_stats) covering the manifest's embodiments, no episode key in two shards.
+(validate/stats.check_norm_stats) covering the manifest's embodiments, no episode key in two shards
+(from episode_keys.json as the reader checks it; by reading every shard in sets without that file),
+each shard's keys equal to its list in episode_keys.json.
 Per shard: a regular file; size and sha256 as in the manifest; the tar reads to its end (a
 truncated tar is reported after the last good member); every sample parses with
 ``format.sample_to_episode`` and passes ``validate.EpisodeValidator``; no key twice in the shard;
@@ -28,10 +30,11 @@ import simplejpeg
 from tqdm import tqdm
 
 from .format import ARRAY_KEYS, CAMERAS, EpisodeFormatError, sample_to_episode
-from .manifest import SHARD_GLOB, ManifestError, load_manifest
+from .manifest import EPISODE_KEYS_FILE, SHARD_GLOB, ManifestError, load_episode_keys, load_manifest
 from .stats import NORM_STATS_FILE, NormStatsError, load_norm_stats
-from .validate import (EpisodeValidator, ReadLimits, ShardSetError, check_manifest_shards,
-                       duplicate_key_message, shard_file_problem, stats_coverage_problem)
+from .validate import (CrossShardDuplicate, EpisodeValidator, ReadLimits, ShardSetError, check_manifest_shards,
+                       cross_shard_duplicates, cross_shard_message, duplicate_key_message, no_key_list_message,
+                       shard_file_problem, stats_coverage_problem)
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +226,21 @@ def _verify_job(job: tuple[str, dict[str, Any], bool, bool, dict | None, ReadLim
     return report
 
 
+def _compare_listed_keys(shard_report: VerifyReport, listed: list[str]) -> None:
+    """The keys read from a shard must be those episode_keys.json lists for it: the reader trusts the
+    list to find repeats across shards. Checked when the shard read without other errors."""
+    if shard_report.errors:
+        return
+    read, want = set(shard_report.keys), set(listed)
+    if read == want:
+        return
+    extra, absent = sorted(read - want), sorted(want - read)
+    shard_report.problems.append(Problem(shard_report.set_dir, (
+        f"episode keys differ from its list in {EPISODE_KEYS_FILE} ({len(extra)} read but not listed, "
+        f"{len(absent)} listed but not read; first: {(extra or absent)[0]}): the shard was replaced or the "
+        "list is stale, so repeats across shards cannot be trusted; write the set again")))
+
+
 def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: bool = True,
                      progress: bool = False, workers: int = 1,
                      limits: ReadLimits = ReadLimits()) -> VerifyReport:
@@ -239,6 +257,17 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
         check_manifest_shards(set_dir, manifest)
     except ShardSetError as e:  # the reader refuses the whole set with this message
         report.problems.append(Problem(str(set_dir / "manifest.json"), str(e)))
+    listed = None
+    try:
+        listed = load_episode_keys(set_dir, manifest)
+    except ManifestError as e:  # the reader refuses the whole set with this message
+        report.problems.append(Problem(str(set_dir / EPISODE_KEYS_FILE), str(e)))
+    if listed is not None:  # the reader's own start check: same duplicates, same messages
+        for dup in cross_shard_duplicates(listed):
+            report.problems.append(Problem(str(set_dir / dup.later), cross_shard_message(set_dir, dup), key=dup.key))
+    elif "episode_keys" not in manifest:
+        report.problems.append(Problem(str(set_dir / "manifest.json"), no_key_list_message(set_dir),
+                                       severity="warning"))
     stats = None
     try:
         stats = load_norm_stats(set_dir / NORM_STATS_FILE)
@@ -248,8 +277,7 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
     except NormStatsError as e:
         report.problems.append(Problem(str(set_dir / NORM_STATS_FILE), str(e)))
     rows = manifest["shards"]
-    listed = {row["path"] for row in rows}
-    for extra in sorted(p.name for p in set_dir.glob(SHARD_GLOB) if p.name not in listed):
+    for extra in sorted(p.name for p in set_dir.glob(SHARD_GLOB) if p.name not in {r["path"] for r in rows}):
         report.problems.append(Problem(str(set_dir / extra), "shard file not listed in manifest.json "
                                        "(ignored by readers)", severity="warning"))
     jobs = [(str(set_dir / row["path"]), row, check_images, check_sha, stats, limits) for row in rows]
@@ -260,19 +288,23 @@ def verify_shard_set(set_dir: str | Path, check_images: bool = True, check_sha: 
             results = pool.imap(_verify_job, jobs)  # ordered: the report lists shards in manifest order
         else:
             results = map(_verify_job, jobs)
-        for shard_report in tqdm(results, total=len(jobs), desc=f"verify {set_dir.name}", unit="shard",
-                                 disable=not progress):
+        for row, shard_report in zip(rows, tqdm(results, total=len(jobs), desc=f"verify {set_dir.name}",
+                                                unit="shard", disable=not progress)):
             report.shards += 1
             report.samples += shard_report.samples
             report.frames_decoded += shard_report.frames_decoded
+            if listed is not None:
+                _compare_listed_keys(shard_report, listed[row["path"]])
             report.problems.extend(shard_report.problems)
-            for key in shard_report.keys:
+            if listed is not None:
+                continue
+            for key in shard_report.keys:  # no key list: find repeats by reading, as the reader cannot
                 if key in first_shard:
-                    report.problems.append(Problem(shard_report.set_dir, (
-                        f"episode key also in {first_shard[key]}: the reader would draw it twice as "
-                        "often (it cannot see repeats across shards); drop one copy"), key=key))
+                    dup = CrossShardDuplicate(key, first_shard[key], row["path"])
+                    report.problems.append(Problem(shard_report.set_dir, cross_shard_message(set_dir, dup, listed=False),
+                                                   key=key))
                 else:
-                    first_shard[key] = shard_report.set_dir
+                    first_shard[key] = row["path"]
     log.info("verify %s: %d shards, %d samples, %d frames decoded, %d errors, %d warnings", set_dir,
              report.shards, report.samples, report.frames_decoded, len(report.errors),
              len(report.problems) - len(report.errors))

@@ -3,7 +3,8 @@
 Layout and file formats: data_shards/manifest.py (manifest) and data_shards/stats.py (norm stats).
 
 Atomic finish. Every file is first written under a ``*.partial`` name. ``finish()`` closes and
-fsyncs the shards, renames them to ``shard-NNNNNN.tar``, writes ``norm_stats.json`` and, last,
+fsyncs the shards, renames them to ``shard-NNNNNN.tar``, writes ``norm_stats.json``,
+``episode_keys.json`` (each shard's keys: the reader's cross-shard duplicate check) and, last,
 ``manifest.json`` (each via a temp name + rename). A writer that dies midway therefore leaves no
 manifest.json, and tools treat such a directory as incomplete. Leaving the ``with`` block by an
 exception deletes the partial files. ``overwrite=True`` first deletes an existing manifest (the old
@@ -33,8 +34,8 @@ from typing import Any
 import webdataset as wds
 
 from .format import FORMAT_VERSION, Episode, episode_to_sample, sample_to_episode
-from .manifest import (MANIFEST_FILE, MANIFEST_VERSION, SHARD_GLOB, SHARD_PATTERN, shard_row,
-                       totals)
+from .manifest import (EPISODE_KEYS_FILE, MANIFEST_FILE, MANIFEST_VERSION, SHARD_GLOB, SHARD_PATTERN,
+                       encode_episode_keys, shard_row, totals)
 from .stats import NORM_STATS_FILE, NormStatsAccumulator, write_json_atomic
 
 JOURNAL_FILE = "journal.json"
@@ -57,6 +58,11 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    from megavla.fileio import atomic_write_bytes   # the project's one atomic writer
+    atomic_write_bytes(path, data)
 
 
 class _HashingFile:
@@ -115,6 +121,7 @@ class ShardSetWriter:
         self._rows: list[dict[str, Any]] = []
         self._done_partials: list[tuple[Path, Path]] = []
         self._keys: set[str] = set()
+        self._keys_per_shard: dict[str, list[str]] = {}  # -> episode_keys.json
         self._combos: dict[str, set[str]] = {}
         self._steps: dict[str, int] = {}
         journal = self.out_dir / JOURNAL_FILE
@@ -161,10 +168,12 @@ class ShardSetWriter:
                 raise JournalError(f"{partial}: committed shard missing or changed since it was "
                                    f"journaled in {journal}; pass --overwrite to start over")
             problems: list = []
+            shard_keys = self._keys_per_shard.setdefault(row["path"], [])
             for sample in iter_tar_samples(partial, problems):
                 ep = sample_to_episode(sample, where=str(partial))
                 self.stats.add(ep)
                 self._keys.add(ep.key)
+                shard_keys.append(ep.key)
                 self._combos.setdefault(ep.embodiment, set()).add(ep.combo)
                 self._steps[ep.embodiment] = self._steps.get(ep.embodiment, 0) + ep.num_steps
             if problems:
@@ -241,6 +250,7 @@ class ShardSetWriter:
         name = SHARD_PATTERN.format(len(self._rows))
         row = shard_row(name, self._shard_episodes, self._file.bytes, self._file.sha256.hexdigest())
         self._rows.append(row)
+        self._keys_per_shard[name] = [e["key"] for e in self._shard_episodes]
         self._done_partials.append((self._partial, self.out_dir / name))
         if self.resumable:  # commit point: the shard is fsynced, now make it count
             self._progress = self._pending_progress
@@ -266,12 +276,16 @@ class ShardSetWriter:
                 log.info("%s: removing stale shard %s not in the new manifest", self.out_dir, old.name)
                 old.unlink()
         write_json_atomic(self.out_dir / NORM_STATS_FILE, norm_stats)
+        keys_bytes, keys_entry = encode_episode_keys({row["path"]: self._keys_per_shard[row["path"]]
+                                                      for row in self._rows})
+        _write_bytes_atomic(self.out_dir / EPISODE_KEYS_FILE, keys_bytes)
         manifest = {
             "format_version": MANIFEST_VERSION,
             "episode_format_version": FORMAT_VERSION,
             "shards": self._rows,
             "totals": totals(self._rows, self._combos, self._steps),
             "target_shard_bytes": self.target_shard_bytes,
+            "episode_keys": keys_entry,
             "generator": self.generator,
         }
         write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)  # last: marks the set complete

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="auto",
                         help="auto (newest complete checkpoint in the run dir, default), a "
                              "checkpoint path, or none (start from scratch)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run dir that already holds a run (deletes its checkpoints and "
+                             "metrics; requeues of this job still resume)")
     wait = parser.add_mutually_exclusive_group()
     wait.add_argument("--wait", dest="wait", action="store_true", default=None,
                       help="wait for the job and return its exit status (default for local)")
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, *flag_overrides(args)])
         resume = None if args.resume in ("none", "") else args.resume
-        job = submit_run(cfg, resume=resume)
+        job = submit_run(cfg, resume=resume, overwrite=args.overwrite)
     except (ConfigError, LaunchError) as e:
         sys.stderr.write(f"megavla launch: error: {e}\n")
         return 2

@@ -115,17 +115,31 @@ def prepare_run(cfg: Config) -> Path:
     return run_dir
 
 
-def submit_run(cfg: Config, resume: str | None = "auto") -> submitit.Job:
+def check_run(cfg: Config, resume: str | None, overwrite: bool = False) -> None:
+    """What the job would find out minutes later, checked before submission: the paths the run
+    reads, a live run holding the run dir, nothing to resume in a used run dir. Raises LaunchError."""
+    from megavla.train.cli import check_paths, check_run_dir
+    from megavla.train.errors import TrainingError
+    try:
+        check_paths(cfg)
+        check_run_dir(cfg, resume, overwrite)
+    except (ConfigError, TrainingError) as e:
+        raise LaunchError(str(e)) from None
+
+
+def submit_run(cfg: Config, resume: str | None = "auto", overwrite: bool = False) -> submitit.Job:
     """Preflight, write the run dir, submit one job of ``world_size`` tasks. Returns the job."""
     try:
         cfg.launch.validate()
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     preflight(cfg.launch)
+    if cfg.launch.entry == "megavla.train.entry:run":   # a stand-in trainer has its own rules
+        check_run(cfg, None if overwrite else resume, overwrite)
     run_dir = prepare_run(cfg)
     executor = make_executor(cfg.launch, run_dir / rundir.SUBMITIT_DIR, name=run_dir.name)
     rundir.update_launch_record(run_dir, status="submitting")
-    job = executor.submit(TrainTask(str(run_dir)), resume)
+    job = executor.submit(TrainTask(str(run_dir)), resume, **({"overwrite": True} if overwrite else {}))
     record_submission(run_dir, cfg, job)
     return job
 

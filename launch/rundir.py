@@ -3,7 +3,8 @@
 Layout (docs/architecture.md): ``config.yaml`` (resolved, written at submission) · ``launch.json``
 (this module: job id, node list, git commit, status, requeues) · ``submitit/`` (job scripts and
 per-rank logs) · ``checkpoints/<tag>/`` + ``checkpoints/latest`` and ``metrics.jsonl`` + ``tb/``
-(written by the trainer). The launcher never parses checkpoint contents beyond the step number.
+(written by the trainer). Which checkpoint counts is the trainer's own decision
+(megavla.train.resume), never a second reading of `latest`.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import json
 import logging
 import math
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from megavla.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,38 +71,22 @@ def update_launch_record(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
         if event is not None:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             record.setdefault("events", []).append({"time": stamp, **event})
-        tmp = path.with_name(f".{LAUNCH_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_json(path, record, sort_keys=True)
     return record
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[str, int] | None:
-    """(tag, step) of the checkpoint ``checkpoints/latest`` points to, or None if there is none.
+    """(tag, step) of the checkpoint the trainer's `--resume auto` would load, or None.
 
-    The trainer writes ``latest`` last (after the checkpoint directory is complete), as a text file
-    holding the tag (DeepSpeed's convention) or as a symlink. The step comes from the checkpoint's
-    ``trainer_state.json`` and, failing that, from the digits in the tag.
+    The same decision as the trainer's (megavla.train.resume.newest_loadable), so a dangling
+    `latest` or a damaged newest checkpoint shows what a resume will really use. Files are checked
+    by size only: hashing every run's checkpoints would make `sweep status` read terabytes.
     """
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    pointer = ckpt_dir / "latest"
-    if pointer.is_symlink():
-        tag = os.readlink(pointer).rstrip("/").split("/")[-1]
-    elif pointer.is_file():
-        tag = pointer.read_text().strip()
-    else:
-        return None
-    if not tag or not (ckpt_dir / tag).is_dir():
-        log.warning("%s points to %r, which is not a checkpoint directory", pointer, tag)
-        return None
-    state_file = ckpt_dir / tag / "trainer_state.json"
-    if state_file.is_file():
-        try:
-            return tag, int(json.loads(state_file.read_text())["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            log.warning("%s has no readable 'step' (%s); using the tag's digits", state_file, e)
-    digits = re.findall(r"\d+", tag)
-    return (tag, int(digits[-1])) if digits else (tag, -1)
+    from megavla.train.resume import newest_loadable, read_step
+    path, skipped = newest_loadable(Path(run_dir) / "checkpoints", verify=False)
+    for problem in skipped:
+        log.warning("damaged checkpoint (a resume skips it): %s", problem)
+    return (path.name, read_step(path)) if path is not None else None
 
 
 @dataclass
@@ -180,17 +166,21 @@ def job_alive(record: dict[str, Any]) -> bool:
 
 
 def run_state(run_dir: str | Path, total_steps: int) -> str:
-    """new | queued/running (job alive) | finished | interrupted (checkpoint, not done) | failed."""
+    """new | queued/running (job alive) | finished | interrupted (checkpoint, not done) | failed |
+    unresumable (trained, but no loadable checkpoint: the trainer refuses to start over silently).
+    A run trained by `megavla train` directly has no launch.json: its checkpoints still count."""
     record = read_launch_record(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and ckpt[1] >= total_steps:
         return "finished"
     if record.get("status") == "finished" and ckpt is None:
         return "finished"  # a trainer that keeps no checkpoint: trust the job's own report
-    if not record:
-        return "new"
-    if job_alive(record):
+    if record and job_alive(record):
         return "running" if record.get("status") in ("running", "requeued") else "queued"
+    if ckpt is None:
+        from megavla.train.resume import progress_evidence
+        if progress_evidence(Path(run_dir)):
+            return "unresumable"
     if record.get("status") == "failed":
         return "failed"
     return "interrupted" if ckpt is not None else "new"

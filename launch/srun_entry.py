@@ -7,7 +7,8 @@ LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = first node of the job, MASTER_PORT fro
 launch.master_port; values inherited from the submitting shell are ignored) unless
 torchrun set them, runs the trainer entry (``launch.entry``) and, when the trainer
 stopped on SIGUSR2/SIGTERM after saving (exit 75), has rank 0 requeue the job with ``scontrol
-requeue`` while ``SLURM_RESTART_COUNT < launch.max_requeues``. The requeued batch script runs again
+requeue`` while ``SLURM_RESTART_COUNT < launch.max_requeues``. A plain SIGTERM (scancel) is a stop:
+saved, recorded as cancelled, not requeued. The requeued batch script runs again
 from the top and ``--resume auto`` picks the checkpoint up. Records launch.json like the submitit path.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from megavla.config import ConfigError, load_config, write_yaml
 
 from . import rundir
-from .task import resolve_entry, restart_count
+from .task import STOPPED_CODES, resolve_entry, restart_count, slurm_requeue_pending
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     resume = None if args.resume in ("none", "") else args.resume
     code = int(entry(cfg, resume=resume) or 0)
     if rank != 0:
-        return 0 if code == preempted_code else code
+        return 0 if code == preempted_code or code in STOPPED_CODES else code
     ckpt = rundir.latest_checkpoint(run_dir)
     if code == 0:
         rundir.update_launch_record(run_dir, status="finished", final_step=ckpt[1] if ckpt else None)
+        return 0
+    if code in STOPPED_CODES:   # SIGTERM/SIGINT: a stop (scancel), unless SLURM requeues the job itself
+        if slurm_requeue_pending(job_id):
+            rundir.update_launch_record(run_dir, status="requeued", append_event={
+                "event": "preempted", "job_id": job_id, "saved_step": ckpt[1] if ckpt else None})
+        else:
+            log.warning("stopped at step %s (checkpoint saved, not requeued)", ckpt[1] if ckpt else "?")
+            rundir.update_launch_record(run_dir, status="cancelled", append_event={
+                "event": "stopped", "job_id": job_id, "saved_step": ckpt[1] if ckpt else None})
         return 0
     if code != preempted_code:
         rundir.update_launch_record(run_dir, status="failed", error=f"trainer exit code {code}")

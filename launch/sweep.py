@@ -1,8 +1,9 @@
-"""`megavla sweep SWEEP.yaml [--executor slurm ...]` and `megavla sweep status DIR`.
+"""`megavla sweep SWEEP.yaml [--executor slurm ...]`, `megavla sweep status DIR` and
+`megavla sweep report DIR` (one Markdown table + a PNG per swept axis: launch/sweep_report.py).
 
 A sweep file names a base config, fixed overrides and a grid of dotted keys -> value lists::
 
-    base: ../tiny_cpu.yaml            # relative to this file
+    base: ../demo.yaml                # relative to this file (configs/sweeps/smoke.yaml is one)
     out_dir: runs/sweeps/transfer     # one run directory per grid point inside it
     overrides: [train.steps=2000]
     grid:
@@ -135,6 +136,10 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
         if state in ("finished", "queued", "running"):
             log.info("sweep: skipping %s (%s)", run.name, state)
             continue
+        if state == "unresumable":
+            log.error("sweep: skipping %s: %s has trained steps but no loadable checkpoint; restore one or "
+                      "delete the run dir to start it over", run.name, run.cfg.train.run_dir)
+            continue
         _check_same_config(run)
         log.info("sweep: %s %s", "resuming" if state in ("interrupted", "failed") else "starting", run.name)
         todo.append(run)
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(format_table(status_rows(args.dir)))
         return 0
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     parser = argparse.ArgumentParser(prog="megavla sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML (configs/sweeps/...)")
@@ -248,4 +255,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print("\n".join(names) if names else "nothing to submit")
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    from .sweep_report import write_report
+    parser = argparse.ArgumentParser(prog="megavla sweep report",
+                                     description="gather every run of a sweep into sweep_report.md + "
+                                     "sweep_<axis>.png (losses, offline and closed-loop metrics)")
+    parser.add_argument("dir", help="the sweep's out_dir (one run directory per grid point)")
+    parser.add_argument("--sweep", help="the sweep YAML: its runs without a directory are listed as missing")
+    parser.add_argument("--out", help="where the report goes (default: DIR)")
+    parser.add_argument("--last-k", type=int, default=5, help="final loss = mean of the last K logged values")
+    args = parser.parse_args(argv)
+    if args.last_k < 1:
+        sys.stderr.write(f"megavla sweep report: error: --last-k {args.last_k} must be >= 1\n")
+        return 2
+    try:
+        report, plots, entries = write_report(args.dir, args.out, args.sweep, args.last_k)
+    except ConfigError as e:
+        sys.stderr.write(f"megavla sweep report: error: {e}\n")
+        return 2
+    unfinished = [e for e in entries if e.state != "finished"]
+    print(f"{len(entries)} runs, {len(entries) - len(unfinished)} finished"
+          + (f"; not finished: {', '.join(f'{e.name} ({e.state})' for e in unfinished)}" if unfinished else ""))
+    for png in plots:
+        print(f"plot: {png}")
+    print(f"report: {report}")
     return 0

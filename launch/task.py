@@ -1,10 +1,16 @@
 """What every rank of a launched job runs: set up torch.distributed from the job, call the trainer.
 
+Stop vs preemption (docs/launching.md, "Stopping, preemption and failures"):
+- SIGTERM alone (scancel, kill) is a *stop*: the trainer saves at the next step boundary and returns
+  128 + 15. Rank 0 then asks SLURM whether it is requeueing the job (`scontrol requeue`, preemption
+  with requeue: SLURM bumps the job's Restarts before signalling). If so the run is recorded as
+  preempted and SLURM brings it back; otherwise it is recorded as cancelled and nothing requeues.
+- SIGUSR2 (`--signal=USR2@120`, or submitit's interrupt: TERM then USR2) is a *preemption*:
+
 Preemption / time limit, end to end:
-1. SLURM (or the local controller) sends SIGUSR2 ``signal_delay_s`` before the limit; a preemption
-   or `job._interrupt()` sends SIGTERM (+ USR2). The trainer's own handler (installed inside
-   ``run``) sets a flag, the ranks agree at the next step boundary, save, and ``run`` returns the
-   trainer's ``EXIT_SIGNAL_SAVED`` code (75).
+1. SLURM (or the local controller) sends SIGUSR2 ``signal_delay_s`` before the limit. The trainer's
+   own handler (installed inside ``run``) sets a flag, the ranks agree at the next step boundary,
+   save, and ``run`` returns the trainer's ``EXIT_SIGNAL_SAVED`` code (75).
 2. Rank 0 then hands over to submitit's USR2 handler (saved before the trainer replaced it): it calls
    :meth:`TrainTask.checkpoint`, which returns the same task with ``resume="auto"`` and one more
    requeue counted, pickles it and runs ``scontrol requeue`` (locally: exit code 144, which makes the
@@ -20,8 +26,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +77,26 @@ def setup_distributed_env(cfg: Config) -> submitit.helpers.TorchDistributedEnvir
     return dist_env
 
 
+# Trainer exit codes after a SIGINT / SIGTERM stop (checkpoint saved): 128 + signal.
+STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+# After a stop, how long rank 0 waits for a late SIGUSR2 (submitit's interrupt sends TERM, then USR2).
+LATE_USR2_GRACE_S = 1.0
+
+
+def slurm_requeue_pending(job_id: str | None) -> bool:
+    """Is SLURM requeueing this job (rather than cancelling it)? A requeue increments the job's
+    Restarts at once, so it exceeds this process's SLURM_RESTART_COUNT."""
+    if not job_id:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    m = re.search(r"\bRestarts=(\d+)", out.stdout)
+    return bool(m) and int(m.group(1)) > restart_count()
+
+
 def restart_count() -> int:
     """How often SLURM has restarted this job (requeues by SLURM itself count too)."""
     try:
@@ -88,7 +116,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def _config(self) -> Config:
         return load_config(Path(self.run_dir) / rundir.CONFIG_FILE)
 
-    def __call__(self, resume: str | None = "auto") -> int:
+    def __call__(self, resume: str | None = "auto", overwrite: bool = False) -> int:
         if not logging.getLogger().handlers:  # a fresh job process: same log format as the CLI
             from megavla.cli import setup_logging
             setup_logging()
@@ -107,7 +135,15 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         entry, preempted_code = resolve_entry(cfg.launch.entry, cfg.launch.preempted_exit_code)
         submitit_usr2 = signal.getsignal(job_env._usr_sig())
-        code = int(entry(cfg, resume=resume) or 0)
+        # --overwrite applies to the first start only: a requeued attempt must resume, never wipe.
+        extra = {"overwrite": True} if overwrite and attempt == 0 else {}
+        from megavla.train.errors import TrainingError
+        try:
+            code = int(entry(cfg, resume=None if extra else resume, **extra) or 0)
+        except TrainingError as e:      # the same on every rank: rank 0 records it, one line each
+            if rank == 0:
+                rundir.update_launch_record(self.run_dir, status="failed", error=str(e))
+            raise RuntimeError(f"run {self.run_dir}: {e}") from None
 
         if code == 0:
             if rank == 0:
@@ -117,6 +153,8 @@ class TrainTask(submitit.helpers.Checkpointable):
             return 0
         if code == preempted_code:
             return self._after_preemption(rank, submitit_usr2, job_env)
+        if code in STOPPED_CODES:
+            return self._after_stop(rank, code, job_env)
         if rank == 0:
             rundir.update_launch_record(self.run_dir, status="failed", error=f"trainer exit code {code}")
         raise RuntimeError(f"trainer {cfg.launch.entry} exited with code {code} (run dir {self.run_dir})")
@@ -136,6 +174,25 @@ class TrainTask(submitit.helpers.Checkpointable):
             self.run_dir, status="running", job_id=job_env.job_id, attempt=attempt,
             nodes=list(job_env.hostnames), world_size=dist_env.world_size,
             master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", append_event=event)
+
+    def _after_stop(self, rank: int, code: int, job_env: Any) -> int:
+        """The trainer saved because of SIGTERM/SIGINT: a stop, unless SLURM is requeueing the job."""
+        if rank != 0:
+            return 0
+        time.sleep(LATE_USR2_GRACE_S)   # a USR2 now reaches submitit's handler: preemption, requeue
+        ckpt = rundir.latest_checkpoint(self.run_dir)
+        saved = ckpt[1] if ckpt else None
+        if slurm_requeue_pending(job_env.job_id):
+            log.warning("run %s: SLURM is requeueing job %s; saved step %s", self.run_dir, job_env.job_id, saved)
+            rundir.update_launch_record(self.run_dir, status="requeued", append_event={
+                "event": "preempted", "job_id": job_env.job_id, "saved_step": saved})
+        else:
+            log.warning("run %s: stopped by %s at step %s (checkpoint saved, not requeued); resume with the "
+                        "same launch command", self.run_dir, signal.Signals(code - 128).name, saved)
+            rundir.update_launch_record(self.run_dir, status="cancelled", append_event={
+                "event": "stopped", "job_id": job_env.job_id, "signal": signal.Signals(code - 128).name,
+                "saved_step": saved})
+        return 0
 
     def _after_preemption(self, rank: int, submitit_usr2: Any, job_env: Any) -> int:
         """The trainer saved because of a signal: rank 0 requeues through submitit's handler."""

@@ -18,9 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megavla.train.cli", "train (1 or N local processes, DeepSpeed ZeRO)"),
     "export": ("megavla.train.export", "consolidate a checkpoint into one safetensors file"),
     "launch": ("megavla.launch.cli", "launch a training run locally or on SLURM (submitit)"),
-    "sweep": ("megavla.launch.sweep", "expand a sweep grid into runs; `sweep status DIR`"),
+    "sweep": ("megavla.launch.sweep", "expand a sweep grid into runs; `sweep status DIR`, `sweep report DIR`"),
     "serve": ("megavla.serving.cli", "serve a trained policy to openpi clients (websocket, batched)"),
-    "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives"),
+    "experiment": ("megavla.eval.cli", "the paper's experiments: diversity | probe | objectives; closed-loop (one policy, local or served)"),
     "demo": ("megavla.demo", "the README's main job: synth -> train (2 procs) -> resume"),
 }
 
@@ -36,13 +36,17 @@ def setup_logging(level: int = logging.INFO) -> None:
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: megavla <command> [args]\n\ncommands:\n{rows}\n"
+    return f"usage: megavla <command> [args] | megavla --version\n\ncommands:\n{rows}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from megavla import __version__
+        sys.stdout.write(f"megavla {__version__}\n")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -81,6 +81,10 @@ class FakeEngine:
 
     def __init__(self):
         self.seen, self.module, self.param = [], torch.nn.Linear(1, 1), torch.nn.Parameter(torch.zeros(()))
+        self.skipped_steps = 0     # DeepSpeed's count of updates skipped for a non-finite gradient norm
+
+    def is_gradient_accumulation_boundary(self):
+        return True
 
     def gradient_accumulation_steps(self):
         return 1

@@ -133,7 +133,15 @@ def duplicate_in_shard(samples, eps):
 
 
 def duplicate_across_shards(samples, eps):
-    samples[4] = dict(samples[1])  # episode 1 in shard 0 and shard 1
+    # Episode 1 in shard 0 and shard 1, and the key lists say so (as a hand-merged set would).
+    samples[4] = dict(samples[1])
+    eps[4] = eps[1]
+
+
+def no_key_list(d):
+    """A set written before episode_keys.json existed."""
+    (d / "episode_keys.json").unlink()
+    edit_json(d / "manifest.json", lambda m: m.pop("episode_keys"))
 
 
 def empty_manifest(d):
@@ -183,7 +191,10 @@ CASES = {
                                    "wrong shape, 5 dims but the robot/arm norm stats have 4"),
     "duplicate_key_in_one_shard": (duplicate_in_shard, None, "skip:duplicate_episode",
                                    "episode key seen before in this shard"),
-    "duplicate_key_in_two_shards": (duplicate_across_shards, None, "read", "episode key also in"),
+    "duplicate_key_in_two_shards": (duplicate_across_shards, None, "skip:duplicate_episode",
+                                    "episode key also in shard-000000.tar; this later copy is skipped"),
+    "duplicate_key_in_two_shards_no_key_list": (duplicate_across_shards, no_key_list, "read",
+                                                "episode key also in shard-000000.tar: the reader would draw"),
     "manifest_shards_empty": (None, empty_manifest, "refuse", "'shards' is empty"),
     "manifest_path_outside_set": (None, outside_path, "refuse", "points outside the set"),
     "manifest_absolute_path": (None, absolute_path, "refuse", "points outside the set"),
@@ -251,15 +262,82 @@ def test_verify_and_reader_agree(tmp_path, case, caplog):
     message = next(line for line in row["verify_out"].splitlines() if part in line).split(": ", 1)[1]
     if expected == "refuse":
         assert message in row["refusal"], (message, row["refusal"])
-    elif case != "duplicate_key_in_two_shards":
+    elif expected != "read":
         assert message in caplog.text, (message, caplog.text[-2000:])
 
 
-def test_duplicate_across_shards_is_only_seen_by_verify(tmp_path):
-    """A worker reads only its shards, so it cannot see a key repeated in another shard; verify can
-    (and is the gate). Pinned so a reader change that starts catching it updates the table."""
-    row = measure(tmp_path, "duplicate_key_in_two_shards")
-    assert row["verify_exit"] == 1 and row["reader"] == "read"
+def test_duplicate_across_shards_is_read_once_on_every_rank(tmp_path, caplog):
+    """episode_keys.json shows the repeat at start without opening a shard: every rank drops the same
+    later copy, so across ranks each key is read from one shard only, and the copy is counted once
+    per epoch (by the rank owning its shard) with verify's message."""
+    d = build(tmp_path, "duplicate_key_in_two_shards")
+    copy_key = episodes()[1].key
+    keys, counts = [], []
+    with caplog.at_level(logging.WARNING):
+        for rank in range(2):  # 2 ranks x 1 slot: rank r reads only shard r
+            loader = build_loader(reader_cfg(d), TinyTextTokenizer(), rank=rank, world_size=2)
+            with deadline():
+                keys.append({k for b in itertools.islice(loader, 6) for k in b.meta["key"]})
+            counts.append(loader.skip_counts()["duplicate_episode"])
+    assert copy_key in keys[0] and copy_key not in keys[1], keys  # shard 1's copy is never read
+    assert keys[1] == {episodes()[3].key, episodes()[5].key}
+    assert counts[0] == 0 and counts[1] >= 1, counts
+    assert "1 episode keys are in more than one shard" in caplog.text
+
+
+def test_shard_of_copies_only_is_not_read(tmp_path, caplog):
+    """A shard listed twice under another name (all its keys repeated) is dropped at start: a slot that
+    owned only it would otherwise find no episode at all."""
+    d = write(tmp_path / "s")
+    shutil.copy(d / "shard-000000.tar", d / "shard-000002.tar")
+
+    def add_copy(m):
+        m["shards"].append(dict(m["shards"][0], path="shard-000002.tar"))
+    edit_json(d / "manifest.json", add_copy)
+    lists = json.loads((d / "episode_keys.json").read_text())["shards"]
+    lists["shard-000002.tar"] = lists["shard-000000.tar"]
+    from megavla.data_shards.manifest import encode_episode_keys
+    data, entry = encode_episode_keys(lists)
+    (d / "episode_keys.json").write_bytes(data)
+    edit_json(d / "manifest.json", lambda m: m.__setitem__("episode_keys", entry))
+    with caplog.at_level(logging.WARNING):
+        outcome, keys, _, _ = run_reader(d)
+    assert outcome == "read" and keys == {e.key for e in episodes()}
+    assert "all 3 episodes of shard-000002.tar are copies" in caplog.text
+    code, text = run_verify(d)
+    assert code == 1 and text.count("episode key also in shard-000000.tar") == 3
+
+
+def test_set_without_key_list_loads_with_one_warning(tmp_path, caplog):
+    d = build(tmp_path, "clean")
+    no_key_list(d)
+    with caplog.at_level(logging.WARNING):
+        outcome, keys, _, _ = run_reader(d)
+    assert outcome == "read" and keys == {e.key for e in episodes()}
+    warnings = [r.getMessage() for r in caplog.records if "no 'episode_keys'" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot be checked" in warnings[0]
+    assert run_verify(d)[0] == 0
+
+
+def test_damaged_key_list_refuses_the_set(tmp_path):
+    d = build(tmp_path, "clean")
+    (d / "episode_keys.json").write_text('{"format_version": 1, "shards": {}}')
+    outcome, _, _, message = run_reader(d)
+    assert outcome == "refuse" and "episode_keys.json: sha256 differs" in message
+    code, text = run_verify(d)
+    assert code == 1 and "episode_keys.json: sha256 differs" in text
+
+
+def test_verify_finds_a_shard_whose_keys_are_not_its_list(tmp_path):
+    """A shard replaced by another (same name) defeats the start check; verify names it."""
+    d = build(tmp_path, "clean")
+    shutil.copy(d / "shard-000000.tar", d / "shard-000001.tar")
+    code, text = run_verify(d)
+    assert code == 1 and "episode keys differ from its list in episode_keys.json" not in text  # sha first
+    edit_json(d / "manifest.json", lambda m: m["shards"][1].update(
+        {k: m["shards"][0][k] for k in ("bytes", "sha256", "steps", "embodiments")}))
+    code, text = run_verify(d)
+    assert code == 1 and "episode keys differ from its list in episode_keys.json" in text
 
 
 def test_fifo_norm_stats_and_manifest_do_not_block(tmp_path):
@@ -277,7 +355,8 @@ def test_fifo_norm_stats_and_manifest_do_not_block(tmp_path):
 
 
 def test_fail_mode_raises_on_every_skip_case(tmp_path):
-    for case in ("fifo_shard", "absurd_action_3e38", "zero_step_episode", "duplicate_key_in_one_shard"):
+    for case in ("fifo_shard", "absurd_action_3e38", "zero_step_episode", "duplicate_key_in_one_shard",
+                 "duplicate_key_in_two_shards"):
         outcome, _, _, message = run_reader(build(tmp_path, case), on_bad_sample="fail")
         assert outcome == "refuse" and "data.on_bad_sample=fail" in message, (case, message)
 
@@ -404,6 +483,11 @@ def test_train_refuses_a_bad_set_before_any_process(tmp_path, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     code = train_main([str(config), f"data.sources.robot={d}", f"train.run_dir={tmp_path / 'run'}", "--nproc", "2"])
     assert code == 2 and "robot/arm.actions.q99 is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    d = build(tmp_path, "duplicate_key_in_two_shards")  # refused only when skips are refused
+    code = train_main([str(config), f"data.sources.robot={d}", f"train.run_dir={tmp_path / 'run'}", "--nproc", "2",
+                       "data.on_bad_sample=fail"])
+    assert code == 2 and "episode key also in shard-000000.tar" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

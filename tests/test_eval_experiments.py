@@ -39,6 +39,7 @@ def test_diversity_report_structure(out, diversity):
     for row in diversity["rows"]:
         assert set(row["baselines"]) == {"zero", "repeat_previous", "mean_action", "mean_action_train"}
         assert row["gate"] in ("pass", "fail") and 0.0 <= row["comparison"]["p_value"] <= 1.0
+        assert row["paired"] is not None  # both conditions ran the same start states
         seen = diversity["evaluations"][str(row["diversity"])]["seen"]["closed_loop"]
         assert row["seen_success"] == seen["success_rate"] and seen["per_combo"].keys() == {"0:1"}
         if row["gate"] == "fail":  # a toy policy is not competent: no verdict for that level
@@ -180,3 +181,37 @@ def test_changed_world_in_an_existing_report_dir_is_refused(out, diversity):
     spec = ex.load_spec("toy", ["world.robot_episodes_per_combo=2"])
     with pytest.raises(ex.ConfigError, match="other world settings"):
         ex.prepare_data(spec, out / "data")
+
+
+def test_sweep_report_on_runs_the_real_trainer_wrote(out, diversity, capsys):
+    from megavla.launch import sweep
+    from megavla.launch.sweep_report import collect
+    sweep_dir = out / "runs" / "finetune" / "div-1"
+    sweep_file = out / "sweeps" / "finetune_div-1.yaml"
+    assert sweep.main(["report", str(sweep_dir), "--sweep", str(sweep_file)]) == 0
+    assert "2 runs, 2 finished" in capsys.readouterr().out
+    entries = {e.name: e for e in collect(sweep_dir, sweep_file)}
+    assert set(entries) == {"human-0.0", "human-1.0"}
+    robot = entries["human-0.0"]
+    losses = [json.loads(line)["loss/total"] for line in (robot.path / "metrics.jsonl").read_text().splitlines()
+              if "loss/total" in line]
+    assert robot.metrics["final_loss"] == pytest.approx(np.mean(losses[-5:]))
+    saved = json.loads((robot.path / "eval_targets.json").read_text())
+    assert robot.evals["targets"]["success_rate"] == saved["closed_loop"]["success_rate"]
+    assert robot.evals["targets"]["best_baseline"] == min(saved["offline"]["baselines"].values())
+    assert "seen" in robot.evals  # the competence-gate evaluation of the robot-only run
+    md = (sweep_dir / "sweep_report.md").read_text()
+    assert "Swept axes: `data.mixture.human`." in md and "| human-1.0 | finished |" in md
+    assert (sweep_dir / "sweep_data.mixture.human.png").is_file()
+
+
+def test_a_new_gate_threshold_reuses_the_evaluations(out, diversity):
+    """The gate and alpha shape the report, not the numbers: changing them re-runs no episode."""
+    evals = sorted((out / "runs").rglob("eval_*.json"))
+    before = {p: p.stat().st_mtime_ns for p in evals}
+    assert cli.main(["diversity", "--preset", "toy", "--out", str(out), "--set", "eval.competence_threshold=0.0"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in evals} == before
+    res = json.loads((out / "results_diversity.json").read_text())
+    assert [row["gate"] for row in res["rows"]] == ["pass", "pass"]
+    assert res["verdict"]["gated_levels"] == [0.0, 1.0] and res["verdict"]["refused_levels"] == []
+    assert all("p_holm" in row for row in res["rows"])

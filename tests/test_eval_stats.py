@@ -162,3 +162,20 @@ def test_a_blind_policy_scores_exactly_its_baseline(loaded_and_episodes):
         off.timesteps = real_timesteps
     assert res["action_mse"] == pytest.approx(res["baselines"]["repeat_previous"], rel=1e-6)
     assert res["mse_vs_best_baseline"] >= 1.0
+
+
+def test_mcnemar_exact_and_pairing():
+    # 8 start states won only with human data, 1 only without: two-sided binomial p = 2 * P(X <= 1 | 9, 1/2).
+    first = [True] * 8 + [False] * 1 + [True] * 5 + [False] * 6
+    second = [False] * 8 + [True] * 1 + [True] * 5 + [False] * 6
+    res = st.mcnemar_exact(first, second)
+    assert (res["only_first"], res["only_second"]) == (8, 1)
+    assert res["p_value"] == pytest.approx(2 * (1 + 9) / 2 ** 9)
+    assert st.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="equal"):
+        st.mcnemar_exact([True], [])
+    # report.paired_test pairs by (scene, task, seed) and refuses different start states.
+    def cl(successes, seeds):
+        return {"episodes_detail": [{"scene": 0, "task": 0, "seed": s, "success": ok} for s, ok in zip(seeds, successes)]}
+    assert report.paired_test(cl(first, range(20)), cl(second, range(20)))["only_first"] == 8
+    assert report.paired_test(cl(first, range(20)), cl(second, range(1, 21))) is None

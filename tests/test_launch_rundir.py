@@ -22,15 +22,29 @@ def _checkpoint(run_dir: Path, tag: str, step: int | None, pointer: str = "file"
         os.symlink(tag, latest)
 
 
-def test_latest_checkpoint_reads_pointer_and_step(tmp_path):
+def test_latest_checkpoint_is_what_the_trainer_would_resume(tmp_path):
     assert rundir.latest_checkpoint(tmp_path / "none") is None
     _checkpoint(tmp_path / "a", "step_000120", 120)
     assert rundir.latest_checkpoint(tmp_path / "a") == ("step_000120", 120)
-    _checkpoint(tmp_path / "b", "global_step7", None, pointer="symlink")  # no trainer_state: tag digits
-    assert rundir.latest_checkpoint(tmp_path / "b") == ("global_step7", 7)
+    _checkpoint(tmp_path / "b", "step_000007", 7, pointer="symlink")
+    assert rundir.latest_checkpoint(tmp_path / "b") == ("step_000007", 7)
     (tmp_path / "c" / "checkpoints").mkdir(parents=True)
     (tmp_path / "c" / "checkpoints" / "latest").write_text("step_9")  # dangling: not a checkpoint
     assert rundir.latest_checkpoint(tmp_path / "c") is None
+    # Item 11: `latest` dangles, but a complete checkpoint is there: the trainer resumes it, so
+    # status shows it (and the run as interrupted, not new).
+    _checkpoint(tmp_path / "d", "step_000005", 5)
+    (tmp_path / "d" / "checkpoints" / "latest").write_text("step_000010")
+    assert rundir.latest_checkpoint(tmp_path / "d") == ("step_000005", 5)
+    rundir.update_launch_record(tmp_path / "d", status="requeued", executor="local", job_id="999999999")
+    assert rundir.run_state(tmp_path / "d", 20) == "interrupted"
+    _checkpoint(tmp_path / "f", "step_000003", 3)          # trained by `megavla train`: no launch.json
+    assert rundir.run_state(tmp_path / "f", 20) == "interrupted"
+    # Progress but nothing loadable: the trainer refuses `--resume auto`; status says so.
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "metrics.jsonl").write_text('{"step": 1, "loss/total": 1.0}\n')
+    rundir.update_launch_record(tmp_path / "e", status="failed", executor="local", job_id="999999999")
+    assert rundir.run_state(tmp_path / "e", 20) == "unresumable"
 
 
 def test_read_metrics_counts_bad_lines_and_tracks_best_val(tmp_path, caplog):

@@ -2,7 +2,8 @@
 tested without the real model: reads RANK/WORLD_SIZE/MASTER_* from the environment, trains a tiny
 linear regression with gloo all-reduce, writes metrics.jsonl and checkpoints/<tag>/ + latest the way
 the trainer does, saves at a step boundary on SIGUSR2/SIGTERM with all ranks agreeing and returns
-EXIT_SIGNAL_SAVED; resume="auto" continues from checkpoints/latest.
+EXIT_SIGNAL_SAVED after a USR2 (preemption), 128 + SIGTERM after a TERM alone (a stop);
+resume="auto" continues from checkpoints/latest.
 
 Jobs import it as module `test_launch_standin` (the tests put tests/ on PYTHONPATH), via
 `launch.entry=test_launch_standin:run`. Set MEGAVLA_STANDIN_STEP_S to slow steps down.
@@ -35,7 +36,7 @@ def _batch(step: int, rank: int, world: int, global_batch: int = 8) -> tuple[tor
 
 def _save(run_dir: Path, step: int, w: torch.Tensor) -> None:
     ckpt = run_dir / "checkpoints"
-    tag = f"step{step}"
+    tag = f"step_{step:06d}"   # the trainer's tag format: launch/rundir reads checkpoints the trainer's way
     tmp = ckpt / f".{tag}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({"w": w.contiguous()}, str(tmp / "weights.safetensors"))
@@ -53,10 +54,11 @@ def run(cfg, resume: str | None = None) -> int:
     if world > 1:
         dist.init_process_group("gloo")
     run_dir = Path(cfg.train.run_dir)
-    stop = {"flag": False}
+    stop = {"flag": False, "usr2": False}
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         stop["flag"] = True
+        stop["usr2"] = stop["usr2"] or signum == signal.SIGUSR2
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR2, signal.SIGTERM)}
     w, start = torch.zeros(_DIM), 0
@@ -76,7 +78,7 @@ def run(cfg, resume: str | None = None) -> int:
         loss = ((x @ w - y) ** 2).mean()
         loss.backward()
         grad, loss_value = w.grad.detach().clone(), loss.detach().clone()
-        flag = torch.tensor([1.0 if stop["flag"] else 0.0])
+        flag = torch.tensor([1.0 if stop["flag"] else 0.0, 1.0 if stop["usr2"] else 0.0])
         if world > 1:
             for t in (grad, loss_value):
                 dist.all_reduce(t)
@@ -87,10 +89,14 @@ def run(cfg, resume: str | None = None) -> int:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": loss_value.item()}) + "\n")
         done = step + 1
-        if flag.item() > 0:
+        if flag[0].item() > 0:
             if rank == 0:
                 _save(run_dir, done, w)
-            code = EXIT_SIGNAL_SAVED
+            # Like the trainer: USR2 (also one that arrives during the save) = preemption, else a stop.
+            late = torch.tensor([1.0 if stop["usr2"] else 0.0])
+            if world > 1:
+                dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            code = EXIT_SIGNAL_SAVED if max(flag[1].item(), late.item()) > 0 else 128 + signal.SIGTERM
             break
         if rank == 0 and cfg.train.save_every and done % cfg.train.save_every == 0:
             _save(run_dir, done, w)

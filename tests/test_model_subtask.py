@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megavla.config.model import ModelConfig
-from megavla.kernels import EXPERT, EXPERT_STATE, PREFIX, SUBTASK
+from megavla.kernels import EXPERT, EXPERT_STATE, LM_SUFFIX, PREFIX, SUBTASK
 from megavla.model import inference
 from megavla.model.synthetic import random_batch
 from megavla.model.vla import build_model
@@ -100,7 +100,7 @@ def test_inference_mask_and_positions_equal_training(conditioning, monkeypatch):
     train_layout, train_pos = seen[0].expert_layout, positions[0]
     model.sample_actions(batch, num_steps=1, subtask=(batch.subtask_tokens, batch.subtask_mask))
     infer_layout, infer_pos = seen[-1].expert_layout, positions[-1]
-    keep = train_layout.k_kind[0] != 2  # LM_SUFFIX = the FAST segment (and an unread subtask)
+    keep = train_layout.k_kind[0] != LM_SUFFIX  # the FAST segment (and an unread subtask)
     if conditioning == "subtask":
         assert bool((train_layout.k_kind[0] == SUBTASK).any())
     assert torch.equal(infer_layout.dense_mask(), train_layout.dense_mask()[:, :, keep])
@@ -120,7 +120,14 @@ def test_cached_subtask_decoding_equals_predict_subtask_and_reencoding():
     assert torch.equal(mask, ref_mask[:, :n]) and not ref_mask[:, n:].any()
     assert torch.equal(ids[mask], ref_ids[:, :n][mask])
     # the cache of the decode loop equals one pass over prefix + [SUBTASK_START, subtask...]
-    ctx2, cache2 = inference.action_context(model, batch, True, (ref_ids, ref_mask))
+    ctx2, cache2, _ = inference.action_context(model, batch, True, (ref_ids, ref_mask))
+    # sample_actions hands back the subtask it conditioned on: the same decode
+    _, (got_ids, got_mask) = model.sample_actions(batch, num_steps=1, return_subtask=True)
+    (want_ids, want_mask), _, _ = inference.decode_subtask_cached(model, batch, model.cfg.subtask_len,
+                                                                  model.cfg.subtask_eos_id)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_mask, want_mask)
+    _, none = make(action_conditioning="instruction")[0].sample_actions(batch, num_steps=1, return_subtask=True)
+    assert none is None
     valid = context.valid
     assert torch.equal(valid.sum(1), ctx2.valid.sum(1))
     k1 = cache[-1][0].transpose(1, 2)[valid]
@@ -130,18 +137,26 @@ def test_cached_subtask_decoding_equals_predict_subtask_and_reencoding():
 
 def test_subtask_decoding_stops_when_every_row_has_ended():
     model, batch = make()
-    first, _ = model.predict_subtask(batch, max_len=1)
-    eos_rows = first[:, 0]
-    if len(set(eos_rows.tolist())) != 1:  # make every row's first token the same: a shared eos
-        with torch.no_grad():
-            model.embed_tokens.weight[5] += 50.0 * model.embed_tokens.weight[5].sign()
-        first, _ = model.predict_subtask(batch, max_len=1)
-    eos = int(first[0, 0])
-    if not bool((first[:, 0] == eos).all()):
-        pytest.skip("no shared first token on this random model")
-    (ids, mask), context, _ = inference.decode_subtask_cached(model, batch, 8, eos)
-    assert ids.shape[1] == 1 and mask.all()  # one step, not eight
-    assert context.x.shape[1] == model.prefix_tokens(batch).x.shape[1] + 2  # START + EOS fed
+    eos = 7
+    bias = torch.zeros(model.vocab_size)
+    bias[eos] = 1e4  # every row's first token is the EOS
+    logits = model.logits
+    model.logits = lambda hidden: logits(hidden) + bias
+    (ids, mask), context, cache = inference.decode_subtask_cached(model, batch, 8, eos)
+    assert ids.tolist() == [[eos]] * batch.batch_size and mask.all()  # one step, not eight
+    n_prefix = model.prefix_tokens(batch).x.shape[1]
+    assert context.x.shape[1] == n_prefix + 2 and cache[0][0].shape[2] == n_prefix + 2  # START + EOS fed
+    # rows that end at different steps: the ended row's later tokens are fed but invalid
+    bias[eos] = 0.0
+    free = inference.decode_subtask_cached(model, batch, 3, eos_id=-1)[0][0]  # never stops
+    eos = int(free[0, 1])
+    (ids, mask), _, _ = inference.decode_subtask_cached(model, batch, 3, eos)
+    n = ids.shape[1]
+    for r in range(batch.batch_size):
+        row = free[r].tolist()
+        end = row.index(eos) if eos in row else len(row)
+        assert mask[r].tolist() == [j <= end for j in range(n)]
+        assert ids[r, :min(end + 1, n)].tolist() == row[:min(end + 1, n)]
 
 
 @pytest.mark.parametrize("insulated", [True, False])
@@ -208,3 +223,16 @@ def test_greedy_fast_decoding_stops_at_fast_end_and_decodes_through_the_tokenize
     ref, ref_mask = model.predict_fast(batch, max_len=12, use_cache=False)
     assert torch.equal(fast, ref) and torch.equal(mask, ref_mask)
     assert model.decode_fast(fast[0], tok, 10, 6).shape == (10, 6)
+
+
+def test_training_refuses_a_tokenizer_whose_eos_is_not_the_models(tmp_path):
+    from megavla.config import Config, ConfigError
+    from megavla.tokenizers import train_text_tokenizer
+    from megavla.train.entry import check_subtask_eos
+    tok = train_text_tokenizer(["pick up the red cube", "open the gripper"] * 10, tmp_path / "t.model", vocab_size=300)
+    cfg = Config()
+    cfg.model.subtask_eos_id = tok.eos_id
+    check_subtask_eos(cfg, tok)  # matching: fine
+    cfg.model.subtask_eos_id = tok.eos_id + 1
+    with pytest.raises(ConfigError, match=f"set model.subtask_eos_id={tok.eos_id}"):
+        check_subtask_eos(cfg, tok)

@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
         out = model(batch, torch.randn(batch.actions.shape, generator=g), torch.rand(2, generator=g))
         out["loss"].backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return {k: float(v) for k, v in out.items()}, grads
+        # every output, scalars and per-embodiment [2, E] sums alike, as flat lists
+        return {k: v.detach().flatten().tolist() for k, v in out.items()}, grads
 
     ref_losses, ref_grads = step("torch")
     tri_losses, tri_grads = step("triton")
@@ -52,6 +53,9 @@ def test_triton_kernels_match_torch_for_one_training_step():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["same_grad_keys"]
-    for key, value in result["ref"].items():
-        assert abs(result["triton"][key] - value) <= 1e-4 * max(1.0, abs(value)), key
+    assert sorted(result["ref"]) == sorted(result["triton"])
+    for key, values in result["ref"].items():
+        assert len(result["triton"][key]) == len(values), key
+        for tri, ref in zip(result["triton"][key], values):
+            assert abs(tri - ref) <= 1e-4 * max(1.0, abs(ref)), key
     assert result["grad_rel_err"] < 1e-3

@@ -14,7 +14,7 @@ import simplejpeg
 import webdataset as wds
 
 from megavla.data_shards.format import CAMERAS, FORMAT_VERSION, Episode, Subtask, episode_to_sample, sample_to_episode
-from megavla.data_shards.manifest import MANIFEST_VERSION, shard_row, totals
+from megavla.data_shards.manifest import MANIFEST_VERSION, encode_episode_keys, shard_row, totals
 
 CAMERA_LEVEL = {"head": 40, "left_wrist": 120, "right_wrist": 200}
 
@@ -76,11 +76,13 @@ def norm_stats_of(episodes: list[Episode]) -> dict:
 
 def write_shard_set(directory: str | Path, episodes: list[Episode], per_shard: int = 4,
                     samples: list[dict] | None = None) -> Path:
-    """Write ``episodes`` (or raw ``samples``, for bad-input tests) as shards + manifest + norm stats."""
+    """Write ``episodes`` (or raw ``samples``, for bad-input tests) as shards + manifest + norm stats +
+    episode_keys.json (the keys of ``episodes``, as ShardSetWriter lists them)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     raw = samples if samples is not None else [episode_to_sample(e) for e in episodes]
     shards = []
+    keys: dict[str, list[str]] = {}
     for i in range(0, len(raw), per_shard):
         path = directory / f"shard-{i // per_shard:06d}.tar"
         chunk_eps = episodes[i : i + per_shard]
@@ -91,13 +93,16 @@ def write_shard_set(directory: str | Path, episodes: list[Episode], per_shard: i
         facts = [{"key": e.key, "embodiment": e.embodiment, "combo": e.combo, "steps": e.num_steps,
                   "valid_steps": int(e.step_valid.sum())} for e in chunk_eps]
         shards.append(shard_row(path.name, facts, len(data), hashlib.sha256(data).hexdigest()))
+        keys[path.name] = [e.key for e in chunk_eps]
     combos: dict[str, set[str]] = {}
     steps: dict[str, int] = {}
     for e in episodes:
         combos.setdefault(e.embodiment, set()).add(e.combo)
         steps[e.embodiment] = steps.get(e.embodiment, 0) + e.num_steps
+    keys_bytes, keys_entry = encode_episode_keys(keys)
+    (directory / keys_entry["path"]).write_bytes(keys_bytes)
     manifest = {"format_version": MANIFEST_VERSION, "episode_format_version": FORMAT_VERSION, "shards": shards,
-                "totals": totals(shards, combos, steps)}
+                "totals": totals(shards, combos, steps), "episode_keys": keys_entry}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     (directory / "norm_stats.json").write_text(json.dumps(norm_stats_of(episodes)))
     return directory

@@ -5,12 +5,12 @@ One server subprocess (`python -m megavla.cli serve`, port from the OS, 127.0.0.
 random export serves the whole module; its log (stderr) is checked for the one-line-per-error rule.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import msgpack
 import numpy as np
@@ -214,6 +214,9 @@ def test_api_key_missing_or_wrong_is_refused(server, client):
             client(api_key=key)
     log = server["log"].read_text()
     assert "connection refused: no API key" in log and "connection refused: wrong API key" in log
+    # The health check needs no key and opens no websocket (what a supervisor or load balancer polls).
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/healthz", timeout=30) as reply:
+        assert reply.status == 200 and reply.read() == b"OK\n"
 
 
 def test_oversized_message_closes_only_that_connection(server, client):
@@ -292,6 +295,12 @@ def test_load_policy_and_serve_errors_name_the_problem(export, tmp_path, capsys)
 
 
 def test_subtask_text_and_bf16_weights(export):
+    # Asking for the subtask text does not change the actions (it is the one they were conditioned on).
+    with_text = megavla.load_policy(export, subtask=True, flow_steps=2)
+    assert with_text.model.actions_read_subtask
+    np.testing.assert_allclose(with_text.infer(observation())["actions"],
+                               megavla.load_policy(export, flow_steps=2).infer(observation())["actions"],
+                               rtol=0, atol=1e-6)
     policy = megavla.load_policy(export, subtask=True, flow_steps=2, dtype="bf16")
     out = policy.infer(observation())
     assert isinstance(out["subtask"], str) and out["actions"].shape == (10, 7)

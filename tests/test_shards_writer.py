@@ -102,7 +102,7 @@ def test_killed_writer_is_seen_as_incomplete(tmp_path):
     with ShardSetWriter(tmp_path / "set") as w2:
         w2.write(make_episode())
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
-        "manifest.json", "norm_stats.json", "shard-000000.tar"]
+        "episode_keys.json", "manifest.json", "norm_stats.json", "shard-000000.tar"]
 
 
 def test_existing_set_needs_overwrite_and_stale_shards_go(tmp_path):

@@ -109,6 +109,30 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert got == pytest.approx(_standin_reference(tmp_path / "ref", steps, monkeypatch), rel=1e-5)
 
 
+def test_scancel_stops_the_job_without_requeue(slurm_cluster, tmp_path, monkeypatch):
+    """A plain `scancel JOBID` is a stop, not a preemption: the ranks save at a step boundary and the
+    job ends for good (launch.json: cancelled, the saved step recorded); nothing requeues it."""
+    use_standin(monkeypatch)
+    monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0.2")
+    steps = 40
+    job = submit_run(_cfg(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
+    wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=120)
+    subprocess.run(["scancel", job.job_id], check=True)
+    deadline = time.time() + 60
+    while subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, "cancelled job still in the queue"
+        time.sleep(0.5)
+    time.sleep(3)   # a requeued job would be back in the queue by now (sched_interval=2)
+    assert not subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True).stdout.strip()
+    record = rundir.read_launch_record(tmp_path / "run")
+    stopped = [e for e in record["events"] if e["event"] == "stopped"]
+    assert record["status"] == "cancelled" and record["attempt"] == 0, record
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
+    assert not [e for e in record["events"] if e["event"] == "preempted"]
+    saved = stopped[0]["saved_step"]
+    assert 3 <= saved < steps and rundir.latest_checkpoint(tmp_path / "run") == (f"step_{saved:06d}", saved)
+
+
 def _wait_all_finished(out_dir: Path, n: int, timeout_s: float) -> list[dict]:
     deadline = time.time() + timeout_s
     rows: list[dict] = []

@@ -50,10 +50,21 @@ def test_freeze_ema_accumulation_zero1(tmp_path, monkeypatch):
     state = ckpt.read_trainer_state(done[0])
     assert state["step"] == 6 and state["world_size"] == 1 and state["config"]["train"]["grad_accum"] == 2
 
-    # Resuming a finished run trains nothing and keeps the checkpoint.
-    assert run(cfg, resume="auto", model_factory=toy_model_factory, loader_factory=toy_loader_factory) == 0
+    # Resuming a finished run trains nothing (builds no model or engine) and keeps the checkpoint.
+    def no_model(cfg):
+        raise AssertionError("a resume with nothing to train built the model")
+    assert run(cfg, resume="auto", model_factory=no_model, loader_factory=toy_loader_factory) == 0
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step_000006"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    # ... and `megavla train --nproc 2 --resume auto` starts no worker process for it at all.
+    from megavla.train import cli as train_cli
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("worker processes started for a run with nothing to train")
+    monkeypatch.setattr(train_cli, "launch_local", no_launch)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):   # run() set them; the launcher runs outside a job
+        monkeypatch.delenv(var, raising=False)
+    assert train_cli.main([str(run_dir / "config.yaml"), "--nproc", "2", "--resume", "auto"]) == 0
 
 
 def test_zero3_checkpoint_resumes_exactly_and_exports(tmp_path, monkeypatch):
@@ -83,3 +94,18 @@ def test_zero3_checkpoint_resumes_exactly_and_exports(tmp_path, monkeypatch):
     weights = consolidated_state_dict(tmp_path / "split" / "checkpoints" / "step_000004")
     shapes = {n: tuple(p.shape) for n, p in ToyVLA().named_parameters()}
     assert {n: tuple(t.shape) for n, t in weights.items()} == shapes
+
+
+def test_worker_main_accepts_what_the_launcher_passes(tmp_path, monkeypatch):
+    """The local launcher starts `python -m megavla.train.entry CONFIG [--resume X] [--overwrite]`."""
+    from megavla.train import entry
+    seen = []
+    monkeypatch.setattr(entry, "run", lambda cfg, **kw: seen.append(kw) or 0)
+    monkeypatch.setattr(entry, "shutdown_distributed", lambda: None)
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  steps: 1\n")
+    for extra, want in (([], dict(resume=None, overwrite=False)),
+                        (["--resume", "auto", "--overwrite"], dict(resume="auto", overwrite=True))):
+        monkeypatch.setattr("sys.argv", ["megavla.train.entry", str(config), *extra])
+        assert entry.worker_main() == 0
+        assert seen[-1] == want

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megavla.train.checkpoint import KILL_IN_SAVE_ENV, list_checkpoints, read_trainer_state
+from megavla.train.checkpoint import list_checkpoints, read_trainer_state
 from megavla.train.cli import launch_local
 from megavla.train.trainer import EXIT_SIGNAL_SAVED
+from test_train_toy import KILL_IN_SAVE_ENV
 
 pytestmark = pytest.mark.distributed
 TOY_WORKER = [sys.executable, str(Path(__file__).with_name("test_train_toy.py"))]
@@ -78,17 +79,18 @@ def test_kill_during_save_then_exact_resume(tmp_path, straight):
     assert sum(last) < 0.9 * sum(first)                    # and it learns
 
 
-def test_sigterm_on_one_rank_saves_and_resumes_at_world_size_1(tmp_path, straight):
-    """SIGTERM reaches rank 1 only, mid-step 7: both ranks agree, save step 7 and exit 75. Then a
-    1-process `--resume auto` converts the ZeRO-2 checkpoint to a universal one and finishes."""
+def test_usr2_on_one_rank_saves_and_resumes_at_world_size_1(tmp_path, straight):
+    """SIGUSR2 (preemption warning) reaches rank 1 only, mid-step 7: both ranks agree, save step 7
+    and exit 75. Then a 1-process `--resume auto` converts the ZeRO-2 checkpoint to a universal one
+    and finishes."""
     config = write_config(tmp_path, "run", global_batch_size=8, keep_last=10)
     run_dir = tmp_path / "run"
-    code = launch(config, TOY_SIGTERM_AT_CALL=7, TOY_SIGTERM_RANK=1)
+    code = launch(config, TOY_SIGTERM_AT_CALL=7, TOY_SIGTERM_RANK=1, TOY_SIGNAL="SIGUSR2")
     assert code == EXIT_SIGNAL_SAVED
     ckpts = run_dir / "checkpoints"
     latest = list_checkpoints(ckpts)[-1]
     state = read_trainer_state(latest)
-    assert latest.name == "step_000007" and state["reason"] == "signal" and state["world_size"] == 2
+    assert latest.name == "step_000007" and state["reason"] == "preempted" and state["world_size"] == 2
     assert sorted(losses(run_dir)) == list(range(1, 8))
     # The loss before the signal matches the uninterrupted run (same seeds, same global batch).
     assert losses(run_dir)[7] == pytest.approx(straight[7], rel=1e-6)
@@ -119,17 +121,20 @@ def test_bad_config_fails_before_any_process(tmp_path, capsys):
     assert not (tmp_path / "run").exists()                  # nothing started, nothing written
 
 
-def test_local_launcher_forwards_signals_and_propagates_failures(tmp_path):
+def test_local_launcher_forwards_signals_and_names_the_failing_rank(tmp_path):
     """The launcher's own plumbing with stand-in workers (no trainer): SIGTERM to the launcher
-    reaches every worker and their exit code 75 comes back; one failing worker stops the others."""
+    reaches every worker and their exit code comes back; when rank 1 fails (exit 3) the launcher
+    stops rank 0 (which then dies of SIGTERM: 143), names rank 1 as the first failure with the tail
+    of its output, and exits 3, not rank 0's 143."""
     import signal
     import subprocess
     import time
     ready = tmp_path / "ready"
     worker = ("import os, signal, sys, time, pathlib\n"
-              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+              "if os.environ['RANK'] == sys.argv[1]:\n"
+              "    print('loading shards'); print('ValueError: shard 7 is corrupt', flush=True); sys.exit(3)\n"
+              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75 if sys.argv[1] == '-1' else 143))\n"
               f"pathlib.Path({str(ready)!r} + os.environ['RANK']).touch()\n"
-              "if os.environ['RANK'] == sys.argv[1]: sys.exit(3)\n"
               "time.sleep(60)\n")
     launcher = ("import sys\nfrom megavla.train.cli import launch_local\n"
                 f"sys.exit(launch_local(2, [sys.argv[1]], command=[sys.executable, '-c', {worker!r}]))\n")
@@ -140,5 +145,19 @@ def test_local_launcher_forwards_signals_and_propagates_failures(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_SIGNAL_SAVED
     t0 = time.monotonic()
-    failing = subprocess.run([sys.executable, "-c", launcher, "1"], timeout=60)   # rank 1 exits 3
+    failing = subprocess.run([sys.executable, "-c", launcher, "1"], timeout=60, capture_output=True, text=True)
     assert failing.returncode == 3 and time.monotonic() - t0 < 30   # rank 0 was stopped, not waited out
+    assert "rank 1 failed first: exit code 3" in failing.stderr, failing.stderr
+    assert "rank 0 exit code 143" in failing.stderr and "| ValueError: shard 7 is corrupt" in failing.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_is_skipped_on_both(tmp_path, straight):
+    """A NaN loss on rank 1 only at steps 3-4: the reduced gradient norm is NaN on both ranks, so
+    both skip the same updates (no divergence between ranks), count them, and finish finite."""
+    config = write_config(tmp_path, "run")
+    assert launch(config, TOY_NAN_AT_CALLS="3,4", TOY_NAN_RANK=1) == 0
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_nonfinite"] for r in recs][:6] == [0, 0, 1, 2, 2, 2]
+    assert "loss/total" not in recs[2] and all(r["loss/total"] == r["loss/total"] for r in recs if "loss/total" in r)
+    assert losses(tmp_path / "run")[2] == pytest.approx(straight[2], rel=1e-6)    # same run up to there

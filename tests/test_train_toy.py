@@ -34,11 +34,15 @@ class ToyVLA(nn.Module):
         self.calls = 0
 
     def forward(self, batch: Batch) -> dict:
-        # Test hook: SIGTERM to this rank only, mid-step (the trainer must agree on it across ranks).
+        # Test hooks: a signal (TOY_SIGNAL, default SIGTERM) to this rank only, mid-step (the trainer
+        # must agree on it across ranks); a NaN loss on this rank at the listed forward calls.
         self.calls += 1
+        rank = os.environ.get("RANK", "0")
         if self.training and os.environ.get("TOY_SIGTERM_AT_CALL") == str(self.calls) and \
-                os.environ.get("RANK", "0") == os.environ.get("TOY_SIGTERM_RANK", "0"):
-            os.kill(os.getpid(), signal.SIGTERM)
+                rank == os.environ.get("TOY_SIGTERM_RANK", "0"):
+            os.kill(os.getpid(), getattr(signal, os.environ.get("TOY_SIGNAL", "SIGTERM")))
+        poison = self.training and rank == os.environ.get("TOY_NAN_RANK", "0") and \
+            str(self.calls) in os.environ.get("TOY_NAN_AT_CALLS", "").split(",")
         a = batch.actions
         b = a.shape[0]
         noise = torch.randn(a.shape, dtype=a.dtype, device=a.device)
@@ -50,6 +54,8 @@ class ToyVLA(nn.Module):
                          colour], 1)
         v = self.net(inp).view(b, H, A).float()
         per_sample = ((v - (noise - a)) ** 2).mean(dim=(1, 2))
+        if poison:
+            per_sample = per_sample * float("nan")
         out = {"loss": per_sample.mean(), "flow": per_sample.mean().detach()}
         for emb in batch.embodiment.unique().tolist():
             out[f"flow/emb{emb}"] = per_sample[batch.embodiment == emb].mean().detach()
@@ -179,13 +185,37 @@ def test_zero_buckets_scale_with_the_model():
     assert fixed["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
+KILL_IN_SAVE_ENV = "TOY_KILL_IN_SAVE_AT_STEP"
+
+
+def kill_during_save(step: int) -> None:
+    """Test fault: SIGKILL every rank of the save of `step` after it wrote its DeepSpeed shards and
+    rank state, before the ranks hash and commit (patched into the save from outside)."""
+    from megavla.train import checkpoint as ckpt
+    write = ckpt.write_rank_state
+
+    def write_then_die(tmp, rank, rank_state):
+        write(tmp, rank, rank_state)
+        if tmp.name.endswith(f"step_{step:06d}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.write_rank_state = write_then_die
+
+
 if __name__ == "__main__":
     import argparse
 
-    from megavla.train.entry import run
+    from megavla.train.entry import report_training_error, run
+    from megavla.train.errors import TrainingError
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    sys.exit(run(load_config(args.config), resume=args.resume,
-                 model_factory=toy_model_factory, loader_factory=toy_loader_factory))
+    if os.environ.get(KILL_IN_SAVE_ENV):
+        kill_during_save(int(os.environ[KILL_IN_SAVE_ENV]))
+    try:
+        code = run(load_config(args.config), resume=args.resume, overwrite=args.overwrite,
+                   model_factory=toy_model_factory, loader_factory=toy_loader_factory)
+    except TrainingError as e:
+        code = report_training_error(e)
+    sys.exit(code)

@@ -33,6 +33,9 @@ class TrainConfig:
     # min(5e7, params / 8), at least 2**20 -- a fixed 5e7 bucket (190 MiB in fp32) outweighs a small
     # model's whole sharded state and hides ZeRO-3's saving.
     zero_bucket_elements: int = 0
+    # ZeRO-3: build the model under deepspeed.zero.Init, so each rank only ever holds its partition
+    # (false: every rank builds the whole fp32 model first, then DeepSpeed partitions it).
+    zero3_init: bool = True
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
     # Optimizer and schedule (openpi pi0.5 defaults).
@@ -64,6 +67,9 @@ class TrainConfig:
     # Stop after this many steps of *this* invocation (0 = run to `steps`); used to split a run
     # into segments (the demo's train -> resume) without changing the schedule.
     max_steps_per_run: int = 0
+    # A step whose loss or gradient norm is inf/NaN is skipped (no update) and counted in
+    # train/skipped_nonfinite; this many in a row stop the run with an error.
+    max_nonfinite_steps: int = 10
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -72,7 +78,7 @@ class TrainConfig:
             raise ConfigError(f"zero_bucket_elements={self.zero_bucket_elements} must be >= 0 (0 = auto)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
-        for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches"):
+        for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("warmup_steps", "save_every", "val_every", "max_steps_per_run"):

@@ -111,9 +111,11 @@ def synth(args: argparse.Namespace) -> int:
     log.info("synth: %d episodes in %.1f s (%.1f episodes/s, %d workers)", len(jobs), elapsed,
              len(jobs) / elapsed, args.workers)
     _print_inspect([out / fam for fam in families], [])
+    import shlex   # quoted: the braces and spaces must reach the config parser as one word each
     sources = ", ".join(f"{fam}: {out / fam}" for fam in families)
     mixture = ", ".join(f"{fam}: {1 / len(families):.2g}" for fam in families)
-    print(f"\ntrain on it with: data.sources={{{sources}}} data.mixture={{{mixture}}}")
+    print(f"\ntrain on it with: {shlex.quote(f'data.sources={{{sources}}}')} "
+          f"{shlex.quote(f'data.mixture={{{mixture}}}')}")
     return 0
 
 
@@ -287,20 +289,21 @@ def convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavla data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="generate mini-world episodes into DIR/robot and DIR/human")
+    p = sub.add_parser("synth", help="generate mini-world episodes into DIR/robot and DIR/human",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (one shard set per embodiment family)")
-    p.add_argument("--scenes", type=int, default=8)
-    p.add_argument("--tasks", type=int, default=6)
-    p.add_argument("--episodes-per-combo", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embodiments", default="robot/arm,human/ego", help="comma-separated")
+    p.add_argument("--scenes", type=int, default=8, help="scenes (visual contexts) per embodiment")
+    p.add_argument("--tasks", type=int, default=6, help="tasks per scene")
+    p.add_argument("--episodes-per-combo", type=int, default=4, help="episodes per scene x task combo")
+    p.add_argument("--image-size", type=int, default=224, help="square camera images, pixels")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same shards)")
+    p.add_argument("--embodiments", default="robot/arm,human/ego", help="comma-separated embodiment names")
     p.add_argument("--cameras", default="", help="comma-separated; default: the generator's")
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (MiB)")
     p.add_argument("--workers", type=int, default=2, help="generator processes (<=1: in-process)")
     p.add_argument("--overwrite", action="store_true", help="replace existing shard sets in --out")
     p.add_argument("--generator", default=DEFAULT_GENERATOR, help="MODULE:FUNCTION making one Episode")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=synth)
     p = sub.add_parser("inspect", help="summary: episodes, steps, combos, bytes, shards")
     p.add_argument("dir")

@@ -26,7 +26,8 @@ worker, index), with no hidden RNG state:
    tar, a missing shard file or one that is not a regular file (``bad_shard``: the rest of that shard
    is skipped, counted once per epoch by the slot that owns it), a missing member, wrong shape,
    NaN/inf, a value normalized beyond ``data.max_abs_normalized``, no valid step, a tokenizer error
-   (``bad_sample``), a key repeated in its shard (``duplicate_episode``), an undecodable frame
+   (``bad_sample``), a key repeated in its shard or held by an earlier shard too (``duplicate_episode``:
+   episode_keys.json shows the latter at start, so every rank skips the same later copies), an undecodable frame
    (``bad_image``) -- is logged with shard and key and counted, or raises :class:`DataError` when
    ``data.on_bad_sample = "fail"``. ``skip_counts()`` has the skips by reason, ``read_counts()``
    ``episodes_read`` / ``samples_read``; collate_samples asserts every state/action is finite.
@@ -54,6 +55,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,11 +65,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megavla.batch import Batch
 from megavla.config.core import ConfigError
 from megavla.config.data import DataConfig
 from megavla.data_shards.format import EpisodeFormatError
 from megavla.data_shards.validate import EpisodeValidator, ReadLimits, StatsMismatchError
 
+from .buffers import BufferRing, release_when_dropped
 from .collate import ImageDecodeError, build_sample, collate_samples
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
@@ -170,15 +175,15 @@ class WorkerStream:
         return {"window": self.window, "pos": self.pos, "window_start": self.window_start,
                 "counters": dict(self.counters.values)}
 
-    def batches(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+    def batches(self, free=None) -> Iterator[tuple[Any, dict[str, Any], int]]:
+        """(Batch, worker state, image buffer index); `free`: the queue on which the main process
+        returns this worker's buffers (buffers.py), None in the main process."""
         plan, cfg = self.plan, self.plan.cfg
         text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
-        in_worker = get_worker_info() is not None
+        shape = (cfg.batch_size, len(cfg.cameras), cfg.image_size, cfg.image_size, 3)
+        self.ring = BufferRing(shape, free=free, shared=get_worker_info() is not None)
         while True:
-            images = torch.empty((cfg.batch_size, len(cfg.cameras), cfg.image_size, cfg.image_size, 3),
-                                 dtype=torch.uint8)
-            if in_worker:  # decoded straight into shared memory: no copy when the batch crosses processes
-                images.share_memory_()
+            buffer_index, images = self.ring.take()
             slots = images.numpy()
             samples = []
             while len(samples) < cfg.batch_size:
@@ -199,14 +204,17 @@ class WorkerStream:
                 except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
                     self.counters.bad("bad_sample", f"{e} (timestep {t})")
             self.counters.add("samples_read", len(samples))
-            yield collate_samples(samples, text_pad_id=int(text_pad), images=images), self.state_dict()
+            yield collate_samples(samples, text_pad_id=int(text_pad), images=images), self.state_dict(), buffer_index
 
 
 class MixtureStream(IterableDataset):
-    """IterableDataset of (Batch, logical worker, worker state) for one rank."""
+    """IterableDataset of (Batch, logical worker, worker state, image buffer index) for one rank."""
 
-    def __init__(self, plan: Plan, worker_states: list[dict | None], worker_offset: int):
+    def __init__(self, plan: Plan, worker_states: list[dict | None], worker_offset: int,
+                 free_queues: list | None = None):
         self.plan, self.worker_states, self.worker_offset = plan, worker_states, worker_offset
+        self.free_queues = free_queues   # per logical worker: buffers the main process gives back
+        self.stream: WorkerStream | None = None
 
     def __iter__(self):
         info = get_worker_info()
@@ -214,13 +222,53 @@ class MixtureStream(IterableDataset):
         # DataLoader asks workers round-robin from physical worker 0; rotating the logical ids makes
         # batch i come from logical worker i % W even when a restored run starts mid-cycle.
         worker = (physical + self.worker_offset) % len(self.worker_states)
-        stream = WorkerStream(self.plan, worker, self.worker_states[worker])
-        for batch, state in stream.batches():
-            yield batch, worker, state
+        self.stream = WorkerStream(self.plan, worker, self.worker_states[worker])
+        free = self.free_queues[worker] if self.free_queues and info is not None else None
+        for batch, state, buffer_index in self.stream.batches(free):
+            if info is not None:   # to the main process: see _small_fields_by_value
+                batch = _small_fields_by_value(batch)
+            yield batch, worker, state, buffer_index
+
+
+def _small_fields_by_value(batch: Batch) -> Batch:
+    """Every field but images as numpy arrays: pickled by value through the worker's pipe (a few KB)
+    instead of one fresh shared-memory segment per tensor (13 per batch, ~1.3 ms per batch of worker
+    CPU); the main process wraps them back with torch.from_numpy (_as_tensors)."""
+    fields = {k: (v if k == "images" else v.numpy()) for k, v in batch.tensors().items()}
+    return Batch(**fields, meta=batch.meta)
+
+
+def _as_tensors(batch: Batch) -> Batch:
+    if all(isinstance(v, torch.Tensor) for v in batch.tensors().values()):
+        return batch
+    return Batch(**{k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in batch.tensors().items()},
+                 meta=batch.meta)
 
 
 def _keep_as_is(item):
     return item
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and a SIGTERM sent to the whole process group / job step (a
+    terminal, `kill -- -PGID`, scancel) to the trainer, which saves at the step boundary and then
+    shuts them down; dying first would fail that step. A SIGTERM from the parent itself (torch's
+    and multiprocessing's shutdown `terminate()`) still ends the worker: SIGTERM is blocked and a
+    thread reads each one with its sender (sigwaitinfo); ignoring it outright would hang the
+    parent's exit in multiprocessing's join."""
+    import signal
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def exit_on_sigterm_from_parent() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=exit_on_sigterm_from_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 class StreamingLoader:
@@ -241,13 +289,22 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[Any]:
         n = len(self._worker_states)
-        dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.plan.num_workers,
-                            collate_fn=_keep_as_is,
-                            prefetch_factor=2 if self.plan.num_workers > 0 else None)
-        for batch, worker, state in loader:
+        workers = self.plan.num_workers
+        free_queues = None
+        if workers > 0:   # each worker's image buffers come back on its queue when a batch is dropped
+            context = multiprocessing.get_context()
+            free_queues = [context.Queue() for _ in range(n)]
+            for q in free_queues:
+                q.cancel_join_thread()   # never block interpreter exit on undelivered buffer indices
+        dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n, free_queues)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is,
+                            worker_init_fn=ignore_stop_signals, prefetch_factor=2 if workers > 0 else None)
+        for batch, worker, state, buffer_index in loader:
+            batch = _as_tensors(batch)
             self._worker_states[worker] = state
             self._consumed += 1
+            release_when_dropped(batch.images, free_queues[worker] if free_queues else dataset.stream.ring,
+                                 buffer_index)
             yield batch
 
     def _current(self) -> dict[str, Any]:
@@ -291,7 +348,8 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
     weights = {name: 1.0 for name in sources} if val else data_cfg.resolved_mixture()
     # Per-set checks shared with `megavla data verify`: a refused set stops here, before any work.
     need_stats = data_cfg.normalization != "none" and norm_stats is None
-    checked = {name: read_manifest(d, need_stats=need_stats) for name, d in sources.items() if weights[name] > 0}
+    checked = {name: read_manifest(d, need_stats=need_stats, on_bad=data_cfg.on_bad_sample)
+               for name, d in sources.items() if weights[name] > 0}
     manifests = {name: shards for name, (shards, _) in checked.items()}
     universe = {c for shards in manifests.values() for s in shards for c in s.combos}
     fraction = 1.0 if val else data_cfg.diversity_fraction

@@ -15,7 +15,7 @@ import logging
 import mmap
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,8 +23,9 @@ import numpy as np
 
 from megavla.config.core import ConfigError
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
-from megavla.data_shards.validate import (ShardSetError, check_shard_set, duplicate_key_message,
-                                          open_regular_file, shard_file_problem)
+from megavla.data_shards.validate import (ShardSetError, check_shard_set, cross_shard_message,
+                                          duplicate_key_message, no_key_list_message, open_regular_file,
+                                          shard_file_problem)
 
 from .mixture import combo_of_key
 
@@ -36,6 +37,8 @@ READ_COUNTERS = ("episodes_read", "samples_read")
 COUNTER_NAMES = SKIP_REASONS + READ_COUNTERS
 RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # in states saved before
 _BLOCK = 512
+# Members whose offsets one cursor remembers across epochs (~100 bytes each: ~20 MB at the limit).
+MEMBER_INDEX_LIMIT = 200_000
 _ZERO_BLOCK = bytes(_BLOCK)
 
 
@@ -53,20 +56,48 @@ class ShardInfo:
     episodes: int
     combos: list[str]
     embodiments: list[str]
+    # Keys whose copy in this shard is skipped: an earlier shard holds them (episode_keys.json).
+    # key -> the message verify prints for it. Every rank derives the same from the manifest.
+    repeated: dict[str, str] = field(default_factory=dict)
 
 
-def read_manifest(directory: str | Path, need_stats: bool = True) -> tuple[list[ShardInfo], dict | None]:
+def read_manifest(directory: str | Path, need_stats: bool = True, on_bad: str = "skip"
+                  ) -> tuple[list[ShardInfo], dict | None]:
     """(shards, norm stats or None) of one set after the per-set checks `megavla data verify` runs
-    (data_shards.validate.check_shard_set): a refused set is a ConfigError before any work starts."""
+    (data_shards.validate.check_shard_set): a refused set is a ConfigError before any work starts.
+
+    An episode key in two shards (from episode_keys.json, no shard opened): the later copies are
+    skipped and counted ``duplicate_episode`` when their shard is read, so the run still starts and no
+    episode is drawn twice as often; a shard holding only such copies is not read at all. With
+    ``on_bad="fail"`` the set is refused instead. A set without episode_keys.json: a warning."""
     try:
         info = check_shard_set(directory, need_stats=need_stats)
     except ShardSetError as e:
         raise ConfigError(f"{e} (data.sources must name shard set directories written by `megavla data "
                           "synth` or a converter; `megavla data verify DIR` checks one)") from None
     directory = Path(directory)
-    shards = [ShardInfo(path=str(directory / s["path"]), episodes=int(s["episodes"]),
-                        combos=list(s["combos"]), embodiments=sorted(s["embodiments"]))
-              for s in info.manifest["shards"]]
+    if info.episode_keys is None:
+        log.warning("%s", no_key_list_message(directory))
+    repeated: dict[str, dict[str, str]] = {}
+    for dup in info.duplicates:
+        repeated.setdefault(dup.later, {})[dup.key] = cross_shard_message(directory, dup)
+    if info.duplicates:
+        first = cross_shard_message(directory, info.duplicates[0])
+        if on_bad == "fail":
+            raise ConfigError(f"{first} [{len(info.duplicates)} keys repeated across shards; "
+                              "data.on_bad_sample=fail refuses the set; 'skip' reads one copy of each]")
+        log.warning("%s: %d episode keys are in more than one shard; each later copy is skipped and counted "
+                    "as duplicate_episode when read, on every rank alike. First: %s", directory,
+                    len(info.duplicates), first)
+    shards = []
+    for s in info.manifest["shards"]:
+        mine = repeated.get(s["path"], {})
+        if mine and len(mine) >= int(s["episodes"]):
+            log.warning("%s: all %d episodes of %s are copies of episodes in earlier shards; the shard is "
+                        "not read", directory, len(mine), s["path"])
+            continue
+        shards.append(ShardInfo(path=str(directory / s["path"]), episodes=int(s["episodes"]),
+                                combos=list(s["combos"]), embodiments=sorted(s["embodiments"]), repeated=mine))
     return shards, info.norm_stats
 
 
@@ -126,10 +157,11 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
-def iter_tar_members(buf, where: str, mode: Callable[[str, str], int] | None = None
-                     ) -> Iterator[tuple[str, str, Any]]:
+def iter_tar_members(buf, where: str, mode: Callable[[str, str], int] | None = None,
+                     index: list | None = None) -> Iterator[tuple[str, str, Any]]:
     """Yield ``(key, suffix, data)`` for the regular files of a tar image (bytes or mmap), in order.
     ``mode(key, suffix)`` picks READ (data = bytes), REF (data = MemberRef) or SKIP (not yielded).
+    ``index``: a list that gets ``(key, suffix, how, offset, size)`` of every yielded member.
     Raises TarFormatError on any damage (checksum, short data, missing end-of-archive blocks)."""
     pending: dict[str, str] = {}
     pos, end = 0, len(buf)
@@ -176,6 +208,8 @@ def iter_tar_members(buf, where: str, mode: Callable[[str, str], int] | None = N
             continue
         key, suffix = split_member_name(name)
         how = READ if mode is None else mode(key, suffix)
+        if index is not None and how != SKIP:
+            index.append((key, suffix, how, start, size))
         if how == REF:
             yield key, suffix, MemberRef(buf, start, size)
         elif how == READ:
@@ -251,7 +285,10 @@ class ShardCursor:
         self._groups: Iterator[dict] | None = None
         self._shard_keys: set[str] = set()  # keys of the current draw (rebuilt by seek's replay)
         self._path = ""
+        self._repeated: dict[str, str] = {}  # of the current shard
         self._mode_key, self._mode_kept = "", True
+        self._member_index: dict[str, list] = {}   # shard path -> its walked members (_iter_groups)
+        self._indexed_members = 0
 
     def position(self) -> dict[str, int]:
         return {"draw": self.draw, "offset": self.offset}
@@ -263,16 +300,31 @@ class ShardCursor:
 
     def member_mode(self, key: str, suffix: str) -> int:
         """Kept episodes: frames located (REF, read when a sample needs them), the rest read.
-        Excluded combos: only meta.json is read (cheap skip, still counted)."""
+        Excluded combos and copies of keys an earlier shard holds: only meta.json is read (cheap skip,
+        still counted)."""
         if key != self._mode_key:  # one combo lookup per episode, not per member
             combo = combo_of_key(key[key.rfind("/") + 1 :])
-            self._mode_key, self._mode_kept = key, combo is None or combo in self.kept_combos
+            self._mode_key = key
+            self._mode_kept = (combo is None or combo in self.kept_combos) and key not in self._repeated
         if not self._mode_kept:
             return READ if suffix == "meta.json" else SKIP
         return REF if suffix.endswith(".jpg") else READ
 
     def _iter_groups(self, path: str) -> Iterator[dict]:
-        yield from group_members(iter_tar_members(map_shard(path), path, self.member_mode), path)
+        """The shard's groups. The first complete, undamaged walk of a shard is remembered (member
+        names, offsets, sizes: shards are immutable once written), so later epochs skip the header
+        walk -- ~15 % of the reader's CPU per sample when a small set is read for many epochs."""
+        buf = map_shard(path)
+        cached = self._member_index.get(path)
+        if cached is not None:
+            members = ((k, sfx, MemberRef(buf, o, n) if how == REF else buf[o : o + n]) for k, sfx, how, o, n in cached)
+            yield from group_members(members, path)
+            return
+        index: list = []
+        yield from group_members(iter_tar_members(buf, path, self.member_mode, index), path)
+        if self._indexed_members + len(index) <= MEMBER_INDEX_LIMIT:   # only a walk that reached the end
+            self._member_index[path] = index
+            self._indexed_members += len(index)
 
     def seek(self, draw: int, offset: int) -> None:
         """Reopen shard ``draw`` and skip ``offset`` tar groups (the caller mutes the counters)."""
@@ -286,7 +338,9 @@ class ShardCursor:
     def _next_group(self) -> dict | None:
         """Next raw tar group of the current shard; None when the shard ended or broke (-> next draw)."""
         if self._groups is None:
-            self._path = self._shard_of_draw(self.draw).path
+            shard = self._shard_of_draw(self.draw)
+            self._path, self._repeated = shard.path, shard.repeated
+            self._mode_key = ""  # a shard may start with the key the last one ended with (a copy)
             self._groups = self._iter_groups(self._path)
             self._shard_keys = set()
         try:
@@ -318,8 +372,13 @@ class ShardCursor:
                 continue
             where = f"{self._path}:{group.get('__key__', '?')}"
             key = group["__key__"]
+            # Counted by the slot that owns the shard only: once per epoch, however many slots read it.
+            owner = self._path in self.counted_shards
             if group.get("__duplicate__"):
-                self.counters.bad("duplicate_episode", duplicate_key_message(self._path, key))
+                self.counters.bad("duplicate_episode", duplicate_key_message(self._path, key), count=owner)
+                continue
+            if key in self._repeated:
+                self.counters.bad("duplicate_episode", self._repeated[key], count=owner)
                 continue
             combo = combo_of_key(key[key.rfind("/") + 1 :])
             if combo is not None and combo not in self.kept_combos:

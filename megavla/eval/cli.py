@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="experiment", required=True)
     for name in ("diversity", "objectives"):
         p = sub.add_parser(name, help=f"the {name} experiment (sweeps of training runs + evaluation)")
-        p.add_argument("--preset", default="mini", help="configs/experiments/<preset>.yaml or a YAML path")
+        p.add_argument("--preset", default="mini", help="configs/experiments/<preset>.yaml or a YAML path: toy "
+                       "(smoke test, minutes), mini (tiny model, < 90 min on 2 CPU cores), gpu (a few GPU-hours)")
         p.add_argument("--out", default=f"runs/experiments/{name}", help="report directory (runs live inside)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of the experiment spec")
         p.add_argument("--cameras", help="comma-separated cameras, e.g. head (wrist cameras off)")
@@ -290,5 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     report_path = out / f"report_{args.experiment}.md"
     print(report_path.read_text())
-    print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; report: {report_path}")
+    print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; results_{args.experiment}.json "
+          f"beside the report; report: {report_path}")
     return 0

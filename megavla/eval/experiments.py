@@ -36,6 +36,9 @@ from .finetune import write_init
 
 log = logging.getLogger(__name__)
 
+# EvalSpec fields that do not change an evaluation's numbers (left out of the eval cache key).
+REPORT_ONLY_EVAL_KEYS = {"min_episodes_per_cell", "seen_reference_combos", "competence_threshold", "alpha",
+                         "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads"}
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 
 
@@ -291,8 +294,9 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
     from .policy import resolve_checkpoint_dir
     ev = spec.eval
     # The checkpoint is part of the key: a run resumed to more steps is evaluated again.
+    # Only settings that change the numbers: a new gate threshold or alpha must not re-run episodes.
     settings = {"combos": combos, "subtask": subtask, "checkpoint": str(resolve_checkpoint_dir(run_dir)),
-                **to_dict(ev)}
+                **{k: v for k, v in to_dict(ev).items() if k not in REPORT_ONLY_EVAL_KEYS}}
     cache = run_dir / f"eval_{tag}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())

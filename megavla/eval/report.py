@@ -48,6 +48,17 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def paired_test(first: dict, second: dict) -> dict | None:
+    """McNemar exact test when both closed-loop results ran the same start states (else None)."""
+    from .stats import mcnemar_exact
+    a, b = first.get("episodes_detail"), second.get("episodes_detail")
+    key = lambda e: (e["scene"], e["task"], e["seed"])  # noqa: E731
+    if not a or not b or sorted(map(key, a)) != sorted(map(key, b)):
+        return None
+    sa, sb = sorted(a, key=key), sorted(b, key=key)
+    return mcnemar_exact([e["success"] for e in sa], [e["success"] for e in sb])
+
+
 def transfer_gap_rows(levels: dict[float, dict[str, dict]], threshold: float = 0.6) -> list[dict]:
     """{level: {"robot": eval, "robot+human": eval, "seen": robot-only eval on seen finetune combos or
     None}} -> one row per level: success delta (co-trained - robot only: positive = human data helped)
@@ -64,6 +75,7 @@ def transfer_gap_rows(levels: dict[float, dict[str, dict]], threshold: float = 0
         rows.append({"diversity": level, "robot_success": cr["success_rate"], "robot_human_success": crh["success_rate"],
                      "delta_success": crh["success_rate"] - cr["success_rate"],
                      "comparison": compare_proportions(crh["successes"], crh["episodes"], cr["successes"], cr["episodes"]),
+                     "paired": paired_test(crh, cr),
                      "robot_mse": er, "robot_human_mse": erh, "delta_mse": er - erh,
                      "baselines": r["offline"].get("baselines", {}),
                      "baselines_robot_human": rh["offline"].get("baselines", {}),
@@ -94,8 +106,11 @@ def transfer_verdict(rows: list[dict], alpha: float = 0.05) -> dict:
             claim = f"{word} target success (significant at α={alpha:g}, Holm-corrected)"
         else:
             claim = f"no significant difference at α={alpha:g} (Holm-corrected)"
+        paired = row.get("paired")
+        extra = (f" (paired McNemar on the same start states: {paired['only_first']} won only with human data, "
+                 f"{paired['only_second']} only without, p = {fmt_p(paired['p_value'])})" if paired else "")
         lines.append(f"- {row['diversity']:.0%} diversity: Δ success {fmt_diff(c)}, Fisher p = {fmt_p(c['p_value'])}, "
-                     f"Holm p = {fmt_p(p)}: {claim}.")
+                     f"Holm p = {fmt_p(p)}: {claim}.{extra}")
     if not gated:
         summary = ("**No transfer verdict**: the competence gate failed at every level (robot-only success on seen "
                    "finetune combos below the threshold), so target-combo failures cannot be attributed to a lack "

@@ -12,6 +12,11 @@ collapses to a point and the pooled z-test's normal approximation is poor (expec
   z statistic is reported beside them for readers used to it, with its (approximate) p-value, but the
   verdict uses Fisher's p.
 
+Both conditions of a level are evaluated on the same start states (closed_loop's seeds depend only on
+the combo and the episode index), so :func:`mcnemar_exact` (the exact paired test on the discordant
+start states) is reported too, as a secondary, more powerful check; the verdict stays with Fisher's
+p, fixed before any result was seen, so that picking the smaller p-value is not an option.
+
 Episodes within a cell are not fully independent draws of one Bernoulli (several target combos with
 different difficulty are pooled), so these are the usual binomial approximations; per-combo rates are
 reported alongside so a reader can see heterogeneity.
@@ -75,3 +80,15 @@ def compare_proportions(k1: int, n1: int, k2: int, n2: int) -> dict:
     return {"difference": k1 / n1 - k2 / n2, "ci95": [lo, hi], "p_value": fisher_p(k1, n1, k2, n2),
             "test": "fisher_exact_two_sided", "z": z, "p_value_z": p_z,
             "counts": [[k1, n1], [k2, n2]]}
+
+
+def mcnemar_exact(first: list[bool], second: list[bool]) -> dict:
+    """Exact McNemar test on paired outcomes (same start states): two-sided binomial test of the
+    discordant pairs (first succeeded only vs second succeeded only) against 1/2."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"paired outcomes need equal, non-zero lengths; got {len(first)} and {len(second)}")
+    only_first = sum(a and not b for a, b in zip(first, second))
+    only_second = sum(b and not a for a, b in zip(first, second))
+    n = only_first + only_second
+    p = 1.0 if n == 0 else float(sps.binomtest(only_first, n, 0.5).pvalue)
+    return {"only_first": only_first, "only_second": only_second, "p_value": p}

@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config file (e.g. configs/pi05-3b.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.width=1024")
     args = parser.parse_args(argv)
-    print(summary(args.config, args.overrides))
+    from megavla.config import ConfigError
+    try:
+        print(summary(args.config, args.overrides))
+    except ConfigError as e:
+        sys.stderr.write(f"megavla model summary: config error: {e}\n")
+        return 2
     return 0
 
 

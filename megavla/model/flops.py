@@ -102,17 +102,26 @@ class Coefficients:
     actions_read_subtask: bool    # action_conditioning=subtask (with the flow objective on)
 
 
-@functools.lru_cache(maxsize=16)
-def _coefficients(cfg_json: str) -> Coefficients:
+_COEFFICIENTS: dict[str, Coefficients] = {}
+
+
+def _numel(param) -> int:
+    """Full element count, also of a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _coefficients(cfg_json: str, model: nn.Module | None = None) -> Coefficients:
+    if cfg_json in _COEFFICIENTS:
+        return _COEFFICIENTS[cfg_json]
     mcfg = ModelConfig(**json.loads(cfg_json))
-    model = _meta_model(cfg_json)
+    model = model if model is not None else _meta_model(cfg_json)
     patches = (mcfg.image_size // mcfg.patch_size) ** 2
     macs = dict(vision=0.0, backbone=0.0, expert=0.0, expert_step=0.0, expert_once=0.0)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            macs["vision"] += module.weight.numel() * patches
+            macs["vision"] += _numel(module.weight) * patches
         elif isinstance(module, nn.Linear):
-            n = module.weight.numel()
+            n = _numel(module.weight)
             if name.startswith(("vision.", "projector")):
                 macs["vision"] += n * patches
             elif name.startswith("expert.stack."):
@@ -125,7 +134,7 @@ def _coefficients(cfg_json: str) -> Coefficients:
                 macs["backbone"] += n
     lm_objective = mcfg.subtask_weight > 0 or mcfg.fast_weight > 0
     read_subtask = mcfg.action_conditioning == "subtask" and mcfg.flow_weight > 0
-    return Coefficients(
+    _COEFFICIENTS[cfg_json] = Coefficients(
         vision_per_image=2.0 * macs["vision"],
         vision_attention_per_image=mcfg.vision_depth * 4.0 * patches ** 2 * mcfg.vision_width,
         backbone_per_token=2.0 * macs["backbone"], expert_per_token=2.0 * macs["expert"],
@@ -135,10 +144,15 @@ def _coefficients(cfg_json: str) -> Coefficients:
         lm_head_per_target=2.0 * mcfg.width * model.vocab_size, patches_per_image=patches,
         lm_objective=lm_objective, subtask_in_sequence=mcfg.subtask_weight > 0 or read_subtask,
         actions_read_subtask=read_subtask)
+    return _COEFFICIENTS[cfg_json]
 
 
-def coefficients(cfg) -> Coefficients:
-    return _coefficients(_key(model_config_of(cfg)))
+def coefficients(cfg, model: nn.Module | None = None) -> Coefficients:
+    """Per-config FLOP coefficients, read from `model`'s layer shapes when given (a built VLA of this
+    config whose parameters are not partitioned yet), else from a meta-device build. The meta build
+    costs ~1-2 CPU-s the first time in a process (its init ops import torch._dynamo and sympy), so
+    the trainer passes the model it already has."""
+    return _coefficients(_key(model_config_of(cfg)), model)
 
 
 def forward_flops(cfg, images, prefix, suffix, expert, lm_targets, insulated: bool | None = None,

@@ -43,7 +43,7 @@ class AdaRMSNorm(nn.Module):
         self.dense = nn.Linear(cond_dim, dim * (3 if with_gate else 2))
         nn.init.zeros_(self.dense.weight)  # starts as plain RMSNorm with a closed gate (adaLN-zero)
         nn.init.zeros_(self.dense.bias)
-        self.dense._keep_init = True  # VLA's weight init must not overwrite the zeros
+        self.dense._zero_init = True  # VLA's weight init keeps (re-applies) the zeros
         self.impl = impl
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):

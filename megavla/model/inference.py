@@ -31,9 +31,10 @@ def encode_prefix(model, batch: Batch):
 
 
 def sample_actions(model, batch: Batch, num_steps: int, noise: torch.Tensor | None, use_cache: bool,
-                   subtask: tuple[torch.Tensor, torch.Tensor] | None = None):
+                   subtask: tuple[torch.Tensor, torch.Tensor] | None = None, return_subtask: bool = False):
     """With action_conditioning=subtask the subtask is decoded first (or ``subtask`` = (ids, mask)
-    given, e.g. the ground truth) and the action rows read prefix + [SUBTASK_START, subtask...]."""
+    given, e.g. the ground truth) and the action rows read prefix + [SUBTASK_START, subtask...].
+    ``return_subtask``: -> (actions, (ids, mask) the actions were conditioned on, or None)."""
     cfg = model.cfg
     if num_steps <= 0:
         raise ValueError(f"sample_actions: num_steps={num_steps} must be >= 1")
@@ -48,7 +49,7 @@ def sample_actions(model, batch: Batch, num_steps: int, noise: torch.Tensor | No
     used = batch.action_dim_mask[:, None, :]
     x = noise.clone()
     dt = -1.0 / num_steps
-    context, cache = action_context(model, batch, use_cache, subtask)
+    context, cache, subtask = action_context(model, batch, use_cache, subtask)
     start = context.valid.long().sum(dim=1)  # expert positions follow what the action rows read
     for step in range(num_steps):
         t_value = 1.0 + step * dt
@@ -65,23 +66,26 @@ def sample_actions(model, batch: Batch, num_steps: int, noise: torch.Tensor | No
             _, ex_h, _ = run_shared_layers(model.backbone, model.expert.stack,
                                            Stream(context.x, context.positions), ex, ctx)
         x = x + dt * model.expert.velocity(ex_h, ex.cond, cfg.chunk_length)
-    return torch.where(used, x, torch.zeros_like(x))
+    actions = torch.where(used, x, torch.zeros_like(x))
+    return (actions, subtask) if return_subtask else actions
 
 
 def action_context(model, batch: Batch, use_cache: bool, subtask=None):
-    """The backbone tokens the action rows read -> (Tokens, per-layer K/V cache or None).
-    Prefix only, or prefix + [SUBTASK_START, subtask...] when actions are conditioned on the
-    subtask: decoded greedily (KV-cached when use_cache) unless ``subtask`` = (ids, mask) is given."""
+    """The backbone tokens the action rows read -> (Tokens, per-layer K/V cache or None, the subtask
+    (ids, mask) or None). Prefix only, or prefix + [SUBTASK_START, subtask...] when actions are
+    conditioned on the subtask: decoded greedily (KV-cached when use_cache) unless ``subtask`` =
+    (ids, mask) is given."""
     from .vla import Tokens  # local import: vla imports this module
 
     cfg = model.cfg
     if not model.actions_read_subtask:
         if use_cache:
             prefix, _, cache = encode_prefix(model, batch)
-            return prefix, cache
-        return model.prefix_tokens(batch), None
+            return prefix, cache, None
+        return model.prefix_tokens(batch), None, None
     if use_cache and subtask is None:
-        return decode_subtask_cached(model, batch, cfg.subtask_len, cfg.subtask_eos_id)[1:]
+        decoded, context, cache = decode_subtask_cached(model, batch, cfg.subtask_len, cfg.subtask_eos_id)
+        return context, cache, decoded
     if subtask is None:
         subtask = greedy_decode(model, batch, "subtask", cfg.subtask_len, cfg.subtask_eos_id, use_cache=False)
     ids, mask = subtask
@@ -89,11 +93,11 @@ def action_context(model, batch: Batch, use_cache: bool, subtask=None):
                                        subtask_mask=mask.to(batch.text_tokens.device))
     if not use_cache:
         prefix = model.prefix_tokens(batch)
-        return Tokens.cat([prefix, model.lm_suffix_tokens(with_subtask, prefix, True, False)[0]]), None
+        return Tokens.cat([prefix, model.lm_suffix_tokens(with_subtask, prefix, True, False)[0]]), None, subtask
     prefix, _, cache = encode_prefix(model, batch)
     segment = model.lm_suffix_tokens(with_subtask, prefix, True, False)[0]
     cache, _ = _extend_cache(model, cache, prefix, segment)
-    return Tokens.cat([prefix, segment]), cache
+    return Tokens.cat([prefix, segment]), cache, subtask
 
 
 def _extend_cache(model, cache, context, seq):

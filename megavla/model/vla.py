@@ -43,6 +43,7 @@ which divides image features by sqrt(W) before Gemma's x sqrt(W)).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -116,7 +117,8 @@ class VLA(nn.Module):
                                    cfg.num_kv_heads, cfg.head_dim, cfg.action_dim, cfg.state_dim,
                                    cfg.time_conditioning, cfg.state_mode == "continuous", impl)
         self.vision.checkpoint_layers = cfg.activation_checkpointing
-        self.apply(_init_weights)
+        if not _DEFERRED_INIT:
+            self.apply(_init_weights)
         # Optimizer steps taken so far; the trainer sets it (knowledge insulation "on after N").
         self.training_step = 0
 
@@ -125,6 +127,12 @@ class VLA(nn.Module):
         """Whether the flow loss is kept out of the backbone at the current training step."""
         cfg = self.cfg
         return cfg.knowledge_insulation and self.training_step >= cfg.knowledge_insulation_start_step
+
+    @staticmethod
+    def init_module_weights(module: nn.Module) -> None:
+        """The weight init `__init__` applies to every module, for callers that build the model with
+        partitioned parameters (DeepSpeed zero.Init) and re-apply it one gathered module at a time."""
+        _init_weights(module)
 
     @property
     def tokens_per_image(self) -> int:
@@ -292,12 +300,14 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------ inference / probes
     @torch.no_grad()
     def sample_actions(self, batch: Batch, num_steps: int = 10, noise: torch.Tensor | None = None,
-                       use_cache: bool = True, subtask: tuple[torch.Tensor, torch.Tensor] | None = None
-                       ) -> torch.Tensor:
+                       use_cache: bool = True, subtask: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       return_subtask: bool = False):
         """Euler-integrate the expert's velocity from t=1 (noise) to t=0 -> actions [B, H, A] fp32.
         With action_conditioning=subtask the subtask is decoded first (greedy, up to
-        model.subtask_len tokens or model.subtask_eos_id), unless ``subtask`` = (ids, mask) is given."""
-        return inference.sample_actions(self, batch, num_steps, noise, use_cache, subtask)
+        model.subtask_len tokens or model.subtask_eos_id), unless ``subtask`` = (ids, mask) is given.
+        ``return_subtask``: -> (actions, (text ids [B, n], valid [B, n]) the actions were conditioned
+        on, None with action_conditioning=instruction), so callers need not decode it twice."""
+        return inference.sample_actions(self, batch, num_steps, noise, use_cache, subtask, return_subtask)
 
     @torch.no_grad()
     def predict_subtask(self, batch: Batch, max_len: int = 16, eos_id: int | None = None,
@@ -328,8 +338,28 @@ def prefix_length(prefix: Tokens) -> torch.Tensor:
     return prefix.valid.long().sum(dim=1)
 
 
+_DEFERRED_INIT = False
+
+
+@contextlib.contextmanager
+def deferred_weight_init():
+    """VLAs built inside skip the final weight init: the caller applies `VLA.init_module_weights` to
+    each module itself (in module order, so the weights equal a plain build's), e.g. with the
+    module's partitioned parameters gathered (DeepSpeed zero.Init)."""
+    global _DEFERRED_INIT
+    previous, _DEFERRED_INIT = _DEFERRED_INIT, True
+    try:
+        yield
+    finally:
+        _DEFERRED_INIT = previous
+
+
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
+    if getattr(module, "_zero_init", False):   # adaLN-zero layers (gemma.AdaRMSNorm.dense)
+        nn.init.zeros_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
         nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)

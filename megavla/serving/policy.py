@@ -2,7 +2,7 @@
 
 ``megavla.load_policy(path)`` returns a :class:`LoadedPolicy`; ``megavla serve`` puts the same object
 behind a websocket. Both parse the observation with the schema (megavla/serving/schema.py), build the
-batch with the training pipeline's code (``eval.policy.frames_episode`` + ``episode_batch``) and
+batch with the training pipeline's code (``eval.policy.frames_episode`` + ``episode_sample``) and
 sample through the KV-cached ``VLA.sample_actions``; actions come back unnormalized, native dims only.
 
 Noise: each caller owns a ``torch.Generator`` (the in-process policy one, the server one per
@@ -118,9 +118,18 @@ class LoadedPolicy:
         batch = collate(self.loaded, samples).to(self.device)
         noise = torch.cat([requests[i].noise for i in kept]).to(self.device)
         prepared = time.perf_counter()
-        chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise).float()
-        texts = self._subtasks(batch) if self.subtask else None
-        chunks = chunks.cpu()
+        texts, mcfg = None, self.loaded.cfg.model
+        if self.subtask and self.model.actions_read_subtask:
+            # The text returned is the one the actions were conditioned on (action_conditioning=subtask).
+            chunks, subtask = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise,
+                                                        return_subtask=True)
+            texts = self._decode(*subtask)
+        else:
+            chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise)
+            if self.subtask:
+                texts = self._decode(*self.model.predict_subtask(batch, max_len=mcfg.subtask_len,
+                                                                 eos_id=mcfg.subtask_eos_id))
+        chunks = chunks.float().cpu()
         if self.loaded.normalizer is not None:
             chunks = self.loaded.normalizer.unnormalize(chunks, s.schema.embodiment, "actions")
         actions = chunks[:, :, : s.action_dim].numpy()
@@ -134,10 +143,8 @@ class LoadedPolicy:
             results[i] = out
         return results
 
-    def _subtasks(self, batch) -> list[str]:
+    def _decode(self, ids, valid) -> list[str]:
         tok = self.loaded.text_tokenizer
-        ids, valid = self.model.predict_subtask(batch, max_len=self.loaded.cfg.model.subtask_len,
-                                                eos_id=tok.eos_id)
         return [tok.decode([int(i) for i, v in zip(row, m) if v]) for row, m in zip(ids.tolist(), valid.tolist())]
 
 

@@ -76,7 +76,6 @@ class PolicyServer:
         self.metadata = wire.packb(policy.metadata)
         self.connections: set[ServerConnection] = set()
         self.pending: list[_Pending] = []
-        self.batch_sizes: list[int] = []  # every batch run, in order (tests and the benchmark read it)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megavla-infer")
 
     # ------------------------------------------------------------------ connection level
@@ -159,7 +158,7 @@ class PolicyServer:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (not the builtin before Python 3.11)
                     break
             batch, self.pending = self.pending[: opts.max_batch], self.pending[opts.max_batch:]
             gone = [p for p in batch if p.connection.state is not State.OPEN]
@@ -177,7 +176,6 @@ class PolicyServer:
             except Exception as e:  # noqa: BLE001  one failed forward (OOM, a bug) must not stop the server
                 log.exception("inference failed on a batch of %d", len(batch))
                 results = [RuntimeError(f"inference failed: {type(e).__name__}: {e}")] * len(batch)
-            self.batch_sizes.append(len(batch))
             for p, result in zip(batch, results):
                 if isinstance(result, dict):
                     result["policy_timing"]["wait_ms"] = (started - p.received) * 1e3

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -201,6 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--normalization", choices=("quantile", "zscore", "none"), default="quantile")
     tr.add_argument("--on-bad-sample", choices=("skip", "fail"), default="skip")
     args = parser.parse_args(argv)
+    missing = [d for d in args.shards if not Path(d).is_dir()]
+    if missing:
+        sys.stderr.write(f"megavla tokenizer train: --shards {' '.join(missing)}: no such directory (a shard "
+                         f"set, or a folder of them, written by `megavla data synth` or an importer)\n")
+        return 2
     text_tok, fast_tok = train_tokenizers(
         args.shards, args.out, text_vocab=args.text_vocab, fast_vocab=args.fast_vocab,
         chunk_length=args.chunk_length, fast_scale=args.fast_scale, chunk_stride=args.chunk_stride,

@@ -42,6 +42,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from megavla.fileio import atomic_write_bytes
+
 import numpy as np
 import sentencepiece as spm
 from scipy.fft import dct
@@ -205,9 +207,7 @@ class FastTokenizer:
         model_path, json_path = prefix.with_suffix(".model"), prefix.with_suffix(".json")
         meta = dict(self.metadata(), model_file=model_path.name)
         for target, data in ((model_path, self._proto), (json_path, json.dumps(meta, indent=2).encode())):
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, data)
         return model_path, json_path
 
     @classmethod

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from megavla.fileio import atomic_write_bytes
+
 import sentencepiece as spm
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,7 @@ class TextTokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self._proto)
-        os.replace(tmp, path)  # atomic: a reader never sees half a model
+        atomic_write_bytes(path, self._proto)  # a reader never sees half a model
         return path
 
     @classmethod

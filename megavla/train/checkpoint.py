@@ -3,28 +3,26 @@
 Layout (one checkpoint = one directory under ``<run_dir>/checkpoints``)::
 
     step_000120/   mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt  (DeepSpeed's)
-                   trainer_state.json   step, world size, resolved config, code version, ds config
                    rank_00000.json ...  per rank: RNG states + data-loader state
                    ema.safetensors      optional EMA weights (fp32)
                    norm_stats.json, tokenizers/   copied from the run dir (inference needs them)
+                   manifest.json        size + sha256 of every file above (checked before a resume)
+                   trainer_state.json   step, world size, batch layout, resolved config, code version
     latest         text file naming the newest complete checkpoint
 
-Atomicity: every rank writes into ``.tmp-step_000120``; after a barrier rank 0 writes
-trainer_state.json, renames the directory to ``step_000120`` (the commit point) and only then
-replaces ``latest`` (write to a temp file + os.replace). A process killed anywhere before the rename
-leaves a ``.tmp-*`` directory that is ignored and removed by the next save, so the previous
-checkpoint stays the resume point.
+Atomicity: every rank writes into ``.tmp-step_000120``; after a barrier the ranks hash the files
+(each a slice), rank 0 writes manifest.json and trainer_state.json, renames the directory to
+``step_000120`` (the commit point) and only then replaces ``latest``. A process killed anywhere
+before the rename leaves a ``.tmp-*`` directory that is ignored and removed by the next save, so the
+previous checkpoint stays the resume point. What to resume from is decided in `resume.py`.
 """
 from __future__ import annotations
 
 import base64
 import json
 import logging
-import os
 import random
-import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,24 +31,17 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from megavla.fileio import atomic_write_json, atomic_write_text
+
+from .errors import CheckpointError
+from .resume import (MANIFEST_FILE, MANIFEST_FORMAT, STATE_FILE, TAG_RE, committed_checkpoints,  # noqa: F401
+                     file_digests, files_under, step_of, tag_for)
+
 log = logging.getLogger(__name__)
 
-TAG_RE = re.compile(r"^step_(\d{6,})$")
 TMP_PREFIX = ".tmp-"
-STATE_FILE = "trainer_state.json"
-# Test hook: SIGKILL this process after DeepSpeed wrote its shards for this step, before the commit.
-KILL_IN_SAVE_ENV = "MEGAVLA_TEST_KILL_IN_SAVE_AT_STEP"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def step_of(path: Path) -> int:
-    m = TAG_RE.match(path.name)
-    if not m:
-        raise ValueError(f"{path} is not a checkpoint directory (expected a name like step_000120)")
-    return int(m.group(1))
+# Free space asked for beyond the previous checkpoint's size before a save starts.
+SPACE_MARGIN = 1.05
 
 
 def _barrier() -> None:
@@ -58,10 +49,12 @@ def _barrier() -> None:
         tdist.barrier()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any (a collective every rank reaches)."""
+    t = torch.tensor([int(flag)], device=device)
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # ---- RNG states as JSON (no pickle) --------------------------------------------------------------
@@ -101,36 +94,8 @@ def is_complete(path: Path) -> bool:
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted((p for p in ckpt_dir.iterdir() if is_complete(p)), key=step_of)
-
-
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
-    """`None` -> start fresh; "auto" -> newest complete checkpoint (or fresh if none); else a path
-    to a checkpoint directory (or to a checkpoints dir, meaning its newest)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            candidate = ckpt_dir / latest.read_text().strip()
-            if is_complete(candidate):
-                newest = list_checkpoints(ckpt_dir)
-                # `latest` moves last, so a newer complete checkpoint can exist only if we died between
-                # the rename and the pointer update: prefer the newest complete one.
-                return newest[-1] if newest and step_of(newest[-1]) > step_of(candidate) else candidate
-        found = list_checkpoints(ckpt_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if is_complete(path):
-        return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (needs {STATE_FILE}) "
-                            f"and holds none; use --resume auto or a path like {ckpt_dir}/step_000100")
+    """Committed checkpoints with a trainer_state.json, oldest first (not checked for damage)."""
+    return [p for p in committed_checkpoints(ckpt_dir) if (p / STATE_FILE).is_file()]
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -143,55 +108,104 @@ def read_rank_state(path: Path, rank: int) -> dict | None:
 
 
 # ---- saving -------------------------------------------------------------------------------------
-def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, trainer_state: dict,
+def write_rank_state(tmp: Path, rank: int, rank_state: dict) -> None:
+    """Each rank's RNG + loader state; the last file a rank writes before the ranks hash the files."""
+    (tmp / f"rank_{rank:05d}.json").write_text(json.dumps(rank_state))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def needed_bytes(ckpt_dir: Path) -> int | None:
+    """Size of the newest committed checkpoint: what the next save will need again (None: first save)."""
+    done = list_checkpoints(ckpt_dir)
+    if not done:
+        return None
+    return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+
+
+def _space_problem(ckpt_dir: Path) -> str | None:
+    need = needed_bytes(ckpt_dir)
+    free = shutil.disk_usage(ckpt_dir).free
+    if need is not None and free < need * SPACE_MARGIN:
+        return (f"not enough free space in {ckpt_dir}: the last checkpoint took {_mb(need)}, "
+                f"{_mb(free)} are free")
+    return None
+
+
+def _save_failure(tag: str, ckpt_dir: Path, error: BaseException | str) -> CheckpointError:
+    free = shutil.disk_usage(ckpt_dir).free
+    need = needed_bytes(ckpt_dir)
+    need_text = f"the last checkpoint took {_mb(need)}" if need else "no earlier checkpoint to size it by"
+    cause = str(error)
+    if "iostream error" in cause or "No space" in cause or getattr(error, "errno", None) == 28:
+        cause += " (a full disk: No space left on device)"
+    return CheckpointError(
+        f"saving checkpoint {tag} in {ckpt_dir} failed: {cause}; {need_text}, {_mb(free)} free now. "
+        f"Earlier checkpoints are intact: free space (or lower train.keep_last), then --resume auto")
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, device: torch.device, trainer_state: dict,
                     rank_state: dict, ema_state: dict[str, torch.Tensor] | None = None,
                     extra_paths: dict[str, Path] | None = None, keep_last: int = 3) -> Path:
-    """Collective: every rank calls it at the same step. Returns the committed directory."""
+    """Collective: every rank calls it at the same step. Returns the committed directory; raises
+    CheckpointError on every rank (and removes the partial save) if any rank could not write."""
+    from .metrics import allgather_json
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
     final, tmp = ckpt_dir / tag, ckpt_dir / tmp_tag
+    problem = None
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob(TMP_PREFIX + "*"):      # left by a save that was killed
             log.warning("removing incomplete checkpoint %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
-    # universal_checkpoint_info (empty: no tensor/pipeline parallel patterns) is what ds_to_universal
-    # requires to convert this checkpoint for another world size.
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False,
-                           client_state={"universal_checkpoint_info": {}})
-    (tmp / f"rank_{rank:05d}.json").write_text(json.dumps(rank_state))
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
-        log.warning("test hook %s: SIGKILL during the save of step %d", KILL_IN_SAVE_ENV, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-    _barrier()
+        problem = _space_problem(ckpt_dir)
+    if _any_rank(problem is not None, device):
+        raise _save_failure(tag, ckpt_dir, problem or "rank 0 found too little free space")
+    error: BaseException | None = None
+    try:
+        # universal_checkpoint_info (empty: no tensor/pipeline parallel patterns) is what ds_to_universal
+        # requires to convert this checkpoint for another world size.
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False,
+                               client_state={"universal_checkpoint_info": {}})
+        write_rank_state(tmp, rank, rank_state)
+        if rank == 0:
+            if ema_state is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+            for name, src in (extra_paths or {}).items():
+                if src.is_dir():
+                    shutil.copytree(src, tmp / name)
+                elif src.is_file():
+                    shutil.copy2(src, tmp / name)
+    except (OSError, RuntimeError) as e:     # torch's writer reports ENOSPC as "basic_ios::clear"
+        error = e
+    if _any_rank(error is not None, device):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failure(tag, ckpt_dir, error or "another rank could not write its shard")
+    # Every rank hashes a slice of the files (the shards are about equal), rank 0 writes the manifest.
+    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    names = files_under(tmp)
+    digests: dict[str, dict] = {}
+    for part in allgather_json(file_digests(tmp, names[rank::world]), device):
+        digests.update(part)
     if rank == 0:
-        if ema_state is not None:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-        for name, src in (extra_paths or {}).items():
-            if src.is_dir():
-                shutil.copytree(src, tmp / name)
-            elif src.is_file():
-                shutil.copy2(src, tmp / name)
-        write_json_atomic(tmp / STATE_FILE, trainer_state)
+        atomic_write_json(tmp / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": digests})
+        atomic_write_json(tmp / STATE_FILE, trainer_state)
         replaced = None
         if final.exists():      # re-saving a step (e.g. after a resume): keep the old one until the swap
             replaced = final.with_name(TMP_PREFIX + "old-" + tag)
-            os.replace(final, replaced)
-        os.replace(tmp, final)                              # the commit point
+            final.replace(replaced)
+        tmp.replace(final)                                  # the commit point
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        write_json_atomic_text(ckpt_dir / "latest", tag)    # moves last
+        atomic_write_text(ckpt_dir / "latest", tag)         # moves last
         prune(ckpt_dir, keep_last)
     _barrier()
     return final
-
-
-def write_json_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -221,6 +235,6 @@ def convert_to_universal(path: Path, rank: int) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed on {path}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         (tmp.parent / "latest_universal").unlink(missing_ok=True)
-        os.replace(tmp, out)
+        tmp.replace(out)
     _barrier()
     return out

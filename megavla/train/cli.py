@@ -1,24 +1,32 @@
-"""`megavla train CONFIG [dotted.overrides ...] [--nproc N] [--resume auto|PATH]`
+"""`megavla train CONFIG [dotted.overrides ...] [--nproc N] [--resume auto|PATH] [--overwrite]`
 
-The config (file + overrides) is built and checked here, before any process starts: an unknown key,
-ZeRO stage 5 or a negative lr is a clear error and exit code 2. Then:
+The config (file + overrides), the paths it names and the run dir (lock, what to resume) are checked
+here, before any process starts: an unknown key, a missing shard dir or a run dir in use is one
+line on stderr and exit code 2. Then:
 
 - under torchrun / SLURM (RANK is set) or with --nproc 1: `run()` in this process;
 - with --nproc N > 1: N local worker processes (gloo on CPU, nccl on GPU) with RANK, WORLD_SIZE,
-  LOCAL_RANK, MASTER_ADDR/PORT set, each running `python -m megavla.train.entry`. SIGTERM / SIGUSR2 /
-  SIGINT are forwarded to every worker; if one worker fails the others are stopped.
+  LOCAL_RANK, MASTER_ADDR/PORT set, each running `python -m megavla.train.entry`, each in its own
+  process group (a terminal's Ctrl-C reaches only this launcher, which forwards it once).
+  SIGTERM / SIGUSR2 / SIGINT are forwarded to every worker; workers get SIGTERM if the launcher
+  dies. If one worker fails the others are stopped; the log names the failing rank, its exit code
+  or signal and the tail of its output (all of it in RUN_DIR/logs/rank_N.log).
 
-Exit codes: 0 done, 75 stopped by SIGTERM/SIGUSR2 after saving a checkpoint (resume with
-`--resume auto`), 2 bad config, other = a worker's failure.
+Exit codes: 0 done, 75 saved after SIGUSR2 (a preemption: resume with `--resume auto`), 130 / 143
+saved after Ctrl-C / SIGTERM (a stop), 1 a training error (message above), 2 bad config or paths,
+other = the first failing worker's code (128 + N: killed by signal N).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +35,9 @@ from megavla.config import ConfigError, Config, load_config, write_yaml
 log = logging.getLogger(__name__)
 
 FAIL_GRACE_S = 20.0   # after one worker fails, how long the others get before SIGKILL
+TAIL_LINES = 20
+# Worker exits that are not failures: done, saved for a requeue, saved after a Ctrl-C / SIGTERM stop.
+CLEAN_EXITS = (0, 75, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def check_launchable(cfg: Config, nproc: int) -> None:
@@ -39,29 +50,117 @@ def check_launchable(cfg: Config, nproc: int) -> None:
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
     # The reader's per-set checks (manifest, shard paths, norm stats), before any process starts.
-    from megavla.data_shards.validate import ShardSetError, check_shard_set
+    from megavla.data_shards.validate import ShardSetError, check_shard_set, cross_shard_message
     for field, sources in (("sources", cfg.data.sources), ("val_sources", cfg.data.val_sources)):
         for name, directory in sources.items():
             try:
-                check_shard_set(directory, need_stats=cfg.data.normalization != "none")
+                info = check_shard_set(directory, need_stats=cfg.data.normalization != "none")
             except ShardSetError as e:
                 raise ConfigError(f"data.{field}.{name}: {e}") from None
+            if info.duplicates and cfg.data.on_bad_sample == "fail":  # the reader would refuse it too
+                raise ConfigError(f"data.{field}.{name}: {cross_shard_message(directory, info.duplicates[0])} "
+                                  f"[{len(info.duplicates)} keys repeated across shards; data.on_bad_sample=fail]")
+
+
+def check_paths(cfg: Config) -> None:
+    """Every path the run will read exists (found in seconds here, not after the model is built)."""
+    for field in ("sources", "val_sources"):
+        for name, path in getattr(cfg.data, field).items():
+            if not Path(path).is_dir():
+                raise ConfigError(f"data.{field}.{name}={path}: no such directory (a shard set written by "
+                                  f"`megavla data synth` or an importer)")
+    tok = cfg.train.tokenizer_dir
+    if tok and not Path(tok).is_dir():
+        raise ConfigError(f"train.tokenizer_dir={tok}: no such directory (written by `megavla tokenizer train`)")
+
+
+def check_run_dir(cfg: Config, resume: str | None, overwrite: bool):
+    """The run dir's lock and what will be resumed (sizes only; rank 0 also checks sha256 later).
+    Returns the ResumePlan; raises a TrainingError."""
+    from .resume import plan_resume
+    from .run_lock import RunLock
+    RunLock(cfg.train.run_dir).check()
+    return plan_resume(cfg.train.run_dir, resume, overwrite=overwrite, verify=False)
+
+
+def nothing_to_train(cfg: Config, resume: str | None, overwrite: bool, plan) -> bool:
+    """The resumed checkpoint already reached train.steps: then no worker process is started (each
+    would import torch and DeepSpeed and join a process group, ~2 CPU-s, to return at once).
+    Decided on the verified plan, the one rank 0 will make (a damaged newest checkpoint would send
+    the run back to an older one)."""
+    if plan.path is None or plan.step < cfg.train.steps:
+        return False
+    from .resume import plan_resume
+    verified = plan_resume(cfg.train.run_dir, resume, overwrite=overwrite, verify=True)
+    return verified.path is not None and verified.step >= cfg.train.steps
+
+
+def _die_with_parent() -> None:
+    """In the worker before exec: SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG),
+    so workers in their own process group are never orphaned."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class _Pump(threading.Thread):
+    """Copies one worker's output to our stderr (and its log file), keeping the last lines."""
+
+    def __init__(self, stream, log_file: Path | None) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.log_file = stream, log_file
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+    def run(self) -> None:
+        out = open(self.log_file, "ab") if self.log_file else None
+        partial = b""
+        try:
+            while chunk := os.read(self.stream.fileno(), 65536):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+                if out:
+                    out.write(chunk)
+                    out.flush()
+                lines = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
+                partial = lines.pop()
+                self.tail.extend(x.decode(errors="replace") for x in lines if x.strip())
+        finally:
+            if partial.strip():
+                self.tail.append(partial.decode(errors="replace"))
+            if out:
+                out.close()
 
 
 def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None = None,
-                 command: list[str] | None = None) -> int:
+                 command: list[str] | None = None, log_dir: Path | None = None) -> int:
     """Start `command *worker_args` (default `python -m megavla.train.entry`) on ranks 0..nproc-1;
-    return the exit code."""
+    return the exit code (see the module docstring)."""
     command = command or [sys.executable, "-m", "megavla.train.entry"]
     from .engine import free_port
     base = dict(os.environ, **(env or {}))
     base.update(WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 LOCAL_WORLD_SIZE=str(nproc))
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    procs = []
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    procs, pumps = [], []
     for rank in range(nproc):
-        procs.append(subprocess.Popen([*command, *worker_args],
-                                      env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank))))
+        p = subprocess.Popen([*command, *worker_args], env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0,
+                             preexec_fn=_die_with_parent)
+        pump = _Pump(p.stdout, log_dir / f"rank_{rank}.log" if log_dir else None)
+        pump.start()
+        procs.append(p)
+        pumps.append(pump)
 
     def forward(signum, frame):
         for p in procs:
@@ -69,16 +168,20 @@ def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None 
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
+    failures: list[tuple[int, int]] = []      # (rank, code) in the order they were seen
     try:
         failed_at = None
         while True:
             polled = [p.poll() for p in procs]      # poll every worker (any() would stop early)
+            for rank, c in enumerate(polled):
+                if c is not None and c not in CLEAN_EXITS and rank not in (r for r, _ in failures):
+                    failures.append((rank, c))
             if all(c is not None for c in polled):
                 break
-            codes = [c for c in polled if c is not None]
-            if failed_at is None and any(c not in (0, 75) for c in codes):
+            if failed_at is None and failures:
                 failed_at = time.monotonic()
-                log.error("a worker exited with %s; stopping the others", codes)
+                rank, c = failures[0]
+                log.error("rank %d failed (%s); stopping the other ranks", rank, _describe(c))
                 forward(signal.SIGTERM, None)
             if failed_at is not None and time.monotonic() - failed_at > FAIL_GRACE_S:
                 for p in procs:
@@ -88,11 +191,20 @@ def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None 
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        for pump in pumps:
+            pump.join(timeout=5)
     codes = [p.returncode for p in procs]
-    failures = [c for c in codes if c not in (0, 75)]
     if failures:
-        return failures[0] if failures[0] > 0 else 128 - failures[0]   # -9 (SIGKILL) -> 137
-    return 75 if 75 in codes else 0
+        rank, c = failures[0]
+        where = f" (full log: {log_dir / f'rank_{rank}.log'})" if log_dir else ""
+        log.error("rank %d failed first: %s; the others: %s. Last lines of rank %d%s:\n%s", rank, _describe(c),
+                  ", ".join(f"rank {r} {_describe(x)}" for r, x in enumerate(codes) if r != rank) or "none",
+                  rank, where, "\n".join(f"  | {line}" for line in pumps[rank].tail))
+        return c if c > 0 else 128 - c   # -9 (SIGKILL) -> 137
+    for clean in (75, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+        if clean in codes:
+            return clean
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,25 +214,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides, e.g. train.lr=3e-4 train.zero_stage=3")
     parser.add_argument("--nproc", type=int, default=1, help="local processes (data-parallel ranks)")
-    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint dir")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (newest intact checkpoint; fresh if the run dir is unused) or a checkpoint dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run dir that already holds a run (deletes its checkpoints and metrics)")
     args = parser.parse_intermixed_args(argv)   # overrides may come after --nproc / --resume
+    from .errors import TrainingError
+    in_job = "RANK" in os.environ
     try:
         cfg = load_config(args.config, args.overrides)
-        nproc = int(os.environ.get("WORLD_SIZE", args.nproc)) if "RANK" in os.environ else args.nproc
+        nproc = int(os.environ.get("WORLD_SIZE", args.nproc)) if in_job else args.nproc
+        check_paths(cfg)
         check_launchable(cfg, nproc)
-    except ConfigError as e:
-        sys.stderr.write(f"megavla train: config error: {e}\n")
+        if not in_job or os.environ["RANK"] == "0":
+            plan = check_run_dir(cfg, args.resume, args.overwrite)
+            message = plan.message
+            if not in_job and nothing_to_train(cfg, args.resume, args.overwrite, plan):
+                log.info("%s is at step %d >= train.steps=%d: nothing to train, no process started",
+                         plan.path, plan.step, cfg.train.steps)
+                return 0
+    except (ConfigError, TrainingError) as e:
+        sys.stderr.write(f"megavla train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}\n")
         return 2
-    if "RANK" in os.environ or args.nproc == 1:
+    if in_job or args.nproc == 1:
         from .engine import shutdown_distributed
-        from .entry import run
+        from .entry import report_training_error, run
         try:
-            return run(cfg, resume=args.resume)
+            return run(cfg, resume=args.resume, overwrite=args.overwrite)
+        except TrainingError as e:
+            return report_training_error(e)
         finally:
             shutdown_distributed()
     run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
     write_yaml(cfg, resolved)
-    log.info("launching %d local processes; run dir %s", args.nproc, run_dir)
-    worker_args = [str(resolved)] + (["--resume", args.resume] if args.resume else [])
-    return launch_local(args.nproc, worker_args)
+    log.info("launching %d local processes; run dir %s; %s", args.nproc, run_dir, message)
+    worker_args = [str(resolved)] + (["--resume", args.resume] if args.resume else []) + \
+        (["--overwrite"] if args.overwrite else [])
+    return launch_local(args.nproc, worker_args, log_dir=run_dir / "logs")

@@ -1,11 +1,13 @@
 """DeepSpeed engine from our TrainConfig: process group, optimizer groups, schedule, ZeRO config."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +61,13 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # Said up front, DeepSpeed skips its "Setting accelerator to CPU ... unable to detect" warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_shm_comm_build()
+    # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor: one
+    # FutureWarning per rank per run that the user can do nothing about.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed",
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     import deepspeed
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
@@ -121,6 +129,109 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _disabled_dynamo_functions(obj, depth: int = 3) -> list:
+    """The plain functions that `torch._disable_dynamo` wrappers reachable from `obj` (through
+    functools.wraps / closures) wrap."""
+    marker = torch._disable_dynamo(lambda: None).__code__
+    found, seen = [], set()
+
+    def walk(o, d):
+        if d < 0 or id(o) in seen:
+            return
+        seen.add(id(o))
+        code = getattr(o, "__code__", None)
+        if code is marker:
+            found.append(o.__closure__[code.co_freevars.index("fn")].cell_contents)
+            return
+        for cell in getattr(o, "__closure__", None) or ():
+            try:
+                walk(cell.cell_contents, d - 1)
+            except ValueError:   # an empty cell
+                pass
+        if getattr(o, "__wrapped__", None) is not None:
+            walk(o.__wrapped__, d - 1)
+
+    walk(obj, depth)
+    return found
+
+
+def avoid_dynamo_import() -> None:
+    """Keep `torch._dynamo` (and sympy) out of an eager training process: ~1.5-3 CPU-s per process
+    start on this box, 85 % of `create_engine`. Three things import it only to mark code as "do not
+    trace": (1) torch.optim.Optimizer methods and the functional `adam` are wrapped by
+    `torch._disable_dynamo`, which imports dynamo on the first call to learn the "disabled" version of
+    the function; we pre-bind that version to the function itself (identical when nothing is being
+    compiled: we never compile the optimizer). (2) Optimizer.step's `_use_grad_for_differentiable`
+    imports it on every call: `EagerAdamW.step` skips that wrapper. (3) DeepSpeed imports its Muon
+    optimizer for isinstance checks (in initialize and ZeRO's gradient path), a module that applies
+    torch.compile at import: we import it once with the compile deferred to its first call.
+    A process that already imported dynamo (it compiles something) is left alone."""
+    if "torch._dynamo" in sys.modules:
+        return
+    import importlib
+    import functools
+    adam = importlib.import_module("torch.optim.adam")
+    # ZeRO-3's parameter coordinator wraps its per-step methods the same way
+    coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
+    wrapped = [torch.optim.Optimizer, coordinator.PartitionedParameterCoordinator]
+    for fn in [f for cls in wrapped for v in vars(cls).values() for f in _disabled_dynamo_functions(v)] + \
+            _disabled_dynamo_functions(adam.adam):
+        fn.__dynamo_disable = fn
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+    original = compiler.compile
+
+    def deferred_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+            return call
+        return decorate
+
+    compiler.compile = deferred_compile
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        compiler.compile = original
+
+
+@contextlib.contextmanager
+def compiler_disable_as_identity():
+    """Inside: `torch.compiler.disable(fn)` returns fn. DeepSpeed's ZeRO-3 wraps its per-module hooks
+    with it while building the engine, and its first call imports torch._dynamo (1.5 CPU-s, +141 MB
+    RSS per rank). "Do not trace this" means nothing to a process that never compiles; a process that
+    already imported dynamo is left alone."""
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    original = torch.compiler.disable
+
+    def identity(fn=None, recursive=True, *, reason=None):
+        return fn if fn is not None else (lambda f: f)
+
+    torch.compiler.disable = identity
+    try:
+        yield
+    finally:
+        torch.compiler.disable = original
+
+
+class EagerAdamW(torch.optim.AdamW):
+    """torch's AdamW (same update code, same state) whose step skips the graph-break wrapper that
+    imports torch._dynamo (see avoid_dynamo_import). Not for use inside torch.compile."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return torch.optim.AdamW.step.__wrapped__(self, closure)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     kind = cfg.optimizer
@@ -130,7 +241,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     fused = kind == "fused"
     if fused and device.type != "cuda":
         raise ValueError("train.optimizer=fused needs a GPU; use train.optimizer=torch on CPU")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    return EagerAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def zero_bucket_elements(cfg: TrainConfig, num_params: int | None) -> int:
@@ -163,23 +274,53 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
     }
     if cfg.zero_stage == 3:
         # Export consolidates from the fp32 shards (zero_to_fp32), so no 16-bit gather at save time.
+        # Live gathered parameters bounded by the bucket too: DeepSpeed's default (1e9 elements) keeps
+        # every gathered layer alive between forward and backward -- for a model under 1e9 parameters
+        # that is the whole model on every rank at the step's peak, the memory ZeRO-3 is meant to save.
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False,
-                                           stage3_prefetch_bucket_size=bucket)
+                                           stage3_prefetch_bucket_size=bucket,
+                                           stage3_max_live_parameters=bucket,
+                                           stage3_max_reuse_distance=bucket)
         config["zero_optimization"].pop("allgather_bucket_size")
     return config
+
+
+def build_partitioned(model_factory, cfg, micro_batch: int, world_size: int) -> nn.Module:
+    """Build the model under DeepSpeed's zero.Init (ZeRO-3): each module's parameters are partitioned
+    across ranks as soon as the module exists, so no rank ever holds the whole model (peak memory
+    follows the partition, not the model). Weight init that the model applies after construction
+    (VLA.init_module_weights) is re-applied one module at a time with that module's parameters
+    gathered (rank 0's values are kept), so the weights equal an unpartitioned build's."""
+    import deepspeed
+
+    from megavla.model.vla import deferred_weight_init
+    config = ds_config(cfg.train, micro_batch, world_size)
+    avoid_dynamo_import()
+    with compiler_disable_as_identity(), deferred_weight_init(), deepspeed.zero.Init(config_dict_or_path=config):
+        model = model_factory(cfg)
+    init = getattr(model, "init_module_weights", None)
+    if init is not None:
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    init(module)
+    return model
 
 
 def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: DistInfo,
                   load_universal: bool = False):
     """Returns (engine, optimizer, scheduler)."""
     import deepspeed
+    avoid_dynamo_import()
     model.to(dist.device)
     optimizer = build_optimizer(model, cfg, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     num_params = sum(p.numel() for p in model.parameters())
     config = ds_config(cfg, micro_batch, dist.world_size, load_universal, num_params)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    with compiler_disable_as_identity():
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x world %d", cfg.zero_stage,
              cfg.precision, micro_batch, config["gradient_accumulation_steps"], dist.world_size)
     return engine, optimizer, scheduler

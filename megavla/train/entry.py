@@ -2,8 +2,9 @@
 
 The same function runs under our local launcher (`megavla train --nproc N`), torchrun, or a SLURM
 task (the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and calls it on every
-rank). Returns the process exit code: 0 done, EXIT_SIGNAL_SAVED (75) after a SIGTERM/SIGUSR2
-checkpoint (requeue + `--resume auto`).
+rank). Returns the process exit code: 0 done, EXIT_SIGNAL_SAVED (75) after a SIGUSR2 (preemption)
+checkpoint (requeue + `--resume auto`), 128 + signal after a SIGINT/SIGTERM stop (checkpoint saved,
+no requeue). What the user must fix raises a TrainingError (errors.py) on every rank.
 
 Resume at another world size (or ZeRO stage): the checkpoint is converted once with DeepSpeed's
 `ds_to_universal` (cached in `checkpoints/.universal/<tag>`) and loaded with
@@ -13,7 +14,6 @@ states cannot (they are streams of the old ranks), so the loader restarts with s
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -21,13 +21,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as tdist
 
-from megavla.config import Config, write_yaml
+from megavla.config import Config, ConfigError, write_yaml
+from megavla.config.train import TrainConfig
+from megavla.fileio import atomic_write_json
 
 from . import checkpoint as ckpt
-from .engine import (DistInfo, apply_freeze, create_engine, init_distributed, lr_factor, seed_everything,
-                     shutdown_distributed)
+from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
+                     lr_factor, seed_everything, shutdown_distributed)
+from .metrics import LaunchClock
+from .errors import EXIT_TRAINING_ERROR, ResumeError, RunDirBusy, TrainingError
+from .resume import ResumePlan, clear_run, plan_resume
+from .run_lock import RunLock
 from .trainer import EXIT_OK, EXIT_SIGNAL_SAVED, EMA, Trainer  # noqa: F401 (exit codes: the launcher reads them here)
 
 log = logging.getLogger("megavla.train.entry")   # also when run as __main__
@@ -48,10 +53,22 @@ def load_tokenizers(cfg: Config):
     return load(cfg.train.tokenizer_dir)
 
 
+def check_subtask_eos(cfg: Config, text_tok) -> None:
+    """Subtask targets end in the text tokenizer's EOS; inference stops decoding the subtask at
+    model.subtask_eos_id. If they differ, inference would decode past the subtask the actions were
+    trained on (action_conditioning=subtask) and the subtask metrics would never see an end."""
+    if text_tok is None or text_tok.eos_id < 0 or text_tok.eos_id == cfg.model.subtask_eos_id:
+        return
+    raise ConfigError(f"{cfg.train.tokenizer_dir}: the text tokenizer's eos_id is {text_tok.eos_id} but "
+                      f"model.subtask_eos_id={cfg.model.subtask_eos_id}; set model.subtask_eos_id="
+                      f"{text_tok.eos_id}")
+
+
 def default_loader_factory(cfg: Config, rank: int, world_size: int, seed: int | None = None,
                            split: str = "train"):
     from megavla.data.pipeline import build_loader
     text_tok, fast_tok = load_tokenizers(cfg)
+    check_subtask_eos(cfg, text_tok)
     return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split)
 
 
@@ -79,12 +96,29 @@ def _setup_logging(rank: int) -> None:
 
 def _write_norm_stats(cfg: Config, path: Path) -> None:
     """The merged normalization stats of the training sources (inference needs them)."""
-    try:
-        from megavla.data.normalize import load_norm_stats, merge_norm_stats
-        stats = merge_norm_stats([load_norm_stats(Path(d) / "norm_stats.json") for d in cfg.data.sources.values()])
-        path.write_text(json.dumps(stats, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    except Exception as e:   # toy loaders in tests have no shard sets; inference then lacks stats
-        log.warning("no norm_stats.json written to the run dir (%s)", e)
+    if not cfg.data.sources:      # toy loaders in tests read no shard sets
+        log.info("no data.sources: no norm_stats.json written to the run dir")
+        return
+    from megavla.data.normalize import load_norm_stats, merge_norm_stats
+    stats = merge_norm_stats([load_norm_stats(Path(d) / "norm_stats.json") for d in cfg.data.sources.values()])
+    atomic_write_json(path, stats, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def _rank0_decides(dist: DistInfo, decide: Callable[[], dict]) -> dict:
+    """Run `decide` on rank 0 only and give its JSON result to every rank (a TrainingError raised
+    there is re-raised on every rank, so all ranks stop together with one message)."""
+    from .metrics import allgather_json
+    result: dict = {}
+    if dist.rank == 0:
+        try:
+            result = {"ok": decide()}
+        except TrainingError as e:
+            result = {"error": str(e), "kind": type(e).__name__}
+    result = allgather_json(result if dist.rank == 0 else {}, dist.device)[0]
+    if "error" in result:
+        kind = {c.__name__: c for c in (ResumeError, RunDirBusy)}.get(result["kind"], TrainingError)
+        raise kind(result["error"])
+    return result["ok"]
 
 
 def batch_accounting(model: torch.nn.Module):
@@ -94,23 +128,67 @@ def batch_accounting(model: torch.nn.Module):
     from megavla.model.vla import VLA
     if not isinstance(model, VLA):
         return None
-    from megavla.model.flops import batch_flops, batch_tokens
+    from megavla.model.flops import batch_flops, batch_tokens, coefficients
     mcfg = model.cfg
+    # from the built model's layer shapes, before ZeRO-3 could partition them (the fallback, a
+    # meta-device build, imports torch._dynamo + sympy: ~1.3 CPU-s in the first step)
+    coefficients(mcfg, model)
     return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
 
 
-def _broadcast_bool(value: bool, dist: DistInfo) -> bool:
-    t = torch.tensor([int(value)], device=dist.device)
-    if dist.world_size > 1:
-        tdist.broadcast(t, 0)
-    return bool(t.item())
+def batch_layout(micro_batch: int, accum: int, world_size: int) -> dict:
+    return {"micro_batch": micro_batch, "grad_accum": accum, "world_size": world_size,
+            "global_batch_size": micro_batch * accum * world_size}
 
 
-def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory | None = None,
-        loader_factory: LoaderFactory | None = None) -> int:
-    """Train on this process's rank. `resume`: None (fresh), "auto" (newest complete checkpoint in
-    the run dir, fresh if none), or a checkpoint path. The factories replace the real model /
-    loader (tests use toy ones); they receive the resolved Config."""
+def saved_batch_layout(saved: dict) -> dict:
+    """The batch layout a checkpoint trained with (older checkpoints: derived from its config)."""
+    if "batch" in saved:
+        return saved["batch"]
+    micro = int(saved["config"]["data"]["batch_size"])
+    accum = grad_accum_steps(TrainConfig(**{k: v for k, v in saved["config"]["train"].items()
+                                            if k in ("grad_accum", "global_batch_size")}),
+                             micro, int(saved["world_size"]))
+    return batch_layout(micro, accum, int(saved["world_size"]))
+
+
+def batch_change(old: dict, new: dict) -> dict | None:
+    """{key: [old, new]} for each part of the batch layout that differs, or None."""
+    changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
+    return changed or None
+
+
+def restore(engine, scheduler, plan: ResumePlan, saved: dict, cfg: Config, dist: DistInfo,
+            layout_changed: bool) -> dict | None:
+    """Load the checkpoint into the engine, set the schedule and RNG; returns the loader state."""
+    load_dir = (ckpt.universal_dir(plan.path) if layout_changed and saved["zero_stage"] > 0 else plan.path).parent
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=plan.path.name)
+    if load_path is None:
+        raise ResumeError(f"DeepSpeed could not load {plan.path} (see the warning above)")
+    # The schedule is a pure function of the step: set it explicitly (robust to DeepSpeed versions
+    # that do not restore the scheduler from a universal checkpoint).
+    scheduler.last_epoch = plan.step      # LambdaLR: last_epoch = optimizer steps taken
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_factor(plan.step, cfg.train)
+    rank_state = None if layout_changed else ckpt.read_rank_state(plan.path, dist.rank)
+    if rank_state is not None:
+        ckpt.set_rng_state(rank_state["rng"])
+        return rank_state["loader"]
+    if not layout_changed:      # only an unverified (pre-manifest) checkpoint can lack it
+        log.warning("rank %d: %s has no rank_%05d.json: RNG and loader reseeded, the resume is not exact",
+                    dist.rank, plan.path, dist.rank)
+    seed_everything(cfg.train.seed * 1000 + dist.rank + 7919 * plan.step)
+    return None
+
+
+def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
+        model_factory: ModelFactory | None = None, loader_factory: LoaderFactory | None = None) -> int:
+    """Train on this process's rank. `resume`: None (fresh; a run dir with progress is an error
+    unless `overwrite`), "auto" (newest loadable checkpoint), or a checkpoint path; see resume.py.
+    The factories replace the real model / loader (tests use toy ones); they receive the resolved
+    Config. Raises a TrainingError (the same on every rank) for what the user must fix."""
+    launch = LaunchClock()
+    launch.mark("imports")
     model_factory = model_factory or default_model_factory
     loader_factory = loader_factory or default_loader_factory
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
@@ -120,60 +198,92 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) // local) - (1 if local == 1 else 0)))
     dist = init_distributed(cfg.train.dist_backend)
     _setup_logging(dist.rank)
+    launch.mark("process_group")
+    run_dir = Path(cfg.train.run_dir)
+    lock = RunLock(run_dir)
+
+    def decide() -> dict:
+        lock.acquire()
+        try:
+            plan = plan_resume(run_dir, resume, overwrite=overwrite)
+        except TrainingError:
+            lock.release()
+            raise
+        return plan.to_json()
+
+    plan = ResumePlan.from_json(_rank0_decides(dist, decide))
+    try:
+        return _train(cfg, plan, dist, model_factory, loader_factory, launch)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFactory,
+           loader_factory: LoaderFactory, launch: LaunchClock) -> int:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if dist.rank == 0:
+        for line in plan.skipped:
+            log.warning("damaged checkpoint skipped: %s", line)
+        log.info("%s", plan.message)
+        if plan.overwrite:
+            clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(cfg, run_dir / "config.yaml")
         _write_norm_stats(cfg, run_dir / "norm_stats.json")
-    resume_path = ckpt.resolve_resume(resume, ckpt_dir)
-    saved = ckpt.read_trainer_state(resume_path) if resume_path else None
+    saved = ckpt.read_trainer_state(plan.path) if plan.path else None
+    if saved is not None and plan.step >= cfg.train.steps:
+        # Every rank got the same plan, so all return here together.
+        if dist.rank == 0:
+            log.info("%s is at step %d >= train.steps=%d: nothing to train (no model, engine or loader built)",
+                     plan.path, plan.step, cfg.train.steps)
+        return EXIT_OK
 
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
     seed_everything(cfg.train.seed)
-    model = model_factory(cfg)
+    if cfg.train.zero_stage == 3 and cfg.train.zero3_init:
+        model = build_partitioned(model_factory, cfg, cfg.data.batch_size, dist.world_size)
+    else:
+        model = model_factory(cfg)
     frozen = apply_freeze(model, cfg.train.freeze)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     if dist.rank == 0:
         log.info("model: %.2fM parameters (%.2fM frozen)", n_params / 1e6, frozen / 1e6)
     seed_everything(cfg.train.seed * 1000 + dist.rank)
+    accounting = batch_accounting(model)
+    launch.mark("model")
 
     layout_changed = bool(saved) and (saved["world_size"] != dist.world_size
                                       or saved["zero_stage"] != cfg.train.zero_stage)
     universal = layout_changed and saved["zero_stage"] > 0
     if universal:
-        load_dir = ckpt.convert_to_universal(resume_path, dist.rank).parent
-    else:
-        load_dir = ckpt_dir if resume_path is None else resume_path.parent
+        ckpt.convert_to_universal(plan.path, dist.rank)
     engine, _, scheduler = create_engine(model, cfg.train, cfg.data.batch_size, dist, load_universal=universal)
+    layout = batch_layout(cfg.data.batch_size, engine.gradient_accumulation_steps(), dist.world_size)
 
     start_step = 0
     loader_state = None
-    if resume_path is not None:
-        load_path, _ = engine.load_checkpoint(str(load_dir), tag=resume_path.name)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {resume_path}")
-        start_step = int(saved["step"])
-        # The schedule is a pure function of the step: set it explicitly (robust to DeepSpeed versions
-        # that do not restore the scheduler from a universal checkpoint).
-        scheduler.last_epoch = start_step      # LambdaLR: last_epoch = optimizer steps taken
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * lr_factor(start_step, cfg.train)
-        rank_state = None if layout_changed else ckpt.read_rank_state(resume_path, dist.rank)
-        if rank_state is not None:
-            ckpt.set_rng_state(rank_state["rng"])
-            loader_state = rank_state["loader"]
-        else:
-            seed_everything(cfg.train.seed * 1000 + dist.rank + 7919 * start_step)
+    events: list[dict] = []
+    if plan.path is not None:
+        loader_state = restore(engine, scheduler, plan, saved, cfg, dist, layout_changed)
+        start_step = plan.step
+        changed = batch_change(saved_batch_layout(saved), layout)
+        if changed:
+            if dist.rank == 0:
+                log.warning("resume at step %d changes the batch: %s", start_step,
+                            ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            events.append({"step": start_step, "event": "batch_changed", **changed})
         if dist.rank == 0:
-            log.info("resumed from %s at step %d%s", resume_path, start_step,
+            log.info("resumed from %s at step %d%s", plan.path, start_step,
                      " (world size / ZeRO stage changed: universal checkpoint, loader reseeded)"
                      if layout_changed else "")
 
-    loader_seed = None if (loader_state is not None or not resume_path) else cfg.data.seed + start_step
+    launch.mark("engine")
+    loader_seed = None if (loader_state is not None or not plan.path) else cfg.data.seed + start_step
     loader = loader_factory(cfg, dist.rank, dist.world_size, loader_seed, "train")
     if loader_state is not None:
         loader.load_state_dict(loader_state)
+    launch.mark("loader")
     val_factory = None
     if cfg.train.val_every and cfg.data.val_sources:
         val_factory = lambda: loader_factory(cfg, dist.rank, dist.world_size, cfg.data.seed, "val")  # noqa: E731
@@ -181,17 +291,19 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
     ema = None
     if cfg.train.ema_decay:
         ema = EMA(engine.module, cfg.train.ema_decay)
-        if resume_path is not None and (resume_path / "ema.safetensors").is_file():
+        if plan.path is not None and (plan.path / "ema.safetensors").is_file():
             from safetensors.torch import load_file
-            ema.shadow.update(load_file(str(resume_path / "ema.safetensors")))
+            ema.shadow.update(load_file(str(plan.path / "ema.safetensors")))
 
     extra = {"norm_stats.json": run_dir / "norm_stats.json"}
     if cfg.train.tokenizer_dir:
         extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
     trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
-                      batch_accounting=batch_accounting(model),
+                      batch_accounting=accounting,
                       tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
-                      val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version())
+                      val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version(),
+                      batch=layout, skipped_nonfinite=int(saved.get("skipped_nonfinite", 0)) if saved else 0,
+                      events=events, launch=launch)
     code = trainer.fit()
     if dist.rank == 0:
         log.info("done at step %d: tensorboard logs in %s, checkpoints in %s", trainer.step,
@@ -201,18 +313,29 @@ def run(cfg: Config, resume: str | None = None, *, model_factory: ModelFactory |
     return code
 
 
+def report_training_error(e: TrainingError) -> int:
+    """One line on rank 0 (every rank raised the same error), no traceback."""
+    if os.environ.get("RANK", "0") == "0":
+        log.error("%s", e)
+    return EXIT_TRAINING_ERROR
+
+
 def worker_main() -> int:
-    """`python -m megavla.train.entry CONFIG_YAML [--resume X]` on each rank (used by the launcher)."""
+    """`python -m megavla.train.entry CONFIG_YAML [--resume X] [--overwrite]` on each rank (used by
+    the local launcher)."""
     import argparse
 
     from megavla.config import load_config
     parser = argparse.ArgumentParser(prog="megavla.train.entry")
     parser.add_argument("config")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        return run(load_config(args.config), resume=args.resume)
+        return run(load_config(args.config), resume=args.resume, overwrite=args.overwrite)
+    except TrainingError as e:
+        return report_training_error(e)
     finally:
         shutdown_distributed()
 

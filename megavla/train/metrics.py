@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +37,44 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is KiB on Linux: the process's peak resident set (model, optimizer, activations).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_start_time() -> float | None:
+    """Epoch seconds at which this process started (Linux /proc; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class LaunchClock:
+    """Wall and CPU time from the process start to each launch phase (imports, process group, model,
+    engine, loader, first step): what a start or resume costs before training runs."""
+
+    def __init__(self) -> None:
+        self.start = process_start_time() or time.time()
+        self.marks: list[tuple[str, float, float]] = []   # (phase, wall since start, CPU since start)
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, time.time() - self.start, time.process_time()))
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for phase, wall, cpu in self.marks:
+            out[f"launch/{phase}_s"], out[f"launch/{phase}_cpu_s"] = wall, cpu
+        return out
+
+    def summary(self) -> str:
+        parts, last = [], 0.0
+        for phase, wall, _ in self.marks:
+            parts.append(f"{phase} {wall - last:.2f}")
+            last = wall
+        phase, wall, cpu = self.marks[-1]
+        return f"{phase} done {wall:.2f} s after the process started ({cpu:.2f} CPU-s); s per phase: " + \
+            ", ".join(parts)
 
 
 def allgather_json(obj, device: torch.device) -> list:
@@ -182,6 +222,12 @@ class MetricsLogger:
             shown = {k.split("/", 1)[-1]: f"{v:.4g}" for k, v in scalars.items()
                      if k in ("loss/total", "loss/flow", "perf/samples_per_s", "time/data_wait_pct")}
             self.bar.set_postfix(shown, refresh=False)
+
+    def write_record(self, record: dict) -> None:
+        """Rank 0 only: one non-scalar line in metrics.jsonl (an event such as a changed batch)."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

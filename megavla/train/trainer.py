@@ -1,12 +1,22 @@
-"""The training loop: micro-batches -> DeepSpeed engine, metrics, periodic/preemption checkpoints.
+"""The training loop: micro-batches -> DeepSpeed engine, metrics, periodic/signal checkpoints.
 
-Signals: SIGTERM and SIGUSR2 (SLURM's warning before preemption/time-out, `--signal=USR2@120`;
-USR1 is NCCL's) only set a flag. At every step boundary the flag is all-reduced (MAX), so every
-rank sees it at the same step, saves the same checkpoint and exits with EXIT_SIGNAL_SAVED.
+Signals only set a flag; at every step boundary the flags are all-reduced (MAX; the one per-step
+collective, none at world size 1), so every rank acts at the same step:
+- SIGUSR2 (SLURM's warning before preemption / time-out, `--signal=USR2@120`; USR1 is NCCL's):
+  a preemption: save and exit EXIT_SIGNAL_SAVED (75); the launcher requeues.
+- SIGTERM or SIGINT without any USR2: a stop (scancel, Ctrl-C, kill): save and exit 128 + signal;
+  nobody requeues. A second SIGINT aborts at once without saving.
+Non-finite steps: DeepSpeed (ZeRO 1-3) skips an update whose global gradient norm is inf/NaN (the
+norm is reduced over ranks, so all ranks skip together; a NaN loss gives NaN gradients) and counts
+it in `engine.skipped_steps`, a host int: no extra sync. ZeRO-0 has no such check: it is done
+here. Skipped steps stay out of the logged means, are counted (`train/skipped_nonfinite`), and
+`train.max_nonfinite_steps` in a row stop the run with NonFiniteError; weights are checked finite
+before every save.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,22 +30,30 @@ from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
 from .engine import DistInfo, lr_factor
-from .metrics import DeviceSums, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
+from .errors import NonFiniteError
+from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-# Exit code after a SIGTERM/SIGUSR2 triggered checkpoint (sysexits EX_TEMPFAIL: "try again later").
+# Exit code after a SIGUSR2 (preemption) checkpoint (sysexits EX_TEMPFAIL: "try again later").
 # Launchers treat it as "requeue and resume with --resume auto", not as a failure.
 EXIT_SIGNAL_SAVED = 75
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+# After a SIGTERM / SIGINT stop with a checkpoint saved: 128 + signal, the shell's convention.
+EXIT_STOPPED = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+def _several_ranks() -> bool:
+    return tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 class StopFlag:
-    """Set by a signal handler; agreed across ranks at step boundaries."""
+    """Set by signal handlers; agreed across ranks at step boundaries."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None      # the first signal
+        self.preempt = False                # a USR2 arrived (possibly after a TERM)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -45,18 +63,30 @@ class StopFlag:
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum is not None:
+            os.write(2, b"second interrupt: aborting without a checkpoint\n")
+            os._exit(128 + signal.SIGINT)
+        if signum == signal.SIGUSR2:
+            self.preempt = True
+        if self.signum is None:
+            self.signum = signum
+            what = "preemption warning: checkpoint and requeue" if signum == signal.SIGUSR2 else \
+                "stop: saving a checkpoint at the end of this step" + \
+                (" (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
+            os.write(2, f"{signal.Signals(signum).name} ({what})\n".encode())
 
-    def agreed(self, device: torch.device) -> bool:
-        """The one per-step collective (one host read) when there are several ranks; none at 1."""
-        if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-            return self.signum is not None
-        flag = torch.tensor([1 if self.signum is not None else 0], device=device)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, device: torch.device) -> tuple[bool, bool]:
+        """(stop, preempt), each True on every rank if True on any: the one per-step collective (one
+        host read) when there are several ranks; none at 1."""
+        if not _several_ranks():
+            return self.signum is not None, self.preempt
+        flags = torch.tensor([self.signum is not None, self.preempt], dtype=torch.int32, device=device)
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        stop, preempt = flags.tolist()
+        return bool(stop), bool(preempt)
 
 
 def _valid(mask: torch.Tensor) -> int:
@@ -114,7 +144,8 @@ class Trainer:
                  start_step: int = 0, batch_accounting: BatchAccounting | None = None, tokens_per_image: int = 0,
                  val_loader_factory: Callable[[], Iterable] | None = None,
                  ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
-                 code_version: str = "unknown"):
+                 code_version: str = "unknown", batch: dict | None = None, skipped_nonfinite: int = 0,
+                 events: list[dict] | None = None, launch: LaunchClock | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
         self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -125,12 +156,18 @@ class Trainer:
         self.accum = engine.gradient_accumulation_steps()
         # training batches only (validate() and evaluation see the images as recorded)
         self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
+        self.batch = batch or {}              # micro batch, accumulation, world size, global batch
+        self.events = events or []            # written to metrics.jsonl before the first step
+        self.skipped_nonfinite = skipped_nonfinite   # over the whole run (kept in trainer_state.json)
+        self.nonfinite_in_a_row = 0
+        self.step_skipped = False
         self.stop = StopFlag()
         self.peak = peak_flops(dist.device)
         self.clock = StepClock(dist.device)
-        self.losses: list[tuple[int, float]] = []   # (step, total loss averaged over ranks) for callers
         self.last_loss: torch.Tensor | None = None   # detached, on the device: reading it syncs
+        self.launch = launch   # marked after the first step, reported in the first metrics record
         self._iter = iter(loader)
+        self._launch_metrics: dict[str, float] = {}
         self._new_window(time.perf_counter())
 
     def _new_window(self, now: float) -> None:
@@ -160,6 +197,8 @@ class Trainer:
         module = getattr(self.engine, "module", self.engine)
         if hasattr(module, "training_step"):  # knowledge insulation may switch on at step N
             module.training_step = self.step
+        skipped_before, self._zero0_skipped = self.engine.skipped_steps, False
+        outs = []
         for _ in range(self.accum):
             t0 = time.perf_counter()
             host_batch = self._next_batch()
@@ -172,21 +211,43 @@ class Trainer:
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             m2 = self.clock.mark()
+            if self.tcfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self._drop_nonfinite_grads()
             self.engine.step()     # optimizer step only at the accumulation boundary
+            self.engine.__dict__.pop("gradient_clipping", None)   # undo _drop_nonfinite_grads
             w["marks"].append((m1, m2, self.clock.mark()))
             w["samples"] += batch.batch_size
             w["tokens"] += tokens
             w["flops"] = None if flops is None or w["flops"] is None else w["flops"] + flops
-            for k, v in out.items():
-                self.sums.add(k, v, 1.0 / self.accum)
+            outs.append(out)
             self.last_loss = out["loss"].detach()
+        # A host int DeepSpeed already computed (its overflow check): no sync of ours.
+        ds_skipped = self.engine.skipped_steps > skipped_before
+        self.step_skipped = ds_skipped or self._zero0_skipped
+        if ds_skipped:
+            self.scheduler.step()    # DeepSpeed does not step the schedule on a skipped update; the lr
+            #                          stays a function of the step (as a resume assumes)
         if self.ema is not None:
             self.ema.update(self.engine.module)
         self.step += 1
         w["steps"] += 1
+        if self.step_skipped:        # its NaN / inf losses stay out of the logged means
+            return
+        for out in outs:
+            for k, v in out.items():
+                self.sums.add(k, v, 1.0 / self.accum)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             self.sums.add("optim/grad_norm", grad_norm)
+
+    def _mark_first_step(self) -> None:
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)   # once: the first step's true end
+        self.launch.mark("first_step")
+        self._launch_metrics = self.launch.metrics()
+        if self.dist.rank == 0:
+            log.info("launch: %s", self.launch.summary())
+        self.launch = None
 
     def _read_window(self) -> dict[str, list[float]]:
         """This rank's {key: [sum, count]} since the last read (the one host sync), then a new window.
@@ -218,20 +279,60 @@ class Trainer:
         pairs.update({k: [v, 1.0] for k, v in per_step.items()})
         return pairs
 
+    # ---- non-finite steps ---------------------------------------------------------------------
+    def _drop_nonfinite_grads(self) -> None:
+        """ZeRO-0 has no overflow check in DeepSpeed, so a NaN/inf gradient would reach AdamW. At the
+        boundary the gradients are already all-reduced (the same on every rank), so this local check
+        agrees; grad=None makes AdamW skip every parameter: no weight or moment update. (One host
+        read per step, ZeRO-0 only.)"""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()):
+            for p in params:
+                p.grad = None
+            # DeepSpeed's fp32 clipping indexes the first gradient: no clipping for this empty step.
+            self.engine.gradient_clipping = lambda: 0.0
+            self._zero0_skipped = True
+
+    def _count_nonfinite(self) -> None:
+        self.skipped_nonfinite += 1
+        self.nonfinite_in_a_row += 1
+        loss = float(self.last_loss) if self.last_loss is not None else float("nan")   # rare path: may sync
+        if self.dist.rank == 0:
+            log.warning("step %d: non-finite loss (%.4g) or gradient norm: update skipped (%d in a row, "
+                        "%d in this run)", self.step, loss, self.nonfinite_in_a_row, self.skipped_nonfinite)
+        if self.nonfinite_in_a_row >= self.tcfg.max_nonfinite_steps:
+            latest = ckpt.list_checkpoints(self.ckpt_dir)
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a non-finite "
+                f"loss or gradient norm (last loss on rank 0: {loss:.4g}); stopped without saving (newest "
+                f"checkpoint: {latest[-1] if latest else 'none'}). Check the data (`megavla data verify`: "
+                f"NaN/inf in norm stats or samples), lower train.lr, or raise train.max_nonfinite_steps")
+
+    def _check_finite_weights(self) -> None:
+        """Never save non-finite weights (agreed: under ZeRO-3 each rank holds a different part)."""
+        tensors = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
+        tensors += list(self.ema.shadow.values()) if self.ema else []
+        bad = not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+        if ckpt._any_rank(bad, self.dist.device):
+            raise NonFiniteError(f"the weights at step {self.step} are not finite; not saving them (the newest "
+                                 f"checkpoint in {self.ckpt_dir} stays the resume point)")
+
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, reason: str) -> Path:
         t0 = time.perf_counter()
+        self._check_finite_weights()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         trainer_state = {
-            "step": self.step, "world_size": self.dist.world_size, "reason": reason,
-            "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision,
+            "format": 1, "step": self.step, "world_size": self.dist.world_size, "reason": reason,
+            "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision, "batch": self.batch,
+            "skipped_nonfinite": self.skipped_nonfinite,
             "config": to_dict(self.cfg), "code_version": self.code_version, "time": time.time(),
         }
         rank_state = {"rank": self.dist.rank, "world_size": self.dist.world_size,
                       "rng": ckpt.rng_state(), "loader": loader_state}
         path = ckpt.save_checkpoint(
-            self.engine, self.ckpt_dir, self.step, rank=self.dist.rank, trainer_state=trainer_state,
-            rank_state=rank_state, ema_state=self.ema.shadow if self.ema else None,
+            self.engine, self.ckpt_dir, self.step, rank=self.dist.rank, device=self.dist.device,
+            trainer_state=trainer_state, rank_state=rank_state, ema_state=self.ema.shadow if self.ema else None,
             extra_paths=self.extra_paths, keep_last=self.tcfg.keep_last)
         if self.dist.rank == 0:
             log.info("saved checkpoint %s (%s, %.2f s)", path, reason, time.perf_counter() - t0)
@@ -265,11 +366,40 @@ class Trainer:
         return sum_over_ranks(local, self.dist.device)
 
     # ---- the loop ---------------------------------------------------------------------------
+    def _log(self, metrics: MetricsLogger) -> None:
+        metrics.add_sums(self._read_window())
+        if self._launch_metrics:
+            metrics.add(self._launch_metrics)
+            self._launch_metrics = {}
+        reduced = metrics.reduce()
+        reduced.update(self._data_counts())
+        reduced["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
+        metrics.write(self.step, reduced)
+        if self.dist.rank == 0 and not self.tcfg.progress:
+            log.info("step %d loss %.4f", self.step, reduced.get("loss/total", float("nan")))
+
+    def _stop_code(self, preempt: bool) -> int:
+        """Save at this step boundary; 75 for a preemption, 128 + signal for a stop."""
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "a peer's signal"
+        log.warning("rank %d: %s at step %d after %s: saving", self.dist.rank,
+                    "preempted" if preempt else "stopping", self.step, name)
+        self.save(reason="preempted" if preempt else "stopped")
+        # submitit's preemption sends TERM then USR2 at once: a USR2 that arrived during the save
+        # still makes this a preemption.
+        if preempt or self.stop.agreed(self.dist.device)[1]:
+            return EXIT_SIGNAL_SAVED
+        interrupted = torch.tensor([int(self.stop.signum == signal.SIGINT)], device=self.dist.device)
+        if _several_ranks():
+            tdist.all_reduce(interrupted, op=tdist.ReduceOp.MAX)
+        return EXIT_STOPPED[signal.SIGINT if interrupted.item() else signal.SIGTERM]
+
     def fit(self) -> int:
         t = self.tcfg
         stop_at = t.steps if not t.max_steps_per_run else min(t.steps, self.step + t.max_steps_per_run)
         metrics = MetricsLogger(self.run_dir, self.dist.rank, self.dist.device, total_steps=t.steps,
                                 start_step=self.step, tensorboard=t.tensorboard, progress=t.progress)
+        for event in self.events:
+            metrics.write_record(event)
         self.stop.install()
         code = EXIT_OK
         first_step = self.step
@@ -278,22 +408,20 @@ class Trainer:
             self._new_window(time.perf_counter())
             while self.step < stop_at:
                 self.train_step()
+                if self.launch is not None:
+                    self._mark_first_step()
+                if self.step_skipped:
+                    self._count_nonfinite()
+                else:
+                    self.nonfinite_in_a_row = 0
                 metrics.advance()
                 if self.step % t.log_every == 0 or self.step == stop_at:
-                    metrics.add_sums(self._read_window())
-                    reduced = metrics.reduce()
-                    reduced.update(self._data_counts())
-                    metrics.write(self.step, reduced)
-                    self.losses.append((self.step, reduced.get("loss/total", float("nan"))))
-                    if self.dist.rank == 0 and not t.progress:
-                        log.info("step %d loss %.4f", self.step, reduced.get("loss/total", float("nan")))
+                    self._log(metrics)
                 if t.val_every and self.step % t.val_every == 0:
                     self.validate(metrics)
-                if self.stop.agreed(self.dist.device):
-                    name = signal.Signals(self.stop.signum).name if self.stop.signum else "a peer's signal"
-                    log.warning("rank %d: stopping at step %d after %s", self.dist.rank, self.step, name)
-                    self.save(reason="signal")
-                    code = EXIT_SIGNAL_SAVED
+                stop, preempt = self.stop.agreed(self.dist.device)
+                if stop:
+                    code = self._stop_code(preempt)
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < stop_at:
                     t_save = time.perf_counter()

@@ -1,0 +1,57 @@
+"""Reused image buffers for batches: a buffer goes back to its producer when the consumer drops the
+batch that used it.
+
+Why: a fresh 7 MB uint8 image buffer per batch (16 x 3 x 224^2 x 3) costs its page faults again on
+every batch -- measured on this VM 9.6 ms per batch in private memory and 17.8 ms in shared memory
+(a DataLoader worker's), i.e. 1-2x the JPEG decoding of the whole batch (~8 ms). Reusing a buffer
+costs no faults.
+
+Protocol: the producer takes a buffer (`take()`: a free one, else a new one, so it never waits and
+never overwrites a buffer in use); the consumer calls `release_when_dropped(batch.images, ring, id)`,
+which returns the buffer to the producer's free list when that tensor object is garbage collected.
+Contract for consumers: a Batch's `images` tensor stays valid while that tensor object (e.g. the Batch
+holding it) is alive; a view kept after dropping it (`x = batch.images[0]; del batch`) may be
+overwritten by a later batch -- `.clone()` what you keep. The trainer and the evaluators hold the
+Batch while they use it.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import weakref
+from typing import Any
+
+import torch
+
+
+class BufferRing:
+    """Image buffers of one producer (the main process, or one DataLoader worker: then the buffers
+    are in shared memory and the free list is a multiprocessing queue filled by the main process)."""
+
+    def __init__(self, shape: tuple[int, ...], free: Any = None, shared: bool = False):
+        self.shape, self.shared = tuple(shape), shared
+        self.free = free if free is not None else collections.deque()
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self) -> tuple[int, torch.Tensor]:
+        try:
+            index = self.free.popleft() if isinstance(self.free, collections.deque) else self.free.get_nowait()
+        except (IndexError, queue.Empty):
+            buffer = torch.empty(self.shape, dtype=torch.uint8)
+            if self.shared:   # decoded straight into shared memory: no copy when the batch crosses processes
+                buffer.share_memory_()
+            self.buffers.append(buffer)
+            index = len(self.buffers) - 1
+        return index, self.buffers[index]
+
+    def give_back(self, index: int) -> None:
+        if isinstance(self.free, collections.deque):
+            self.free.append(index)
+        else:
+            self.free.put(index)
+
+
+def release_when_dropped(images: torch.Tensor, ring_or_queue: Any, index: int) -> None:
+    """Return buffer `index` to its producer once `images` (the consumer's tensor) is collected."""
+    give_back = ring_or_queue.give_back if isinstance(ring_or_queue, BufferRing) else ring_or_queue.put
+    weakref.finalize(images, give_back, index)
