@@ -16,7 +16,6 @@ the manifest row.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import re
@@ -28,6 +27,8 @@ from typing import Any, Iterator
 
 import simplejpeg
 from tqdm import tqdm
+
+from megavla.fileio import sha256_file
 
 from .format import ARRAY_KEYS, CAMERAS, EpisodeFormatError, sample_to_episode
 from .manifest import EPISODE_KEYS_FILE, SHARD_GLOB, ManifestError, load_episode_keys, load_manifest
@@ -77,13 +78,6 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.errors
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # webdataset's grouping rule (tariterators.base_plus_ext): key = path up to the first dot of the
@@ -173,7 +167,7 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
     if size != row["bytes"]:
         report.problems.append(Problem(where, f"size {size} bytes, manifest says {row['bytes']}"))
     if check_sha:
-        digest = _file_sha256(path)
+        digest = sha256_file(path)
         if digest != row["sha256"]:
             report.problems.append(Problem(where, f"sha256 {digest[:16]}... != manifest "
                                            f"{row['sha256'][:16]}... (file changed or corrupt)"))

@@ -33,6 +33,8 @@ from typing import Any
 
 import webdataset as wds
 
+from megavla.fileio import sha256_file
+
 from .format import FORMAT_VERSION, Episode, episode_to_sample, sample_to_episode
 from .manifest import (EPISODE_KEYS_FILE, MANIFEST_FILE, MANIFEST_VERSION, SHARD_GLOB, SHARD_PATTERN,
                        encode_episode_keys, shard_row, totals)
@@ -51,13 +53,6 @@ DEFAULT_SHARD_BYTES = 64 * 2**20
 class JournalError(FileExistsError):
     """An unfinished resumable write cannot be continued; the message says why and what to do."""
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -164,7 +159,7 @@ class ShardSetWriter:
         for row in state["shards"]:
             partial = self.out_dir / (row["path"] + ".partial")
             if not partial.is_file() or partial.stat().st_size != row["bytes"] \
-                    or _file_sha256(partial) != row["sha256"]:
+                    or sha256_file(partial) != row["sha256"]:
                 raise JournalError(f"{partial}: committed shard missing or changed since it was "
                                    f"journaled in {journal}; pass --overwrite to start over")
             problems: list = []

@@ -1,10 +1,13 @@
-"""The project's one atomic file writer: write a sibling temp file, fsync, rename over the target.
+"""The project's file primitives: one atomic file writer and one file digest.
+
+The atomic writer: write a sibling temp file, fsync, rename over the target.
 
 A reader (a resuming trainer, `sweep status`, a data loader) sees the old file or the new one,
 never half of one. The temp name carries the pid so two writers never share a temp file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,3 +35,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
     dumps_kwargs.setdefault("indent", 1)
     return atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (shards and checkpoint files are too large to slurp)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -13,15 +13,16 @@ from megavla.model.synthetic import random_batch
 from megavla.model.vla import build_model
 
 
-def make(**overrides):
-    torch.manual_seed(0)
+def make(seed=0, **overrides):
+    """A tiny model with its adaRMS gates open and a random batch (test_model_subtask uses it too)."""
+    torch.manual_seed(seed)
     cfg = ModelConfig(preset="tiny", kernels="torch", action_dim=8, state_dim=8, **overrides)
     model = build_model(cfg).eval()
     with torch.no_grad():  # open the adaRMS gates (zero at init) so the expert really computes
         for name, p in model.named_parameters():
             if name.endswith(".dense.weight"):
                 p.normal_(std=0.05)
-    return model, random_batch(cfg, batch_size=3, action_dims=6, state_dims=5, gripper_dim=5)
+    return model, random_batch(cfg, batch_size=3, action_dims=6, state_dims=5, gripper_dim=5, seed=seed)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"time_conditioning": "mlp", "state_mode": "continuous"}])

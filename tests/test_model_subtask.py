@@ -3,30 +3,16 @@
 Masks are checked element by element against the rule written out per token here, and the
 inference layout against the training layout at the same token layout.
 """
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from megavla.config.model import ModelConfig
 from megavla.kernels import EXPERT, EXPERT_STATE, LM_SUFFIX, PREFIX, SUBTASK
 from megavla.model import inference
-from megavla.model.synthetic import random_batch
-from megavla.model.vla import build_model
 from megavla.tokenizers import train_fast_tokenizer
 
-
-def make(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(preset="tiny", kernels="torch", action_dim=8, state_dim=8, **overrides)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # open the adaRMS gates (zero at init) so the expert really computes
-        for name, p in model.named_parameters():
-            if name.endswith(".dense.weight"):
-                p.normal_(std=0.05)
-    batch = random_batch(cfg, batch_size=3, action_dims=6, state_dims=5, gripper_dim=5, seed=seed)
-    return model, batch
+from test_model_inference import make  # tiny model with open adaRMS gates + random batch
 
 
 def record_layouts(model, monkeypatch):

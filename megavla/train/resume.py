@@ -14,7 +14,6 @@ Rules (docs/launching.md, "Stopping, preemption and failures"):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megavla.fileio import sha256_file
 
 from .errors import ResumeError
 
@@ -33,7 +34,6 @@ STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 METRICS_FILE = "metrics.jsonl"
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -73,13 +73,6 @@ def committed_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 # ---- manifests ----------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def file_digests(root: Path, names: list[str], workers: int = 4) -> dict[str, dict]:
     """name -> {"size", "sha256"} for files under `root` (hashlib releases the GIL: threads help)."""
