@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     entry, preempted_code = resolve_entry(cfg.launch.entry, cfg.launch.preempted_exit_code)
     resume = None if args.resume in ("none", "") else args.resume
-    code = int(entry(cfg, resume=resume) or 0)
+    from megavla.train.entry import run_then_shutdown   # ends the process group with every rank
+    code = run_then_shutdown(lambda: int(entry(cfg, resume=resume) or 0))
     if rank != 0:
         return 0 if code == preempted_code or code in STOPPED_CODES else code
     ckpt = rundir.latest_checkpoint(run_dir)

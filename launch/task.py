@@ -137,13 +137,16 @@ class TrainTask(submitit.helpers.Checkpointable):
         submitit_usr2 = signal.getsignal(job_env._usr_sig())
         # --overwrite applies to the first start only: a requeued attempt must resume, never wipe.
         extra = {"overwrite": True} if overwrite and attempt == 0 else {}
+        from megavla.train.engine import shutdown_distributed
         from megavla.train.errors import TrainingError
         try:
             code = int(entry(cfg, resume=None if extra else resume, **extra) or 0)
         except TrainingError as e:      # the same on every rank: rank 0 records it, one line each
+            shutdown_distributed(wait_for_peers=False)
             if rank == 0:
                 rundir.update_launch_record(self.run_dir, status="failed", error=str(e))
             raise RuntimeError(f"run {self.run_dir}: {e}") from None
+        shutdown_distributed()   # every rank got here: no rank exits while a peer still uses the group
 
         if code == 0:
             if rank == 0:

@@ -101,7 +101,7 @@ def test_worker_main_accepts_what_the_launcher_passes(tmp_path, monkeypatch):
     from megavla.train import entry
     seen = []
     monkeypatch.setattr(entry, "run", lambda cfg, **kw: seen.append(kw) or 0)
-    monkeypatch.setattr(entry, "shutdown_distributed", lambda: None)
+    monkeypatch.setattr(entry, "shutdown_distributed", lambda wait_for_peers=True: None)
     config = tmp_path / "config.yaml"
     config.write_text("train:\n  steps: 1\n")
     for extra, want in (([], dict(resume=None, overwrite=False)),

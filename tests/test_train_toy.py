@@ -204,8 +204,7 @@ def kill_during_save(step: int) -> None:
 if __name__ == "__main__":
     import argparse
 
-    from megavla.train.entry import report_training_error, run
-    from megavla.train.errors import TrainingError
+    from megavla.train.entry import run, run_then_shutdown
     parser = argparse.ArgumentParser()
     parser.add_argument("config")
     parser.add_argument("--resume", default=None)
@@ -213,9 +212,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if os.environ.get(KILL_IN_SAVE_ENV):
         kill_during_save(int(os.environ[KILL_IN_SAVE_ENV]))
-    try:
-        code = run(load_config(args.config), resume=args.resume, overwrite=args.overwrite,
-                   model_factory=toy_model_factory, loader_factory=toy_loader_factory)
-    except TrainingError as e:
-        code = report_training_error(e)
-    sys.exit(code)
+    sys.exit(run_then_shutdown(lambda: run(load_config(args.config), resume=args.resume, overwrite=args.overwrite,
+                                           model_factory=toy_model_factory, loader_factory=toy_loader_factory)))

@@ -237,14 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"megavla train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}\n")
         return 2
     if in_job or args.nproc == 1:
-        from .engine import shutdown_distributed
-        from .entry import report_training_error, run
-        try:
-            return run(cfg, resume=args.resume, overwrite=args.overwrite)
-        except TrainingError as e:
-            return report_training_error(e)
-        finally:
-            shutdown_distributed()
+        from .entry import run, run_then_shutdown
+        return run_then_shutdown(lambda: run(cfg, resume=args.resume, overwrite=args.overwrite))
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"

@@ -75,10 +75,19 @@ def init_distributed(backend: str = "auto") -> DistInfo:
                     local_rank=local_rank, device=device)
 
 
-def shutdown_distributed() -> None:
-    """End the process group at process exit (avoids NCCL's "not destroyed" warning)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """End the process group at process exit (avoids NCCL's "not destroyed" warning).
+
+    `wait_for_peers` (a clean exit that every rank reaches): barrier first. Rank 0 hosts the
+    rendezvous store; when it exited while a peer was still tearing down its group, the peer's gloo
+    threads died with "terminate called without an active exception" (SIGABRT, exit 134 instead of
+    the stop/preemption code). After an error on one rank only, do not wait: the peers may never come.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait_for_peers and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def grad_accum_steps(cfg: TrainConfig, micro_batch: int, world_size: int) -> int:

@@ -332,12 +332,21 @@ def worker_main() -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run_then_shutdown(lambda: run(load_config(args.config), resume=args.resume, overwrite=args.overwrite))
+
+
+def run_then_shutdown(train: Callable[[], int]) -> int:
+    """A rank's whole life after argument parsing: train, report a TrainingError (raised alike on
+    every rank) as one line, and end the process group so that no rank exits under a peer."""
     try:
-        return run(load_config(args.config), resume=args.resume, overwrite=args.overwrite)
+        code = train()
     except TrainingError as e:
-        return report_training_error(e)
-    finally:
-        shutdown_distributed()
+        code = report_training_error(e)
+    except BaseException:
+        shutdown_distributed(wait_for_peers=False)
+        raise
+    shutdown_distributed()
+    return code
 
 
 if __name__ == "__main__":
