@@ -3,6 +3,7 @@ sweeps run one by one. The trainer is the stand-in in test_launch_standin.py (sa
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
 from pathlib import Path
@@ -89,15 +90,19 @@ def test_local_executor_two_ranks_train_like_one_process(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_local_preemption_checkpoints_requeues_and_resumes(tmp_path, monkeypatch):
-    """SIGTERM to the job (what a preemption sends; the local controller forwards it to every rank)
-    once training runs: the ranks save at one step boundary, the controller requeues, the job
-    resumes from that step and ends with the uninterrupted run's losses."""
+    """SLURM's preemption warning (USR2 to every task, as `--signal=USR2` delivers it) once training
+    runs: the ranks save at one step boundary, the job requeues, resumes from that step and ends
+    with the uninterrupted run's losses. (A plain SIGTERM is a stop, not a preemption:
+    docs/launching.md; the scancel tests cover it. submitit's local controller forwards only
+    SIGTERM, so the warning goes to the tasks directly.)"""
     use_standin(monkeypatch)
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0.2")
     cfg = _cfg(tmp_path / "run", "train.steps=12", "launch.tasks_per_node=2")
     job = submit_run(cfg)
     wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=60)
-    job._process.send_signal(signal.SIGTERM)
+    controller = job._process.pid
+    for task in Path(f"/proc/{controller}/task/{controller}/children").read_text().split():
+        os.kill(int(task), signal.SIGUSR2)
     assert job.results() == [0, 0]
     events = rundir.read_launch_record(tmp_path / "run")["events"]
     saved = [e["saved_step"] for e in events if e["event"] == "preempted"]
