@@ -157,12 +157,8 @@ def job_alive(record: dict[str, Any]) -> bool:
         except (OSError, ValueError):
             return False
         return True
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and out.stdout.strip() not in ("", "COMPLETED", "FAILED", "CANCELLED")
+    from megavla.train.run_lock import slurm_job_queued   # torch-free: the run lock asks the same
+    return slurm_job_queued(str(job_id)) is True
 
 
 def run_state(run_dir: str | Path, total_steps: int) -> str:

@@ -141,7 +141,7 @@ def test_lock_is_taken_over_by_the_same_requeued_slurm_job(tmp_path, monkeypatch
     RunLock(tmp_path).acquire().release()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "slurm_job_id": "4243",
                                                   "since": "2026-11-30T10:00:00"}))
-    monkeypatch.setattr("megavla.train.run_lock._slurm_job_queued", lambda job: True)
+    monkeypatch.setattr("megavla.train.run_lock.slurm_job_queued", lambda job: True)
     with pytest.raises(RunDirBusy, match="SLURM job 4243"):
         RunLock(tmp_path).acquire()
 

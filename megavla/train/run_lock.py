@@ -40,8 +40,9 @@ def me() -> dict:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _slurm_job_queued(job_id: str) -> bool | None:
-    """True/False from squeue; None when squeue cannot tell (no SLURM here)."""
+def slurm_job_queued(job_id: str) -> bool | None:
+    """Is the SLURM job still pending or running? True/False from squeue; None when squeue cannot
+    tell (no SLURM here). Also what `sweep status` asks (launch.rundir.job_alive)."""
     try:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                              timeout=30)
@@ -65,7 +66,7 @@ def why_gone(holder: dict, mine: dict) -> str | None:
         if holder.get("pid_start") and start != holder["pid_start"]:
             return f"pid {pid} is now another process"
         return None
-    if job and _slurm_job_queued(job) is False:
+    if job and slurm_job_queued(job) is False:
         return f"SLURM job {job} is no longer queued or running"
     return None
 
