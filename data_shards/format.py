@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import simplejpeg
+from PIL import Image
 
 # 2: state orientation as the first two rotation-matrix columns (10 numbers per arm); 1 had
 # axis-angle (7 per arm), which flips sign near a half turn. v1 sets are refused with the fix
@@ -240,3 +242,28 @@ def validate_episode(ep: Episode, loc: str = "") -> None:
             fail("meta.json", f"unknown camera {cam!r}; known: {CAMERAS}")
         if len(frames) != T:
             fail(f"{cam}.jpg", f"{len(frames)} frames for {T} steps")
+
+
+# Stored frames: JPEG at this quality (synth, importers and the closed-loop policy encode alike, so
+# a policy sees the artefacts it was trained on).
+JPEG_QUALITY = 90
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    """RGB uint8 [H, W, 3] -> the JPEG bytes of one stored frame."""
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=JPEG_QUALITY, colorspace="RGB")
+
+
+def resize_with_pad(rgb: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, 3] -> [size, size, 3] keeping the aspect ratio, centred on zeros (openpi's
+    resize_with_pad): a non-square camera is letterboxed, never stretched. Importers and the reader
+    both resize through this."""
+    height, width = rgb.shape[:2]
+    if height == width:
+        return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    out = np.zeros((size, size, 3), np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR)
+    return out

@@ -22,16 +22,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import simplejpeg
 from tqdm import tqdm
 
-from .format import Episode
+from .format import Episode, encode_jpeg, resize_with_pad
 from .writer import ShardSetWriter
 
 log = logging.getLogger(__name__)
 
-JPEG_QUALITY = 90
 
 
 class SkipEpisode(Exception):
@@ -59,27 +56,6 @@ class ImportReport:
 
 
 # ------------------------------------------------------------------------------------ frames
-def letterbox(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an RGB uint8 [H, W, 3] image to [size, size, 3] keeping its aspect (black bars),
-    as openpi's resize_with_pad: a square model input without distorting the scene."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return np.ascontiguousarray(image)
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    out = np.zeros((size, size, 3), np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
-    return out
-
-
-def encode_jpeg(image: np.ndarray) -> bytes:
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=JPEG_QUALITY, colorspace="RGB")
-
-
 def decode_video_frames(path: Path, start_s: float, num_frames: int, fps: float,
                         image_size: int, what: str, stride: int = 1) -> list[bytes]:
     """Frames at ``start_s + t * stride / fps`` (t < ``num_frames``) of a video recorded at
@@ -113,7 +89,7 @@ def decode_video_frames(path: Path, start_s: float, num_frames: int, fps: float,
                     raise SkipEpisode(f"{what}: {path}: no frame at {target:.3f} s (next frame at "
                                       f"{ts:.3f} s): the video has a gap or another frame rate "
                                       f"than {fps} fps (pass the source rate with --source-fps)")
-                frames.append(encode_jpeg(letterbox(frame.to_ndarray(format="rgb24"), image_size)))
+                frames.append(encode_jpeg(resize_with_pad(frame.to_ndarray(format="rgb24"), image_size)))
                 if len(frames) == num_frames:
                     return frames
     except av.error.FFmpegError as e:

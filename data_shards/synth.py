@@ -13,18 +13,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import simplejpeg
 
 from megavla.data import hands
 
-from .format import CAMERAS, EMBODIMENT_IDS, Episode, Subtask
+from .format import CAMERAS, EMBODIMENT_IDS, Episode, Subtask, encode_jpeg
 from .miniworld import MAX_EPISODE_STEPS as MAX_STEPS
 from .miniworld import NUM_TASKS, R_DOWN, MiniWorld, ee_yaw, yaw_rotation
 
 log = logging.getLogger(__name__)
 
 FPS = 10.0
-JPEG_QUALITY = 90
 # Simulated hand tracker: per-keypoint noise (m, camera frame) and per-frame, per-hand dropout rate.
 TRACKER_NOISE = 0.002
 DROPOUT_RATE = 0.03
@@ -112,11 +110,6 @@ class ScriptedExpert:
         return action, sub
 
 
-def _encode(image: np.ndarray) -> bytes:
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=JPEG_QUALITY,
-                                  colorspace="RGB")
-
-
 def _subtask_spans(texts: list[str], per_step: list[int]) -> list[Subtask]:
     spans, start = [], 0
     for t in range(1, len(per_step) + 1):
@@ -157,7 +150,7 @@ def rollout(embodiment: str, scene: int, task: int, rng: np.random.Generator, im
     while True:
         states.append(obs["state"])
         for cam in cams:
-            frames[cam].append(_encode(world.render(cam)))
+            frames[cam].append(encode_jpeg(world.render(cam)))
         if world.human:
             head = world.head_pose()
             head_poses.append(head)

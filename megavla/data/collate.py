@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
 
 from megavla.batch import Batch
-from megavla.data_shards.format import EMBODIMENT_IDS, Episode, EpisodeFormatError
+from megavla.data_shards.format import EMBODIMENT_IDS, Episode, EpisodeFormatError, resize_with_pad
 
 from .normalize import Normalizer
 
@@ -61,20 +60,6 @@ def decode_frame(jpeg, size: int, where: str, out: np.ndarray | None = None) -> 
     if out is None:
         return rgb
     out[...] = rgb
-    return out
-
-
-def resize_with_pad(rgb: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] -> [size, size, 3] keeping the aspect ratio, centred on zeros (openpi's
-    resize_with_pad): a non-square camera is letterboxed, never stretched."""
-    height, width = rgb.shape[:2]
-    if height == width:
-        return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
-    scale = size / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    out = np.zeros((size, size, 3), np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR)
     return out
 
 

@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import simplejpeg
 import torch
 
 from megavla.batch import Batch
 from megavla.config import Config, build, load_config
 from megavla.data.collate import build_sample, collate_samples
 from megavla.data.normalize import Normalizer
-from megavla.data_shards.format import Episode, Subtask
+from megavla.data_shards.format import Episode, Subtask, encode_jpeg
 from megavla.data_shards.miniworld import MiniWorld
-from megavla.data_shards.synth import JPEG_QUALITY
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +128,12 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> L
     return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step)
 
 
-def encode_frame(image: np.ndarray) -> bytes:
-    """Stored frames are JPEGs at the generator's quality: the policy sees the same artefacts."""
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=JPEG_QUALITY, colorspace="RGB")
-
-
 def frames_episode(embodiment: str, instruction: str, state: np.ndarray, images: dict[str, np.ndarray],
                    action_dim: int, scene: int = 0, task: int = 0) -> Episode:
     """One observation (HWC uint8 frames per camera, raw state [S], instruction) as a one-step
     Episode (actions unknown: zeros). The closed-loop evaluator and the policy server both build
     their batches through here, so the two see identical inputs."""
-    frames = {cam: [encode_frame(image)] for cam, image in images.items()}
+    frames = {cam: [encode_jpeg(image)] for cam, image in images.items()}
     return Episode(embodiment=embodiment, scene=scene, task=task, episode=0, instruction=instruction,
                    subtasks=[Subtask("", 0, 1)], fps=10.0, state=np.asarray(state, np.float32)[None],
                    actions=np.zeros((1, action_dim), np.float32), action_mask=np.ones(action_dim, bool),
