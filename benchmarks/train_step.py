@@ -78,7 +78,9 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available()
     mcfg = ModelConfig(preset=args.preset, kernels="auto", attention="auto" if cuda else "sdpa")
     tcfg = TrainConfig(zero_stage=max(0, args.stage), precision="bf16" if cuda else "fp32", warmup_steps=1,
-                       zero3_init=not args.no_zero3_init)
+                       zero3_init=not args.no_zero3_init, malloc_mmap_threshold_kb=args.malloc_mmap_threshold_kb)
+    from megavla.train.host_memory import set_mmap_threshold
+    set_mmap_threshold(tcfg.malloc_mmap_threshold_kb)     # as entry.run does, before anything is built
     rank = int(os.environ.get("RANK", "0"))
     if args.stage == 3 and tcfg.zero3_init:   # partitioned from the start (as entry.run builds it)
         from megavla.config import Config
@@ -143,10 +145,14 @@ def worker(args) -> None:
 
 
 def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp: Path,
-               no_zero3_init: bool = False) -> dict:
-    result = tmp / f"{preset}_{stage}"
+               no_zero3_init: bool = False, malloc_mmap_threshold_kb: int | None = None) -> dict:
+    if malloc_mmap_threshold_kb is None:
+        from megavla.config import TrainConfig
+        malloc_mmap_threshold_kb = TrainConfig().malloc_mmap_threshold_kb
+    result = tmp / f"{preset}_{stage}_{nproc}"
     cmd = [__file__, "--worker", "--preset", preset, "--stage", str(stage), "--steps", str(steps),
-           "--batch", str(batch), "--result", str(result)] + (["--no-zero3-init"] if no_zero3_init else [])
+           "--batch", str(batch), "--result", str(result), "--malloc-mmap-threshold-kb", str(malloc_mmap_threshold_kb)
+           ] + (["--no-zero3-init"] if no_zero3_init else [])
     if nproc == 1:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("BENCH_PYTORCH_THREADS", "1"))
         subprocess.run([sys.executable, *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -163,7 +169,7 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
             "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
             "peak_mb": [round(r["peak_mb"]) for r in ranks],
             "build_peak_mb": [round(r["build_peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks],
-            "mfu": ranks[0]["mfu"], "device": ranks[0]["device"],
+            "mfu": ranks[0]["mfu"], "device": ranks[0]["device"], "malloc_mmap_threshold_kb": malloc_mmap_threshold_kb,
             "tflops_s": sum(r["tflops_s"] for r in ranks) / nproc, "nominal_over_run": ranks[0]["nominal_over_run"]}
 
 
@@ -173,7 +179,11 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", type=int, default=[-1, 0, 2, 3], help="-1 = plain PyTorch")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batch", type=int, default=2, help="micro batch per process")
-    parser.add_argument("--nproc", type=int, default=2, help="processes for the DeepSpeed rows (= GPUs on a GPU box)")
+    parser.add_argument("--nproc", type=int, nargs="+", default=[2],
+                        help="processes for the DeepSpeed rows (= GPUs on a GPU box); several = one row each")
+    parser.add_argument("--malloc-mmap-threshold-kb", type=int, default=None,
+                        help="train.malloc_mmap_threshold_kb for every process (default: the config's; "
+                             "0 = glibc's dynamic threshold, the behaviour before it existed)")
     parser.add_argument("--no-zero3-init", action="store_true",
                         help="ZeRO-3 rows: build the whole model on every rank first (train.zero3_init=false)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -187,12 +197,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             for stage in args.stages:
-                row = run_config(preset, stage, 1 if stage < 0 else args.nproc, args.steps, args.batch, Path(tmp),
-                                 args.no_zero3_init)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                rows.append(row)
+                for nproc in [1] if stage < 0 else args.nproc:
+                    row = run_config(preset, stage, nproc, args.steps, args.batch, Path(tmp),
+                                     args.no_zero3_init, args.malloc_mmap_threshold_kb)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    rows.append(row)
     print(f"\ndevice {rows[0]['device']}, micro batch {args.batch} per process, {args.steps} timed steps, "
-          f"cpu_count={os.cpu_count()}\n")
+          f"cpu_count={os.cpu_count()}, malloc_mmap_threshold_kb={rows[0]['malloc_mmap_threshold_kb']}, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n")
     print("FLOPs: of the batch actually run (megavla.model.flops.batch_flops: valid tokens of the synthetic "
           "batch); 'nominal / run' = how much the config's nominal sample would overstate them.\n")
     print("| preset | params (M) | mode | procs | step (s) | samples/s | TFLOP/s per proc | MFU "

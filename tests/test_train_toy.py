@@ -175,8 +175,14 @@ def test_zero_buckets_scale_with_the_model():
     from megavla.config.train import TrainConfig
     from megavla.train.engine import ds_config
     small = ds_config(TrainConfig(zero_stage=3), micro_batch=2, world_size=2, num_params=108_000_000)
-    assert small["zero_optimization"]["reduce_bucket_size"] == 13_500_000
-    assert small["zero_optimization"]["stage3_prefetch_bucket_size"] == 13_500_000
+    assert small["zero_optimization"]["reduce_bucket_size"] == 6_750_000      # ZeRO-3: of the partition
+    assert small["zero_optimization"]["stage3_prefetch_bucket_size"] == 6_750_000
+    assert ds_config(TrainConfig(zero_stage=2), micro_batch=2, world_size=2,
+                     num_params=108_000_000)["zero_optimization"]["reduce_bucket_size"] == 13_500_000
+    assert small["zero_optimization"]["sub_group_size"] == 13_500_000            # 1/8 of the model
+    big3 = ds_config(TrainConfig(zero_stage=3), micro_batch=2, world_size=8, num_params=3_000_000_000)
+    assert big3["zero_optimization"]["stage3_prefetch_bucket_size"] == 46_875_000
+    assert big3["zero_optimization"]["sub_group_size"] == 375_000_000
     big = ds_config(TrainConfig(zero_stage=2), micro_batch=2, world_size=2, num_params=3_000_000_000)
     assert big["zero_optimization"]["allgather_bucket_size"] == int(5e7)
     tiny = ds_config(TrainConfig(zero_stage=2), micro_batch=2, world_size=2, num_params=400_000)

@@ -30,12 +30,19 @@ class TrainConfig:
     zero_stage: int = 2                   # DeepSpeed ZeRO stage 0, 1, 2 or 3
     precision: Literal["bf16", "fp32"] = "bf16"
     # ZeRO communication bucket, in elements (reduce / allgather / ZeRO-3 prefetch). 0 = auto:
-    # min(5e7, params / 8), at least 2**20 -- a fixed 5e7 bucket (190 MiB in fp32) outweighs a small
-    # model's whole sharded state and hides ZeRO-3's saving.
+    # min(5e7, params / 8), at least 2**20 (ZeRO-3: params / world_size / 8, an eighth of a rank's
+    # partition) -- a fixed 5e7 bucket (190 MiB in fp32) outweighs a small model's whole sharded state
+    # and hides ZeRO-3's saving.
     zero_bucket_elements: int = 0
     # ZeRO-3: build the model under deepspeed.zero.Init, so each rank only ever holds its partition
     # (false: every rank builds the whole fp32 model first, then DeepSpeed partitions it).
     zero3_init: bool = True
+    # Host heap: allocations of at least this many KiB get their own mapping, returned to the OS when
+    # freed (glibc mallopt M_MMAP_THRESHOLD, set at process start). 0 = glibc's dynamic default, under
+    # which freed layer-sized tensors fragment the heap: on CPU, ZeRO-3's step peak then sits above
+    # ZeRO-2's. 128 puts it below (small, 4 ranks: 1525 vs 1654 MB) but costs page faults: 2x the
+    # ZeRO-3 step time on CPU (see megavla/train/host_memory.py). At most 32768 (glibc's limit).
+    malloc_mmap_threshold_kb: int = 0
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
     # Optimizer and schedule (openpi pi0.5 defaults).
@@ -76,6 +83,9 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0 (e.g. train.lr=2.5e-5; YAML reads 2.5e-5 as a number only with the dot)")
         if self.zero_bucket_elements < 0:
             raise ConfigError(f"zero_bucket_elements={self.zero_bucket_elements} must be >= 0 (0 = auto)")
+        if not 0 <= self.malloc_mmap_threshold_kb <= 32768:
+            raise ConfigError(f"malloc_mmap_threshold_kb={self.malloc_mmap_threshold_kb} must be in [0, 32768] "
+                              "(KiB; 0 = glibc's default dynamic threshold)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose 0, 1, 2 or 3")
         for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches", "max_nonfinite_steps"):

@@ -253,19 +253,25 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return EagerAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
-def zero_bucket_elements(cfg: TrainConfig, num_params: int | None) -> int:
-    """Bucket size for ZeRO collectives: the config's, or min(5e7, params / 8) (at least 2**20)."""
+def zero_bucket_elements(cfg: TrainConfig, num_params: int | None, world_size: int = 1) -> int:
+    """Bucket size for ZeRO collectives: the config's, or min(5e7, params / 8) (at least 2**20).
+    Under ZeRO-3 the share is of a rank's partition, params / world_size: there each rank's buffers
+    (prefetched and live gathered weights, the gradient reduce bucket) sit beside a partition that
+    shrinks with the world size, and params / 8 would be half of it at 4 ranks (measured, `small`,
+    4 CPU ranks, benchmarks/train_step.py: peak RSS 1667-1685 MB with params / 8, 1601-1632 MB with
+    params / 32). At scale (pi05-3b on 8 ranks: 47M) it stays near DeepSpeed's 5e7 prefetch default."""
     if cfg.zero_bucket_elements:
         return cfg.zero_bucket_elements
     if num_params is None:
         return int(5e7)
-    return int(min(5e7, max(2**20, num_params // 8)))
+    share = num_params // (world_size if cfg.zero_stage == 3 else 1)
+    return int(min(5e7, max(2**20, share // 8)))
 
 
 def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universal: bool = False,
               num_params: int | None = None) -> dict:
     accum = grad_accum_steps(cfg, micro_batch, world_size)
-    bucket = zero_bucket_elements(cfg, num_params)
+    bucket = zero_bucket_elements(cfg, num_params, world_size)
     config: dict = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum,
@@ -286,6 +292,13 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int, load_universa
         # Live gathered parameters bounded by the bucket too: DeepSpeed's default (1e9 elements) keeps
         # every gathered layer alive between forward and backward -- for a model under 1e9 parameters
         # that is the whole model on every rank at the step's peak, the memory ZeRO-3 is meant to save.
+        # Optimizer sub-groups of at most 1/8 of the model (DeepSpeed's default, 1e9 elements, is one
+        # group for any model below 1e9 parameters): DeepSpeed sizes a temporary gradient buffer at
+        # engine build by the largest sub-group's FULL element count (a whole fp32 model on every
+        # rank, 432 MB for `small`, 12 GB for pi05-3b), and flattens each sub-group's gradient
+        # partition once more at every step.
+        if num_params:
+            config["zero_optimization"]["sub_group_size"] = int(min(1e9, max(2**20, num_params // 8)))
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False,
                                            stage3_prefetch_bucket_size=bucket,
                                            stage3_max_live_parameters=bucket,
@@ -325,7 +338,8 @@ def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: Di
     model.to(dist.device)
     optimizer = build_optimizer(model, cfg, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    num_params = sum(p.numel() for p in model.parameters())
+    # ds_numel: a parameter partitioned by zero.Init has numel() 0 (its data lives in ds_tensor).
+    num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     config = ds_config(cfg, micro_batch, dist.world_size, load_universal, num_params)
     with compiler_disable_as_identity():
         engine, optimizer, _, scheduler = deepspeed.initialize(

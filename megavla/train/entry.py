@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
                      lr_factor, seed_everything, shutdown_distributed)
 from .metrics import LaunchClock
+from .host_memory import set_mmap_threshold
 from .errors import EXIT_TRAINING_ERROR, ResumeError, RunDirBusy, TrainingError
 from .resume import ResumePlan, clear_run, plan_resume
 from .run_lock import RunLock
@@ -196,6 +197,8 @@ def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
         # busy 2-core box, 2 threads per process measured 10x slower steps (3.2 s vs 0.3 s, tiny preset).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, ((os.cpu_count() or 1) // local) - (1 if local == 1 else 0)))
+    # Before the model, engine and loader allocate anything (see host_memory: heap fragmentation).
+    set_mmap_threshold(cfg.train.malloc_mmap_threshold_kb)
     dist = init_distributed(cfg.train.dist_backend)
     _setup_logging(dist.rank)
     launch.mark("process_group")
