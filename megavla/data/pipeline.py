@@ -85,6 +85,9 @@ log = logging.getLogger(__name__)
 
 # RNG stream tags: SeedSequence([seed, TAG, ...]) keeps the streams independent.
 _TAG_SHARD_ORDER, _TAG_TIMESTEPS, _TAG_WINDOW = 1, 2, 3
+# Distinct instruction/subtask texts whose token ids a worker keeps (a few KB each at most); past it
+# the cache starts over. Real sets have far fewer distinct texts than episodes.
+TOKEN_CACHE_LIMIT = 8192
 
 
 @dataclass
@@ -120,6 +123,7 @@ class WorkerStream:
         self.mixer = WeightedRoundRobin(plan.weights)
         self.window, self.pos, self.episodes = -1, 0, 0
         self.items: list[tuple] = []
+        self.token_cache: dict = {}   # token ids by (role, text), shared by all episodes
         self.window_start: dict[str, Any] = {}
         if state is not None:
             self._restore(state)
@@ -151,8 +155,8 @@ class WorkerStream:
             steps = rng.choice(valid, size=cfg.samples_per_episode, replace=valid.size < cfg.samples_per_episode)
             self.episodes += 1
             self.counters.add("episodes_read")
-            text_cache: dict = {}  # one tokenization of the instruction/subtasks per episode
-            items.extend((ep, int(t), name, where, text_cache) for t in steps)
+            episode_cache: dict = {}  # the episode's padded, normalized arrays, made once for its samples
+            items.extend((ep, int(t), name, where, episode_cache) for t in steps)
         order = self._rng(_TAG_WINDOW, self.window).permutation(len(items))
         self.items, self.pos = [items[i] for i in order], 0
 
@@ -192,13 +196,15 @@ class WorkerStream:
                     self._fill_window()
                 ep, t, name, where, cache = self.items[self.pos]
                 self.pos += 1
+                if len(self.token_cache) > TOKEN_CACHE_LIMIT:
+                    self.token_cache.clear()
                 try:
                     samples.append(build_sample(
                         ep, t, source=name, where=where, cameras=list(cfg.cameras), image_size=cfg.image_size,
                         chunk_length=cfg.chunk_length, max_state_dim=cfg.max_state_dim,
                         max_action_dim=cfg.max_action_dim, normalizer=plan.normalizer,
                         text_tokenizer=plan.text_tokenizer, fast_tokenizer=plan.fast_tokenizer,
-                        text_cache=cache, images_out=slots[len(samples)]))
+                        text_cache=cache, token_cache=self.token_cache, images_out=slots[len(samples)]))
                 except ImageDecodeError as e:
                     self.counters.bad("bad_image", f"{e} (timestep {t})")
                 except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
@@ -224,25 +230,46 @@ class MixtureStream(IterableDataset):
         worker = (physical + self.worker_offset) % len(self.worker_states)
         self.stream = WorkerStream(self.plan, worker, self.worker_states[worker])
         free = self.free_queues[worker] if self.free_queues and info is not None else None
+        mapped: set[int] = set()   # buffers the main process has already received (and keeps mapped)
         for batch, state, buffer_index in self.stream.batches(free):
-            if info is not None:   # to the main process: see _small_fields_by_value
-                batch = _small_fields_by_value(batch)
-            yield batch, worker, state, buffer_index
+            if info is None:
+                yield batch, worker, state, buffer_index
+                continue
+            # To the main process: see _worker_message. A buffer travels (as a shared-memory handle)
+            # only the first time; later batches in it name its index only.
+            first = buffer_index not in mapped
+            mapped.add(buffer_index)
+            yield (_worker_message(batch, self.stream.ring.buffers[buffer_index] if first else None),
+                   worker, state, buffer_index)
 
 
-def _small_fields_by_value(batch: Batch) -> Batch:
-    """Every field but images as numpy arrays: pickled by value through the worker's pipe (a few KB)
-    instead of one fresh shared-memory segment per tensor (13 per batch, ~1.3 ms per batch of worker
-    CPU); the main process wraps them back with torch.from_numpy (_as_tensors)."""
-    fields = {k: (v if k == "images" else v.numpy()) for k, v in batch.tensors().items()}
-    return Batch(**fields, meta=batch.meta)
+def _worker_message(batch: Batch, buffer: torch.Tensor | None) -> dict[str, Any]:
+    """A worker's batch for the main process: every field but images as numpy arrays, pickled by value
+    through the worker's pipe (a few KB) instead of one fresh shared-memory segment per tensor (13 per
+    batch, ~1.3 ms per batch of worker CPU), and the image buffer only the first time it is used.
+    Sending a shared-memory tensor costs a file-descriptor hand-over (multiprocessing's resource
+    sharer: a socket connection with an HMAC challenge) -- measured ~180 us of worker CPU and as much
+    of the main process's per batch -- although the buffers are reused; the main process keeps the
+    ones it received (_BufferMaps) and rebuilds the images view from the index."""
+    return {"fields": {k: v.numpy() for k, v in batch.tensors().items() if k != "images"},
+            "meta": batch.meta, "buffer": buffer}
 
 
-def _as_tensors(batch: Batch) -> Batch:
-    if all(isinstance(v, torch.Tensor) for v in batch.tensors().values()):
-        return batch
-    return Batch(**{k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in batch.tensors().items()},
-                 meta=batch.meta)
+class _BufferMaps:
+    """The main process's side of _worker_message: (worker, buffer index) -> the shared buffer."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def batch(self, item: Any, worker: int, buffer_index: int) -> Batch:
+        if isinstance(item, Batch):   # the main process's own stream (no workers)
+            return item
+        if item["buffer"] is not None:
+            self.buffers[worker, buffer_index] = item["buffer"]
+        fields = {k: torch.from_numpy(v) for k, v in item["fields"].items()}
+        n = int(fields["actions"].shape[0])
+        images = self.buffers[worker, buffer_index][:n].permute(0, 1, 4, 2, 3)   # as collate_samples makes it
+        return Batch(images=images, **fields, meta=item["meta"])
 
 
 def _keep_as_is(item):
@@ -299,8 +326,9 @@ class StreamingLoader:
         dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n, free_queues)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is,
                             worker_init_fn=ignore_stop_signals, prefetch_factor=2 if workers > 0 else None)
-        for batch, worker, state, buffer_index in loader:
-            batch = _as_tensors(batch)
+        maps = _BufferMaps()
+        for item, worker, state, buffer_index in loader:
+            batch = maps.batch(item, worker, buffer_index)
             self._worker_states[worker] = state
             self._consumed += 1
             release_when_dropped(batch.images, free_queues[worker] if free_queues else dataset.stream.ring,
