@@ -312,18 +312,20 @@ class ShardCursor:
 
     def _iter_groups(self, path: str) -> Iterator[dict]:
         """The shard's groups. The first complete, undamaged walk of a shard is remembered (member
-        names, offsets, sizes: shards are immutable once written), so later epochs skip the header
-        walk -- ~15 % of the reader's CPU per sample when a small set is read for many epochs."""
+        names, offsets, sizes, grouped per episode: shards are immutable once written), so later epochs
+        skip the header walk -- ~15 % of the reader's CPU per sample when a small set is read for many
+        epochs -- and locate each camera's frames as one lazy sequence (member_index.py)."""
+        from .member_index import episode_templates   # imports this module
         buf = map_shard(path)
         cached = self._member_index.get(path)
         if cached is not None:
-            members = ((k, sfx, MemberRef(buf, o, n) if how == REF else buf[o : o + n]) for k, sfx, how, o, n in cached)
-            yield from group_members(members, path)
+            for template in cached:
+                yield template.sample(buf, path)
             return
         index: list = []
         yield from group_members(iter_tar_members(buf, path, self.member_mode, index), path)
         if self._indexed_members + len(index) <= MEMBER_INDEX_LIMIT:   # only a walk that reached the end
-            self._member_index[path] = index
+            self._member_index[path] = episode_templates(index)
             self._indexed_members += len(index)
 
     def seek(self, draw: int, offset: int) -> None:
