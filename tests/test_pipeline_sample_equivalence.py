@@ -104,3 +104,27 @@ def test_samples_equal_the_per_sample_reference(episodes, fast_tok, normalized):
         short = field.split("_")[0]
         assert torch.equal(getattr(batch, field), torch.from_numpy(tokens))
         assert torch.equal(getattr(batch, f"{short}_mask"), torch.from_numpy(mask))
+
+
+def reference_decode(data: bytes, size: int) -> np.ndarray:
+    """decode_frame before it skipped the header parse: header first, then decode or resize."""
+    import simplejpeg
+    from megavla.data_shards.format import resize_with_pad
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    if height == size and width == size:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=np.empty((size, size, 3), np.uint8))
+    rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
+    return rgb if rgb.shape[:2] == (size, size) else resize_with_pad(rgb, size)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 3), (16, 16, 3), (24, 40, 3), (64, 64, 3), (64, 48, 3), (300, 10, 3),
+                                   (40, 24, 3), (33, 31, 3), (96, 20, 3), (32, 32, 1)])
+def test_decode_into_the_batch_slot_equals_the_checked_decode(shape):
+    import simplejpeg
+    from megavla.data.collate import decode_frame
+    image = (np.random.default_rng(shape[0] * 100 + shape[1]).random(shape) * 255).astype(np.uint8)
+    data = simplejpeg.encode_jpeg(image, quality=90, colorspace="GRAY" if shape[2] == 1 else "RGB")
+    slot = np.full((32, 32, 3), 7, np.uint8)   # stale contents of a reused buffer
+    assert decode_frame(data, 32, "w", out=slot) is slot
+    assert np.array_equal(slot, reference_decode(data, 32))
+    assert np.array_equal(decode_frame(data, 32, "w"), reference_decode(data, 32))
