@@ -73,13 +73,13 @@ def test_worker_sends_each_image_buffer_once(shard_set, monkeypatch):
     per batch cost ~180 us of worker CPU); later batches name the buffer's index and read the same."""
     received = []
 
-    class Recording(pipeline._BufferMaps):
+    class Recording(pipeline.BufferMaps):
         def batch(self, item, worker, buffer_index):
             received.append(item["buffer"] is not None)
             return super().batch(item, worker, buffer_index)
 
     reference = [b.images.clone() for b in itertools.islice(iter(build_loader(make_cfg(shard_set, 0))), 12)]
-    monkeypatch.setattr(pipeline, "_BufferMaps", Recording)
+    monkeypatch.setattr(pipeline, "BufferMaps", Recording)
     for i, batch in enumerate(itertools.islice(iter(build_loader(make_cfg(shard_set, 1))), 12)):
         assert torch.equal(batch.images, reference[i]), f"batch {i} differs from the main process's"
         del batch

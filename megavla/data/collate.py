@@ -142,17 +142,36 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
     ``token_cache``: a dict of token ids by text shared across episodes (instructions and subtasks repeat
     across a data set; the caller bounds its size); default: ``text_cache``.
     ``images_out``: uint8 [C, R, R, 3] to decode into (a slot of the batch buffer); the sample then
-    carries no "images" entry and collate_samples must get the same buffer."""
-    H = chunk_length
+    carries no "images" entry and collate_samples must get the same buffer.
+    The same as decode_sample_images followed by sample_fields (the loader runs them a batch at a time)."""
     images = images_out if images_out is not None else np.empty((len(cameras), image_size, image_size, 3), np.uint8)
+    image_mask = decode_sample_images(ep, t, where=where, cameras=cameras, image_size=image_size, out=images)
+    return {**({} if images_out is not None else {"images": images}), "image_mask": image_mask,
+            **sample_fields(ep, t, source=source, where=where, chunk_length=chunk_length,
+                            max_state_dim=max_state_dim, max_action_dim=max_action_dim, normalizer=normalizer,
+                            text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
+                            text_cache=text_cache, token_cache=token_cache)}
+
+
+def decode_sample_images(ep: Episode, t: int, *, where: str, cameras: list[str], image_size: int,
+                         out: np.ndarray) -> np.ndarray:
+    """Frame t of each camera decoded into ``out`` uint8 [C, R, R, 3] (zeros for an absent camera);
+    returns image_mask bool [C]. Raises ImageDecodeError."""
     image_mask = np.zeros(len(cameras), bool)
     for c, cam in enumerate(cameras):
         if cam in ep.frames:
-            decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg", out=images[c])
+            decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg", out=out[c])
             image_mask[c] = True
         else:
-            images[c] = 0
+            out[c] = 0
+    return image_mask
 
+
+def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length: int, max_state_dim: int,
+                  max_action_dim: int, normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
+                  text_cache: dict | None = None, token_cache: dict | None = None) -> dict[str, Any]:
+    """Everything of a sample but its images (see build_sample). Raises SampleError (a tokenizer)."""
+    H = chunk_length
     cache = _episode_arrays(ep, text_cache if text_cache is not None else {}, normalizer, H,
                             max_state_dim, max_action_dim)
     # Steps past the end are masked and their rows are zero in actions_pad; masked steps inside the
@@ -175,7 +194,6 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
     subtask = _cached_text(text_tokenizer, tokens, "subtask", active_subtask(ep, t),
                            f"{where}.meta.json subtask", add_bos=False, add_eos=True)
     return {
-        **({} if images_out is not None else {"images": images}), "image_mask": image_mask,
         "state": cache["state_pad"][t].copy(), "state_mask": cache["state_mask"].copy(),
         "actions": actions_out, "action_dim_mask": cache["dim_mask"].copy(), "action_time_mask": time_mask,
         "text_tokens": instruction, "subtask_tokens": subtask,

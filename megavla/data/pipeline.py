@@ -71,8 +71,8 @@ from megavla.config.data import DataConfig
 from megavla.data_shards.format import EpisodeFormatError
 from megavla.data_shards.validate import EpisodeValidator, ReadLimits, StatsMismatchError
 
-from .buffers import BufferRing, release_when_dropped
-from .collate import ImageDecodeError, build_sample, collate_samples
+from .buffers import BufferMaps, BufferRing, release_when_dropped, worker_message
+from .collate import ImageDecodeError, collate_samples, decode_sample_images, sample_fields
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
 from .normalize import Normalizer, merge_norm_stats
@@ -182,35 +182,61 @@ class WorkerStream:
     def batches(self, free=None) -> Iterator[tuple[Any, dict[str, Any], int]]:
         """(Batch, worker state, image buffer index); `free`: the queue on which the main process
         returns this worker's buffers (buffers.py), None in the main process."""
-        plan, cfg = self.plan, self.plan.cfg
-        text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
+        cfg = self.plan.cfg
         shape = (cfg.batch_size, len(cfg.cameras), cfg.image_size, cfg.image_size, 3)
         self.ring = BufferRing(shape, free=free, shared=get_worker_info() is not None)
         while True:
             buffer_index, images = self.ring.take()
-            slots = images.numpy()
-            samples = []
-            while len(samples) < cfg.batch_size:
-                if self.pos >= len(self.items):
-                    self.window += 1
-                    self._fill_window()
-                ep, t, name, where, cache = self.items[self.pos]
-                self.pos += 1
+            yield self._fill_batch(images), self.state_dict(), buffer_index
+
+    def _next_item(self) -> tuple:
+        if self.pos >= len(self.items):
+            self.window += 1
+            self._fill_window()
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+    def _fill_batch(self, images: torch.Tensor) -> Batch:
+        """The next batch_size samples, images decoded into `images`. A sample whose frame, text or
+        action chunk is refused is skipped (counted) and the next item takes its place, as if they
+        were built one by one; but the work runs in two passes over the missing samples -- all their
+        frames, then all their other fields (tokenizers) -- so each pass keeps its own data in the
+        caches (one by one, each sample's ~450 KB of decoded frames evicted the tokenizers' tables:
+        FAST encoding cost ~2.5x its cost in a loop). Only the order in which two different refused
+        samples of one batch are reported can differ (data.on_bad_sample=fail reports the first)."""
+        plan, cfg = self.plan, self.plan.cfg
+        slots = images.numpy()
+        samples: list[dict] = []
+        while len(samples) < cfg.batch_size:
+            decoded = []   # (item, image mask, slot)
+            for _ in range(cfg.batch_size - len(samples)):
+                ep, t, name, where, cache = item = self._next_item()
+                slot = len(samples) + len(decoded)
+                try:
+                    mask = decode_sample_images(ep, t, where=where, cameras=list(cfg.cameras),
+                                                image_size=cfg.image_size, out=slots[slot])
+                except ImageDecodeError as e:
+                    self.counters.bad("bad_image", f"{e} (timestep {t})")
+                    continue
+                decoded.append((item, mask, slot))
+            for (ep, t, name, where, cache), mask, slot in decoded:
                 if len(self.token_cache) > TOKEN_CACHE_LIMIT:
                     self.token_cache.clear()
                 try:
-                    samples.append(build_sample(
-                        ep, t, source=name, where=where, cameras=list(cfg.cameras), image_size=cfg.image_size,
-                        chunk_length=cfg.chunk_length, max_state_dim=cfg.max_state_dim,
-                        max_action_dim=cfg.max_action_dim, normalizer=plan.normalizer,
-                        text_tokenizer=plan.text_tokenizer, fast_tokenizer=plan.fast_tokenizer,
-                        text_cache=cache, token_cache=self.token_cache, images_out=slots[len(samples)]))
-                except ImageDecodeError as e:
-                    self.counters.bad("bad_image", f"{e} (timestep {t})")
+                    fields = sample_fields(
+                        ep, t, source=name, where=where, chunk_length=cfg.chunk_length,
+                        max_state_dim=cfg.max_state_dim, max_action_dim=cfg.max_action_dim,
+                        normalizer=plan.normalizer, text_tokenizer=plan.text_tokenizer,
+                        fast_tokenizer=plan.fast_tokenizer, text_cache=cache, token_cache=self.token_cache)
                 except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
                     self.counters.bad("bad_sample", f"{e} (timestep {t})")
-            self.counters.add("samples_read", len(samples))
-            yield collate_samples(samples, text_pad_id=int(text_pad), images=images), self.state_dict(), buffer_index
+                    continue
+                if slot != len(samples):   # a refused sample before it: its frames move up one slot
+                    slots[len(samples)] = slots[slot]
+                samples.append({"image_mask": mask, **fields})
+        self.counters.add("samples_read", len(samples))
+        text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
+        return collate_samples(samples, text_pad_id=int(text_pad), images=images)
 
 
 class MixtureStream(IterableDataset):
@@ -235,41 +261,12 @@ class MixtureStream(IterableDataset):
             if info is None:
                 yield batch, worker, state, buffer_index
                 continue
-            # To the main process: see _worker_message. A buffer travels (as a shared-memory handle)
+            # To the main process: see buffers.worker_message. A buffer travels (as a shared-memory handle)
             # only the first time; later batches in it name its index only.
             first = buffer_index not in mapped
             mapped.add(buffer_index)
-            yield (_worker_message(batch, self.stream.ring.buffers[buffer_index] if first else None),
+            yield (worker_message(batch, self.stream.ring.buffers[buffer_index] if first else None),
                    worker, state, buffer_index)
-
-
-def _worker_message(batch: Batch, buffer: torch.Tensor | None) -> dict[str, Any]:
-    """A worker's batch for the main process: every field but images as numpy arrays, pickled by value
-    through the worker's pipe (a few KB) instead of one fresh shared-memory segment per tensor (13 per
-    batch, ~1.3 ms per batch of worker CPU), and the image buffer only the first time it is used.
-    Sending a shared-memory tensor costs a file-descriptor hand-over (multiprocessing's resource
-    sharer: a socket connection with an HMAC challenge) -- measured ~180 us of worker CPU and as much
-    of the main process's per batch -- although the buffers are reused; the main process keeps the
-    ones it received (_BufferMaps) and rebuilds the images view from the index."""
-    return {"fields": {k: v.numpy() for k, v in batch.tensors().items() if k != "images"},
-            "meta": batch.meta, "buffer": buffer}
-
-
-class _BufferMaps:
-    """The main process's side of _worker_message: (worker, buffer index) -> the shared buffer."""
-
-    def __init__(self):
-        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
-
-    def batch(self, item: Any, worker: int, buffer_index: int) -> Batch:
-        if isinstance(item, Batch):   # the main process's own stream (no workers)
-            return item
-        if item["buffer"] is not None:
-            self.buffers[worker, buffer_index] = item["buffer"]
-        fields = {k: torch.from_numpy(v) for k, v in item["fields"].items()}
-        n = int(fields["actions"].shape[0])
-        images = self.buffers[worker, buffer_index][:n].permute(0, 1, 4, 2, 3)   # as collate_samples makes it
-        return Batch(images=images, **fields, meta=item["meta"])
 
 
 def _keep_as_is(item):
@@ -326,7 +323,7 @@ class StreamingLoader:
         dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n, free_queues)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is,
                             worker_init_fn=ignore_stop_signals, prefetch_factor=2 if workers > 0 else None)
-        maps = _BufferMaps()
+        maps = BufferMaps()
         for item, worker, state, buffer_index in loader:
             batch = maps.batch(item, worker, buffer_index)
             self._worker_states[worker] = state
