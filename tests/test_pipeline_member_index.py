@@ -56,3 +56,38 @@ def test_frame_refs_index_and_slice():
     assert [r.read() for r in refs[:2]] == [b"ab", b"cde"]
     with pytest.raises(IndexError):
         refs[3]
+
+
+def test_remembered_episodes_read_the_same_batches_and_counts(tmp_path, monkeypatch):
+    """Several epochs of a small set with one damaged episode: the remembered walks and parsed
+    episodes give the batches and counters of reading every shard from scratch."""
+    import itertools
+
+    import torch
+
+    from megavla.config.data import DataConfig
+    from megavla.data import shard_reader
+    from megavla.data.pipeline import build_loader
+
+    eps = [make_episode(s, t, 0, steps=8) for s in range(2) for t in range(2)]
+    raw = [episode_to_sample(e) for e in eps]
+    raw[2]["actions.npy"] = b"not an array"     # skipped and counted in every epoch
+    directory = write_shard_set(tmp_path / "s", eps, per_shard=2, samples=raw)
+    cfg = DataConfig(sources={"robot": str(directory)}, image_size=16, batch_size=4, num_workers=0, chunk_length=3,
+                     max_action_dim=6, max_state_dim=5, shuffle_buffer=4, samples_per_episode=2, seed=1,
+                     normalization="none")
+
+    def read():
+        loader = build_loader(cfg)
+        batches = [(b.images.clone(), b.actions.clone(), b.meta["key"], b.meta["timestep"])
+                   for b in itertools.islice(loader, 20)]
+        return batches, loader.skip_counts(), loader.read_counts()
+
+    remembered = read()
+    monkeypatch.setattr(shard_reader, "PARSED_EPISODE_LIMIT", 0)
+    monkeypatch.setattr(shard_reader, "MEMBER_INDEX_LIMIT", 0)
+    scratch = read()
+    assert remembered[1] == scratch[1] and remembered[2] == scratch[2]
+    assert remembered[1]["bad_sample"] >= 3
+    for (ia, aa, ka, ta), (ib, ab, kb, tb) in zip(remembered[0], scratch[0]):
+        assert ka == kb and ta == tb and torch.equal(ia, ib) and torch.equal(aa, ab)

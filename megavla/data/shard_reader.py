@@ -39,6 +39,9 @@ RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # i
 _BLOCK = 512
 # Members whose offsets one cursor remembers across epochs (~100 bytes each: ~20 MB at the limit).
 MEMBER_INDEX_LIMIT = 200_000
+# Steps of accepted episodes one cursor keeps parsed (arrays of ~100 bytes a step for 10 + 7 dims; the
+# frames stay located, not read): a set read for many epochs skips parsing and checking them again.
+PARSED_EPISODE_LIMIT = 200_000
 _ZERO_BLOCK = bytes(_BLOCK)
 
 
@@ -289,6 +292,10 @@ class ShardCursor:
         self._mode_key, self._mode_kept = "", True
         self._member_index: dict[str, list] = {}   # shard path -> its walked members (_iter_groups)
         self._indexed_members = 0
+        # (shard path, key) -> the accepted, checked Episode (shards are immutable; episodes are not
+        # modified by their readers); bounded by PARSED_EPISODE_LIMIT steps.
+        self._parsed: dict[tuple[str, str], Episode] = {}
+        self._parsed_steps = 0
 
     def position(self) -> dict[str, int]:
         return {"draw": self.draw, "offset": self.offset}
@@ -386,6 +393,9 @@ class ShardCursor:
             if combo is not None and combo not in self.kept_combos:
                 self.counters.add("excluded_episode")
                 continue
+            ep = self._parsed.get((self._path, key))
+            if ep is not None:
+                return ep, where
             try:
                 ep = sample_to_episode(group, where=self._path)
                 if ep.combo not in self.kept_combos:
@@ -395,4 +405,7 @@ class ShardCursor:
             except EpisodeFormatError as e:
                 self.counters.bad("bad_sample", str(e))
                 continue
+            if self._parsed_steps + ep.num_steps <= PARSED_EPISODE_LIMIT:
+                self._parsed[self._path, key] = ep
+                self._parsed_steps += ep.num_steps
             return ep, where
