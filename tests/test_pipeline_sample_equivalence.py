@@ -128,3 +128,52 @@ def test_decode_into_the_batch_slot_equals_the_checked_decode(shape):
     assert decode_frame(data, 32, "w", out=slot) is slot
     assert np.array_equal(slot, reference_decode(data, 32))
     assert np.array_equal(decode_frame(data, 32, "w"), reference_decode(data, 32))
+
+
+def test_fast_encode_many_equals_encode_each(fast_tok):
+    from megavla.data.collate import SampleError, encode_fast_chunks
+    rng = np.random.default_rng(3)
+    chunks = [np.clip(np.cumsum(rng.normal(0, 0.3, (H, d)), 0), -1, 1).astype(np.float32)
+              for d in (4, 5, 4, 0, 5, 4) for _ in range(7)]
+    chunks[3] = chunks[3] * 40          # beyond the trained range: clipped (and counted) alike
+    chunks.append(np.zeros((3, 4), np.float32))   # another horizon in the same call
+    before = fast_tok.num_clipped
+    want = [fast_tok.encode(c) for c in chunks]
+    clipped = fast_tok.num_clipped - before
+    assert clipped > 0
+    assert fast_tok.encode_many(chunks) == want
+    assert fast_tok.num_clipped - before == 2 * clipped
+    bad = list(chunks)
+    bad[5] = np.full((H, 4), np.nan, np.float32)
+    with pytest.raises(ValueError, match="non-finite"):
+        fast_tok.encode_many(bad)
+    got = encode_fast_chunks(fast_tok, bad, [f"w{i}" for i in range(len(bad))])
+    assert isinstance(got[5], SampleError) and "w5.actions.npy" in str(got[5])
+    assert got[:5] == want[:5] and got[6:] == want[6:]
+
+
+def test_loader_batches_equal_samples_built_one_by_one(tmp_path, fast_tok):
+    """The loader (frames first, then fields, FAST a batch at a time) against build_sample per sample."""
+    import itertools
+
+    from megavla.config.data import DataConfig
+    from megavla.data.pipeline import build_loader
+    from test_pipeline_fixtures import write_shard_set
+    robot = [make_episode(s, t, 0, steps=9) for s in range(2) for t in range(2)]
+    robot[1].step_valid[[4, 8]] = False
+    directory = write_shard_set(tmp_path / "robot", robot, per_shard=2)
+    cfg = DataConfig(sources={"robot": str(directory)}, image_size=16, batch_size=5, num_workers=0,
+                     chunk_length=H, max_action_dim=MAX_A, max_state_dim=MAX_S, shuffle_buffer=5,
+                     samples_per_episode=3, normalization="quantile")
+    loader = build_loader(cfg, TinyTextTokenizer(), fast_tok)
+    by_key = {e.key: e for e in robot}
+    for batch in itertools.islice(loader, 6):
+        for i, (key, t) in enumerate(zip(batch.meta["key"], batch.meta["timestep"])):
+            want = build_sample(by_key[key], t, source="robot", where="w", cameras=list(cfg.cameras), image_size=16,
+                                chunk_length=H, max_state_dim=MAX_S, max_action_dim=MAX_A,
+                                normalizer=loader.normalizer, text_tokenizer=TinyTextTokenizer(), fast_tokenizer=fast_tok)
+            assert batch.fast_tokens[i][batch.fast_mask[i]].tolist() == want["fast_tokens"]
+            assert batch.subtask_tokens[i][batch.subtask_mask[i]].tolist() == want["subtask_tokens"]
+            assert torch.equal(batch.actions[i], torch.from_numpy(want["actions"]))
+            assert torch.equal(batch.state[i], torch.from_numpy(want["state"]))
+            assert torch.equal(batch.images[i], torch.from_numpy(want["images"]).permute(0, 3, 1, 2))

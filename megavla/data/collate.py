@@ -98,7 +98,7 @@ def _encode_text(tok, text: str, where: str, **kw) -> list[int]:
     return [] if tok is None or not text else _encode(tok, text, where, "text", **kw)
 
 
-def _episode_arrays(ep: Episode, cache: dict, normalizer: Normalizer | None, chunk_length: int,
+def episode_arrays(ep: Episode, cache: dict, normalizer: Normalizer | None, chunk_length: int,
                     max_state_dim: int, max_action_dim: int) -> dict:
     """What every sample of the episode reads, made once per episode: normalized, zero-padded state
     and actions (actions with ``chunk_length`` zero rows past the end, so a chunk is one slice), the
@@ -121,6 +121,35 @@ def _episode_arrays(ep: Episode, cache: dict, normalizer: Normalizer | None, chu
     cache["dim_mask"][:A] = ep.action_mask
     cache["fast_source"] = actions[:, ep.action_mask]
     return cache
+
+
+def fast_chunk(ep: Episode, t: int, cache: dict, chunk_length: int) -> np.ndarray:
+    """The action chunk FAST encodes, [H, supervised dims] (``cache``: episode_arrays): masked steps
+    forward-filled from the last valid one (t itself is valid: see pipeline sampling; were it not,
+    step t stands in for the masked steps before the first valid one)."""
+    time_mask = cache["valid_pad"][t : t + chunk_length]
+    last = np.maximum.accumulate(np.where(time_mask, np.arange(t, t + chunk_length), t))
+    np.minimum(last, ep.num_steps - 1, out=last)
+    return cache["fast_source"][last]
+
+
+def encode_fast_chunks(tok, chunks: list[np.ndarray], wheres: list[str]) -> list[list[int] | SampleError]:
+    """FAST ids of each chunk (a batch at a time: FastTokenizer.encode_many), or the SampleError of
+    a chunk the tokenizer refuses (then each chunk is encoded alone to find which)."""
+    if tok is None:
+        return [[] for _ in chunks]
+    if hasattr(tok, "encode_many"):
+        try:
+            return [list(ids) for ids in tok.encode_many(chunks)]
+        except Exception:  # noqa: BLE001 - one chunk was refused: find it below
+            pass
+    out: list[list[int] | SampleError] = []
+    for chunk, where in zip(chunks, wheres):
+        try:
+            out.append(_encode(tok, chunk, f"{where}.actions.npy", "FAST"))
+        except SampleError as e:
+            out.append(e)
+    return out
 
 
 def _cached_text(tok, cache: dict, role: str, text: str, where: str, **kw) -> list[int]:
@@ -169,10 +198,12 @@ def decode_sample_images(ep: Episode, t: int, *, where: str, cameras: list[str],
 
 def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length: int, max_state_dim: int,
                   max_action_dim: int, normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
-                  text_cache: dict | None = None, token_cache: dict | None = None) -> dict[str, Any]:
-    """Everything of a sample but its images (see build_sample). Raises SampleError (a tokenizer)."""
+                  text_cache: dict | None = None, token_cache: dict | None = None,
+                  fast_tokens: list[int] | None = None) -> dict[str, Any]:
+    """Everything of a sample but its images (see build_sample). Raises SampleError (a tokenizer).
+    ``fast_tokens``: the FAST ids of fast_chunk(...) when the caller encoded them (encode_fast_chunks)."""
     H = chunk_length
-    cache = _episode_arrays(ep, text_cache if text_cache is not None else {}, normalizer, H,
+    cache = episode_arrays(ep, text_cache if text_cache is not None else {}, normalizer, H,
                             max_state_dim, max_action_dim)
     # Steps past the end are masked and their rows are zero in actions_pad; masked steps inside the
     # episode are zeroed here.
@@ -181,12 +212,10 @@ def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length:
     actions_out[~time_mask] = 0.0
 
     fast: list[int] = []
-    if fast_tokenizer is not None:
-        # Forward-fill masked steps from the last valid one (t itself is valid: see pipeline sampling;
-        # were it not, step t stands in for the masked steps before the first valid one).
-        last = np.maximum.accumulate(np.where(time_mask, np.arange(t, t + H), t))
-        np.minimum(last, ep.num_steps - 1, out=last)
-        fast = _encode(fast_tokenizer, cache["fast_source"][last], f"{where}.actions.npy", "FAST")
+    if fast_tokens is not None:
+        fast = fast_tokens
+    elif fast_tokenizer is not None:
+        fast = _encode(fast_tokenizer, fast_chunk(ep, t, cache, H), f"{where}.actions.npy", "FAST")
 
     tokens = token_cache if token_cache is not None else cache
     instruction = _cached_text(text_tokenizer, tokens, "instruction", ep.instruction,

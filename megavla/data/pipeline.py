@@ -72,7 +72,8 @@ from megavla.data_shards.format import EpisodeFormatError
 from megavla.data_shards.validate import EpisodeValidator, ReadLimits, StatsMismatchError
 
 from .buffers import BufferMaps, BufferRing, release_when_dropped, worker_message
-from .collate import ImageDecodeError, collate_samples, decode_sample_images, sample_fields
+from .collate import (ImageDecodeError, SampleError, collate_samples, decode_sample_images, encode_fast_chunks,
+                      episode_arrays, fast_chunk, sample_fields)
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
 from .normalize import Normalizer, merge_norm_stats
@@ -219,15 +220,23 @@ class WorkerStream:
                     self.counters.bad("bad_image", f"{e} (timestep {t})")
                     continue
                 decoded.append((item, mask, slot))
-            for (ep, t, name, where, cache), mask, slot in decoded:
+            fast = [[] for _ in decoded]
+            if plan.fast_tokenizer is not None:   # the batch's chunks in one call (encode_many)
+                chunks = [fast_chunk(ep, t, episode_arrays(ep, cache, plan.normalizer, cfg.chunk_length,
+                                                           cfg.max_state_dim, cfg.max_action_dim), cfg.chunk_length)
+                          for (ep, t, _, _, cache), _, _ in decoded]
+                fast = encode_fast_chunks(plan.fast_tokenizer, chunks, [item[3] for item, _, _ in decoded])
+            for ((ep, t, name, where, cache), mask, slot), fast_tokens in zip(decoded, fast):
                 if len(self.token_cache) > TOKEN_CACHE_LIMIT:
                     self.token_cache.clear()
                 try:
+                    if isinstance(fast_tokens, SampleError):
+                        raise fast_tokens
                     fields = sample_fields(
                         ep, t, source=name, where=where, chunk_length=cfg.chunk_length,
                         max_state_dim=cfg.max_state_dim, max_action_dim=cfg.max_action_dim,
-                        normalizer=plan.normalizer, text_tokenizer=plan.text_tokenizer,
-                        fast_tokenizer=plan.fast_tokenizer, text_cache=cache, token_cache=self.token_cache)
+                        normalizer=plan.normalizer, text_tokenizer=plan.text_tokenizer, text_cache=cache,
+                        token_cache=self.token_cache, fast_tokens=fast_tokens)
                 except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
                     self.counters.bad("bad_sample", f"{e} (timestep {t})")
                     continue
