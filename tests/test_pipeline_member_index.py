@@ -77,16 +77,22 @@ def test_remembered_episodes_read_the_same_batches_and_counts(tmp_path, monkeypa
                      max_action_dim=6, max_state_dim=5, shuffle_buffer=4, samples_per_episode=2, seed=1,
                      normalization="none")
 
+    parsed = []
+    real_parse = shard_reader.sample_to_episode
+    monkeypatch.setattr(shard_reader, "sample_to_episode", lambda *a, **k: parsed.append(1) or real_parse(*a, **k))
+
     def read():
+        parsed.clear()
         loader = build_loader(cfg)
         batches = [(b.images.clone(), b.actions.clone(), b.meta["key"], b.meta["timestep"])
                    for b in itertools.islice(loader, 20)]
-        return batches, loader.skip_counts(), loader.read_counts()
+        return batches, loader.skip_counts(), loader.read_counts(), len(parsed)
 
     remembered = read()
     monkeypatch.setattr(shard_reader, "PARSED_EPISODE_LIMIT", 0)
     monkeypatch.setattr(shard_reader, "MEMBER_INDEX_LIMIT", 0)
     scratch = read()
+    assert remembered[3] < scratch[3] / 2   # parsed again only until remembered
     assert remembered[1] == scratch[1] and remembered[2] == scratch[2]
     assert remembered[1]["bad_sample"] >= 3
     for (ia, aa, ka, ta), (ib, ab, kb, tb) in zip(remembered[0], scratch[0]):

@@ -67,7 +67,7 @@ class EpisodeTemplate:
         self.members = [m for m, frame in zip(members, frame_of) if frame is None or frame[0] not in self.cameras]
 
     def sample(self, buf, where: str) -> dict[str, Any]:
-        group: dict[str, Any] = {"__key__": self.key, "__url__": where}
+        group: dict[str, Any] = {"__key__": self.key, "__url__": where, "__indexed__": True}
         for suffix, how, offset, size in self.members:
             group[suffix] = MemberRef(buf, offset, size) if how == REF else buf[offset : offset + size]
         if self.cameras:

@@ -39,9 +39,10 @@ RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # i
 _BLOCK = 512
 # Members whose offsets one cursor remembers across epochs (~100 bytes each: ~20 MB at the limit).
 MEMBER_INDEX_LIMIT = 200_000
-# Steps of accepted episodes one cursor keeps parsed (arrays of ~100 bytes a step for 10 + 7 dims; the
-# frames stay located, not read): a set read for many epochs skips parsing and checking them again.
-PARSED_EPISODE_LIMIT = 200_000
+# Steps of accepted episodes one cursor keeps parsed: a set read for many epochs skips parsing and
+# checking them again. Only episodes read through the member index are kept (their frames are the
+# index's offsets, shared): the cost is the arrays, ~100-150 bytes a step (10-20 MB per cursor).
+PARSED_EPISODE_LIMIT = 100_000
 _ZERO_BLOCK = bytes(_BLOCK)
 
 
@@ -405,7 +406,7 @@ class ShardCursor:
             except EpisodeFormatError as e:
                 self.counters.bad("bad_sample", str(e))
                 continue
-            if self._parsed_steps + ep.num_steps <= PARSED_EPISODE_LIMIT:
+            if group.get("__indexed__") and self._parsed_steps + ep.num_steps <= PARSED_EPISODE_LIMIT:
                 self._parsed[self._path, key] = ep
                 self._parsed_steps += ep.num_steps
             return ep, where
