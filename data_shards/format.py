@@ -185,10 +185,17 @@ def sample_to_episode(sample: dict[str, Any], where: str = "") -> Episode:
         else:
             arrays[name] = None
     frames: dict[str, list[bytes]] = {}
+    # "__frames__": cameras whose frames a reader located as one sequence (megavla/data/member_index.py)
+    located = sample.get("__frames__", {})
     for cam, present in meta.get("cameras", {}).items():
         if present:
-            frames[cam] = [sample.get(f"{cam}.{t:04d}.jpg") for t in range(int(meta["num_steps"]))]
-            missing = [t for t, f in enumerate(frames[cam]) if f is None]
+            steps = int(meta["num_steps"])
+            if cam in located:
+                frames[cam] = located[cam][:steps]
+                missing = list(range(len(frames[cam]), steps))
+            else:
+                frames[cam] = [sample.get(f"{cam}.{t:04d}.jpg") for t in range(steps)]
+                missing = [t for t, f in enumerate(frames[cam]) if f is None]
             if missing:
                 raise EpisodeFormatError(f"{loc}: missing member '{cam}.{missing[0]:04d}.jpg' "
                                          f"({len(missing)} frames of camera {cam} missing)")

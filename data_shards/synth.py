@@ -27,6 +27,13 @@ FPS = 10.0
 TRACKER_NOISE = 0.002
 DROPOUT_RATE = 0.03
 HOVER = 0.10  # approach height above objects
+# Approach: speed capped at the expert's cruise speed and proportional to the remaining distance
+# (step = min(speed, APPROACH_GAIN * distance)), so the expert decelerates into every waypoint, as
+# teleoperators and minimum-jerk controllers do, and arrives within ARRIVE_TOL. (Issue 11: with a
+# constant 3 cm/step up to the waypoint, where an arm stops was a step function of the distance --
+# a policy that misjudged it by one step closed its gripper 3-6 cm from the block.)
+APPROACH_GAIN = 0.5
+ARRIVE_TOL = 0.005
 
 
 def _wrap(angle: float) -> float:
@@ -37,8 +44,9 @@ class ScriptedExpert:
     """Waypoint controller over the task's subtasks; ``act()`` -> (action, subtask index) or None.
 
     Positions are those of the world's grasp point (gripper finger pads / below the palm), so one
-    plan serves both embodiments. Robot: constant speed, straight lines. Human: slower starts
-    (ease-in), a little sideways wobble and gradual finger closing.
+    plan serves both embodiments. Robot: straight lines at a cruise speed, decelerating into each
+    waypoint (APPROACH_GAIN). Human: the same, plus slower starts (ease-in), a little sideways
+    wobble and gradual finger closing.
     """
 
     def __init__(self, world: MiniWorld, rng: np.random.Generator):
@@ -97,8 +105,11 @@ class ScriptedExpert:
         err, yaw_err = target - contact, _wrap(yaw_target - yaw)
         speed = self.speed * (min(1.0, 0.4 + 0.3 * self.phase_steps) if w.human else 1.0)
         dist = np.linalg.norm(err)
-        done = dist <= speed and abs(yaw_err) <= self.rot_speed
-        step = err if dist <= speed else err * (speed / dist)
+        step_len = min(speed, APPROACH_GAIN * dist)
+        if dist - step_len <= ARRIVE_TOL:  # this step arrives: close the remaining gap exactly
+            step_len = dist
+        done = step_len >= dist and abs(yaw_err) <= self.rot_speed
+        step = err * (step_len / dist) if dist > 0 else np.zeros(3)
         if w.human and not done:
             step = step + self.rng.normal(0.0, 0.002, 3) * [1, 1, 0.5]
         new = np.eye(4)

@@ -153,3 +153,23 @@ def test_merge_stats_pools_mean_and_std():
     pooled = norm_stats_of(a + b)["robot/arm"]["actions"]
     np.testing.assert_allclose(merged["mean"], pooled["mean"], atol=1e-9)
     np.testing.assert_allclose(merged["std"], pooled["std"], atol=1e-9)
+
+
+def test_samples_a_tokenizer_refuses_are_skipped_and_frames_stay_with_their_sample(sets):
+    """The loader decodes a batch's frames first, then tokenizes: a sample the FAST tokenizer refuses
+    leaves the batch and the frames of the samples after it move up with them."""
+    class Refusing(TinyFastTokenizer):
+        def encode(self, chunk):
+            if chunk[0, 0] == 2.0:   # actions[t, 0] == t (normalization none): refuse timestep 2
+                raise ValueError("refused")
+            return super().encode(chunk)
+
+    base = dict(sources=sets, image_size=16, batch_size=6, num_workers=0, chunk_length=H, max_action_dim=7,
+                max_state_dim=6, shuffle_buffer=6, samples_per_episode=3, normalization="none")
+    loader = build_loader(DataConfig(**base), TinyTextTokenizer(), Refusing())
+    batches = list(itertools.islice(loader, 10))
+    assert loader.skip_counts()["bad_sample"] > 0
+    for b, i in samples_of(batches):
+        t = b.meta["timestep"][i]
+        assert t != 2
+        assert abs(b.images[i, 0].float().mean().item() - (CAMERA_LEVEL["head"] + t)) < 2.0

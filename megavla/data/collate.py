@@ -23,6 +23,7 @@ Token sequences are right-padded to the longest in the batch (at least 1) with t
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -48,11 +49,22 @@ def decode_frame(jpeg, size: int, where: str, out: np.ndarray | None = None) -> 
     straight into ``out`` (a slot of the batch buffer) when given and the stored size fits."""
     try:
         data = jpeg.read() if hasattr(jpeg, "read") else jpeg
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        if out is not None and height == size and width == size:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
-        # min_height/min_width let libjpeg-turbo downscale in the DCT domain when frames are larger.
-        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
+        rgb = None
+        if out is not None and out.shape == (size, size, 3) and out.flags.c_contiguous:
+            # No header parse first (~4 us a frame): a frame of the batch's size fills `out` exactly; a
+            # smaller one fills the start of `out` (copied out, then resized below); a larger one does
+            # not fit (ValueError before decoding) and is decoded with downscaling below.
+            try:
+                rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+            except ValueError:
+                rgb = None
+            else:
+                if rgb.shape == out.shape:
+                    return out
+                rgb = rgb.copy()
+        if rgb is None:
+            # min_height/min_width let libjpeg-turbo downscale in the DCT domain when frames are larger.
+            rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
     except (ValueError, RuntimeError, TypeError, OSError) as e:
         raise ImageDecodeError(f"{where}: JPEG frame cannot be decoded ({e})") from None
     if rgb.shape[0] != size or rgb.shape[1] != size:
@@ -86,62 +98,134 @@ def _encode_text(tok, text: str, where: str, **kw) -> list[int]:
     return [] if tok is None or not text else _encode(tok, text, where, "text", **kw)
 
 
+def episode_arrays(ep: Episode, cache: dict, normalizer: Normalizer | None, chunk_length: int,
+                    max_state_dim: int, max_action_dim: int) -> dict:
+    """What every sample of the episode reads, made once per episode: normalized, zero-padded state
+    and actions (actions with ``chunk_length`` zero rows past the end, so a chunk is one slice), the
+    step mask padded with False, the dim masks, and the FAST source (supervised dims only)."""
+    if "state_pad" in cache:
+        return cache
+    T, H, S, A = ep.num_steps, chunk_length, ep.state.shape[1], ep.actions.shape[1]
+    norm = normalizer is not None
+    state = normalizer.normalize(ep.state, ep.embodiment, "state") if norm else ep.state
+    actions = normalizer.normalize(ep.actions, ep.embodiment, "actions") if norm else ep.actions
+    cache["state_pad"] = np.zeros((T, max_state_dim), np.float32)
+    cache["state_pad"][:, :S] = state
+    cache["actions_pad"] = np.zeros((T + H, max_action_dim), np.float32)
+    cache["actions_pad"][:T, :A] = actions
+    cache["valid_pad"] = np.zeros(T + H, bool)
+    cache["valid_pad"][:T] = ep.step_valid
+    cache["state_mask"] = np.zeros(max_state_dim, bool)
+    cache["state_mask"][:S] = True
+    cache["dim_mask"] = np.zeros(max_action_dim, bool)
+    cache["dim_mask"][:A] = ep.action_mask
+    cache["fast_source"] = actions[:, ep.action_mask]
+    return cache
+
+
+def fast_chunk(ep: Episode, t: int, cache: dict, chunk_length: int) -> np.ndarray:
+    """The action chunk FAST encodes, [H, supervised dims] (``cache``: episode_arrays): masked steps
+    forward-filled from the last valid one (t itself is valid: see pipeline sampling; were it not,
+    step t stands in for the masked steps before the first valid one)."""
+    time_mask = cache["valid_pad"][t : t + chunk_length]
+    last = np.maximum.accumulate(np.where(time_mask, np.arange(t, t + chunk_length), t))
+    np.minimum(last, ep.num_steps - 1, out=last)
+    return cache["fast_source"][last]
+
+
+def encode_fast_chunks(tok, chunks: list[np.ndarray], wheres: list[str]) -> list[list[int] | SampleError]:
+    """FAST ids of each chunk (a batch at a time: FastTokenizer.encode_many), or the SampleError of
+    a chunk the tokenizer refuses (then each chunk is encoded alone to find which)."""
+    if tok is None:
+        return [[] for _ in chunks]
+    if hasattr(tok, "encode_many"):
+        try:
+            return [list(ids) for ids in tok.encode_many(chunks)]
+        except Exception:  # noqa: BLE001 - one chunk was refused: find it below
+            pass
+    out: list[list[int] | SampleError] = []
+    for chunk, where in zip(chunks, wheres):
+        try:
+            out.append(_encode(tok, chunk, f"{where}.actions.npy", "FAST"))
+        except SampleError as e:
+            out.append(e)
+    return out
+
+
+def _cached_text(tok, cache: dict, role: str, text: str, where: str, **kw) -> list[int]:
+    """Token ids of ``text`` (instruction or subtask), tokenized once per distinct text in ``cache``."""
+    key = (role, text)
+    ids = cache.get(key)
+    if ids is None:
+        ids = _encode_text(tok, text, where, **kw)
+        cache[key] = ids
+    return ids
+
+
 def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[str], image_size: int,
                  chunk_length: int, max_state_dim: int, max_action_dim: int,
                  normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
-                 text_cache: dict | None = None, images_out: np.ndarray | None = None) -> dict[str, Any]:
-    """``text_cache``: a dict kept per episode (normalized arrays, token ids) shared by its samples.
+                 text_cache: dict | None = None, images_out: np.ndarray | None = None,
+                 token_cache: dict | None = None) -> dict[str, Any]:
+    """``text_cache``: a dict kept per episode (padded normalized arrays, token ids) shared by its samples.
+    ``token_cache``: a dict of token ids by text shared across episodes (instructions and subtasks repeat
+    across a data set; the caller bounds its size); default: ``text_cache``.
     ``images_out``: uint8 [C, R, R, 3] to decode into (a slot of the batch buffer); the sample then
-    carries no "images" entry and collate_samples must get the same buffer."""
-    T, H = ep.num_steps, chunk_length
+    carries no "images" entry and collate_samples must get the same buffer.
+    The same as decode_sample_images followed by sample_fields (the loader runs them a batch at a time)."""
     images = images_out if images_out is not None else np.empty((len(cameras), image_size, image_size, 3), np.uint8)
+    image_mask = decode_sample_images(ep, t, where=where, cameras=cameras, image_size=image_size, out=images)
+    return {**({} if images_out is not None else {"images": images}), "image_mask": image_mask,
+            **sample_fields(ep, t, source=source, where=where, chunk_length=chunk_length,
+                            max_state_dim=max_state_dim, max_action_dim=max_action_dim, normalizer=normalizer,
+                            text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
+                            text_cache=text_cache, token_cache=token_cache)}
+
+
+def decode_sample_images(ep: Episode, t: int, *, where: str, cameras: list[str], image_size: int,
+                         out: np.ndarray) -> np.ndarray:
+    """Frame t of each camera decoded into ``out`` uint8 [C, R, R, 3] (zeros for an absent camera);
+    returns image_mask bool [C]. Raises ImageDecodeError."""
     image_mask = np.zeros(len(cameras), bool)
     for c, cam in enumerate(cameras):
         if cam in ep.frames:
-            decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg", out=images[c])
+            decode_frame(ep.frames[cam][t], image_size, f"{where}.{cam}.{t:04d}.jpg", out=out[c])
             image_mask[c] = True
         else:
-            images[c] = 0
+            out[c] = 0
+    return image_mask
 
-    S, A = ep.state.shape[1], ep.actions.shape[1]
-    cache = text_cache if text_cache is not None else {}
-    if "state" not in cache:  # normalize the whole episode once, not every sample
-        norm = normalizer is not None
-        cache["state"] = normalizer.normalize(ep.state, ep.embodiment, "state") if norm else ep.state
-        cache["actions"] = normalizer.normalize(ep.actions, ep.embodiment, "actions") if norm else ep.actions
-    idx = np.arange(t, t + H)
-    clipped = np.minimum(idx, T - 1)
-    time_mask = (idx < T) & ep.step_valid[clipped]
-    chunk = cache["actions"][clipped]
 
-    state_out = np.zeros(max_state_dim, np.float32)
-    state_out[:S] = cache["state"][t]
-    state_mask = np.zeros(max_state_dim, bool)
-    state_mask[:S] = True
-    actions_out = np.zeros((H, max_action_dim), np.float32)
-    actions_out[:, :A] = chunk
+def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length: int, max_state_dim: int,
+                  max_action_dim: int, normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
+                  text_cache: dict | None = None, token_cache: dict | None = None,
+                  fast_tokens: list[int] | None = None) -> dict[str, Any]:
+    """Everything of a sample but its images (see build_sample). Raises SampleError (a tokenizer).
+    ``fast_tokens``: the FAST ids of fast_chunk(...) when the caller encoded them (encode_fast_chunks)."""
+    H = chunk_length
+    cache = episode_arrays(ep, text_cache if text_cache is not None else {}, normalizer, H,
+                            max_state_dim, max_action_dim)
+    # Steps past the end are masked and their rows are zero in actions_pad; masked steps inside the
+    # episode are zeroed here.
+    time_mask = cache["valid_pad"][t : t + H].copy()
+    actions_out = cache["actions_pad"][t : t + H].copy()
     actions_out[~time_mask] = 0.0
-    dim_mask = np.zeros(max_action_dim, bool)
-    dim_mask[:A] = ep.action_mask
 
     fast: list[int] = []
-    if fast_tokenizer is not None:
-        # Forward-fill masked steps from the last valid one (t itself is valid: see pipeline sampling).
-        last = np.maximum.accumulate(np.where(time_mask, np.arange(H), 0))
-        fast = _encode(fast_tokenizer, chunk[last][:, ep.action_mask], f"{where}.actions.npy", "FAST")
+    if fast_tokens is not None:
+        fast = fast_tokens
+    elif fast_tokenizer is not None:
+        fast = _encode(fast_tokenizer, fast_chunk(ep, t, cache, H), f"{where}.actions.npy", "FAST")
 
-    if "instruction" not in cache:
-        cache["instruction"] = _encode_text(text_tokenizer, ep.instruction, f"{where}.meta.json instruction",
-                                            add_bos=True, add_eos=False)
-    subtask = active_subtask(ep, t)
-    if ("subtask", subtask) not in cache:
-        cache[("subtask", subtask)] = _encode_text(text_tokenizer, subtask, f"{where}.meta.json subtask",
-                                                   add_bos=False, add_eos=True)
+    tokens = token_cache if token_cache is not None else cache
+    instruction = _cached_text(text_tokenizer, tokens, "instruction", ep.instruction,
+                               f"{where}.meta.json instruction", add_bos=True, add_eos=False)
+    subtask = _cached_text(text_tokenizer, tokens, "subtask", active_subtask(ep, t),
+                           f"{where}.meta.json subtask", add_bos=False, add_eos=True)
     return {
-        **({} if images_out is not None else {"images": images}), "image_mask": image_mask,
-        "state": state_out, "state_mask": state_mask,
-        "actions": actions_out, "action_dim_mask": dim_mask, "action_time_mask": time_mask,
-        "text_tokens": cache["instruction"], "subtask_tokens": cache[("subtask", subtask)],
+        "state": cache["state_pad"][t].copy(), "state_mask": cache["state_mask"].copy(),
+        "actions": actions_out, "action_dim_mask": cache["dim_mask"].copy(), "action_time_mask": time_mask,
+        "text_tokens": instruction, "subtask_tokens": subtask,
         "fast_tokens": fast, "embodiment": EMBODIMENT_IDS[ep.embodiment],
         "meta": {"source": source, "key": ep.key, "scene": ep.scene, "task": ep.task, "timestep": t},
     }
@@ -151,7 +235,7 @@ def _pad_tokens(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     mask = np.arange(max(1, int(lengths.max()))) < lengths[:, None]
     tokens = np.full(mask.shape, pad_id, dtype=np.int64)
-    tokens[mask] = np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=int(lengths.sum()))
+    tokens[mask] = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
     return torch.from_numpy(tokens), torch.from_numpy(mask)
 
 

@@ -71,8 +71,9 @@ from megavla.config.data import DataConfig
 from megavla.data_shards.format import EpisodeFormatError
 from megavla.data_shards.validate import EpisodeValidator, ReadLimits, StatsMismatchError
 
-from .buffers import BufferRing, release_when_dropped
-from .collate import ImageDecodeError, build_sample, collate_samples
+from .buffers import BufferMaps, BufferRing, release_when_dropped, worker_message
+from .collate import (ImageDecodeError, SampleError, collate_samples, decode_sample_images, encode_fast_chunks,
+                      episode_arrays, fast_chunk, sample_fields)
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
 from .normalize import Normalizer, merge_norm_stats
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 
 # RNG stream tags: SeedSequence([seed, TAG, ...]) keeps the streams independent.
 _TAG_SHARD_ORDER, _TAG_TIMESTEPS, _TAG_WINDOW = 1, 2, 3
+# Distinct instruction/subtask texts whose token ids a worker keeps (a few KB each at most); past it
+# the cache starts over. Real sets have far fewer distinct texts than episodes.
+TOKEN_CACHE_LIMIT = 8192
 
 
 @dataclass
@@ -120,6 +124,7 @@ class WorkerStream:
         self.mixer = WeightedRoundRobin(plan.weights)
         self.window, self.pos, self.episodes = -1, 0, 0
         self.items: list[tuple] = []
+        self.token_cache: dict = {}   # token ids by (role, text), shared by all episodes
         self.window_start: dict[str, Any] = {}
         if state is not None:
             self._restore(state)
@@ -151,8 +156,8 @@ class WorkerStream:
             steps = rng.choice(valid, size=cfg.samples_per_episode, replace=valid.size < cfg.samples_per_episode)
             self.episodes += 1
             self.counters.add("episodes_read")
-            text_cache: dict = {}  # one tokenization of the instruction/subtasks per episode
-            items.extend((ep, int(t), name, where, text_cache) for t in steps)
+            episode_cache: dict = {}  # the episode's padded, normalized arrays, made once for its samples
+            items.extend((ep, int(t), name, where, episode_cache) for t in steps)
         order = self._rng(_TAG_WINDOW, self.window).permutation(len(items))
         self.items, self.pos = [items[i] for i in order], 0
 
@@ -178,33 +183,69 @@ class WorkerStream:
     def batches(self, free=None) -> Iterator[tuple[Any, dict[str, Any], int]]:
         """(Batch, worker state, image buffer index); `free`: the queue on which the main process
         returns this worker's buffers (buffers.py), None in the main process."""
-        plan, cfg = self.plan, self.plan.cfg
-        text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
+        cfg = self.plan.cfg
         shape = (cfg.batch_size, len(cfg.cameras), cfg.image_size, cfg.image_size, 3)
         self.ring = BufferRing(shape, free=free, shared=get_worker_info() is not None)
         while True:
             buffer_index, images = self.ring.take()
-            slots = images.numpy()
-            samples = []
-            while len(samples) < cfg.batch_size:
-                if self.pos >= len(self.items):
-                    self.window += 1
-                    self._fill_window()
-                ep, t, name, where, cache = self.items[self.pos]
-                self.pos += 1
+            yield self._fill_batch(images), self.state_dict(), buffer_index
+
+    def _next_item(self) -> tuple:
+        if self.pos >= len(self.items):
+            self.window += 1
+            self._fill_window()
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+    def _fill_batch(self, images: torch.Tensor) -> Batch:
+        """The next batch_size samples, images decoded into `images`. A sample whose frame, text or
+        action chunk is refused is skipped (counted) and the next item takes its place, as if they
+        were built one by one; but the work runs in two passes over the missing samples -- all their
+        frames, then all their other fields (tokenizers) -- so each pass keeps its own data in the
+        caches (one by one, each sample's ~450 KB of decoded frames evicted the tokenizers' tables:
+        FAST encoding cost ~2.5x its cost in a loop). Only the order in which two different refused
+        samples of one batch are reported can differ (data.on_bad_sample=fail reports the first)."""
+        plan, cfg = self.plan, self.plan.cfg
+        slots = images.numpy()
+        samples: list[dict] = []
+        while len(samples) < cfg.batch_size:
+            decoded = []   # (item, image mask, slot)
+            for _ in range(cfg.batch_size - len(samples)):
+                ep, t, name, where, cache = item = self._next_item()
+                slot = len(samples) + len(decoded)
                 try:
-                    samples.append(build_sample(
-                        ep, t, source=name, where=where, cameras=list(cfg.cameras), image_size=cfg.image_size,
-                        chunk_length=cfg.chunk_length, max_state_dim=cfg.max_state_dim,
-                        max_action_dim=cfg.max_action_dim, normalizer=plan.normalizer,
-                        text_tokenizer=plan.text_tokenizer, fast_tokenizer=plan.fast_tokenizer,
-                        text_cache=cache, images_out=slots[len(samples)]))
+                    mask = decode_sample_images(ep, t, where=where, cameras=list(cfg.cameras),
+                                                image_size=cfg.image_size, out=slots[slot])
                 except ImageDecodeError as e:
                     self.counters.bad("bad_image", f"{e} (timestep {t})")
+                    continue
+                decoded.append((item, mask, slot))
+            fast = [[] for _ in decoded]
+            if plan.fast_tokenizer is not None:   # the batch's chunks in one call (encode_many)
+                chunks = [fast_chunk(ep, t, episode_arrays(ep, cache, plan.normalizer, cfg.chunk_length,
+                                                           cfg.max_state_dim, cfg.max_action_dim), cfg.chunk_length)
+                          for (ep, t, _, _, cache), _, _ in decoded]
+                fast = encode_fast_chunks(plan.fast_tokenizer, chunks, [item[3] for item, _, _ in decoded])
+            for ((ep, t, name, where, cache), mask, slot), fast_tokens in zip(decoded, fast):
+                if len(self.token_cache) > TOKEN_CACHE_LIMIT:
+                    self.token_cache.clear()
+                try:
+                    if isinstance(fast_tokens, SampleError):
+                        raise fast_tokens
+                    fields = sample_fields(
+                        ep, t, source=name, where=where, chunk_length=cfg.chunk_length,
+                        max_state_dim=cfg.max_state_dim, max_action_dim=cfg.max_action_dim,
+                        normalizer=plan.normalizer, text_tokenizer=plan.text_tokenizer, text_cache=cache,
+                        token_cache=self.token_cache, fast_tokens=fast_tokens)
                 except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
                     self.counters.bad("bad_sample", f"{e} (timestep {t})")
-            self.counters.add("samples_read", len(samples))
-            yield collate_samples(samples, text_pad_id=int(text_pad), images=images), self.state_dict(), buffer_index
+                    continue
+                if slot != len(samples):   # a refused sample before it: its frames move up one slot
+                    slots[len(samples)] = slots[slot]
+                samples.append({"image_mask": mask, **fields})
+        self.counters.add("samples_read", len(samples))
+        text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
+        return collate_samples(samples, text_pad_id=int(text_pad), images=images)
 
 
 class MixtureStream(IterableDataset):
@@ -224,25 +265,17 @@ class MixtureStream(IterableDataset):
         worker = (physical + self.worker_offset) % len(self.worker_states)
         self.stream = WorkerStream(self.plan, worker, self.worker_states[worker])
         free = self.free_queues[worker] if self.free_queues and info is not None else None
+        mapped: set[int] = set()   # buffers the main process has already received (and keeps mapped)
         for batch, state, buffer_index in self.stream.batches(free):
-            if info is not None:   # to the main process: see _small_fields_by_value
-                batch = _small_fields_by_value(batch)
-            yield batch, worker, state, buffer_index
-
-
-def _small_fields_by_value(batch: Batch) -> Batch:
-    """Every field but images as numpy arrays: pickled by value through the worker's pipe (a few KB)
-    instead of one fresh shared-memory segment per tensor (13 per batch, ~1.3 ms per batch of worker
-    CPU); the main process wraps them back with torch.from_numpy (_as_tensors)."""
-    fields = {k: (v if k == "images" else v.numpy()) for k, v in batch.tensors().items()}
-    return Batch(**fields, meta=batch.meta)
-
-
-def _as_tensors(batch: Batch) -> Batch:
-    if all(isinstance(v, torch.Tensor) for v in batch.tensors().values()):
-        return batch
-    return Batch(**{k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in batch.tensors().items()},
-                 meta=batch.meta)
+            if info is None:
+                yield batch, worker, state, buffer_index
+                continue
+            # To the main process: see buffers.worker_message. A buffer travels (as a shared-memory handle)
+            # only the first time; later batches in it name its index only.
+            first = buffer_index not in mapped
+            mapped.add(buffer_index)
+            yield (worker_message(batch, self.stream.ring.buffers[buffer_index] if first else None),
+                   worker, state, buffer_index)
 
 
 def _keep_as_is(item):
@@ -299,8 +332,9 @@ class StreamingLoader:
         dataset = MixtureStream(self.plan, list(self._worker_states), self._consumed % n, free_queues)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_as_is,
                             worker_init_fn=ignore_stop_signals, prefetch_factor=2 if workers > 0 else None)
-        for batch, worker, state, buffer_index in loader:
-            batch = _as_tensors(batch)
+        maps = BufferMaps()
+        for item, worker, state, buffer_index in loader:
+            batch = maps.batch(item, worker, buffer_index)
             self._worker_states[worker] = state
             self._consumed += 1
             release_when_dropped(batch.images, free_queues[worker] if free_queues else dataset.stream.ring,

@@ -39,6 +39,10 @@ RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # i
 _BLOCK = 512
 # Members whose offsets one cursor remembers across epochs (~100 bytes each: ~20 MB at the limit).
 MEMBER_INDEX_LIMIT = 200_000
+# Steps of accepted episodes one cursor keeps parsed: a set read for many epochs skips parsing and
+# checking them again. Only episodes read through the member index are kept (their frames are the
+# index's offsets, shared): the cost is the arrays, ~100-150 bytes a step (10-20 MB per cursor).
+PARSED_EPISODE_LIMIT = 100_000
 _ZERO_BLOCK = bytes(_BLOCK)
 
 
@@ -289,6 +293,10 @@ class ShardCursor:
         self._mode_key, self._mode_kept = "", True
         self._member_index: dict[str, list] = {}   # shard path -> its walked members (_iter_groups)
         self._indexed_members = 0
+        # (shard path, key) -> the accepted, checked Episode (shards are immutable; episodes are not
+        # modified by their readers); bounded by PARSED_EPISODE_LIMIT steps.
+        self._parsed: dict[tuple[str, str], Episode] = {}
+        self._parsed_steps = 0
 
     def position(self) -> dict[str, int]:
         return {"draw": self.draw, "offset": self.offset}
@@ -312,18 +320,20 @@ class ShardCursor:
 
     def _iter_groups(self, path: str) -> Iterator[dict]:
         """The shard's groups. The first complete, undamaged walk of a shard is remembered (member
-        names, offsets, sizes: shards are immutable once written), so later epochs skip the header
-        walk -- ~15 % of the reader's CPU per sample when a small set is read for many epochs."""
+        names, offsets, sizes, grouped per episode: shards are immutable once written), so later epochs
+        skip the header walk -- ~15 % of the reader's CPU per sample when a small set is read for many
+        epochs -- and locate each camera's frames as one lazy sequence (member_index.py)."""
+        from .member_index import episode_templates   # imports this module
         buf = map_shard(path)
         cached = self._member_index.get(path)
         if cached is not None:
-            members = ((k, sfx, MemberRef(buf, o, n) if how == REF else buf[o : o + n]) for k, sfx, how, o, n in cached)
-            yield from group_members(members, path)
+            for template in cached:
+                yield template.sample(buf, path)
             return
         index: list = []
         yield from group_members(iter_tar_members(buf, path, self.member_mode, index), path)
         if self._indexed_members + len(index) <= MEMBER_INDEX_LIMIT:   # only a walk that reached the end
-            self._member_index[path] = index
+            self._member_index[path] = episode_templates(index)
             self._indexed_members += len(index)
 
     def seek(self, draw: int, offset: int) -> None:
@@ -384,6 +394,9 @@ class ShardCursor:
             if combo is not None and combo not in self.kept_combos:
                 self.counters.add("excluded_episode")
                 continue
+            ep = self._parsed.get((self._path, key))
+            if ep is not None:
+                return ep, where
             try:
                 ep = sample_to_episode(group, where=self._path)
                 if ep.combo not in self.kept_combos:
@@ -393,4 +406,7 @@ class ShardCursor:
             except EpisodeFormatError as e:
                 self.counters.bad("bad_sample", str(e))
                 continue
+            if group.get("__indexed__") and self._parsed_steps + ep.num_steps <= PARSED_EPISODE_LIMIT:
+                self._parsed[self._path, key] = ep
+                self._parsed_steps += ep.num_steps
             return ep, where
