@@ -106,3 +106,23 @@ def test_iter_episodes_order_and_bad_task():
         next(iter_episodes(1, [99], 1))
     with pytest.raises(ValueError, match="cameras"):
         generate_episode("robot/arm", 0, 0, 0, cameras=("top",))
+
+
+def test_robot_expert_decelerates_into_the_grasp():
+    """Issue 11: where the arm stops must be a smooth function of the distance, not a step count --
+    the steps into every grip get shorter, and the gripper closes within a few mm of the block."""
+    r = rollout("robot/arm", 0, 3, episode_rng("robot/arm", 0, 3, 0, 0), image_size=16, cameras=())
+    assert r.world.task_spec.kind == "pick_place" and r.world.success()
+    moves = np.linalg.norm(r.actions[:, :3], axis=-1)
+    cruise = moves.max()
+    closes = [t for t in range(1, len(r.actions)) if r.actions[t, 6] >= 0.5 > r.actions[t - 1, 6]]
+    assert closes, "the expert never closed its gripper"
+    t = closes[0]
+    approach = moves[t - 4:t]  # a constant-speed expert: cruise, cruise, cruise, remainder
+    assert np.all(np.diff(approach) <= 1e-6) and approach[1] < 0.6 * cruise, \
+        f"steps into the grasp do not shrink: {approach} (cruise {cruise:.3f})"
+    w = MiniWorld(0, 3, "robot/arm", seed=r.world_seed, image_size=16)
+    for a in r.actions[:t]:
+        w.step(a)
+    block = w.state.blocks[w.task_spec.obj]
+    assert np.linalg.norm(w.contact_point(0) - block) < 0.01
