@@ -24,7 +24,7 @@ from . import render
 from .format import CAMERAS, EMBODIMENT_IDS
 
 NUM_TASKS = 12
-MAX_EPISODE_STEPS = 90  # scripted demos take 18-60 steps; evaluators may stop a policy here
+MAX_EPISODE_STEPS = 90  # scripted demos take 21-64 steps; evaluators may stop a policy here
 PALETTE = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 220), "yellow": (230, 205, 40),
     "orange": (240, 135, 30), "purple": (135, 60, 185), "white": (235, 235, 235),

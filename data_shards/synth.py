@@ -34,6 +34,9 @@ HOVER = 0.10  # approach height above objects
 # a policy that misjudged it by one step closed its gripper 3-6 cm from the block.)
 APPROACH_GAIN = 0.5
 ARRIVE_TOL = 0.005
+# Bumped whenever the scripted expert's behaviour changes, so a shard set's manifest says which
+# demonstrations it holds (1: constant speed up to each waypoint; 2: decelerating approach).
+EXPERT_VERSION = 2
 
 
 def _wrap(angle: float) -> float:

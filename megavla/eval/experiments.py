@@ -29,7 +29,7 @@ import yaml
 
 from megavla.config import ConfigError, build, to_dict
 from megavla.config.core import apply_overrides, read_yaml
-from megavla.data_shards.synth import generate_episode
+from megavla.data_shards.synth import EXPERT_VERSION, generate_episode
 
 from . import closed_loop, offline
 from .finetune import write_init
@@ -170,7 +170,7 @@ def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, wo
     more = {c: n for c, n in (more or {}).items() if n != per_combo}
     generator = {"generator": "megavla.eval.experiments (data_shards.synth.generate_episode)",
                  "embodiment": embodiment, "combos": combos, "episodes_per_combo": per_combo,
-                 "image_size": world.image_size, "seed": world.seed}
+                 "image_size": world.image_size, "seed": world.seed, "expert_version": EXPERT_VERSION}
     if more:
         generator["episodes_per_combo_override"] = more
     if (out / "manifest.json").is_file():
