@@ -68,9 +68,10 @@ def dct_matrix(horizon: int) -> np.ndarray:
 
 
 def dct_coefficients(chunk: np.ndarray, scale: float) -> np.ndarray:
-    """Integer DCT coefficients [H, d] of a chunk [H, d] (float math in float64)."""
+    """Integer DCT coefficients [..., H, d] of chunks [..., H, d] (float math in float64; a stack of
+    same-shape chunks is one matmul, each chunk rounded exactly as alone)."""
     chunk = np.asarray(chunk, dtype=np.float64)
-    return np.rint(dct_matrix(chunk.shape[0]) @ chunk * scale).astype(np.int64)
+    return np.rint(dct_matrix(chunk.shape[-2]) @ chunk * scale).astype(np.int64)
 
 
 def _to_text(offsets: np.ndarray) -> str:
@@ -155,11 +156,8 @@ class FastTokenizer:
         for i, chunk in enumerate(chunks):
             if chunk.size:
                 by_shape.setdefault(chunk.shape, []).append(i)
-        for (horizon, _), rows in by_shape.items():
-            stacked = np.stack([chunks[i] for i in rows]).astype(np.float64)
-            # dct_coefficients per chunk, stacked: the same float64 products, rounded alike (tested).
-            coeffs = np.rint(np.matmul(dct_matrix(horizon), stacked) * self.scale).astype(np.int64)
-            coeffs = coeffs.reshape(len(rows), -1)
+        for rows in by_shape.values():
+            coeffs = dct_coefficients(np.stack([chunks[i] for i in rows]), self.scale).reshape(len(rows), -1)
             if coeffs.min() < self.min_coeff or coeffs.max() > self.max_coeff:   # clipped and counted
                 for i, flat in zip(rows, coeffs):
                     out[i] = self.encode_coefficients(flat)
