@@ -12,6 +12,7 @@ state that matters is the one at import time (`INTERPRETED_AT_IMPORT`), not the 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -22,21 +23,35 @@ logger = logging.getLogger(__name__)
 IMPLS = ("auto", "triton", "torch")
 INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-try:  # triton ships with CUDA torch; on a CPU box it is an optional extra
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+# The kernels run on CUDA tensors (a CUDA or ROCm build of torch) or on CPU under the interpreter.
+# A CPU-only torch without TRITON_INTERPRET=1 can run none of them, so triton is not imported there:
+# that import cost ~0.08 CPU-s of every process start (issue 16: launch) for kernels never called.
+KERNELS_CAN_RUN = INTERPRETED_AT_IMPORT or torch.version.cuda is not None or torch.version.hip is not None
 
-    TRITON_IMPORT_ERROR: str | None = None
-except Exception as exc:  # pragma: no cover - depends on the install
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+triton = None  # type: ignore[assignment]
+tl = None  # type: ignore[assignment]
+TRITON_IMPORT_ERROR: str | None = None
+if KERNELS_CAN_RUN:
+    try:  # triton ships with CUDA torch; on a CPU box it is an optional extra
+        import triton  # type: ignore[no-redef]  # noqa: F401
+        import triton.language as tl  # type: ignore[no-redef]  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        triton = tl = None
+        TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+elif importlib.util.find_spec("triton") is None:
+    TRITON_IMPORT_ERROR = "ModuleNotFoundError: No module named 'triton'"
 
 _warned_env_change = False
 
 
 def triton_available() -> bool:
+    """Whether triton is installed (and, where the kernels can run, imported without error)."""
     return TRITON_IMPORT_ERROR is None
+
+
+def kernels_defined() -> bool:
+    """Whether this process imported triton and defines the kernels (see KERNELS_CAN_RUN)."""
+    return triton is not None
 
 
 def triton_can_run(*tensors: torch.Tensor) -> tuple[bool, str]:

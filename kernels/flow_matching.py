@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_impl, triton_available
+from .dispatch import kernels_defined, resolve_impl
 
 
 def _check_shapes(v, actions, noise, dim_mask, time_mask) -> None:
@@ -71,7 +71,7 @@ def mean_over_supervised_samples(per_sample: torch.Tensor, dim_mask: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- Triton
-if triton_available():
+if kernels_defined():
     from .dispatch import tl, triton
 
     @triton.jit

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_impl, triton_available
+from .dispatch import kernels_defined, resolve_impl
 
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "auto") -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- Triton
-if triton_available():
+if kernels_defined():
     from .dispatch import tl, triton
 
     @triton.jit

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_impl, triton_available
+from .dispatch import kernels_defined, resolve_impl
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -58,7 +58,7 @@ def ada_rms_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps:
 # ----------------------------------------------------------------------------- Triton
 # One kernel pair serves both norms: x is viewed as [B, L, D] and the modulation (Gemma weight, or
 # adaptive scale/shift) is addressed with strides (sb, sl) that are 0 where it is broadcast.
-if triton_available():
+if kernels_defined():
     from .dispatch import tl, triton
 
     @triton.jit

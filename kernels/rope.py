@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_impl, triton_available
+from .dispatch import kernels_defined, resolve_impl
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
@@ -41,7 +41,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
 
 
 # ----------------------------------------------------------------------------- Triton
-if triton_available():
+if kernels_defined():
     from .dispatch import tl, triton
 
     @triton.jit

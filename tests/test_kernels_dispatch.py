@@ -1,6 +1,10 @@
 """impl dispatch and input validation of megavla.kernels (plain torch; runs in every process)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -64,3 +68,22 @@ def test_float64_stays_on_the_torch_reference():
     if triton_available():
         with pytest.raises(RuntimeError, match="float64"):
             resolve_impl("triton", x)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None,
+                    reason="a CUDA/ROCm build of torch imports triton: its kernels can run")
+def test_cpu_only_torch_does_not_import_triton_unless_interpreted():
+    """No kernel can run on a CPU-only torch without the interpreter: importing triton there only
+    cost process start time (issue 16, launch). With TRITON_INTERPRET=1 it is imported as before."""
+    probe = ("import sys, megavla.model.vla, megavla.kernels.dispatch as d; "
+             "print('triton' in sys.modules, d.kernels_defined(), d.triton_available())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    plain = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    installed = plain.stdout.split()[2] == "True"
+    assert plain.stdout.split()[:2] == ["False", "False"]
+    if installed:
+        interpreted = subprocess.run([sys.executable, "-c", probe], env=dict(env, TRITON_INTERPRET="1"),
+                                     capture_output=True, text=True, timeout=120)
+        assert interpreted.returncode == 0, interpreted.stderr[-2000:]
+        assert interpreted.stdout.split() == ["True", "True", "True"]

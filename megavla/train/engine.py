@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +43,22 @@ def _skip_shm_comm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def _skip_deepspeed_triton_import() -> None:
+    """DeepSpeed's engine imports its Triton ops (AutoEP's ReplacementSourceMap lives beside them)
+    on every `initialize`, and their shared module imports triton (~0.08 CPU-s of every process
+    start) only to learn that no GPU backend is active. A CPU-only torch has none, so we register
+    that module with its answer on such a build: `_TRITON_AVAILABLE` False (every DeepSpeed Triton
+    kernel is defined and used under that flag), triton and tl None. GPU builds are left alone."""
+    name = "deepspeed.ops.triton_ops._triton"
+    if torch.version.cuda is not None or torch.version.hip is not None or name in sys.modules:
+        return
+    module = types.ModuleType(name, "DeepSpeed's Triton availability on a CPU-only torch: none "
+                                    "(megavla.train.engine._skip_deepspeed_triton_import)")
+    module._TRITON_AVAILABLE, module.triton, module.tl = False, None, None
+    module.is_triton_available = lambda: False
+    sys.modules[name] = module
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Join (or create) the process group from the usual env (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT), set by torchrun, our local launcher or the SLURM launcher. Without that
@@ -63,6 +80,7 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cpu")
         # Said up front, DeepSpeed skips its "Setting accelerator to CPU ... unable to detect" warning.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_deepspeed_triton_import()
         _skip_shm_comm_build()
     # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor: one
     # FutureWarning per rank per run that the user can do nothing about.
