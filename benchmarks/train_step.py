@@ -8,8 +8,10 @@ DeepSpeed ZeRO-0/2/3 (2 processes), tiny and small presets, in one run.
 Every configuration runs the real code paths: the VLA from `build_model`, the DeepSpeed engine from
 `megavla.train.engine.create_engine` (torch AdamW, fp32 on CPU / bf16 on GPU), one fixed synthetic
 batch per rank (`megavla.model.synthetic.random_batch`, so the data pipeline does not count).
-Step = forward + backward + optimizer step; the first 2 steps are warm-up and not timed. Peak memory
-is the process's peak RSS on CPU (includes ~0.4 GB of torch/DeepSpeed import baseline) or peak CUDA
+Step = forward + backward + optimizer step; the first 2 steps are warm-up and not timed (`--steps 0`:
+build the model and the engine only, no step: the build-time peaks). Peak memory, per phase (after
+the model build, after the engine (optimizer, ZeRO partitions), after the steps), is the process's
+peak RSS so far on CPU (includes ~0.4 GB of torch/DeepSpeed import baseline) or peak CUDA
 allocation on GPU. Every process uses 1 intra-op thread (set BENCH_PYTORCH_THREADS=2 to give the 1-process PyTorch run
 both cores; on a busy shared box that measured 10x slower from OpenMP spin-waiting). Prints a
 markdown table.
@@ -117,6 +119,13 @@ def worker(args) -> None:
         def step(batch):
             engine.backward(engine(batch)["loss"])
             engine.step()
+    peak_after_engine = peak_memory_mb(device)
+    result = {"rank": rank, "build_peak_mb": peak_after_build, "engine_peak_mb": peak_after_engine,
+              "state_mb": state_mb(model, opt), "params_m": params_m,
+              "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    if args.steps == 0:    # build only: the peaks before any step
+        Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
+        return
     host_batch = random_batch(mcfg, batch_size=args.batch, seed=rank)
     from megavla.model.flops import batch_flops, flops_per_sample
     run_flops = batch_flops(mcfg, host_batch)              # this batch's valid tokens (the trainer's MFU)
@@ -132,15 +141,12 @@ def worker(args) -> None:
     from megavla.train.metrics import peak_flops
     step_s = sum(times) / len(times)
     peak = peak_flops(device)
-    result = {"rank": rank, "step_s": step_s, "peak_mb": peak_memory_mb(device), "build_peak_mb": peak_after_build,
+    result.update({"step_s": step_s, "peak_mb": peak_memory_mb(device),
               # MFU per device (GPU only): training FLOPs of the batch run / step time / dense bf16 peak.
               "mfu": run_flops / step_s / peak if peak else None,
               "tflops_s": run_flops / step_s / 1e12,
               # the config's nominal sample (3 cameras, text 48, ...) vs the batch actually run
-              "nominal_over_run": flops_per_sample(mcfg) * args.batch / run_flops,
-              "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-              "state_mb": state_mb(model, opt),
-              "params_m": params_m}
+              "nominal_over_run": flops_per_sample(mcfg) * args.batch / run_flops})
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -162,22 +168,29 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
         if code:
             raise RuntimeError(f"{preset} ZeRO-{stage}: workers exited with {code}")
     ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(nproc)]
-    step_s = max(r["step_s"] for r in ranks)           # ranks run in lockstep; the slowest paces
+    built_only = steps == 0
+    step_s = None if built_only else max(r["step_s"] for r in ranks)   # ranks run in lockstep; the slowest paces
     mode = "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}" + (
         " (zero.Init)" if stage == 3 and not no_zero3_init else "")
     return {"preset": preset, "mode": mode, "nproc": nproc,
-            "params_m": ranks[0]["params_m"], "step_s": step_s, "samples_s": batch * nproc / step_s,
-            "peak_mb": [round(r["peak_mb"]) for r in ranks],
-            "build_peak_mb": [round(r["build_peak_mb"]) for r in ranks], "state_mb": [round(r["state_mb"]) for r in ranks],
-            "mfu": ranks[0]["mfu"], "device": ranks[0]["device"], "malloc_mmap_threshold_kb": malloc_mmap_threshold_kb,
-            "tflops_s": sum(r["tflops_s"] for r in ranks) / nproc, "nominal_over_run": ranks[0]["nominal_over_run"]}
+            "params_m": ranks[0]["params_m"], "step_s": step_s,
+            "samples_s": None if built_only else batch * nproc / step_s,
+            "peak_mb": None if built_only else [round(r["peak_mb"]) for r in ranks],
+            "build_peak_mb": [round(r["build_peak_mb"]) for r in ranks],
+            "engine_peak_mb": [round(r["engine_peak_mb"]) for r in ranks],
+            "state_mb": [round(r["state_mb"]) for r in ranks],
+            "mfu": None if built_only else ranks[0]["mfu"], "device": ranks[0]["device"],
+            "malloc_mmap_threshold_kb": malloc_mmap_threshold_kb,
+            "tflops_s": None if built_only else sum(r["tflops_s"] for r in ranks) / nproc,
+            "nominal_over_run": None if built_only else ranks[0]["nominal_over_run"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--stages", nargs="+", type=int, default=[-1, 0, 2, 3], help="-1 = plain PyTorch")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps (after 2 warm-up steps); 0 = build the model and engine only")
     parser.add_argument("--batch", type=int, default=2, help="micro batch per process")
     parser.add_argument("--nproc", type=int, nargs="+", default=[2],
                         help="processes for the DeepSpeed rows (= GPUs on a GPU box); several = one row each")
@@ -209,14 +222,20 @@ def main() -> None:
           "batch); 'nominal / run' = how much the config's nominal sample would overstate them.\n")
     print("| preset | params (M) | mode | procs | step (s) | samples/s | TFLOP/s per proc | MFU "
           "| nominal / run FLOPs | model states per rank (MB) | peak RSS per rank after the model build (MB) "
-          "| peak RSS per rank (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| after the engine (MB) | peak RSS per rank (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {r['step_s']:.3f} | "
-              f"{r['samples_s']:.2f} | {r['tflops_s']:.4f} | {mfu} | {r['nominal_over_run']:.2f}x | "
-              f"{' / '.join(map(str, r['state_mb']))} | {' / '.join(map(str, r['build_peak_mb']))} | "
-              f"{' / '.join(map(str, r['peak_mb']))} |")
+        print(f"| {r['preset']} | {r['params_m']:.1f} | {r['mode']} | {r['nproc']} | {fmt(r['step_s'], '.3f')} | "
+              f"{fmt(r['samples_s'], '.2f')} | {fmt(r['tflops_s'], '.4f')} | {mfu} | "
+              f"{fmt(r['nominal_over_run'], '.2f')}{'' if r['nominal_over_run'] is None else 'x'} | "
+              f"{' / '.join(map(str, r['state_mb']))} | "
+              f"{' / '.join(map(str, r['build_peak_mb']))} | {' / '.join(map(str, r['engine_peak_mb']))} | "
+              f"{' / '.join(map(str, r['peak_mb'] or ['n/a']))} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 from test_pipeline_fixtures import make_episode, write_shard_set
 
 from megavla.data.member_index import FrameRefs, episode_templates
-from megavla.data.shard_reader import READ, REF, group_members, iter_tar_members, map_shard
+from megavla.data.shard_reader import READ, REF, group_members, iter_tar_members, map_shard, read_members
 from megavla.data_shards.format import EpisodeFormatError, episode_to_sample, sample_to_episode
 
 
@@ -48,6 +48,19 @@ def test_templates_give_the_walks_episodes_and_errors(tmp_path):
             assert [f.read() for f in ea.frames[cam]] == [eb.frames[cam][t].read() for t in range(eb.num_steps)]
     assert "missing member 'head.0004.jpg' (2 frames of camera head missing)" in parse(remembered[2], path)
     assert isinstance(parse(remembered[0], path).frames["head"], FrameRefs)
+    # what a cursor yields on later epochs: the key only, members read when the episode is parsed
+    for t, full in zip(episode_templates(index), remembered):
+        header = t.header(buf, path)
+        assert header["__key__"] == full["__key__"] and "__frames__" not in header
+        group = read_members(header)
+        assert "__unread__" not in group and sorted(group) == sorted(full)
+        assert all(group[k] == full[k] for k in full if isinstance(full[k], (bytes, str, bool)))
+
+
+def test_member_ref_view_is_the_read_bytes_in_place():
+    refs = FrameRefs(b"abcdefgh", (0, 2, 5), (2, 3, 3))
+    view = refs[1].view()
+    assert isinstance(view, memoryview) and bytes(view) == refs[1].read() == b"cde"
 
 
 def test_frame_refs_index_and_slice():

@@ -48,7 +48,8 @@ def decode_frame(jpeg, size: int, where: str, out: np.ndarray | None = None) -> 
     """JPEG bytes (or a shard_reader.MemberRef, read now) -> uint8 [size, size, 3] (HWC), decoded
     straight into ``out`` (a slot of the batch buffer) when given and the stored size fits."""
     try:
-        data = jpeg.read() if hasattr(jpeg, "read") else jpeg
+        # a shard_reader.MemberRef: its bytes in the shard's map, not copied out (~2 us a frame)
+        data = jpeg.view() if hasattr(jpeg, "view") else jpeg.read() if hasattr(jpeg, "read") else jpeg
         rgb = None
         if out is not None and out.shape == (size, size, 3) and out.flags.c_contiguous:
             # No header parse first (~4 us a frame): a frame of the batch's size fills `out` exactly; a

@@ -138,6 +138,10 @@ class MemberRef:
     def read(self) -> bytes:
         return self.buf[self.offset : self.offset + self.size]
 
+    def view(self) -> memoryview:
+        """The bytes in place (no copy: a JPEG decoder reads them straight from the map)."""
+        return memoryview(self.buf)[self.offset : self.offset + self.size]
+
 
 def map_shard(path: str) -> mmap.mmap:
     """Read-only memory map of a shard (the writer renames finished shards into place, so a mapped
@@ -152,6 +156,12 @@ def map_shard(path: str) -> mmap.mmap:
         return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
+
+
+def read_members(group: dict[str, Any]) -> dict[str, Any]:
+    """A group from member_index.EpisodeTemplate.header with its members read now (others as they are)."""
+    unread = group.pop("__unread__", None)
+    return group if unread is None else unread[0].fill(group, unread[1])
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -328,7 +338,7 @@ class ShardCursor:
         cached = self._member_index.get(path)
         if cached is not None:
             for template in cached:
-                yield template.sample(buf, path)
+                yield template.header(buf, path)   # members read by next_episode if not parsed before
             return
         index: list = []
         yield from group_members(iter_tar_members(buf, path, self.member_mode, index), path)
@@ -398,7 +408,7 @@ class ShardCursor:
             if ep is not None:
                 return ep, where
             try:
-                ep = sample_to_episode(group, where=self._path)
+                ep = sample_to_episode(read_members(group), where=self._path)
                 if ep.combo not in self.kept_combos:
                     self.counters.add("excluded_episode")
                     continue
