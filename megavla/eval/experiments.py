@@ -330,7 +330,8 @@ def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: b
         log.info("%s: executing %d actions per chunk (chunk length %d < eval.execute_k=%d)", run_dir,
                  execute_k, loaded.cfg.data.chunk_length, ev.execute_k)
     policy = VLAPolicy(loaded, execute_k=execute_k, num_steps=ev.flow_steps)
-    result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step}
+    result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step,
+              "weights": loaded.weights}
     result["closed_loop"] = closed_loop.evaluate(policy, combos, ev.episodes_per_combo, image_size=image_size,
                                                  max_steps=ev.max_steps)
     episodes = offline.heldout_episodes(combos, ev.offline_episodes_per_combo, image_size=image_size,

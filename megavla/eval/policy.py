@@ -5,6 +5,9 @@ checkpoint directory (``step_NNNNNN`` with DeepSpeed's ``mp_rank_00_model_states
 ``trainer_state.json``, ``norm_stats.json``, ``tokenizers/``) or an exported directory
 (``model.safetensors`` + ``model_config.yaml`` from megavla.model.io, with ``norm_stats.json`` and
 ``tokenizers/`` beside it, plus ``config.yaml`` for the data settings).
+A checkpoint of a run trained with ``train.ema_decay`` also holds ``ema.safetensors``; the EMA
+weights are then the ones evaluated and served (``weights="auto"``, as openpi serves its EMA params),
+unless ``weights="raw"`` asks for the optimizer's own.
 
 Observations go through the training path: the world's renders are JPEG-encoded as the generator
 stores them and turned into a one-step ``Episode``, then ``data.collate.build_sample`` +
@@ -33,6 +36,8 @@ from megavla.data_shards.miniworld import MiniWorld
 log = logging.getLogger(__name__)
 
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+EMA_FILE = "ema.safetensors"
+WEIGHT_CHOICES = ("auto", "ema", "raw")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +53,7 @@ class LoadedCheckpoint:
     fast_tokenizer: Any
     path: Path
     step: int | None
+    weights: str = "raw"  # which weights were loaded: "ema" or "raw"
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -79,8 +85,32 @@ def _load_config(ckpt: Path) -> Config:
                           "settings (cameras, chunk length, image size) are needed for inference")
 
 
-def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Model weights of a checkpoint as fp32 tensors (DeepSpeed module states or safetensors)."""
+def choose_weights(ckpt: Path, weights: str = "auto") -> str:
+    """"ema" or "raw" for ``weights`` in WEIGHT_CHOICES: auto = EMA when the checkpoint has it."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights={weights!r}: choose one of {WEIGHT_CHOICES}")
+    has_ema = (ckpt / EMA_FILE).is_file()
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{ckpt}: no {EMA_FILE}; train with train.ema_decay set, or load weights='raw'")
+    return "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
+
+
+def load_state_dict(ckpt: Path, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """Model weights of a checkpoint as fp32 tensors (DeepSpeed module states or safetensors), with
+    the EMA of the trainable parameters laid over them when ``choose_weights`` picks it."""
+    state = _load_raw_state_dict(ckpt)
+    if choose_weights(ckpt, weights) == "ema":
+        from safetensors.torch import load_file
+        ema = load_file(str(ckpt / EMA_FILE))
+        unknown = sorted(set(ema) - set(state))
+        if unknown:
+            raise CheckpointError(f"{ckpt / EMA_FILE}: {len(unknown)} tensors the model states lack "
+                                  f"({unknown[:4]}); the file belongs to another model")
+        state.update({k: v.float() for k, v in ema.items()})
+    return state
+
+
+def _load_raw_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_file
         state = load_file(str(ckpt / "model.safetensors"))
@@ -92,14 +122,17 @@ def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None,
+                    weights: str = "auto") -> LoadedCheckpoint:
     """Model (eval mode, fp32, CPU) + config + normalizer + tokenizers of one checkpoint.
-    ``extra_norm_stats``: stats of embodiments the checkpoint lacks (e.g. human for a robot-only run)."""
+    ``extra_norm_stats``: stats of embodiments the checkpoint lacks (e.g. human for a robot-only run).
+    ``weights``: "auto" (the EMA weights when the run kept them), "ema" or "raw"."""
     from megavla.model.vla import build_model
     ckpt = resolve_checkpoint_dir(path)
     cfg = _load_config(ckpt)
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(load_state_dict(ckpt), strict=False)
+    which = choose_weights(ckpt, weights)
+    missing, unexpected = model.load_state_dict(load_state_dict(ckpt, which), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the config's model: missing {missing[:4]} "
                               f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}); a "
@@ -125,7 +158,8 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> L
     step = None
     if (ckpt / "trainer_state.json").is_file():
         step = json.loads((ckpt / "trainer_state.json").read_text()).get("step")
-    return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step)
+    log.info("%s: %s weights (step %s)", ckpt, which, step)
+    return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step, which)
 
 
 def frames_episode(embodiment: str, instruction: str, state: np.ndarray, images: dict[str, np.ndarray],
