@@ -206,11 +206,16 @@ def episode_batch(loaded: LoadedCheckpoint, episodes_and_steps: list[tuple[Episo
 class VLAPolicy:
     """``reset(world)`` / ``act(world)`` over a loaded checkpoint, with action chunking."""
 
-    def __init__(self, loaded: LoadedCheckpoint, execute_k: int = 5, num_steps: int = 10, seed: int = 0):
+    def __init__(self, loaded: LoadedCheckpoint, execute_k: int = 5, num_steps: int = 10, seed: int = 0,
+                 noise_scale: float = 1.0):
         H = loaded.cfg.data.chunk_length
         if not 1 <= execute_k <= H:
             raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={H}]")
-        self.loaded, self.execute_k, self.num_steps = loaded, execute_k, num_steps
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale={noise_scale} must be >= 0")
+        # noise_scale < 1 starts the flow integration nearer the noise distribution's centre (0 = the
+        # deterministic flow from x = 0); 1 samples the learned distribution as trained (openpi).
+        self.loaded, self.execute_k, self.num_steps, self.noise_scale = loaded, execute_k, num_steps, noise_scale
         self.generator = torch.Generator().manual_seed(seed)
         self.queue: list[np.ndarray] = []
         self.queries = 0
@@ -227,7 +232,7 @@ class VLAPolicy:
         ld = self.loaded
         batch = episode_batch(ld, [(observation_episode(world, list(ld.cfg.data.cameras)), 0)])
         H, A = ld.cfg.data.chunk_length, ld.cfg.data.max_action_dim
-        noise = torch.randn((1, H, A), generator=self.generator)
+        noise = torch.randn((1, H, A), generator=self.generator) * self.noise_scale
         chunk = ld.model.sample_actions(batch, num_steps=self.num_steps, noise=noise)[0].float()
         if ld.normalizer is not None:
             chunk = ld.normalizer.unnormalize(chunk, world.embodiment, "actions")
