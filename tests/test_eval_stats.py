@@ -179,3 +179,17 @@ def test_mcnemar_exact_and_pairing():
         return {"episodes_detail": [{"scene": 0, "task": 0, "seed": s, "success": ok} for s, ok in zip(seeds, successes)]}
     assert report.paired_test(cl(first, range(20)), cl(second, range(20)))["only_first"] == 8
     assert report.paired_test(cl(first, range(20)), cl(second, range(1, 21))) is None
+
+
+def test_noise_scale_zero_is_deterministic_and_one_samples(loaded_and_episodes):
+    """noise_scale=0 integrates the flow from x = 0: the same chunk whatever the noise seed; 1 samples."""
+    from megavla.data_shards.miniworld import MiniWorld
+    from megavla.eval.policy import VLAPolicy
+    loaded, _ = loaded_and_episodes
+    world = MiniWorld(0, 0, seed=5, image_size=32)
+    plans = {(scale, seed): VLAPolicy(loaded, noise_scale=scale, seed=seed).plan(world)
+             for scale in (0.0, 1.0) for seed in (0, 1)}
+    assert np.array_equal(plans[0.0, 0], plans[0.0, 1])
+    assert not np.allclose(plans[1.0, 0], plans[1.0, 1])
+    with pytest.raises(ValueError, match="noise_scale"):
+        VLAPolicy(loaded, noise_scale=-1.0)

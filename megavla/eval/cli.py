@@ -207,8 +207,9 @@ def closed_loop_command(args: argparse.Namespace) -> dict:
         policy, image_size = closed_loop.ClientPolicy(client, meta, args.execute_k), int(meta["image_size"])
     else:
         from .policy import VLAPolicy, load_checkpoint
-        loaded = load_checkpoint(args.checkpoint)
-        policy = VLAPolicy(loaded, execute_k=args.execute_k, num_steps=args.flow_steps, seed=args.noise_seed)
+        loaded = load_checkpoint(args.checkpoint, weights=args.weights)
+        policy = VLAPolicy(loaded, execute_k=args.execute_k, num_steps=args.flow_steps, seed=args.noise_seed,
+                           noise_scale=args.noise_scale)
         image_size = loaded.cfg.data.image_size
     try:
         return closed_loop.evaluate(policy, combos, args.episodes_per_combo, image_size=image_size,
@@ -250,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-seed", type=int, default=0, help="in process: the flow noise seed (= serve --seed)")
     p.add_argument("--execute-k", type=int, default=5, help="actions executed per predicted chunk")
     p.add_argument("--flow-steps", type=int, default=10, help="in process: Euler steps (= serve --flow-steps)")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="in process: scale of the flow's starting noise (1 = as trained, 0 = deterministic)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="in process: the run's EMA weights (auto: when it kept them) or the raw ones")
     p.add_argument("--max-steps", type=int, default=90)
     p.add_argument("--out", help="write the result (every episode) to this JSON file")
     return parser

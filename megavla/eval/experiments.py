@@ -69,6 +69,8 @@ class EvalSpec:
     max_steps: int = 90
     execute_k: int = 5
     flow_steps: int = 10
+    # Scale of the flow's starting noise when evaluating (1 = sample as trained; 0 = deterministic).
+    noise_scale: float = 1.0
     offline_episodes_per_combo: int = 2
     offline_steps_per_episode: int = 8
     motion_threshold: float = 0.1
@@ -93,6 +95,8 @@ class EvalSpec:
             raise ConfigError(f"eval.competence_threshold={self.competence_threshold} must be a success rate in [0, 1]")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1), e.g. 0.05")
+        if self.noise_scale < 0:
+            raise ConfigError(f"eval.noise_scale={self.noise_scale} must be >= 0 (1 = as trained, 0 = deterministic)")
         if self.episodes_per_combo <= 0 or self.min_episodes_per_cell < 1 or self.seen_reference_combos < 0:
             raise ConfigError(f"eval.episodes_per_combo={self.episodes_per_combo} and eval.min_episodes_per_cell="
                               f"{self.min_episodes_per_cell} must be positive, eval.seen_reference_combos="
@@ -329,12 +333,14 @@ def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: b
     if execute_k != ev.execute_k:
         log.info("%s: executing %d actions per chunk (chunk length %d < eval.execute_k=%d)", run_dir,
                  execute_k, loaded.cfg.data.chunk_length, ev.execute_k)
-    policy = VLAPolicy(loaded, execute_k=execute_k, num_steps=ev.flow_steps)
-    result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step}
+    policy = VLAPolicy(loaded, execute_k=execute_k, num_steps=ev.flow_steps, noise_scale=ev.noise_scale)
+    result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step,
+              "weights": loaded.weights}
     result["closed_loop"] = closed_loop.evaluate(policy, combos, ev.episodes_per_combo, image_size=image_size,
                                                  max_steps=ev.max_steps)
     episodes = offline.heldout_episodes(combos, ev.offline_episodes_per_combo, image_size=image_size,
                                         cameras=tuple(loaded.cfg.data.cameras))
     result["offline"] = offline.evaluate_offline(loaded, episodes, ev.offline_steps_per_episode, ev.flow_steps,
-                                                 subtask=subtask, motion_threshold=ev.motion_threshold)
+                                                 subtask=subtask, motion_threshold=ev.motion_threshold,
+                                                 noise_scale=ev.noise_scale)
     return result

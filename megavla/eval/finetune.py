@@ -46,7 +46,7 @@ def run(cfg: Config, resume: str | None = None) -> int:
     from megavla.model.vla import build_model
     from megavla.train.entry import run as train_run
 
-    from .policy import load_state_dict, resolve_checkpoint_dir
+    from .policy import choose_weights, load_state_dict, resolve_checkpoint_dir
 
     init = read_init(cfg.train.run_dir)
 
@@ -54,8 +54,8 @@ def run(cfg: Config, resume: str | None = None) -> int:
         model = build_model(c.model)
         if init is not None:
             ckpt = resolve_checkpoint_dir(init)
-            model.load_state_dict(load_state_dict(ckpt), strict=True)
-            log.info("finetune: initial weights from %s", ckpt)
+            model.load_state_dict(load_state_dict(ckpt), strict=True)  # its EMA when it kept one
+            log.info("finetune: initial weights from %s (%s)", ckpt, choose_weights(ckpt))
         else:
             log.info("finetune: no pretrained checkpoint (init_from null): random initial weights")
         return model

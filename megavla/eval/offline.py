@@ -93,7 +93,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 def evaluate_offline(loaded: LoadedCheckpoint, episodes: list[Episode], steps_per_episode: int = 8,
                      num_flow_steps: int = 10, subtask: bool = True,
                      motion_threshold: float = DEFAULT_MOTION_THRESHOLD, seed: int = 0,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, noise_scale: float = 1.0) -> dict:
     """Action error / subtask accuracy / failure breakdown over ``episodes`` (JSON-ready dict)."""
     if not episodes:
         raise ValueError("no held-out episodes to evaluate")
@@ -109,7 +109,7 @@ def evaluate_offline(loaded: LoadedCheckpoint, episodes: list[Episode], steps_pe
     for ep in tqdm(episodes, desc="offline", unit="ep", disable=not progress):
         ts = timesteps(ep, steps_per_episode)
         batch = episode_batch(loaded, [(ep, t) for t in ts])
-        noise = torch.randn(batch.actions.shape, generator=gen)
+        noise = torch.randn(batch.actions.shape, generator=gen) * noise_scale
         pred = model.sample_actions(batch, num_steps=num_flow_steps, noise=noise).float()
         mask = (batch.action_dim_mask[:, None, :] & batch.action_time_mask[:, :, None]).float()
         ep_mse = masked_mse(pred, batch.actions, mask).tolist()

@@ -5,6 +5,9 @@ checkpoint directory (``step_NNNNNN`` with DeepSpeed's ``mp_rank_00_model_states
 ``trainer_state.json``, ``norm_stats.json``, ``tokenizers/``) or an exported directory
 (``model.safetensors`` + ``model_config.yaml`` from megavla.model.io, with ``norm_stats.json`` and
 ``tokenizers/`` beside it, plus ``config.yaml`` for the data settings).
+A checkpoint of a run trained with ``train.ema_decay`` also holds ``ema.safetensors``; the EMA
+weights are then the ones evaluated and served (``weights="auto"``, as openpi serves its EMA params),
+unless ``weights="raw"`` asks for the optimizer's own.
 
 Observations go through the training path: the world's renders are JPEG-encoded as the generator
 stores them and turned into a one-step ``Episode``, then ``data.collate.build_sample`` +
@@ -33,6 +36,8 @@ from megavla.data_shards.miniworld import MiniWorld
 log = logging.getLogger(__name__)
 
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+EMA_FILE = "ema.safetensors"
+WEIGHT_CHOICES = ("auto", "ema", "raw")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +53,7 @@ class LoadedCheckpoint:
     fast_tokenizer: Any
     path: Path
     step: int | None
+    weights: str = "raw"  # which weights were loaded: "ema" or "raw"
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -79,8 +85,32 @@ def _load_config(ckpt: Path) -> Config:
                           "settings (cameras, chunk length, image size) are needed for inference")
 
 
-def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Model weights of a checkpoint as fp32 tensors (DeepSpeed module states or safetensors)."""
+def choose_weights(ckpt: Path, weights: str = "auto") -> str:
+    """"ema" or "raw" for ``weights`` in WEIGHT_CHOICES: auto = EMA when the checkpoint has it."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights={weights!r}: choose one of {WEIGHT_CHOICES}")
+    has_ema = (ckpt / EMA_FILE).is_file()
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{ckpt}: no {EMA_FILE}; train with train.ema_decay set, or load weights='raw'")
+    return "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
+
+
+def load_state_dict(ckpt: Path, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """Model weights of a checkpoint as fp32 tensors (DeepSpeed module states or safetensors), with
+    the EMA of the trainable parameters laid over them when ``choose_weights`` picks it."""
+    state = _load_raw_state_dict(ckpt)
+    if choose_weights(ckpt, weights) == "ema":
+        from safetensors.torch import load_file
+        ema = load_file(str(ckpt / EMA_FILE))
+        unknown = sorted(set(ema) - set(state))
+        if unknown:
+            raise CheckpointError(f"{ckpt / EMA_FILE}: {len(unknown)} tensors the model states lack "
+                                  f"({unknown[:4]}); the file belongs to another model")
+        state.update({k: v.float() for k, v in ema.items()})
+    return state
+
+
+def _load_raw_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_file
         state = load_file(str(ckpt / "model.safetensors"))
@@ -92,14 +122,17 @@ def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None,
+                    weights: str = "auto") -> LoadedCheckpoint:
     """Model (eval mode, fp32, CPU) + config + normalizer + tokenizers of one checkpoint.
-    ``extra_norm_stats``: stats of embodiments the checkpoint lacks (e.g. human for a robot-only run)."""
+    ``extra_norm_stats``: stats of embodiments the checkpoint lacks (e.g. human for a robot-only run).
+    ``weights``: "auto" (the EMA weights when the run kept them), "ema" or "raw"."""
     from megavla.model.vla import build_model
     ckpt = resolve_checkpoint_dir(path)
     cfg = _load_config(ckpt)
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(load_state_dict(ckpt), strict=False)
+    which = choose_weights(ckpt, weights)
+    missing, unexpected = model.load_state_dict(load_state_dict(ckpt, which), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the config's model: missing {missing[:4]} "
                               f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}); a "
@@ -125,7 +158,8 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None) -> L
     step = None
     if (ckpt / "trainer_state.json").is_file():
         step = json.loads((ckpt / "trainer_state.json").read_text()).get("step")
-    return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step)
+    log.info("%s: %s weights (step %s)", ckpt, which, step)
+    return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step, which)
 
 
 def frames_episode(embodiment: str, instruction: str, state: np.ndarray, images: dict[str, np.ndarray],
@@ -172,11 +206,16 @@ def episode_batch(loaded: LoadedCheckpoint, episodes_and_steps: list[tuple[Episo
 class VLAPolicy:
     """``reset(world)`` / ``act(world)`` over a loaded checkpoint, with action chunking."""
 
-    def __init__(self, loaded: LoadedCheckpoint, execute_k: int = 5, num_steps: int = 10, seed: int = 0):
+    def __init__(self, loaded: LoadedCheckpoint, execute_k: int = 5, num_steps: int = 10, seed: int = 0,
+                 noise_scale: float = 1.0):
         H = loaded.cfg.data.chunk_length
         if not 1 <= execute_k <= H:
             raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={H}]")
-        self.loaded, self.execute_k, self.num_steps = loaded, execute_k, num_steps
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale={noise_scale} must be >= 0")
+        # noise_scale < 1 starts the flow integration nearer the noise distribution's centre (0 = the
+        # deterministic flow from x = 0); 1 samples the learned distribution as trained (openpi).
+        self.loaded, self.execute_k, self.num_steps, self.noise_scale = loaded, execute_k, num_steps, noise_scale
         self.generator = torch.Generator().manual_seed(seed)
         self.queue: list[np.ndarray] = []
         self.queries = 0
@@ -193,7 +232,7 @@ class VLAPolicy:
         ld = self.loaded
         batch = episode_batch(ld, [(observation_episode(world, list(ld.cfg.data.cameras)), 0)])
         H, A = ld.cfg.data.chunk_length, ld.cfg.data.max_action_dim
-        noise = torch.randn((1, H, A), generator=self.generator)
+        noise = torch.randn((1, H, A), generator=self.generator) * self.noise_scale
         chunk = ld.model.sample_actions(batch, num_steps=self.num_steps, noise=noise)[0].float()
         if ld.normalizer is not None:
             chunk = ld.normalizer.unnormalize(chunk, world.embodiment, "actions")
