@@ -12,9 +12,11 @@ state that matters is the one at import time (`INTERPRETED_AT_IMPORT`), not the 
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -52,6 +54,30 @@ def triton_available() -> bool:
 def kernels_defined() -> bool:
     """Whether this process imported triton and defines the kernels (see KERNELS_CAN_RUN)."""
     return triton is not None
+
+
+KERNEL_MODULES = ("flow_matching", "geglu", "rmsnorm", "rope")
+
+
+def define_kernels() -> bool:
+    """Import triton and define the kernels in this process also where they cannot run (a CPU-only
+    torch): for ahead-of-time compilation for a GPU target (tests/test_kernels_sm90_compile.py).
+    Kernel modules imported before are re-executed in place (importlib.reload keeps each module's
+    namespace, so functions already imported from them see the kernels). True if they are defined."""
+    global triton, tl, TRITON_IMPORT_ERROR
+    if triton is None and TRITON_IMPORT_ERROR is None:
+        try:
+            import triton as imported  # noqa: F811
+            import triton.language as imported_tl
+        except Exception as exc:  # pragma: no cover - depends on the install
+            TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+            return False
+        triton, tl = imported, imported_tl
+        for name in KERNEL_MODULES:
+            module = sys.modules.get(f"{__package__}.{name}")
+            if module is not None:
+                importlib.reload(module)
+    return kernels_defined()
 
 
 def triton_can_run(*tensors: torch.Tensor) -> tuple[bool, str]:

@@ -23,6 +23,8 @@ def kernel_specs(dt: str):
 
     # importlib, not `from megavla.kernels import geglu`: the package exports functions named like
     # their modules (geglu, attention), which shadow the submodule attributes
+    from megavla.kernels.dispatch import define_kernels
+    assert define_kernels()   # a CPU-only torch defines them only on request (they cannot run there)
     fm, gg, rn, rp = (importlib.import_module(f"megavla.kernels.{m}") for m in ("flow_matching", "geglu", "rmsnorm", "rope"))
     p, f32, i32 = f"*{dt}", "*fp32", "i32"
     return {
