@@ -34,17 +34,9 @@ HOVER = 0.10  # approach height above objects
 # a policy that misjudged it by one step closed its gripper 3-6 cm from the block.)
 APPROACH_GAIN = 0.5
 ARRIVE_TOL = 0.005
-# Coarse-to-fine grasping: the expert first goes to a hover point off the block by COARSE_MISS
-# (random direction), then centres over the block and descends. A teleoperator approaches roughly and
-# then corrects by looking; a perfect straight approach never shows the correction, and a policy that
-# arrives off-centre (from a 32 px head view one pixel is ~2 cm) has never seen how to recover.
-# (Issue 11: the v2 policies closed where the block *usually* is -- the closing error regressed on the
-# block's jitter with slope -1.1, i.e. vision played no part in the final approach.)
-COARSE_MISS = (0.01, 0.04)
 # Bumped whenever the scripted expert's behaviour changes, so a shard set's manifest says which
-# demonstrations it holds (1: constant speed up to each waypoint; 2: decelerating approach;
-# 3: coarse-to-fine grasp approach).
-EXPERT_VERSION = 3
+# demonstrations it holds (1: constant speed up to each waypoint; 2: decelerating approach).
+EXPERT_VERSION = 2
 
 
 def _wrap(angle: float) -> float:
@@ -81,10 +73,7 @@ class ScriptedExpert:
             end = np.array([*(pad[:2] - direction * reach), 0.02])
             return [("grip", 0, 1.0), ("move", 0, pre + up, yaw0), ("move", 0, pre, yaw0),
                     ("move", 1, end, yaw0), ("move", 2, end + [0, 0, 0.08], yaw0)]
-        angle, miss = self.rng.uniform(0, 2 * np.pi), self.rng.uniform(*COARSE_MISS)
-        coarse = block + up + miss * np.array([np.cos(angle), np.sin(angle), 0.0])
-        plan = [("move", 0, coarse, grasp_yaw), ("move", 0, block + up, grasp_yaw), ("move", 0, block, grasp_yaw),
-                ("grip", 1, 1.0)]
+        plan = [("move", 0, block + up, grasp_yaw), ("move", 0, block, grasp_yaw), ("grip", 1, 1.0)]
         if spec.kind == "pick":
             return plan + [("move", 2, block + [0, 0, 0.14], grasp_yaw), ("grip", 2, 1.0)]
         bowl = w.bowls[spec.target - 3]

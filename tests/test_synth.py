@@ -127,26 +127,3 @@ def test_robot_expert_decelerates_into_the_grasp():
     block = w.state.blocks[w.task_spec.obj]
     assert np.linalg.norm(w.contact_point(0) - block) < 0.01
 
-
-@pytest.mark.parametrize("task", [3, 2])  # pick-place and pick in scene 0
-def test_robot_expert_corrects_a_coarse_approach_before_grasping(task):
-    """Issue 11 (expert v3): the demonstrations show a correction -- the arm first goes to a hover
-    point 1-4 cm off the block, then centres over it (the move a policy arriving off-centre must
-    know), then descends."""
-    from megavla.data_shards.synth import COARSE_MISS, HOVER, ScriptedExpert
-    rng = episode_rng("robot/arm", 0, task, 1, 0)
-    world = MiniWorld(0, task, "robot/arm", seed=int(rng.integers(2**31)), image_size=16)
-    block = world.state.blocks[world.task_spec.obj].copy()
-    moves = [p for p in ScriptedExpert(world, rng).phases if p[0] == "move"]
-    coarse, centred = moves[0][2], moves[1][2]
-    assert COARSE_MISS[0] - 1e-9 <= np.linalg.norm(coarse[:2] - block[:2]) <= COARSE_MISS[1] + 1e-9
-    assert np.allclose(centred, block + [0, 0, HOVER]) and np.allclose(moves[2][2], block)
-    r = rollout("robot/arm", 0, task, episode_rng("robot/arm", 0, task, 1, 0), image_size=16, cameras=())
-    assert r.world.success()
-    w = MiniWorld(0, task, "robot/arm", seed=r.world_seed, image_size=16)
-    path = []
-    for a in r.actions:
-        w.step(a)
-        path.append(w.contact_point(0).copy())
-    passes = [np.linalg.norm(np.array(path) - target, axis=-1).min() for target in (coarse, centred)]
-    assert max(passes) < 0.006, f"the arm did not visit the coarse and the centred hover points: {passes}"
