@@ -168,21 +168,20 @@ def run_config(preset: str, stage: int, nproc: int, steps: int, batch: int, tmp:
         if code:
             raise RuntimeError(f"{preset} ZeRO-{stage}: workers exited with {code}")
     ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(nproc)]
-    built_only = steps == 0
-    step_s = None if built_only else max(r["step_s"] for r in ranks)   # ranks run in lockstep; the slowest paces
     mode = "PyTorch" if stage < 0 else f"DeepSpeed ZeRO-{stage}" + (
         " (zero.Init)" if stage == 3 and not no_zero3_init else "")
-    return {"preset": preset, "mode": mode, "nproc": nproc,
-            "params_m": ranks[0]["params_m"], "step_s": step_s,
-            "samples_s": None if built_only else batch * nproc / step_s,
-            "peak_mb": None if built_only else [round(r["peak_mb"]) for r in ranks],
+    # The step's figures; None for a build-only run (--steps 0).
+    timed = dict.fromkeys(("step_s", "samples_s", "peak_mb", "mfu", "tflops_s", "nominal_over_run"))
+    if steps:
+        step_s = max(r["step_s"] for r in ranks)           # ranks run in lockstep; the slowest paces
+        timed.update(step_s=step_s, samples_s=batch * nproc / step_s, peak_mb=[round(r["peak_mb"]) for r in ranks],
+                     mfu=ranks[0]["mfu"], tflops_s=sum(r["tflops_s"] for r in ranks) / nproc,
+                     nominal_over_run=ranks[0]["nominal_over_run"])
+    return {"preset": preset, "mode": mode, "nproc": nproc, "params_m": ranks[0]["params_m"],
             "build_peak_mb": [round(r["build_peak_mb"]) for r in ranks],
             "engine_peak_mb": [round(r["engine_peak_mb"]) for r in ranks],
-            "state_mb": [round(r["state_mb"]) for r in ranks],
-            "mfu": None if built_only else ranks[0]["mfu"], "device": ranks[0]["device"],
-            "malloc_mmap_threshold_kb": malloc_mmap_threshold_kb,
-            "tflops_s": None if built_only else sum(r["tflops_s"] for r in ranks) / nproc,
-            "nominal_over_run": None if built_only else ranks[0]["nominal_over_run"]}
+            "state_mb": [round(r["state_mb"]) for r in ranks], "device": ranks[0]["device"],
+            "malloc_mmap_threshold_kb": malloc_mmap_threshold_kb, **timed}
 
 
 def main() -> None:
