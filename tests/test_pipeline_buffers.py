@@ -85,3 +85,22 @@ def test_worker_sends_each_image_buffer_once(shard_set, monkeypatch):
         del batch
         gc.collect()
     assert len(received) == 12 and 1 <= sum(received) <= 5, received   # 12 batches in a few buffers
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_frames_are_decoded_off_the_32_byte_alignment(shard_set, num_workers):
+    """libjpeg-turbo's AVX2 colour conversion takes a non-temporal-store path for 32-byte-aligned rows
+    (measured 10 % slower a frame; buffers.DECODE_OFFSET): every frame slot, in the main process and
+    as a worker's buffer arrives in the main process, starts off that alignment."""
+    from megavla.data.buffers import DECODE_OFFSET, off_alignment_buffer
+    assert DECODE_OFFSET % 32
+    for shared in (False, True):
+        buf = off_alignment_buffer((2, 3, 16, 16, 3), shared=shared)
+        assert buf.is_contiguous() and buf.shape == (2, 3, 16, 16, 3) and buf.is_shared() == shared
+        assert buf.data_ptr() % 32 == DECODE_OFFSET % 32
+    for batch in itertools.islice(iter(build_loader(make_cfg(shard_set, num_workers))), 3):
+        frames = batch.images.permute(0, 1, 3, 4, 2)   # back to the [B, C, R, R, 3] buffer layout
+        assert frames.is_contiguous()
+        for b in range(frames.shape[0]):
+            for c in range(frames.shape[1]):
+                assert frames[b, c].data_ptr() % 32 == DECODE_OFFSET % 32
