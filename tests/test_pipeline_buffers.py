@@ -26,20 +26,59 @@ def make_cfg(shard_set, num_workers: int) -> DataConfig:
                       seed=3, normalization="none")
 
 
+def _fields(batch) -> dict:
+    return {**{k: v.clone() for k, v in batch.tensors().items()}, "meta": batch.meta}
+
+
+def _assert_same(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if k == "meta":
+            assert got[k] == v, f"{what}: meta"
+        else:
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), f"{what}: {k}"
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_held_batches_are_never_overwritten(shard_set, num_workers):
-    reference = [b.images.clone() for b in itertools.islice(iter(build_loader(make_cfg(shard_set, 0))), 10)]
+    """Every field (images in the reused buffer; a worker's other fields in the buffer's arena) of a
+    batch the consumer holds stays as read while later batches reuse the buffers."""
+    reference = [_fields(b) for b in itertools.islice(iter(build_loader(make_cfg(shard_set, 0))), 10)]
     held, seen = {}, []
     for i, batch in enumerate(itertools.islice(iter(build_loader(make_cfg(shard_set, num_workers))), 10)):
-        seen.append(batch.images.clone())
+        seen.append(_fields(batch))
         if i in (1, 4):
             held[i] = batch          # kept while later batches are produced
         del batch
         gc.collect()
-    for i, images in enumerate(seen):
-        assert torch.equal(images, reference[i]), f"batch {i} differs from the uninterrupted reader's"
+    for i, fields in enumerate(seen):
+        _assert_same(fields, reference[i], f"batch {i} differs from the uninterrupted reader's")
     for i, batch in held.items():
-        assert torch.equal(batch.images, reference[i]), f"held batch {i} was overwritten"
+        _assert_same(_fields(batch), reference[i], f"held batch {i} was overwritten")
+
+
+def test_worker_fields_travel_in_the_buffer_arena(shard_set, monkeypatch):
+    """A worker's batch fields are written into the arena after its images and named by offset in the
+    message (no pickled arrays); with no room in the arena every field goes by value: same batches."""
+    from megavla.data import collate
+    messages = []
+
+    class Recording(pipeline.BufferMaps):
+        def batch(self, item, worker, buffer_index):
+            messages.append({k: isinstance(v, tuple) for k, v in item["fields"].items()})
+            return super().batch(item, worker, buffer_index)
+
+    reference = [_fields(b) for b in itertools.islice(iter(build_loader(make_cfg(shard_set, 0))), 6)]
+    monkeypatch.setattr(pipeline, "BufferMaps", Recording)
+    for room in ("all", "none"):
+        if room == "none":   # an arena with no room: every field goes by value
+            monkeypatch.setattr(collate.BatchFields, "arena_bytes", classmethod(lambda cls, *a: 0))
+        messages.clear()
+        for i, batch in enumerate(itertools.islice(iter(build_loader(make_cfg(shard_set, 1))), 6)):
+            _assert_same(_fields(batch), reference[i], f"batch {i} (arena room: {room})")
+            del batch
+        assert len(messages) == 6
+        assert all(all(m.values()) == (room == "all") and any(m.values()) == (room == "all") for m in messages)
 
 
 def test_dropped_batches_buffers_are_reused(shard_set):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_pipeline_fixtures import TinyTextTokenizer, make_episode, norm_stats_of
 
-from megavla.data.collate import active_subtask, build_sample, collate_samples
+from megavla.data.collate import (BatchFields, SampleError, active_subtask, build_sample, collate_samples,
+                                  episode_arrays, fast_chunk, sample_fields)
 from megavla.data.normalize import Normalizer
 from megavla.data_shards.format import EMBODIMENT_IDS
 from megavla.tokenizers.fast import train_fast_tokenizer
@@ -104,6 +105,45 @@ def test_samples_equal_the_per_sample_reference(episodes, fast_tok, normalized):
         short = field.split("_")[0]
         assert torch.equal(getattr(batch, field), torch.from_numpy(tokens))
         assert torch.equal(getattr(batch, f"{short}_mask"), torch.from_numpy(mask))
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_batch_fields_equal_collated_samples(episodes, fast_tok, normalized):
+    """BatchFields (the loader's row-by-row batch) against collate_samples over sample_fields: every
+    tensor equal in dtype, shape and value, and the same meta; a refused text writes no row."""
+    normalizer = Normalizer(norm_stats_of(episodes), "quantile") if normalized else None
+    text_tok = TinyTextTokenizer()
+    items = [(ep, t) for ep in episodes for t in range(ep.num_steps)]
+    for start in range(0, len(items), 6):
+        chunk = items[start:start + 6]
+        caches = {ep.key: {} for ep, _ in chunk}
+        samples, rows = [], BatchFields(6, H, MAX_S, MAX_A, 3, text_tokenizer=text_tok, token_cache={})
+        images = torch.zeros(6, 3, 4, 4, 3, dtype=torch.uint8)
+        for ep, t in chunk:
+            cache = episode_arrays(ep, caches[ep.key], normalizer, H, MAX_S, MAX_A)
+            fast = fast_tok.encode(fast_chunk(ep, t, cache, H))
+            mask = np.array([cam in ep.frames for cam in ("head", "left_wrist", "right_wrist")])
+            fields = sample_fields(ep, t, source="s", where="w", chunk_length=H, max_state_dim=MAX_S,
+                                   max_action_dim=MAX_A, normalizer=normalizer, text_tokenizer=text_tok,
+                                   text_cache=cache, token_cache={}, fast_tokens=fast)
+            samples.append({"image_mask": mask, **fields})
+            rows.add(ep, t, cache, source="s", where="w", image_mask=mask, fast_tokens=fast)
+        want = collate_samples(samples, text_pad_id=0, images=images)
+        got = rows.batch(images, text_pad_id=0)
+        for name, value in want.tensors().items():
+            other = getattr(got, name)
+            assert other.dtype == value.dtype and torch.equal(other, value), name
+        assert got.meta == want.meta
+
+    class Refusing(TinyTextTokenizer):
+        def encode(self, text, **kw):
+            raise ValueError("no")
+    rows = BatchFields(2, H, MAX_S, MAX_A, 3, text_tokenizer=Refusing(), token_cache={})
+    ep = episodes[0]
+    with pytest.raises(SampleError):
+        rows.add(ep, 0, episode_arrays(ep, {}, None, H, MAX_S, MAX_A), source="s", where="w",
+                 image_mask=np.ones(3, bool), fast_tokens=[])
+    assert rows.n == 0 and not rows.meta["key"]
 
 
 def reference_decode(data: bytes, size: int) -> np.ndarray:

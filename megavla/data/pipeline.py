@@ -30,7 +30,7 @@ worker, index), with no hidden RNG state:
    episode_keys.json shows the latter at start, so every rank skips the same later copies), an undecodable frame
    (``bad_image``) -- is logged with shard and key and counted, or raises :class:`DataError` when
    ``data.on_bad_sample = "fail"``. ``skip_counts()`` has the skips by reason, ``read_counts()``
-   ``episodes_read`` / ``samples_read``; collate_samples asserts every state/action is finite.
+   ``episodes_read`` / ``samples_read``; BatchFields.batch asserts every state/action is finite.
 3. Mixture. A deterministic weighted round robin (mixture.py) picks the source of each accepted
    episode; ``samples_per_episode`` timesteps are drawn among the episode's valid steps with
    ``RNG(seed, rank, worker, episode index)``.
@@ -71,9 +71,9 @@ from megavla.config.data import DataConfig
 from megavla.data_shards.format import EpisodeFormatError
 from megavla.data_shards.validate import EpisodeValidator, ReadLimits, StatsMismatchError
 
-from .buffers import BufferMaps, BufferRing, release_when_dropped, worker_message
-from .collate import (ImageDecodeError, SampleError, collate_samples, decode_sample_images, encode_fast_chunks,
-                      episode_arrays, fast_chunk, sample_fields)
+from .buffers import Arena, BufferMaps, BufferRing, release_when_dropped, worker_message
+from .collate import (BatchFields, ImageDecodeError, SampleError, decode_sample_images, encode_fast_chunks,
+                      episode_arrays, fast_chunk)
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
 from .normalize import Normalizer, merge_norm_stats
@@ -89,6 +89,10 @@ _TAG_SHARD_ORDER, _TAG_TIMESTEPS, _TAG_WINDOW = 1, 2, 3
 # Distinct instruction/subtask texts whose token ids a worker keeps (a few KB each at most); past it
 # the cache starts over. Real sets have far fewer distinct texts than episodes.
 TOKEN_CACHE_LIMIT = 8192
+# Steps of episodes whose padded, normalized arrays (collate.episode_arrays) a worker keeps across
+# draws, so a set read for many epochs builds them once per episode, not once per epoch (~7 us a
+# sample at samples_per_episode 4); ~1 KB a step at 32 state + 32 action dims; past it, start over.
+ARRAYS_CACHE_STEPS = 100_000
 
 
 @dataclass
@@ -125,6 +129,9 @@ class WorkerStream:
         self.window, self.pos, self.episodes = -1, 0, 0
         self.items: list[tuple] = []
         self.token_cache: dict = {}   # token ids by (role, text), shared by all episodes
+        self.layout: dict = {}   # the last batch's fields in its buffer's arena (buffers.worker_message)
+        self.arrays_cache: dict[str, dict] = {}   # episode (shard path:key) -> its episode_arrays
+        self.arrays_cache_steps = 0
         self.window_start: dict[str, Any] = {}
         if state is not None:
             self._restore(state)
@@ -156,10 +163,22 @@ class WorkerStream:
             steps = rng.choice(valid, size=cfg.samples_per_episode, replace=valid.size < cfg.samples_per_episode)
             self.episodes += 1
             self.counters.add("episodes_read")
-            episode_cache: dict = {}  # the episode's padded, normalized arrays, made once for its samples
+            episode_cache = self._episode_cache(where, ep.num_steps)
             items.extend((ep, int(t), name, where, episode_cache) for t in steps)
         order = self._rng(_TAG_WINDOW, self.window).permutation(len(items))
         self.items, self.pos = [items[i] for i in order], 0
+
+    def _episode_cache(self, where: str, steps: int) -> dict:
+        """The dict in which episode_arrays keeps the episode's arrays for all its samples, in this and
+        later draws (shards are immutable; normalizer, chunk length and dims are fixed per stream)."""
+        cache = self.arrays_cache.get(where)
+        if cache is None:
+            if self.arrays_cache_steps + steps > ARRAYS_CACHE_STEPS:
+                self.arrays_cache.clear()
+                self.arrays_cache_steps = 0
+            cache = self.arrays_cache[where] = {}
+            self.arrays_cache_steps += steps
+        return cache
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state["window"] < 0:
@@ -185,10 +204,13 @@ class WorkerStream:
         returns this worker's buffers (buffers.py), None in the main process."""
         cfg = self.plan.cfg
         shape = (cfg.batch_size, len(cfg.cameras), cfg.image_size, cfg.image_size, 3)
-        self.ring = BufferRing(shape, free=free, shared=get_worker_info() is not None)
+        shared = get_worker_info() is not None
+        fields_bytes = BatchFields.arena_bytes(cfg.batch_size, cfg.chunk_length, cfg.max_state_dim,
+                                               cfg.max_action_dim, len(cfg.cameras)) if shared else 0
+        self.ring = BufferRing(shape, free=free, shared=shared, fields_bytes=fields_bytes)
         while True:
             buffer_index, images = self.ring.take()
-            yield self._fill_batch(images), self.state_dict(), buffer_index
+            yield self._fill_batch(images, Arena(images) if shared else None), self.state_dict(), buffer_index
 
     def _next_item(self) -> tuple:
         if self.pos >= len(self.items):
@@ -197,7 +219,7 @@ class WorkerStream:
         self.pos += 1
         return self.items[self.pos - 1]
 
-    def _fill_batch(self, images: torch.Tensor) -> Batch:
+    def _fill_batch(self, images: torch.Tensor, arena: Arena | None = None) -> Batch:
         """The next batch_size samples, images decoded into `images`. A sample whose frame, text or
         action chunk is refused is skipped (counted) and the next item takes its place, as if they
         were built one by one; but the work runs in two passes over the missing samples -- all their
@@ -207,45 +229,45 @@ class WorkerStream:
         samples of one batch are reported can differ (data.on_bad_sample=fail reports the first)."""
         plan, cfg = self.plan, self.plan.cfg
         slots = images.numpy()
-        samples: list[dict] = []
-        while len(samples) < cfg.batch_size:
+        cameras = list(cfg.cameras)
+        if len(self.token_cache) > TOKEN_CACHE_LIMIT:
+            self.token_cache.clear()
+        rows = BatchFields(cfg.batch_size, cfg.chunk_length, cfg.max_state_dim, cfg.max_action_dim, len(cameras),
+                           text_tokenizer=plan.text_tokenizer, token_cache=self.token_cache, arena=arena)
+        while rows.n < cfg.batch_size:
             decoded = []   # (item, image mask, slot)
-            for _ in range(cfg.batch_size - len(samples)):
+            for _ in range(cfg.batch_size - rows.n):
                 ep, t, name, where, cache = item = self._next_item()
-                slot = len(samples) + len(decoded)
+                slot = rows.n + len(decoded)
                 try:
-                    mask = decode_sample_images(ep, t, where=where, cameras=list(cfg.cameras),
-                                                image_size=cfg.image_size, out=slots[slot])
+                    mask = decode_sample_images(ep, t, where=where, cameras=cameras, image_size=cfg.image_size,
+                                                out=slots[slot])
                 except ImageDecodeError as e:
                     self.counters.bad("bad_image", f"{e} (timestep {t})")
                     continue
                 decoded.append((item, mask, slot))
+            arrays = [episode_arrays(ep, cache, plan.normalizer, cfg.chunk_length, cfg.max_state_dim,
+                                     cfg.max_action_dim) for (ep, _, _, _, cache), _, _ in decoded]
             fast = [[] for _ in decoded]
             if plan.fast_tokenizer is not None:   # the batch's chunks in one call (encode_many)
-                chunks = [fast_chunk(ep, t, episode_arrays(ep, cache, plan.normalizer, cfg.chunk_length,
-                                                           cfg.max_state_dim, cfg.max_action_dim), cfg.chunk_length)
-                          for (ep, t, _, _, cache), _, _ in decoded]
+                chunks = [fast_chunk(ep, t, cache, cfg.chunk_length)
+                          for ((ep, t, _, _, _), _, _), cache in zip(decoded, arrays)]
                 fast = encode_fast_chunks(plan.fast_tokenizer, chunks, [item[3] for item, _, _ in decoded])
-            for ((ep, t, name, where, cache), mask, slot), fast_tokens in zip(decoded, fast):
-                if len(self.token_cache) > TOKEN_CACHE_LIMIT:
-                    self.token_cache.clear()
+            for ((ep, t, name, where, _), mask, slot), cache, fast_tokens in zip(decoded, arrays, fast):
                 try:
                     if isinstance(fast_tokens, SampleError):
                         raise fast_tokens
-                    fields = sample_fields(
-                        ep, t, source=name, where=where, chunk_length=cfg.chunk_length,
-                        max_state_dim=cfg.max_state_dim, max_action_dim=cfg.max_action_dim,
-                        normalizer=plan.normalizer, text_tokenizer=plan.text_tokenizer, text_cache=cache,
-                        token_cache=self.token_cache, fast_tokens=fast_tokens)
+                    rows.add(ep, t, cache, source=name, where=where, image_mask=mask, fast_tokens=fast_tokens)
                 except EpisodeFormatError as e:  # a tokenizer refused this sample's text or chunk
                     self.counters.bad("bad_sample", f"{e} (timestep {t})")
                     continue
-                if slot != len(samples):   # a refused sample before it: its frames move up one slot
-                    slots[len(samples)] = slots[slot]
-                samples.append({"image_mask": mask, **fields})
-        self.counters.add("samples_read", len(samples))
+                if slot != rows.n - 1:   # a refused sample before it: its frames move up one slot
+                    slots[rows.n - 1] = slots[slot]
+        self.counters.add("samples_read", rows.n)
         text_pad = getattr(plan.text_tokenizer, "pad_id", 0) if plan.text_tokenizer is not None else 0
-        return collate_samples(samples, text_pad_id=int(text_pad), images=images)
+        batch = rows.batch(images, text_pad_id=int(text_pad))
+        self.layout = rows.layout   # where its fields lie in the arena (worker_message)
+        return batch
 
 
 class MixtureStream(IterableDataset):
@@ -274,7 +296,8 @@ class MixtureStream(IterableDataset):
             # only the first time; later batches in it name its index only.
             first = buffer_index not in mapped
             mapped.add(buffer_index)
-            yield (worker_message(batch, self.stream.ring.buffers[buffer_index] if first else None),
+            images = self.stream.ring.buffers[buffer_index]
+            yield (worker_message(batch, images if first else None, self.stream.layout),
                    worker, state, buffer_index)
 
 
