@@ -14,6 +14,7 @@ keeps the optimization identical).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from .core import ConfigError
@@ -43,6 +44,13 @@ class TrainConfig:
     # ZeRO-2's. 128 puts it below (small, 4 ranks: 1525 vs 1654 MB) but costs page faults: 2x the
     # ZeRO-3 step time on CPU (see megavla/train/host_memory.py). At most 32768 (glibc's limit).
     malloc_mmap_threshold_kb: int = 0
+    # A PaliGemma checkpoint (a directory of *.safetensors, or one file) a fresh run starts from (a
+    # resume starts from its own checkpoint): vision tower + backbone, read one tensor at a time
+    # (model.pretrained.load_paligemma); under ZeRO-3 each is gathered, written and re-partitioned in
+    # turn, so no rank ever holds the whole model. The model's sizes must match the checkpoint's
+    # (paligemma_size_overrides); pretrained_strict=false loads what fits and logs the rest.
+    pretrained: str = ""
+    pretrained_strict: bool = True
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
     # Optimizer and schedule (openpi pi0.5 defaults).
@@ -109,5 +117,8 @@ class TrainConfig:
                 raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1) or null")
             if self.zero_stage == 3:
                 raise ConfigError("ema_decay needs full parameters on each rank: use zero_stage <= 2")
+        if self.pretrained and not Path(self.pretrained).exists():
+            raise ConfigError(f"pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
+                              "checkpoint: a directory of *.safetensors or one file; empty = random init)")
         if not self.run_dir:
             raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")

@@ -1,8 +1,8 @@
 """``launch.entry`` for finetuning runs: the trainer's ``run`` with the model initialised from a
 pretrained checkpoint.
 
-The config tree has no "initialise weights from" field (the trainer's resume restores a run's own
-checkpoints, optimizer included), so the experiment driver writes ``init_from.json`` into each
+The config tree has no "initialise weights from a MegaVLA run" field (`train.pretrained` takes a
+PaliGemma checkpoint; the trainer's resume restores a run's own checkpoints, optimizer included), so the experiment driver writes ``init_from.json`` into each
 finetune run directory before the sweep submits it: ``{"checkpoint": "<run or checkpoint dir>"}``
 or ``{"checkpoint": null}`` (train from scratch: the 0 % diversity row). The file travels with the
 run dir, so a SLURM requeue finds it too. When the run resumes from its own checkpoint, DeepSpeed's

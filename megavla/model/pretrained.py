@@ -42,6 +42,7 @@ PaliGemma 2 (Gemma 2 backbone: extra norms, soft-capping) is a different archite
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -192,7 +193,8 @@ def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> L
     """Copy PaliGemma weights from ``path`` (dir of *.safetensors, or one file) into ``model`` (a VLA).
 
     Tensors are read one at a time (a 3B checkpoint never sits twice in memory) and cast to each
-    parameter's dtype. Returns a LoadReport; logs its summary.
+    parameter's dtype; a model built under DeepSpeed's zero.Init (ZeRO-3) is filled one gathered
+    parameter at a time (see _whole): call it on every rank. Returns a LoadReport; logs its summary.
     """
     path = Path(path)
     params = dict(model.named_parameters())
@@ -216,18 +218,20 @@ def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> L
                     continue
                 tensor = f.get_tensor(key)
                 param = params[name]
-                if name == "embed_tokens.weight":
-                    embed = tensor
-                    # rows above the text vocabulary are FAST ids + markers (VLA.fast_offset)
-                    text_vocab = int(getattr(model, "fast_offset", param.shape[0]))
-                    _copy_embedding(param, tensor, key, text_vocab, report)
-                elif tuple(tensor.shape) != tuple(param.shape):
+                shape = tuple(getattr(param, "ds_shape", param.shape))   # a ZeRO-3 partition: the full shape
+                if name != "embed_tokens.weight" and tuple(tensor.shape) != shape:
                     raise PretrainedLoadError(
                         f"{file}:{key} has shape {tuple(tensor.shape)} but MegaVLA's {name} is "
-                        f"{tuple(param.shape)}; build the model with paligemma_size_overrides({str(path)!r})")
-                else:
-                    with torch.no_grad():
+                        f"{shape}; build the model with paligemma_size_overrides({str(path)!r})")
+                with _whole(param), torch.no_grad():
+                    if name == "embed_tokens.weight":
+                        embed = tensor
+                        # rows above the text vocabulary are FAST ids + markers (VLA.fast_offset)
+                        text_vocab = int(getattr(model, "fast_offset", shape[0]))
+                        _copy_embedding(param, tensor, key, text_vocab, report)
+                    else:
                         param.copy_(tensor.to(param.dtype))
+                del tensor
                 filled.add(name)
     report.loaded = sorted(filled)
     report.missing = sorted(n for n in params if n.startswith(PRETRAINED_SCOPE) and n not in filled)
@@ -248,6 +252,17 @@ def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> L
         log.warning("pretrained: %s not in the checkpoint (keeps its random init)", name)
     log.info("pretrained %s: %s", path, report.summary())
     return report
+
+
+def _whole(param: nn.Parameter):
+    """The parameter whole while it is written: under ZeRO-3 (a zero.Init partition, ``ds_id``) it is
+    gathered, written on every rank, and rank 0's values re-partitioned on exit -- one tensor at a
+    time, so a rank never holds more than its partition plus the tensor being loaded. (Every rank
+    walks the checkpoint in the same order: the gathers are collective.)"""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
 def _copy_embedding(param: nn.Parameter, tensor: torch.Tensor, key: str, text_vocab: int,

@@ -258,6 +258,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
         model = build_partitioned(model_factory, cfg, cfg.data.batch_size, dist.world_size)
     else:
         model = model_factory(cfg)
+    if cfg.train.pretrained and saved is None:   # a fresh run; a resume loads its own weights
+        from megavla.model.pretrained import load_paligemma
+        load_paligemma(model, cfg.train.pretrained, strict=cfg.train.pretrained_strict)
     frozen = apply_freeze(model, cfg.train.freeze)
     n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     if dist.rank == 0:
