@@ -83,6 +83,8 @@ def worker(args) -> None:
                        zero3_init=not args.no_zero3_init, malloc_mmap_threshold_kb=args.malloc_mmap_threshold_kb)
     from megavla.train.host_memory import set_mmap_threshold
     set_mmap_threshold(tcfg.malloc_mmap_threshold_kb)     # as entry.run does, before anything is built
+    from megavla.train.host_memory import end_build_phase, start_build_phase
+    build_phase = start_build_phase(tcfg.malloc_mmap_threshold_kb)   # until the engine is up, as entry.run
     rank = int(os.environ.get("RANK", "0"))
     if args.stage == 3 and tcfg.zero3_init:   # partitioned from the start (as entry.run builds it)
         from megavla.config import Config
@@ -119,6 +121,7 @@ def worker(args) -> None:
         def step(batch):
             engine.backward(engine(batch)["loss"])
             engine.step()
+    end_build_phase(build_phase)
     peak_after_engine = peak_memory_mb(device)
     result = {"rank": rank, "build_peak_mb": peak_after_build, "engine_peak_mb": peak_after_engine,
               "state_mb": state_mb(model, opt), "params_m": params_m,

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
                      lr_factor, seed_everything, shutdown_distributed)
 from .metrics import LaunchClock
-from .host_memory import set_mmap_threshold
+from .host_memory import end_build_phase, set_mmap_threshold, start_build_phase
 from .errors import EXIT_TRAINING_ERROR, ResumeError, RunDirBusy, TrainingError
 from .resume import ResumePlan, clear_run, plan_resume
 from .run_lock import RunLock
@@ -252,6 +252,8 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
                      plan.path, plan.step, cfg.train.steps)
         return EXIT_OK
 
+    # Freed build-time tensors go back to the OS (host_memory: the build phase), until the engine is up.
+    build_phase = start_build_phase(cfg.train.malloc_mmap_threshold_kb)
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
     seed_everything(cfg.train.seed)
     if cfg.train.zero_stage == 3 and cfg.train.zero3_init:
@@ -294,6 +296,7 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
                      " (world size / ZeRO stage changed: universal checkpoint, loader reseeded)"
                      if layout_changed else "")
 
+    end_build_phase(build_phase)
     launch.mark("engine")
     loader_seed = None if (loader_state is not None or not plan.path) else cfg.data.seed + start_step
     loader = loader_factory(cfg, dist.rank, dist.world_size, loader_seed, "train")

@@ -27,8 +27,46 @@ import logging
 
 log = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3          # glibc <malloc.h>
+M_TRIM_THRESHOLD = -1          # glibc <malloc.h>
+M_MMAP_THRESHOLD = -3
 MAX_THRESHOLD_BYTES = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses larger values
+
+
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        log.info("no glibc mallopt in %s: heap thresholds left at the libc's defaults", name)
+        return None
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return mallopt
+
+
+# The build phase (model build, pretrained weights, engine, checkpoint restore) with the default
+# setting (train.malloc_mmap_threshold_kb=0): the threshold is fixed at 128 KiB while it runs, so every
+# tensor it frees (a ZeRO-3 module before its partition, a gathered weight, a checkpoint tensor) goes
+# back to the OS and peak memory follows what stays live; then it is fixed at glibc's dynamic maximum
+# (32 MiB, trim threshold 64 MiB), where the dynamic default ends up once training frees tensors of that
+# size -- so the steps run as with the default heap, without a build's worth of free chunks in it.
+# Measured (a 186M-parameter PaliGemma-sized model + its checkpoint loaded, 4 CPU ranks, ZeRO-3): anonymous
+# memory per rank 882-901 -> 629 MB built and 1007-1076 -> 632 MB after loading (a plain build: 902).
+BUILD_PHASE_KIB = 128
+AFTER_BUILD_BYTES, AFTER_BUILD_TRIM_BYTES = MAX_THRESHOLD_BYTES, 2 * MAX_THRESHOLD_BYTES
+
+
+def start_build_phase(kib: int) -> bool:
+    """Call before building the model when train.malloc_mmap_threshold_kb is `kib`: with 0, fixes the
+    threshold for the build (see above) and returns True; with a fixed threshold, changes nothing."""
+    return kib <= 0 and set_mmap_threshold(BUILD_PHASE_KIB)
+
+
+def end_build_phase(started: bool) -> None:
+    """After the engine is built (and a checkpoint restored): the thresholds training runs with."""
+    mallopt = _mallopt() if started else None
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, AFTER_BUILD_BYTES)
+        mallopt(M_TRIM_THRESHOLD, AFTER_BUILD_TRIM_BYTES)
 
 
 def set_mmap_threshold(kib: int) -> bool:
@@ -38,14 +76,9 @@ def set_mmap_threshold(kib: int) -> bool:
         return False
     if kib * 1024 > MAX_THRESHOLD_BYTES:
         raise ValueError(f"mmap threshold {kib} KiB is above glibc's maximum of {MAX_THRESHOLD_BYTES >> 10} KiB")
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        log.info("no glibc mallopt in %s: heap mmap threshold left at the libc's default", name)
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     if mallopt(M_MMAP_THRESHOLD, kib * 1024) != 1:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d KiB) failed: heap mmap threshold left at glibc's default", kib)
         return False
