@@ -12,7 +12,8 @@ which returns the buffer to the producer's free list when that tensor object is 
 Contract for consumers: a Batch's `images` tensor stays valid while that tensor object (e.g. the Batch
 holding it) is alive; a view kept after dropping it (`x = batch.images[0]; del batch`) may be
 overwritten by a later batch -- `.clone()` what you keep. The trainer and the evaluators hold the
-Batch while they use it.
+Batch while they use it. In a DataLoader worker the buffer's storage also holds the batch's other
+fields (an Arena after the images); the main process copies those out, so only `images` is a view.
 """
 from __future__ import annotations
 
