@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -66,7 +65,7 @@ def rank_main(rank: int, world: int, port: int, path: str, mode: str, out: str) 
     torch.set_num_threads(1)
     from megavla.config import load_config
     from megavla.model.pretrained import load_paligemma, paligemma_size_overrides
-    from megavla.train.engine import build_partitioned, init_distributed, seed_everything
+    from megavla.train.engine import build_partitioned, init_distributed, seed_everything, shutdown_distributed
     from megavla.train.entry import default_model_factory
     from megavla.train.host_memory import start_build_phase
     start_build_phase(0)   # as entry.run with the default train.malloc_mmap_threshold_kb
@@ -88,15 +87,14 @@ def rank_main(rank: int, world: int, port: int, path: str, mode: str, out: str) 
         params_m=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()) / 1e6,
         held_mb=held * 4 / 2**20, before_mb=before / 1024, built_mb=built / 1024, loaded_mb=poll.peak / 1024,
         hwm_mb=_status_kb("VmHWM") / 1024, seconds=time.perf_counter() - start)))
-    torch.distributed.barrier()
+    shutdown_distributed()   # barrier + destroy: a peer torn down after rank 0 exits aborts (SIGABRT)
 
 
 def run(path: Path, mode: str, world: int, tmp: Path) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from megavla.train.engine import free_port
     out = tmp / f"{mode}_{world}"
-    mp.start_processes(rank_main, args=(world, port, str(path), mode, str(out)), nprocs=world, start_method="spawn")
+    mp.start_processes(rank_main, args=(world, free_port(), str(path), mode, str(out)), nprocs=world,
+                       start_method="spawn")
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 

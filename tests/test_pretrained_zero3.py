@@ -3,8 +3,6 @@ checkpoint tensor is gathered, written and re-partitioned in turn, and the resul
 a plain model -- on 1 rank here and on 2 ranks (gloo) in a spawned process group."""
 from __future__ import annotations
 
-import socket
-
 import deepspeed
 import pytest
 import torch
@@ -13,7 +11,8 @@ import torch.multiprocessing as mp
 from megavla.config import load_config
 from megavla.config.core import ConfigError
 from megavla.model.pretrained import load_paligemma, paligemma_size_overrides
-from megavla.train.engine import build_partitioned, init_distributed, seed_everything
+from megavla.train.engine import (build_partitioned, free_port, init_distributed, seed_everything,
+                                  shutdown_distributed)
 from megavla.train.entry import default_model_factory
 
 transformers = pytest.importorskip("transformers")  # test-only dependency (extras "test")
@@ -74,16 +73,13 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
     got = _partitioned_loaded(_config(path), world)
     if rank == 0:
         torch.save(got, out)
-    torch.distributed.barrier()
+    shutdown_distributed()   # barrier + destroy: a peer torn down after rank 0 exits aborts (SIGABRT)
 
 
 def test_pretrained_into_a_model_partitioned_over_two_ranks(tmp_path):
     _, path = _tiny_paligemma(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "gathered.pt"
-    mp.start_processes(_rank_main, args=(2, port, str(path), str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, free_port(), str(path), str(out)), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=True)
     _assert_equal(got, _plain_loaded(_config(path)))
 
