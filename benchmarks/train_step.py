@@ -81,9 +81,8 @@ def worker(args) -> None:
     mcfg = ModelConfig(preset=args.preset, kernels="auto", attention="auto" if cuda else "sdpa")
     tcfg = TrainConfig(zero_stage=max(0, args.stage), precision="bf16" if cuda else "fp32", warmup_steps=1,
                        zero3_init=not args.no_zero3_init, malloc_mmap_threshold_kb=args.malloc_mmap_threshold_kb)
-    from megavla.train.host_memory import set_mmap_threshold
+    from megavla.train.host_memory import end_build_phase, set_mmap_threshold, start_build_phase
     set_mmap_threshold(tcfg.malloc_mmap_threshold_kb)     # as entry.run does, before anything is built
-    from megavla.train.host_memory import end_build_phase, start_build_phase
     build_phase = start_build_phase(tcfg.malloc_mmap_threshold_kb)   # until the engine is up, as entry.run
     rank = int(os.environ.get("RANK", "0"))
     if args.stage == 3 and tcfg.zero3_init:   # partitioned from the start (as entry.run builds it)

@@ -125,7 +125,7 @@ def test_batch_fields_equal_collated_samples(episodes, fast_tok, normalized):
             mask = np.array([cam in ep.frames for cam in ("head", "left_wrist", "right_wrist")])
             fields = sample_fields(ep, t, source="s", where="w", chunk_length=H, max_state_dim=MAX_S,
                                    max_action_dim=MAX_A, normalizer=normalizer, text_tokenizer=text_tok,
-                                   text_cache=cache, token_cache={}, fast_tokens=fast)
+                                   fast_tokenizer=fast_tok, text_cache=cache, token_cache={})
             samples.append({"image_mask": mask, **fields})
             rows.add(ep, t, cache, source="s", where="w", image_mask=mask, fast_tokens=fast)
         want = collate_samples(samples, text_pad_id=0, images=images)

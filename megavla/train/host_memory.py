@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ M_MMAP_THRESHOLD = -3
 MAX_THRESHOLD_BYTES = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses larger values
 
 
+@functools.cache   # find_library runs ldconfig: once per process, not at every threshold change
 def _mallopt():
     name = ctypes.util.find_library("c")
     try:
