@@ -1,15 +1,14 @@
 """Issue 16 item 5: under ZeRO-3 a rank's peak host memory follows its partition. The real
 train-step benchmark (zero.Init build, DeepSpeed engine, forward + backward + optimizer step of the
-`small` VLA) runs at 2 and 4 CPU ranks; peak RSS per rank under ZeRO-3 at 4 ranks must be below
-ZeRO-2's at 4 ranks and below ZeRO-3's at 2 ranks. Both stages run with the heap's mmap threshold
-fixed (train.malloc_mmap_threshold_kb=128, megavla/train/host_memory.py): with glibc's dynamic
-default the heap fragments and ZeRO-3 at 4 ranks peaked at 2114-2236 MB against ZeRO-2's 1978-2007 MB
-(benchmarks/RESULTS.md), so this test fails with the knob at 0.
+`small` VLA) runs at 2 and 4 CPU ranks with the default heap policy (train.malloc_mmap_threshold_kb=0,
+megavla/train/host_memory.py: 128 KiB while building, 1 MiB for the steps); peak RSS per rank under
+ZeRO-3 at 4 ranks must be below ZeRO-2's at 4 ranks and below ZeRO-3's at 2 ranks. With the steps
+under glibc's dynamic threshold instead, the heap fragments and ZeRO-3 at 4 ranks peaked at 2140-2305
+MB against ZeRO-2's 2009-2037 MB (benchmarks/RESULTS.md), so this test fails there.
 
 What the item asks first -- build a model larger than a rank's memory -- is the peak before the first
-step: model build (under zero.Init) + engine creation. That ordering holds with the default setting
-(host_memory's build phase): the second slow test checks it with the benchmark's build-only mode
-(`--steps 0`)."""
+step: model build (under zero.Init) + engine creation. The second slow test checks that ordering with
+the benchmark's build-only mode (`--steps 0`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -44,15 +43,15 @@ def test_mmap_threshold_setting():
 
 
 def test_build_phase_thresholds(monkeypatch):
-    """With the default setting (0) the build phase fixes the threshold at 128 KiB and ends at glibc's
-    dynamic maximum (32 MiB, trim 64 MiB); a user-fixed threshold is left alone."""
+    """With the default setting (0) the build phase fixes the threshold at 128 KiB and the steps run
+    at 1 MiB (trim 2 MiB); a user-fixed threshold is left alone."""
     from megavla.train import host_memory
     calls = []
     monkeypatch.setattr(host_memory, "_mallopt", lambda: lambda opt, value: calls.append((opt, value)) or 1)
     assert host_memory.start_build_phase(0) is True
     assert calls == [(host_memory.M_MMAP_THRESHOLD, 128 << 10)]
     host_memory.end_build_phase(True)
-    assert calls[1:] == [(host_memory.M_MMAP_THRESHOLD, 32 << 20), (host_memory.M_TRIM_THRESHOLD, 64 << 20)]
+    assert calls[1:] == [(host_memory.M_MMAP_THRESHOLD, 1 << 20), (host_memory.M_TRIM_THRESHOLD, 2 << 20)]
     calls.clear()
     assert host_memory.start_build_phase(256) is False
     host_memory.end_build_phase(False)
@@ -64,14 +63,15 @@ def test_zero3_peak_rss_per_rank_is_below_zero2_and_falls_with_ranks(tmp_path):
     bench = load_benchmark()
 
     def peaks(stage, nproc):
-        row = bench.run_config("small", stage, nproc, steps=1, batch=1, tmp=tmp_path, malloc_mmap_threshold_kb=128)
+        row = bench.run_config("small", stage, nproc, steps=1, batch=1, tmp=tmp_path, malloc_mmap_threshold_kb=0)
         print(row["mode"], nproc, "ranks: peak RSS per rank", row["peak_mb"], "MB")
         assert len(row["peak_mb"]) == nproc
         return row["peak_mb"]
 
     zero2_at_4, zero3_at_4, zero3_at_2 = peaks(2, 4), peaks(3, 4), peaks(3, 2)
-    # Margins well outside the spread between ranks of one run (< 40 MB measured).
-    assert max(zero3_at_4) < 0.97 * min(zero2_at_4), (zero3_at_4, zero2_at_4)
+    # Measured at 4 ranks: ZeRO-3 1615-1636 MB, ZeRO-2 1687-1698 (the spread between ranks of one run
+    # is < 40 MB): a gap of ~50 MB at this threshold, so the item's "below" is asserted as it is.
+    assert max(zero3_at_4) < min(zero2_at_4), (zero3_at_4, zero2_at_4)
     assert max(zero3_at_4) < 0.85 * min(zero3_at_2), (zero3_at_4, zero3_at_2)
 
 

@@ -39,10 +39,10 @@ class TrainConfig:
     # (false: every rank builds the whole fp32 model first, then DeepSpeed partitions it).
     zero3_init: bool = True
     # Host heap: allocations of at least this many KiB get their own mapping, returned to the OS when
-    # freed (glibc mallopt M_MMAP_THRESHOLD, set at process start). 0 = glibc's dynamic default, under
-    # which freed layer-sized tensors fragment the heap: on CPU, ZeRO-3's step peak then sits above
-    # ZeRO-2's. 128 puts it below (small, 4 ranks: 1525 vs 1654 MB) but costs page faults: 2x the
-    # ZeRO-3 step time on CPU (see megavla/train/host_memory.py). At most 32768 (glibc's limit).
+    # freed (glibc mallopt M_MMAP_THRESHOLD, fixed at process start). 0 = the default policy: 128 while
+    # the model, weights, engine and checkpoint are built/loaded, then 1024 for the steps; under glibc's
+    # dynamic threshold freed layer-sized tensors fragment the heap and, on CPU, ZeRO-3's step peak sat
+    # above ZeRO-2's (megavla/train/host_memory.py has the measurements). At most 32768 (glibc's limit).
     malloc_mmap_threshold_kb: int = 0
     # A PaliGemma checkpoint (a directory of *.safetensors, or one file) a fresh run starts from (a
     # resume starts from its own checkpoint): vision tower + backbone, read one tensor at a time

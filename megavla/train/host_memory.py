@@ -7,17 +7,32 @@ up to 32 MiB. Training frees tensors of a few MiB all the time (activations; und
 layer's gathered weights and gradients, twice per step), so after the first step they all land in
 the heap, and chunks of varying sizes freed in varying order fragment it: measured on the `small`
 preset, 4 CPU ranks, ZeRO-3, the heap held 1076 MB of free chunks after 3 steps (ZeRO-2: 426 MB) and
-the process's RSS grew by ~50-100 MB every step (benchmarks/RESULTS.md, "ZeRO-3 build"). A fixed
-threshold turns the dynamic adjustment off, so freed tensors of >= the threshold go back to the OS and
-resident memory follows the live tensors: train.malloc_mmap_threshold_kb=128 (glibc's starting value,
-kept fixed) measured lower than 1024 (ZeRO-3 peak 1450 vs 1550 MB; at 1024 the heap still held ~210 MB
-of free sub-MiB chunks: small layers' gathered weights and gradients).
+ZeRO-3's step peak per rank sat ~150 MB *above* ZeRO-2's although its model states are 194 MB smaller
+(benchmarks/RESULTS.md, "ZeRO-3 build"). A fixed threshold turns the dynamic adjustment off: freed
+tensors of at least the threshold go back to the OS, so resident memory follows the live tensors.
 
-It is off by default because every such allocation then pays a fresh mapping's page faults: measured
-on `small`, 2 CPU ranks, the ZeRO-3 step took 14.7 s instead of 7.1 s (system CPU 32 vs 14 s) and
-ZeRO-2's 11.3 s instead of 8.8 s. Turn it on where host memory, not CPU time, is the limit (CPU-only
-ZeRO-3 runs, host-side weight loading). malloc_trim(0) after each optimizer step was cheaper (~0.1 s
-per step) but left ZeRO-3's peak only ~2 % below ZeRO-2's: the fragmentation happens within a step.
+The default (train.malloc_mmap_threshold_kb=0) has two phases. While the model is built, pretrained
+weights are loaded, the engine is created and a checkpoint restored: 128 KiB (everything a build
+frees goes back). Then, for the steps: 1 MiB, trim threshold 2 MiB. Each fresh mapping pays its page
+faults, so the step threshold trades CPU time for memory; measured on `small`, 4 CPU ranks, fp32,
+batch 1, 2 timed steps, peak RSS per rank / step time (two runs a row, one for 128 KiB; step times
+on this shared 2-core box vary +-10 % run to run):
+
+    steps' threshold     ZeRO-2                  ZeRO-3
+    32 MiB (dynamic end)  2009-2037 MB, 9.0-9.7 s  2140-2305 MB, 11.5-14.1 s
+    4 MiB                1870-1963 MB, 8.9 s      1783-1893 MB, 12.3-12.7 s
+    1 MiB (default)      1687-1698 MB, 9.2-9.3 s  1615-1636 MB, 13.8-14.5 s
+    128 KiB              1652 MB, 10.1 s          1524 MB, 14.9 s
+
+1 MiB is the largest threshold at which ZeRO-3's peak is below ZeRO-2's in every run (4 MiB
+overlaps), at no measurable cost to ZeRO-2 and ~10 % to a CPU ZeRO-3 step (its gathered layers are
+fresh mappings twice a step). On a GPU the parameters, gathers and activations live in device memory
+and none of this applies. A fixed train.malloc_mmap_threshold_kb=N holds from process start, build
+included (32768 = the old dynamic end point for the steps). malloc_trim(0) after each optimizer step
+instead (~0.1 s per step) left ZeRO-3's peak only ~2 % below ZeRO-2's: the fragmentation happens
+within a step. Not used: mimalloc (LD_PRELOAD; ZeRO-3 1639-1649 MB but 14.4 s) and glibc's
+hugetlb=1 tunable with transparent huge pages (16.1 s at 1 MiB): both need the variable set before
+the process starts, for no gain over the default.
 """
 from __future__ import annotations
 
@@ -45,26 +60,21 @@ def _mallopt():
     return mallopt
 
 
-# The build phase (model build, pretrained weights, engine, checkpoint restore) with the default
-# setting (train.malloc_mmap_threshold_kb=0): the threshold is fixed at 128 KiB while it runs, so every
-# tensor it frees (a ZeRO-3 module before its partition, a gathered weight, a checkpoint tensor) goes
-# back to the OS and peak memory follows what stays live; then it is fixed at glibc's dynamic maximum
-# (32 MiB, trim threshold 64 MiB), where the dynamic default ends up once training frees tensors of that
-# size -- so the steps run as with the default heap, without a build's worth of free chunks in it.
-# Measured (a 186M-parameter PaliGemma-sized model + its checkpoint loaded, 4 CPU ranks, ZeRO-3): anonymous
-# memory per rank 882-901 -> 629 MB built and 1007-1076 -> 632 MB after loading (a plain build: 902).
+# The build phase's threshold, and the steps' (see above). Measured for the build (a 186M-parameter
+# PaliGemma-sized model + its checkpoint loaded, 4 CPU ranks, ZeRO-3): anonymous memory per rank
+# 882-901 -> 629 MB built and 1007-1076 -> 632 MB after loading (a plain build: 902).
 BUILD_PHASE_KIB = 128
-AFTER_BUILD_BYTES, AFTER_BUILD_TRIM_BYTES = MAX_THRESHOLD_BYTES, 2 * MAX_THRESHOLD_BYTES
+AFTER_BUILD_BYTES, AFTER_BUILD_TRIM_BYTES = 1 << 20, 2 << 20
 
 
 def start_build_phase(kib: int) -> bool:
-    """Call before building the model when train.malloc_mmap_threshold_kb is `kib`: with 0, fixes the
-    threshold for the build (see above) and returns True; with a fixed threshold, changes nothing."""
+    """Call before building the model when train.malloc_mmap_threshold_kb is `kib`: with 0 (the
+    default), fixes the threshold for the build and returns True; with a fixed one, changes nothing."""
     return kib <= 0 and set_mmap_threshold(BUILD_PHASE_KIB)
 
 
 def end_build_phase(started: bool) -> None:
-    """After the engine is built (and a checkpoint restored): the thresholds training runs with."""
+    """After the engine is built (and a checkpoint restored): the thresholds the steps run with."""
     mallopt = _mallopt() if started else None
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, AFTER_BUILD_BYTES)
@@ -72,8 +82,9 @@ def end_build_phase(started: bool) -> None:
 
 
 def set_mmap_threshold(kib: int) -> bool:
-    """Fix glibc's mmap threshold at `kib` KiB (0: leave glibc's dynamic default). Returns whether it
-    was set; False (logged) on a libc without mallopt, e.g. musl or macOS, where nothing changes."""
+    """Fix glibc's mmap threshold at `kib` KiB (0: nothing here; the default's two phases are set by
+    start_build_phase / end_build_phase). Returns whether it was set; False (logged) on a libc
+    without mallopt, e.g. musl or macOS, where nothing changes."""
     if kib <= 0:
         return False
     if kib * 1024 > MAX_THRESHOLD_BYTES:
