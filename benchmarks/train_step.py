@@ -120,7 +120,7 @@ def worker(args) -> None:
         def step(batch):
             engine.backward(engine(batch)["loss"])
             engine.step()
-    end_build_phase(build_phase)
+    end_build_phase(build_phase, tcfg.zero_stage)
     peak_after_engine = peak_memory_mb(device)
     result = {"rank": rank, "build_peak_mb": peak_after_build, "engine_peak_mb": peak_after_engine,
               "state_mb": state_mb(model, opt), "params_m": params_m,

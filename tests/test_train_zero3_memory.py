@@ -1,10 +1,11 @@
 """Issue 16 item 5: under ZeRO-3 a rank's peak host memory follows its partition. The real
 train-step benchmark (zero.Init build, DeepSpeed engine, forward + backward + optimizer step of the
 `small` VLA) runs at 2 and 4 CPU ranks with the default heap policy (train.malloc_mmap_threshold_kb=0,
-megavla/train/host_memory.py: 128 KiB while building, 1 MiB for the steps); peak RSS per rank under
-ZeRO-3 at 4 ranks must be below ZeRO-2's at 4 ranks and below ZeRO-3's at 2 ranks. With the steps
-under glibc's dynamic threshold instead, the heap fragments and ZeRO-3 at 4 ranks peaked at 2140-2305
-MB against ZeRO-2's 2009-2037 MB (benchmarks/RESULTS.md), so this test fails there.
+megavla/train/host_memory.py: 128 KiB while building, then for the steps 1 MiB under ZeRO-3 and
+32 MiB under ZeRO-2); peak RSS per rank under ZeRO-3 at 4 ranks must be below ZeRO-2's at 4 ranks and
+below ZeRO-3's at 2 ranks. With ZeRO-3's steps at 32 MiB too (glibc's dynamic end point), the heap
+fragments and ZeRO-3 at 4 ranks peaked at 2140-2305 MB against ZeRO-2's 2009-2037 MB
+(benchmarks/RESULTS.md), so this test fails there.
 
 What the item asks first -- build a model larger than a rank's memory -- is the peak before the first
 step: model build (under zero.Init) + engine creation. The second slow test checks that ordering with
@@ -43,18 +44,23 @@ def test_mmap_threshold_setting():
 
 
 def test_build_phase_thresholds(monkeypatch):
-    """With the default setting (0) the build phase fixes the threshold at 128 KiB and the steps run
-    at 1 MiB (trim 2 MiB); a user-fixed threshold is left alone."""
+    """With the default setting (0) the build phase fixes the threshold at 128 KiB; the steps run at
+    1 MiB (trim 2 MiB) under ZeRO-3 and 32 MiB (trim 64 MiB) under the other stages; a user-fixed
+    threshold is left alone."""
     from megavla.train import host_memory
     calls = []
     monkeypatch.setattr(host_memory, "_mallopt", lambda: lambda opt, value: calls.append((opt, value)) or 1)
     assert host_memory.start_build_phase(0) is True
     assert calls == [(host_memory.M_MMAP_THRESHOLD, 128 << 10)]
-    host_memory.end_build_phase(True)
+    host_memory.end_build_phase(True, zero_stage=3)
     assert calls[1:] == [(host_memory.M_MMAP_THRESHOLD, 1 << 20), (host_memory.M_TRIM_THRESHOLD, 2 << 20)]
+    for stage in (0, 1, 2):
+        calls.clear()
+        host_memory.end_build_phase(True, zero_stage=stage)
+        assert calls == [(host_memory.M_MMAP_THRESHOLD, 32 << 20), (host_memory.M_TRIM_THRESHOLD, 64 << 20)]
     calls.clear()
     assert host_memory.start_build_phase(256) is False
-    host_memory.end_build_phase(False)
+    host_memory.end_build_phase(False, zero_stage=3)
     assert calls == []
 
 
@@ -69,9 +75,9 @@ def test_zero3_peak_rss_per_rank_is_below_zero2_and_falls_with_ranks(tmp_path):
         return row["peak_mb"]
 
     zero2_at_4, zero3_at_4, zero3_at_2 = peaks(2, 4), peaks(3, 4), peaks(3, 2)
-    # Measured at 4 ranks: ZeRO-3 1615-1636 MB, ZeRO-2 1687-1698 (the spread between ranks of one run
-    # is < 40 MB): a gap of ~50 MB at this threshold, so the item's "below" is asserted as it is.
-    assert max(zero3_at_4) < min(zero2_at_4), (zero3_at_4, zero2_at_4)
+    # Measured at 4 ranks: ZeRO-3 1595-1636 MB, ZeRO-2 2009-2037 (the spread between ranks of one run
+    # is < 40 MB; with ZeRO-2's steps at 1 MiB too it measured 1672-1698, still above).
+    assert max(zero3_at_4) < 0.9 * min(zero2_at_4), (zero3_at_4, zero2_at_4)
     assert max(zero3_at_4) < 0.85 * min(zero3_at_2), (zero3_at_4, zero3_at_2)
 
 

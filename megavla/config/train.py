@@ -40,9 +40,10 @@ class TrainConfig:
     zero3_init: bool = True
     # Host heap: allocations of at least this many KiB get their own mapping, returned to the OS when
     # freed (glibc mallopt M_MMAP_THRESHOLD, fixed at process start). 0 = the default policy: 128 while
-    # the model, weights, engine and checkpoint are built/loaded, then 1024 for the steps; under glibc's
-    # dynamic threshold freed layer-sized tensors fragment the heap and, on CPU, ZeRO-3's step peak sat
-    # above ZeRO-2's (megavla/train/host_memory.py has the measurements). At most 32768 (glibc's limit).
+    # the model, weights, engine and checkpoint are built/loaded, then for the steps 1024 under ZeRO-3
+    # (under glibc's dynamic threshold freed layer-sized tensors fragment the heap and, on CPU, ZeRO-3's
+    # step peak sat above ZeRO-2's) and 32768 otherwise (at 1024 page faults cost a CPU ZeRO-2 step
+    # 12-38 % at 2 ranks). megavla/train/host_memory.py has the measurements. At most 32768 (glibc's limit).
     malloc_mmap_threshold_kb: int = 0
     # A PaliGemma checkpoint (a directory of *.safetensors, or one file) a fresh run starts from (a
     # resume starts from its own checkpoint): vision tower + backbone, read one tensor at a time

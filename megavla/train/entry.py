@@ -296,7 +296,7 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
                      " (world size / ZeRO stage changed: universal checkpoint, loader reseeded)"
                      if layout_changed else "")
 
-    end_build_phase(build_phase)
+    end_build_phase(build_phase, cfg.train.zero_stage)
     launch.mark("engine")
     loader_seed = None if (loader_state is not None or not plan.path) else cfg.data.seed + start_step
     loader = loader_factory(cfg, dist.rank, dist.world_size, loader_seed, "train")

@@ -13,26 +13,27 @@ tensors of at least the threshold go back to the OS, so resident memory follows 
 
 The default (train.malloc_mmap_threshold_kb=0) has two phases. While the model is built, pretrained
 weights are loaded, the engine is created and a checkpoint restored: 128 KiB (everything a build
-frees goes back). Then, for the steps: 1 MiB, trim threshold 2 MiB. Each fresh mapping pays its page
-faults, so the step threshold trades CPU time for memory; measured on `small`, 4 CPU ranks, fp32,
-batch 1, 2 timed steps, peak RSS per rank / step time (two runs a row, one for 128 KiB; step times
-on this shared 2-core box vary +-10 % run to run):
+frees goes back). Then, for the steps: under ZeRO-3, 1 MiB (trim threshold 2 MiB); under ZeRO-0/1/2,
+32 MiB (trim 64 MiB), where glibc's dynamic threshold ends up anyway. Each fresh mapping pays its page
+faults, so a low step threshold trades CPU time for memory: the trade ZeRO-3 is chosen for, while
+ZeRO-2 runs keep their speed. Measured on `small`, fp32, batch 1, 2 timed steps: peak RSS per rank
+(MB) / step time (s), two runs a cell (128 KiB: one). Step times on this shared 2-core box vary
++-10 % run to run, and 4 ranks share the 2 cores, where page faults cost less wall time:
 
-    steps' threshold     ZeRO-2                  ZeRO-3
-    32 MiB (dynamic end)  2009-2037 MB, 9.0-9.7 s  2140-2305 MB, 11.5-14.1 s
-    4 MiB                1870-1963 MB, 8.9 s      1783-1893 MB, 12.3-12.7 s
-    1 MiB (default)      1687-1698 MB, 9.2-9.3 s  1615-1636 MB, 13.8-14.5 s
-    128 KiB              1652 MB, 10.1 s          1524 MB, 14.9 s
+    steps' threshold  ZeRO-2 @4           ZeRO-3 @4            ZeRO-2 @2           ZeRO-3 @2
+    32 MiB            2009-2037 / 9.0-9.7  2140-2305 / 11.5-14.1  2736-2761 / 4.4      2666-2804 / 5.3-5.6
+    4 MiB             1870-1963 / 8.9      1783-1893 / 12.3-12.7
+    1 MiB             1687-1698 / 9.2-9.3  1615-1636 / 13.8-14.5  2403-2419 / 5.0-6.1  2140-2152 / 7.0-7.3
+    128 KiB           1652 / 10.1          1524 / 14.9
 
-1 MiB is the largest threshold at which ZeRO-3's peak is below ZeRO-2's in every run (4 MiB
-overlaps), at no measurable cost to ZeRO-2 and ~10 % to a CPU ZeRO-3 step (its gathered layers are
-fresh mappings twice a step). On a GPU the parameters, gathers and activations live in device memory
-and none of this applies. A fixed train.malloc_mmap_threshold_kb=N holds from process start, build
-included (32768 = the old dynamic end point for the steps). malloc_trim(0) after each optimizer step
-instead (~0.1 s per step) left ZeRO-3's peak only ~2 % below ZeRO-2's: the fragmentation happens
-within a step. Not used: mimalloc (LD_PRELOAD; ZeRO-3 1639-1649 MB but 14.4 s) and glibc's
-hugetlb=1 tunable with transparent huge pages (16.1 s at 1 MiB): both need the variable set before
-the process starts, for no gain over the default.
+1 MiB is the largest threshold at which ZeRO-3's peak at 4 ranks is below ZeRO-2's in every run even
+at the same threshold (4 MiB overlaps); against ZeRO-2's default (32 MiB) the gap is ~400 MB. On a GPU
+the parameters, gathers and activations live in device memory and none of this applies. A fixed
+train.malloc_mmap_threshold_kb=N holds from process start, build included, for every stage.
+malloc_trim(0) after each optimizer step instead (~0.1 s per step) left ZeRO-3's peak only ~2 % below
+ZeRO-2's: the fragmentation happens within a step. Not used: mimalloc (LD_PRELOAD; ZeRO-3 @4
+1639-1649 MB but 14.4 s) and glibc's hugetlb=1 tunable with transparent huge pages (16.1 s at 1 MiB):
+both need the variable set before the process starts, for no gain over the default.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _mallopt():
 # PaliGemma-sized model + its checkpoint loaded, 4 CPU ranks, ZeRO-3): anonymous memory per rank
 # 882-901 -> 629 MB built and 1007-1076 -> 632 MB after loading (a plain build: 902).
 BUILD_PHASE_KIB = 128
-AFTER_BUILD_BYTES, AFTER_BUILD_TRIM_BYTES = 1 << 20, 2 << 20
+ZERO3_STEPS_BYTES = 1 << 20
+OTHER_STEPS_BYTES = MAX_THRESHOLD_BYTES
 
 
 def start_build_phase(kib: int) -> bool:
@@ -73,12 +75,14 @@ def start_build_phase(kib: int) -> bool:
     return kib <= 0 and set_mmap_threshold(BUILD_PHASE_KIB)
 
 
-def end_build_phase(started: bool) -> None:
-    """After the engine is built (and a checkpoint restored): the thresholds the steps run with."""
+def end_build_phase(started: bool, zero_stage: int) -> None:
+    """After the engine is built (and a checkpoint restored): the thresholds the steps run with
+    (trim threshold twice the mmap threshold, as glibc's dynamic adjustment keeps it)."""
     mallopt = _mallopt() if started else None
     if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, AFTER_BUILD_BYTES)
-        mallopt(M_TRIM_THRESHOLD, AFTER_BUILD_TRIM_BYTES)
+        steps = ZERO3_STEPS_BYTES if zero_stage == 3 else OTHER_STEPS_BYTES
+        mallopt(M_MMAP_THRESHOLD, steps)
+        mallopt(M_TRIM_THRESHOLD, 2 * steps)
 
 
 def set_mmap_threshold(kib: int) -> bool:
