@@ -75,7 +75,7 @@ def test_zero3_peak_rss_per_rank_is_below_zero2_and_falls_with_ranks(tmp_path):
         return row["peak_mb"]
 
     zero2_at_4, zero3_at_4, zero3_at_2 = peaks(2, 4), peaks(3, 4), peaks(3, 2)
-    # Measured at 4 ranks: ZeRO-3 1595-1636 MB, ZeRO-2 2009-2037 (the spread between ranks of one run
+    # Measured at 4 ranks: ZeRO-3 1595-1636 MB, ZeRO-2 2009-2044 (the spread between ranks of one run
     # is < 40 MB; with ZeRO-2's steps at 1 MiB too it measured 1672-1698, still above).
     assert max(zero3_at_4) < 0.9 * min(zero2_at_4), (zero3_at_4, zero2_at_4)
     assert max(zero3_at_4) < 0.85 * min(zero3_at_2), (zero3_at_4, zero3_at_2)
