@@ -26,6 +26,7 @@ import numpy as np
 import simplejpeg
 
 from megavla.config.data import DataConfig
+from megavla.data.buffers import off_alignment_buffer
 from megavla.data.pipeline import build_loader
 from megavla.data_shards.format import sample_to_episode
 from megavla.data_shards.synth import generate_episode
@@ -89,9 +90,7 @@ def decode_only(frames: list[bytes], image_size: int, seconds: float) -> tuple[f
     ~10 % slower here (megavla/data/buffers.py), and where malloc puts a fresh array decides which path
     a run takes -- so decoding into fresh arrays alone measured 2,020-2,320 samples per CPU-s from run
     to run. The floor is the faster path."""
-    raw = np.empty(image_size * image_size * 3 + 64, np.uint8)
-    start = (16 - raw.ctypes.data) % 32   # 16 bytes past a 32-byte boundary, as the reader's batch slots
-    scratch = raw[start : start + image_size * image_size * 3].reshape(image_size, image_size, 3)
+    scratch = off_alignment_buffer((image_size, image_size, 3)).numpy()   # as the reader's batch slots
     rates = []
     for out in (None, scratch):
         n, wall, cpu = 0, time.perf_counter(), time.process_time()
