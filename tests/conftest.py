@@ -1,5 +1,32 @@
 """Shared test setup: small, deterministic, CPU-only by default."""
 import os
+import sys
+from pathlib import Path
+
+# The repo root holds folders named like PyPI packages (`kernels/` is Hugging Face's kernel hub,
+# which transformers >= 5 imports; `launch/`): they install as `megavla.kernels` etc., never as
+# top-level names. `python -m pytest` (and `python -c`) put the working directory first on
+# sys.path, so from the root `import kernels` would find our folder instead of the installed
+# package. Tests must see what a user's installed environment sees: drop the root from sys.path
+# before any test module (or transformers) is imported, and forget a top-level module that an
+# earlier plugin may already have taken from the root. tests/test_import_hygiene.py fails if this
+# stops working.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHADOWING_FOLDERS = ("kernels", "launch", "data_shards")
+
+
+def _is_repo_root(entry: str) -> bool:
+    try:
+        return Path(entry or os.getcwd()).resolve() == REPO_ROOT
+    except OSError:
+        return False
+
+
+sys.path[:] = [entry for entry in sys.path if not _is_repo_root(entry)]
+for _name in SHADOWING_FOLDERS:
+    _origin = getattr(sys.modules.get(_name), "__file__", None) or ""
+    if _origin and Path(_origin).resolve().is_relative_to(REPO_ROOT):
+        del sys.modules[_name]
 
 # Keep the 2-core CI machine responsive and results deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
