@@ -150,6 +150,9 @@ def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None 
     base.update(WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                 LOCAL_WORLD_SIZE=str(nproc))
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # `python -m` puts the working directory first on sys.path; run from a MegaVLA checkout, its
+    # top-level `kernels/` would shadow Hugging Face's `kernels` that transformers imports (3.11+).
+    base.setdefault("PYTHONSAFEPATH", "1")
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
     procs, pumps = [], []
