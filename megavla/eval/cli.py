@@ -31,6 +31,7 @@ from megavla.config import ConfigError, to_dict
 
 from . import experiments as ex
 from . import report
+from .traces import save_traces, traces_path
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
     return probe
 
 
-def closed_loop_command(args: argparse.Namespace) -> dict:
+def closed_loop_command(args: argparse.Namespace, traces: list | None = None) -> dict:
     """Mini-world success of one policy, in process (a checkpoint) or over the wire (``megavla
     serve`` through the unmodified ``openpi_client``). Same seeds, same noise stream: same result."""
     from . import closed_loop
@@ -213,7 +214,7 @@ def closed_loop_command(args: argparse.Namespace) -> dict:
         image_size = loaded.cfg.data.image_size
     try:
         return closed_loop.evaluate(policy, combos, args.episodes_per_combo, image_size=image_size,
-                                    max_steps=args.max_steps, seed=args.seed)
+                                    max_steps=args.max_steps, seed=args.seed, traces=traces)
     finally:
         if args.policy_server:
             client._ws.close()  # openpi's client has no close(); leave the server a clean close frame
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="in process: the run's EMA weights (auto: when it kept them) or the raw ones")
     p.add_argument("--max-steps", type=int, default=90)
-    p.add_argument("--out", help="write the result (every episode) to this JSON file")
+    p.add_argument("--out", help="write the result (every episode) to this JSON file, and the per-step "
+                                 "traces beside it (NAME.traces.npz)")
     return parser
 
 
@@ -265,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.experiment == "closed-loop":
-            res = closed_loop_command(args)
+            traces: list = []
+            res = closed_loop_command(args, traces)
             lo, hi = res["ci95"]
             print(f"success {res['successes']}/{res['episodes']} = {res['success_rate']:.3f} "
                   f"[95% CI {lo:.3f}, {hi:.3f}]")
             for combo, block in res["per_combo"].items():
                 print(f"  {combo}: {block['successes']}/{block['episodes']}")
-            if args.out:
+            if args.out:  # the per-step traces beside the result (traces.load_traces reads them)
+                res["traces"] = save_traces(traces, traces_path(args.out)).name
                 report.write_json(res, Path(args.out))
             return 0
         if args.experiment == "probe":

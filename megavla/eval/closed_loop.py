@@ -24,6 +24,7 @@ from megavla.data_shards.miniworld import MiniWorld
 from megavla.data_shards.synth import MAX_STEPS, ScriptedExpert
 
 from .stats import wilson_interval  # noqa: F401  (re-exported: callers use closed_loop.wilson_interval)
+from .traces import EpisodeTrace
 
 log = logging.getLogger(__name__)
 
@@ -161,35 +162,53 @@ class ClientPolicy:
 
 
 def run_episode(policy: Policy, scene: int, task: int, seed: int, *, image_size: int,
-                max_steps: int = MAX_STEPS, embodiment: str = "robot/arm") -> EpisodeResult:
-    """One episode; it ends at the first step where the task's success test holds."""
+                max_steps: int = MAX_STEPS, embodiment: str = "robot/arm",
+                traces: list[EpisodeTrace] | None = None) -> EpisodeResult:
+    """One episode; it ends at the first step where the task's success test holds. With ``traces``
+    (a list), the episode's per-step trace (traces.EpisodeTrace) is appended to it."""
     world = MiniWorld(scene, task, embodiment, seed=seed, image_size=image_size)
     policy.reset(world)
+    trace = EpisodeTrace.start(world) if traces is not None else None
+    result = EpisodeResult(scene, task, seed, False, max_steps)
     for step in range(max_steps):
         action = np.asarray(policy.act(world), dtype=np.float64)
         if not np.isfinite(action).all():
             log.warning("scene %d task %d seed %d: non-finite action at step %d; episode counted as "
                         "a failure", scene, task, seed, step)
-            return EpisodeResult(scene, task, seed, False, step)
+            result = EpisodeResult(scene, task, seed, False, step)
+            break
         world.step(action)
+        if trace is not None:
+            trace.record(world, float(action[6]))
         if world.success():
-            return EpisodeResult(scene, task, seed, True, step + 1)
-    return EpisodeResult(scene, task, seed, False, max_steps)
+            result = EpisodeResult(scene, task, seed, True, step + 1)
+            break
+    if trace is not None:
+        trace.success = result.success
+        traces.append(trace)
+    return result
 
 
 def evaluate(policy: Policy, combos: list[str], episodes_per_combo: int, *, image_size: int,
-             max_steps: int = MAX_STEPS, seed: int = 0, progress: bool = True) -> dict:
+             max_steps: int = MAX_STEPS, seed: int = 0, progress: bool = True,
+             traces: list[EpisodeTrace] | None = None) -> dict:
     """Success rate over ``episodes_per_combo`` episodes of each combo, with its Wilson 95% interval,
-    per combo and overall. Returns a JSON-ready dict (``episodes`` lists every episode)."""
+    per combo and overall. Returns a JSON-ready dict (``episodes`` lists every episode). With
+    ``traces`` (a list), every episode's trace is appended to it, in the order of ``episodes_detail``."""
     if episodes_per_combo <= 0:
         raise ValueError(f"episodes_per_combo={episodes_per_combo} must be positive")
     if not combos:
         raise ValueError("combos is empty: name at least one 'scene:task' to evaluate")
     jobs = [(*parse_combo(c), EVAL_SEED_BASE + 1000 * seed + e) for c in combos
             for e in range(episodes_per_combo)]
-    results = [run_episode(policy, s, t, ws, image_size=image_size, max_steps=max_steps)
+    results = [run_episode(policy, s, t, ws, image_size=image_size, max_steps=max_steps, traces=traces)
                for s, t, ws in tqdm(jobs, desc="closed-loop", unit="ep", disable=not progress)]
     return summarize(results)
+
+
+def eval_seeds(episodes_per_combo: int, seed: int = 0) -> set[int]:
+    """The world seeds ``evaluate`` gives its episodes (the same for every combo)."""
+    return {EVAL_SEED_BASE + 1000 * seed + e for e in range(episodes_per_combo)}
 
 
 def summarize(results: list[EpisodeResult]) -> dict:

@@ -33,6 +33,7 @@ from megavla.data_shards.synth import EXPERT_VERSION, generate_episode
 
 from . import closed_loop, offline
 from .finetune import write_init
+from .traces import save_traces, traces_path
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,17 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
     settings = {"combos": combos, "subtask": subtask, "checkpoint": str(resolve_checkpoint_dir(run_dir)),
                 **{k: v for k, v in to_dict(ev).items() if k not in REPORT_ONLY_EVAL_KEYS}}
     cache = run_dir / f"eval_{tag}.json"
+    trace_file = traces_path(cache)
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("settings") == settings:
+        # An evaluation without its per-step traces (older runs) is run again: the progress rubric needs them.
+        if saved.get("settings") == settings and trace_file.is_file():
             return saved
+    traces: list = []
     with _torch_threads(ev.cpu_threads):
-        result = _evaluate(spec, run_dir, combos, subtask, settings)
+        result = _evaluate(spec, run_dir, combos, subtask, settings, traces)
+    save_traces(traces, trace_file)
+    result["traces"] = trace_file.name
     cache.write_text(json.dumps(result, indent=1))
     return result
 
@@ -324,7 +330,8 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict) -> dict:
+def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict,
+              traces: list) -> dict:
     from .policy import VLAPolicy, load_checkpoint
     ev = spec.eval
     loaded = load_checkpoint(run_dir)
@@ -337,7 +344,7 @@ def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: b
     result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step,
               "weights": loaded.weights}
     result["closed_loop"] = closed_loop.evaluate(policy, combos, ev.episodes_per_combo, image_size=image_size,
-                                                 max_steps=ev.max_steps)
+                                                 max_steps=ev.max_steps, traces=traces)
     episodes = offline.heldout_episodes(combos, ev.offline_episodes_per_combo, image_size=image_size,
                                         cameras=tuple(loaded.cfg.data.cameras))
     result["offline"] = offline.evaluate_offline(loaded, episodes, ev.offline_steps_per_episode, ev.flow_steps,
