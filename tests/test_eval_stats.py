@@ -193,3 +193,51 @@ def test_noise_scale_zero_is_deterministic_and_one_samples(loaded_and_episodes):
     assert not np.allclose(plans[1.0, 0], plans[1.0, 1])
     with pytest.raises(ValueError, match="noise_scale"):
         VLAPolicy(loaded, noise_scale=-1.0)
+
+
+# ------------------------------------------------ per-episode scores: seed-aware intervals and tests ----
+def test_one_seed_reduces_to_the_ordinary_bootstrap_and_permutation_test():
+    from scipy import stats as sps
+
+    from megavla.eval import stats as st
+    rng = np.random.default_rng(3)
+    a, b = rng.random(30) * 0.6 + 0.2, rng.random(30) * 0.6
+    ours = st.bootstrap_mean([a])
+    ref = sps.bootstrap((a,), np.mean, method="percentile", n_resamples=4000, random_state=1).confidence_interval
+    assert ours["mean"] == pytest.approx(a.mean())
+    assert ours["ci95"] == pytest.approx([ref.low, ref.high], abs=0.01)
+    p_ref = sps.permutation_test((a, b), lambda x, y: x.mean() - y.mean(), n_resamples=4000,
+                                 alternative="two-sided", random_state=1).pvalue
+    assert st.compare_means([a], [b])["p_value"] == pytest.approx(p_ref, abs=0.01)
+
+
+def test_seed_variance_widens_the_interval_and_stratifies_the_test():
+    from megavla.eval import stats as st
+    rng = np.random.default_rng(4)
+    # Two training seeds that differ a lot; the episode-level spread is small.
+    seeds = [0.2 + 0.05 * rng.random(30), 0.7 + 0.05 * rng.random(30)]
+    pooled = st.bootstrap_mean([np.concatenate(seeds)])
+    hier = st.bootstrap_mean(seeds)
+    assert hier["mean"] == pytest.approx(pooled["mean"])
+    assert hier["ci95"][1] - hier["ci95"][0] > 3 * (pooled["ci95"][1] - pooled["ci95"][0])
+    # Arm b is arm a shifted by +0.02 in every seed: within a seed that is a large, consistent gap...
+    shifted = [s + 0.02 for s in seeds]
+    assert st.compare_means(shifted, seeds)["p_value"] < 0.01
+    # ...and pairing seed 0 of one arm with seed 1 of the other is refused, not silently mixed.
+    with pytest.raises(ValueError, match="pairs runs by seed"):
+        st.compare_means(shifted, seeds[:1])
+    with pytest.raises(ValueError, match="at least one episode"):
+        st.bootstrap_mean([np.zeros(0)])
+
+
+def test_transfer_efficiency_and_a_failed_control():
+    from megavla.eval import stats as st
+    rng = np.random.default_rng(5)
+    robot = [rng.random(30) * 0.2, rng.random(30) * 0.2]
+    human = [r + 0.3 for r in robot]
+    control = [r + 0.6 for r in robot]
+    out = st.transfer_efficiency(robot, human, control)
+    assert out["detectable"] and out["efficiency"] == pytest.approx(0.5)
+    assert out["ci95"][0] < 0.5 < out["ci95"][1]
+    failed = st.transfer_efficiency(robot, human, robot)  # the control learned nothing either
+    assert not failed["detectable"] and failed["efficiency"] is None and failed["ci95"] is None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from scipy import stats as sps
 
 Z95 = 1.959964
@@ -92,3 +93,100 @@ def mcnemar_exact(first: list[bool], second: list[bool]) -> dict:
     n = only_first + only_second
     p = 1.0 if n == 0 else float(sps.binomtest(only_first, n, 0.5).pvalue)
     return {"only_first": only_first, "only_second": only_second, "p_value": p}
+
+
+# ------------------------------------------------------------ per-episode scores, seed-aware ----
+# A cell of the seeded experiment holds episodes of several training runs (seeds) of one arm. The
+# runs differ more than the episodes of one run do, so episodes are not independent draws: the
+# interval resamples seeds, then episodes inside each drawn seed (hierarchical bootstrap); the test
+# permutes arm labels only between runs of the same seed index (seed-stratified permutation; the
+# two arms' runs of one seed share the data order and start states). One seed per arm reduces both
+# to the ordinary episode bootstrap and permutation test.
+BOOTSTRAP_RESAMPLES = 4000
+PERMUTATIONS = 4000
+
+
+def _groups(values_by_seed, name: str) -> list[np.ndarray]:
+    groups = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values_by_seed]
+    if not groups or any(g.size == 0 for g in groups):
+        raise ValueError(f"{name}: every seed needs at least one episode score (got sizes "
+                         f"{[g.size for g in groups]})")
+    return groups
+
+
+def _seed_mean(groups: list[np.ndarray]) -> float:
+    return float(np.mean([g.mean() for g in groups]))  # seeds weigh equally
+
+
+def hierarchical_means(values_by_seed, resamples: int = BOOTSTRAP_RESAMPLES,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+    """[resamples] bootstrap means: seeds drawn with replacement, then episodes within each drawn seed."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    groups = _groups(values_by_seed, "hierarchical_means")
+    k = len(groups)
+    per_group = [g[rng.integers(0, g.size, (resamples, k, g.size))].mean(-1) for g in groups]  # [B, k] each
+    pick = rng.integers(0, k, (resamples, k))
+    stacked = np.stack(per_group)  # [k groups, B, k positions]
+    return stacked[pick, np.arange(resamples)[:, None], np.arange(k)[None, :]].mean(-1)
+
+
+def bootstrap_mean(values_by_seed, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Mean score (seeds weigh equally) with a 95% hierarchical-bootstrap percentile interval."""
+    groups = _groups(values_by_seed, "bootstrap_mean")
+    means = hierarchical_means(groups, resamples, np.random.default_rng(seed))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": _seed_mean(groups), "ci95": [float(lo), float(hi)], "seeds": len(groups),
+            "episodes": int(sum(g.size for g in groups))}
+
+
+def stratified_permutation_p(a_by_seed, b_by_seed, permutations: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided p of mean(a) - mean(b), permuting labels within each seed index's pooled episodes."""
+    a, b = _groups(a_by_seed, "group a"), _groups(b_by_seed, "group b")
+    if len(a) != len(b):
+        raise ValueError(f"a seed-stratified test pairs runs by seed: {len(a)} seeds vs {len(b)}")
+    observed = _seed_mean(a) - _seed_mean(b)
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(permutations)
+    for ga, gb in zip(a, b):
+        pooled = np.concatenate([ga, gb])
+        order = rng.permuted(np.tile(pooled, (permutations, 1)), axis=1)
+        diffs += order[:, :ga.size].mean(1) - order[:, ga.size:].mean(1)
+    diffs /= len(a)
+    extreme = np.count_nonzero(np.abs(diffs) >= abs(observed) - 1e-12)
+    return float((1 + extreme) / (1 + permutations))
+
+
+def compare_means(a_by_seed, b_by_seed, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Arm a (e.g. robot+human) minus arm b (robot only) on per-episode scores: difference, 95%
+    hierarchical-bootstrap interval, seed-stratified permutation p. JSON-ready."""
+    a, b = _groups(a_by_seed, "group a"), _groups(b_by_seed, "group b")
+    rng = np.random.default_rng(seed)
+    diff = hierarchical_means(a, resamples, rng) - hierarchical_means(b, resamples, rng)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return {"difference": _seed_mean(a) - _seed_mean(b), "ci95": [float(lo), float(hi)],
+            "p_value": stratified_permutation_p(a, b, seed=seed), "test": "seed_stratified_permutation",
+            "interval": "hierarchical_bootstrap", "seeds": [len(a), len(b)]}
+
+
+def transfer_efficiency(robot, robot_human, control, alpha: float = 0.05,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """(robot+human - robot) / (control - robot), per-seed per-episode scores of each arm. The positive
+    control (robot demonstrations of the targets) shows what this scale can learn about the targets at
+    all; when it does not beat robot-only significantly, the ratio is undefined and ``detectable`` is
+    False: this scale cannot detect transfer. Interval: hierarchical bootstrap, percentile."""
+    r, rh, c = (_groups(x, n) for x, n in ((robot, "robot"), (robot_human, "robot+human"), (control, "control")))
+    control_gap = compare_means(c, r, resamples, seed)
+    transfer_gap = compare_means(rh, r, resamples, seed)
+    out = {"control_gap": control_gap, "transfer_gap": transfer_gap, "efficiency": None, "ci95": None,
+           "detectable": control_gap["difference"] > 0 and control_gap["p_value"] < alpha}
+    if not out["detectable"]:
+        return out
+    rng = np.random.default_rng(seed + 1)
+    mr, mrh, mc = (hierarchical_means(g, resamples, rng) for g in (r, rh, c))
+    denom = mc - mr
+    ok = denom > 0
+    ratio = (mrh[ok] - mr[ok]) / denom[ok]
+    out["efficiency"] = transfer_gap["difference"] / control_gap["difference"]
+    out["ci95"] = [float(x) for x in np.percentile(ratio, [2.5, 97.5])]
+    out["resamples_with_positive_control_gap"] = float(ok.mean())
+    return out
