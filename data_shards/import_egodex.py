@@ -158,7 +158,7 @@ def convert(locator: tuple[EgoDexOptions, str, int, int]) -> Episode:
     s = opts.stride
     clip = HumanClip(name=str(path), keypoints=keypoints[::s], head_pose=head[::s],
                      confidence=conf[::s], video=path.with_suffix(".mp4"), video_fps=EGODEX_FPS,
-                     stride=s, instruction=instruction, scene=0, task=task_id, episode=index,
+                     video_fps_from=f"EgoDex records at {EGODEX_FPS:g} fps", stride=s, instruction=instruction, scene=0, task=task_id, episode=index,
                      extra={"source": "egodex", "file": str(path), "task_dir": path.parent.name,
                             "camera_axes": axes, "missing_joints": missing})
     try:

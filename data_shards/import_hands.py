@@ -1,4 +1,4 @@
-"""Human recordings with 3D hand keypoints -> ``human/ego`` episodes; the ``--keypoints NPZ`` route.
+"""Human recordings with 3D hand keypoints -> ``human/ego`` episodes; the ``megavla data import keypoints`` route.
 
 ``human_episode`` is the one builder for every hand source (EgoDex, the NPZ route of any tracker):
 keypoints [T, 2, 17, 3] in the head-camera frame (OpenCV axes, metres; hand 0 right, 1 left; NaN =
@@ -50,6 +50,7 @@ class HumanClip:
     confidence: np.ndarray | None  # [T, 2, 17] or None
     video: Path
     video_fps: float  # frame rate of the video file
+    video_fps_from: str  # where video_fps came from, for messages: a field or option that exists
     stride: int  # video frames per step
     instruction: str
     scene: int
@@ -85,7 +86,7 @@ def human_episode(clip: HumanClip, image_size: int, min_confidence: float) -> Ep
                           f"four knuckles of each hand; frames without a palm: "
                           f"{converted.invalid_poses}, keypoints under confidence {min_confidence}: {low})")
     frames = decode_video_frames(clip.video, 0.0, T, clip.video_fps, image_size,
-                                 f"{clip.name} video", stride=clip.stride)
+                                 f"{clip.name} video", stride=clip.stride, fps_from=clip.video_fps_from)
     extra = dict(clip.extra)
     extra.update(invalid_steps=converted.num_invalid_steps, frames_without_palm=converted.invalid_poses,
                  low_confidence_keypoints=low, min_confidence=min_confidence)
@@ -153,6 +154,8 @@ def convert_keypoints(locator: tuple[KeypointsOptions, str, int, int]) -> Episod
             confidence=np.asarray(data["keypoint_confidence"], np.float64)
             if "keypoint_confidence" in data else None,
             video=path.with_suffix(".mp4"), video_fps=fps, stride=1,
+            video_fps_from=(f"the rate is {path.name}'s 'fps' array" if "fps" in data else
+                            f"{path.name} has no 'fps' array: set one, or pass the rate with --fps"),
             instruction=_npz_scalar(data, "instruction", path, str),
             scene=_npz_scalar(data, "scene", path, int) if "scene" in data else 0,
             task=_npz_scalar(data, "task", path, int) if "task" in data else task_rank,

@@ -9,10 +9,15 @@ The v3.0 layout (lerobot.datasets.utils / lerobot_dataset.py, codebase_version "
                                     dataset_from_index, dataset_to_index, data/chunk_index,
                                     data/file_index, videos/<key>/{chunk_index, file_index,
                                     from_timestamp, to_timestamp}, stats/... (not read)
-    data/chunk-XXX/file-YYY.parquet frames of many episodes: <state key>, <action key>, timestamp,
-                                    frame_index, episode_index, index, task_index
+    data/chunk-XXX/file-YYY.parquet frames of many episodes (one row group per episode as lerobot
+                                    writes them): <state key>, <action key>, timestamp, frame_index,
+                                    episode_index, index, task_index, and per image feature
+                                    (``use_videos=False``) a struct<bytes, path> column of PNGs
     videos/<key>/chunk-XXX/file-YYY.mp4  many episodes per file (AV1 by default); episode e
                                     starts at its from_timestamp
+
+Camera features are ``dtype: video`` (frames in the MP4s) or ``dtype: image`` (PNG bytes in the data
+parquet). Metadata reading and the checks on the paths it names: import_lerobot_meta.py.
 
 Format v2.x (v2.0 / v2.1) is read too: ``meta/tasks.jsonl`` ({task_index, task} per line),
 ``meta/episodes.jsonl`` ({episode_index, tasks, length}), one data file and one video per episode
@@ -34,7 +39,6 @@ Action spaces (``action_space``):
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,20 +49,18 @@ from scipy.spatial.transform import Rotation
 
 from megavla.data import hands
 
-from .format import CAMERAS, Episode, Subtask
+from .format import CAMERAS, Episode, Subtask, encode_jpeg, resize_with_pad
+from .import_lerobot_meta import (CONVERT_HINT, SUPPORTED_VERSIONS, camera_features, list_episodes,  # noqa: F401
+                                  load_info, load_tasks)
 from .importing import ImportRefused, SkipEpisode, SourceEpisode, decode_video_frames
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_VERSIONS = ("v3.0", "v2.1", "v2.0")
-CONVERT_HINT = ("or convert it with lerobot: `python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
-                "--repo-id=<id>` (in an environment with lerobot installed)")
 
 
 @dataclass
 class LeRobotOptions:
     root: str
-    cameras: dict[str, str]  # our camera -> lerobot video key
+    cameras: dict[str, str]  # our camera -> lerobot camera feature key (dtype video or image)
     state_key: str
     action_key: str
     action_space: str  # joint | ee
@@ -67,28 +69,26 @@ class LeRobotOptions:
     dims: dict[str, int]  # state / actions: values per frame (info.json feature shape)
     image_size: int
     scene: int
-
-
-def _read_parquet(path: Path, what: str, columns: list[str] | None = None, filters=None):
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise SkipEpisode(f"{what}: file {path} is missing")
-    try:
-        return pq.read_table(path, columns=columns, filters=filters)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a corrupt file
-        raise SkipEpisode(f"{what}: {path} is not a readable parquet file ({type(e).__name__}: "
-                          f"{e}); re-download or re-export it") from None
+    image_keys: tuple[str, ...] = ()  # camera features stored as PNG in the data parquet (dtype image)
 
 
 # The last row groups read, per process: one entry, so memory stays at one row group per worker.
 _ROW_GROUP_CACHE: dict[tuple, Any] = {}
 
 
-def _episode_rows(path: Path, ep_index: int, what: str):
-    """The rows of one episode: only the row groups whose episode_index range covers it are read
-    (row-group statistics), then the episode's contiguous rows are sliced out. (A dataset filter
-    would be simpler but fails in pyarrow 21 on a fixed-size-list column that holds nulls.)"""
+def _leaf_column(pf, name: str) -> int:
+    """The parquet leaf-column index of top-level column ``name`` (row-group statistics are per
+    leaf; an Arrow field index is not one once nested columns -- lerobot's image structs, list
+    columns -- come before it), or -1."""
+    group = pf.metadata.row_group(0)
+    return next((i for i in range(group.num_columns) if group.column(i).path_in_schema == name), -1)
+
+
+def _episode_rows(path: Path, ep_index: int, what: str, columns: list[str]):
+    """The rows of one episode (``columns`` of them that exist): only the row groups whose
+    episode_index range covers it are read (row-group statistics), then the episode's contiguous
+    rows are sliced out. (A dataset filter would be simpler but fails in pyarrow 21 on a
+    fixed-size-list column that holds nulls.)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,18 +96,20 @@ def _episode_rows(path: Path, ep_index: int, what: str):
         raise SkipEpisode(f"{what}: data file {path} is missing")
     try:
         pf = pq.ParquetFile(path)
-        col = pf.schema_arrow.get_field_index("episode_index")
-        if col < 0:
+        if "episode_index" not in pf.schema_arrow.names:
             raise SkipEpisode(f"{what}: {path} has no column 'episode_index'")
+        col = _leaf_column(pf, "episode_index") if pf.metadata.num_row_groups else -1
         groups = []
         for g in range(pf.metadata.num_row_groups):
-            stats = pf.metadata.row_group(g).column(col).statistics
+            stats = pf.metadata.row_group(g).column(col).statistics if col >= 0 else None
             if stats is None or not stats.has_min_max or stats.min <= ep_index <= stats.max:
                 groups.append(g)
-        key = (str(path), path.stat().st_mtime_ns, tuple(groups))
+        read = [c for c in dict.fromkeys(columns + ["episode_index"]) if c in pf.schema_arrow.names]
+        key = (str(path), path.stat().st_mtime_ns, tuple(groups), tuple(read))
         if key not in _ROW_GROUP_CACHE:  # consecutive episodes share a data file and row group
             _ROW_GROUP_CACHE.clear()
-            _ROW_GROUP_CACHE[key] = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+            _ROW_GROUP_CACHE[key] = (pf.read_row_groups(groups, columns=read) if groups
+                                     else pf.schema_arrow.empty_table().select(read))
         table = _ROW_GROUP_CACHE[key]
     except SkipEpisode:
         raise
@@ -120,114 +122,43 @@ def _episode_rows(path: Path, ep_index: int, what: str):
     return table.take(pa.array(rows, pa.int64()))
 
 
+def _image_frames(table, key: str, steps: np.ndarray, image_size: int, what: str) -> list[bytes]:
+    """Rows ``steps`` of a lerobot image column (``struct<bytes, path>``, the PNG/JPEG bytes embedded
+    by lerobot's embed_images), letterboxed to ``image_size`` and JPEG-encoded."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    column = table.column(key).combine_chunks()
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("bytes") < 0:
+        raise SkipEpisode(f"{what}: column {key!r} is {column.type}, not lerobot's image column "
+                          "struct<bytes, path>")
+    blobs = column.flatten()[column.type.get_field_index("bytes")]  # parent nulls count as null
+    frames = []
+    for t, row in enumerate(steps):
+        data = blobs[int(row)].as_py()
+        if not data:
+            raise SkipEpisode(f"{what}: column {key!r} frame {t} holds no image bytes (a set written "
+                              "without embedded images: re-export it with lerobot)")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise SkipEpisode(f"{what}: column {key!r} frame {t}: image does not decode "
+                              f"({type(e).__name__}: {e})") from None
+        frames.append(encode_jpeg(resize_with_pad(rgb, image_size)))
+    return frames
+
+
 def _width(feature: dict[str, Any]) -> int:
     return int(np.prod(feature.get("shape") or [1]))
 
 
-def load_info(root: Path) -> dict[str, Any]:
-    path = root / "meta" / "info.json"
-    if not path.is_file():
-        raise ImportRefused(f"{path}: missing; {root} is not a LeRobot dataset directory "
-                            "(expected meta/info.json, meta/tasks.parquet, meta/episodes/, data/)")
-    try:
-        info = json.loads(path.read_text())
-    except ValueError as e:
-        raise ImportRefused(f"{path}: not valid JSON ({e})") from None
-    version = info.get("codebase_version")
-    if version not in SUPPORTED_VERSIONS:
-        raise ImportRefused(f"{path}: codebase_version={version!r}; this importer reads "
-                            f"{SUPPORTED_VERSIONS}; {CONVERT_HINT}")
-    for key in ("fps", "features", "data_path"):
-        if key not in info:
-            raise ImportRefused(f"{path}: field {key!r} missing")
-    return info
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ImportRefused(f"{path}: missing (a v2.x LeRobot dataset lists its tasks and episodes there)")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise ImportRefused(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
-
-
-def load_tasks(root: Path, info: dict[str, Any]) -> dict[int, str]:
-    if info["codebase_version"] != "v3.0":
-        return {int(r["task_index"]): str(r["task"]) for r in _jsonl(root / "meta" / "tasks.jsonl")}
-    path = root / "meta" / "tasks.parquet"
-    try:
-        table = _read_parquet(path, "meta/tasks.parquet")
-    except SkipEpisode as e:
-        raise ImportRefused(str(e)) from None
-    names = table.column_names
-    pandas_meta = json.loads((table.schema.metadata or {}).get(b"pandas", b"{}"))
-    index_cols = [c for c in pandas_meta.get("index_columns", []) if isinstance(c, str)]
-    text_col = "task" if "task" in names else (index_cols[0] if index_cols else None)
-    if "task_index" not in names or text_col not in names:
-        raise ImportRefused(f"{path}: expected columns 'task_index' and the task text (column "
-                            f"'task' or the pandas index), found {names}")
-    return {int(i): str(t) for i, t in zip(table.column("task_index").to_pylist(),
-                                            table.column(text_col).to_pylist())}
-
-
-def list_episodes(root: Path, info: dict[str, Any], video_keys: list[str]) -> list[dict[str, Any]]:
-    """Per episode: episode_index, length, the data file and (video file, start s) per video key."""
-    if info["codebase_version"] != "v3.0":
-        chunk = int(info.get("chunks_size") or 1000)
-        episodes = []
-        for row in sorted(_jsonl(root / "meta" / "episodes.jsonl"), key=lambda r: r["episode_index"]):
-            where = dict(episode_index=row["episode_index"], episode_chunk=row["episode_index"] // chunk)
-            episodes.append({"episode_index": row["episode_index"], "length": row["length"],
-                             "data": info["data_path"].format(**where),
-                             "videos": {k: (info["video_path"].format(video_key=k, **where), 0.0)
-                                        for k in video_keys}})
-        return episodes
-    try:
-        return _v3_locations(root, info, video_keys)
-    except KeyError as e:
-        raise ImportRefused(f"{root / 'meta/episodes'}: episode rows lack field {e}") from None
-
-
-def _v3_locations(root: Path, info: dict[str, Any], video_keys: list[str]) -> list[dict[str, Any]]:
-    return [{"episode_index": r["episode_index"], "length": r["length"],
-             "data": info["data_path"].format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]),
-             "videos": {k: (info["video_path"].format(video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
-                                                       file_index=r[f"videos/{k}/file_index"]),
-                            float(r[f"videos/{k}/from_timestamp"])) for k in video_keys}}
-            for r in _episode_index_rows(root)]
-
-
-def _episode_index_rows(root: Path) -> list[dict[str, Any]]:
-    """Episode rows (without stats columns) from every meta/episodes parquet file, by index."""
-    files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
-    if not files:
-        raise ImportRefused(f"{root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet files")
-    rows: list[dict[str, Any]] = []
-    for path in files:
-        import pyarrow.parquet as pq
-
-        try:
-            names = pq.read_schema(path).names
-        except Exception as e:  # noqa: BLE001
-            raise ImportRefused(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-        wanted = [n for n in names if not n.startswith("stats/")]
-        table = _read_parquet(path, "meta/episodes", columns=wanted)
-        rows.extend(table.to_pylist())
-    missing = [k for k in ("episode_index", "length", "data/chunk_index", "data/file_index")
-               if k not in rows[0]]
-    if missing:
-        raise ImportRefused(f"{files[0]}: episode rows lack {missing}")
-    return sorted(rows, key=lambda r: r["episode_index"])
-
-
 def default_cameras(info: dict[str, Any]) -> dict[str, str]:
-    """Map video keys to our cameras by name: '*left*wrist*' / '*wrist*' / the first other key."""
-    keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    """Map camera keys (video or image features) to our cameras by name: '*left*wrist*' / '*wrist*' /
+    the first other key."""
+    keys = camera_features(info)
     mapping: dict[str, str] = {}
     for key in keys:
         low = key.lower()
@@ -239,7 +170,7 @@ def default_cameras(info: dict[str, Any]) -> dict[str, str]:
             mapping[cam] = key
     ignored = sorted(set(keys) - set(mapping.values()))
     if ignored:
-        log.warning("lerobot: video keys %s not imported (only one per camera %s); map them with "
+        log.warning("lerobot: camera keys %s not imported (only one per camera %s); map them with "
                     "--cameras", ignored, CAMERAS)
     return mapping
 
@@ -274,20 +205,21 @@ def plan(root: str, cameras: dict[str, str] | None, state_key: str, action_key: 
     for cam, key in cams.items():
         if cam not in CAMERAS:
             raise ImportRefused(f"--cameras: unknown camera {cam!r}; choose from {CAMERAS}")
-        if features.get(key, {}).get("dtype") != "video":
-            videos = [k for k, f in features.items() if f.get("dtype") == "video"]
-            raise ImportRefused(f"--cameras {cam}={key}: {key!r} is not a video feature of "
-                                f"{path}; video features: {videos}")
-    if cams and not info.get("video_path"):
-        raise ImportRefused(f"{path / 'meta/info.json'}: video features but no video_path")
+        if key not in camera_features(info):
+            raise ImportRefused(f"--cameras {cam}={key}: {key!r} is not a camera feature (dtype video "
+                                f"or image) of {path}; camera features: {camera_features(info)}")
+    image_keys = tuple(sorted({k for k in cams.values() if features[k]["dtype"] == "image"}))
+    video_keys = sorted(set(cams.values()) - set(image_keys))
+    if video_keys and not info.get("video_path"):
+        raise ImportRefused(f"{path / 'meta/info.json'}: video features {video_keys} but no video_path")
     opts = LeRobotOptions(root=str(path), cameras=cams, state_key=state_key, action_key=action_key,
                           action_space=action_space, fps=float(info["fps"]),
                           stride=output_stride(float(info["fps"]), fps, str(path)),
-                          image_size=image_size, scene=scene,
+                          image_size=image_size, scene=scene, image_keys=image_keys,
                           dims={"state": _width(features[state_key]), "actions": _width(features[action_key])})
     tasks = load_tasks(path, info)
     episodes = []
-    for row in list_episodes(path, info, sorted(set(cams.values()))):
+    for row in list_episodes(path, info, video_keys):
         row["tasks"] = tasks
         episodes.append(SourceEpisode(f"episode {row['episode_index']}", (opts, row)))
     return opts, episodes
@@ -299,8 +231,8 @@ def convert(locator: tuple[LeRobotOptions, dict[str, Any]]) -> Episode:
     root, ep_index, length = Path(opts.root), int(row["episode_index"]), int(row["length"])
     what = f"episode {ep_index}"
     data_rel = row["data"]
-    columns = [opts.state_key, opts.action_key, "frame_index", "task_index"]
-    table = _episode_rows(root / data_rel, ep_index, what)
+    columns = [opts.state_key, opts.action_key, "frame_index", "task_index", *opts.image_keys]
+    table = _episode_rows(root / data_rel, ep_index, what, columns)
     absent = [c for c in columns if c not in table.column_names]
     if absent:
         raise SkipEpisode(f"{what}: {data_rel} has no column(s) {absent}")
@@ -331,9 +263,12 @@ def convert(locator: tuple[LeRobotOptions, dict[str, Any]]) -> Episode:
     frames = {}
     steps = arrays["actions"].shape[0]
     for cam, key in opts.cameras.items():
+        if key in opts.image_keys:  # PNG in the data parquet (lerobot's use_videos=False)
+            frames[cam] = _image_frames(table, key, order[::opts.stride], opts.image_size, f"{what}: {data_rel}")
+            continue
         rel, start = row["videos"][key]
         frames[cam] = decode_video_frames(root / rel, start, steps, opts.fps, opts.image_size, f"{what} camera {key}",
-                                          stride=opts.stride)
+                                          stride=opts.stride, fps_from="the rate is meta/info.json 'fps'")
     instruction = row["tasks"][task_index]
     common = dict(scene=opts.scene, task=task_index, episode=ep_index, instruction=instruction,
                   subtasks=[Subtask(instruction, 0, steps)], fps=opts.fps / opts.stride, frames=frames,

@@ -57,13 +57,15 @@ class ImportReport:
 
 # ------------------------------------------------------------------------------------ frames
 def decode_video_frames(path: Path, start_s: float, num_frames: int, fps: float,
-                        image_size: int, what: str, stride: int = 1) -> list[bytes]:
+                        image_size: int, what: str, stride: int = 1, *, fps_from: str) -> list[bytes]:
     """Frames at ``start_s + t * stride / fps`` (t < ``num_frames``) of a video recorded at
     ``fps``, letterboxed to ``image_size`` and JPEG-encoded. One seek per call (per episode), then
-    sequential decoding; frames between targets are decoded and dropped.
+    sequential decoding; frames between targets are decoded and dropped. ``fps_from`` says where
+    the importer took ``fps`` from (a field or an option that exists), for the gap message.
 
     Frame t is the first decoded frame whose timestamp is within half a source frame of its
-    target; a video that ends early raises SkipEpisode naming the file.
+    target; a video that ends early, has no video stream or does not decode raises SkipEpisode
+    naming the file (a truncated download is one skipped episode, not the end of the import).
     """
     import av  # PyAV: an optional dependency (extra "import")
 
@@ -73,6 +75,9 @@ def decode_video_frames(path: Path, start_s: float, num_frames: int, fps: float,
     half = 0.5 / fps
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:  # a truncated MP4 can open with no stream at all
+                raise SkipEpisode(f"{what}: {path}: no video stream ({path.stat().st_size} bytes: a "
+                                  "truncated or incomplete file?); re-download or re-encode it")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             tb = stream.time_base or Fraction(1, 1)
@@ -88,12 +93,15 @@ def decode_video_frames(path: Path, start_s: float, num_frames: int, fps: float,
                 if ts > target + half:
                     raise SkipEpisode(f"{what}: {path}: no frame at {target:.3f} s (next frame at "
                                       f"{ts:.3f} s): the video has a gap or another frame rate "
-                                      f"than {fps} fps (pass the source rate with --source-fps)")
+                                      f"than {fps} fps ({fps_from})")
                 frames.append(encode_jpeg(resize_with_pad(frame.to_ndarray(format="rgb24"), image_size)))
                 if len(frames) == num_frames:
                     return frames
-    except av.error.FFmpegError as e:
-        raise SkipEpisode(f"{what}: {path}: cannot decode ({type(e).__name__}: {e})") from None
+    # FFmpegError: what libav reports; OSError / ValueError / EOFError: a container or frame PyAV
+    # itself cannot make sense of (a damaged header, a zero-size frame).
+    except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise SkipEpisode(f"{what}: {path}: cannot decode ({type(e).__name__}: {e}); re-download or "
+                          "re-encode it") from None
     raise SkipEpisode(f"{what}: {path}: video ends after {len(frames)} of {num_frames} frames "
                       f"(from {start_s:.3f} s, {fps} fps, stride {stride}); the video is shorter than the episode")
 

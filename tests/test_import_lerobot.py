@@ -1,5 +1,6 @@
-"""megavla data import lerobot: on a dataset written by lerobot itself (tests/fixtures/lerobot_v30_tiny,
-made by tests/fixtures/make_lerobot_fixture.py with lerobot 0.4.4, AV1 videos), plus bad input."""
+"""megavla data import lerobot: on datasets written by lerobot itself (tests/fixtures/lerobot_v30_tiny
+with AV1 videos and lerobot_v30_png_tiny with PNG frames in the parquet, made by
+tests/fixtures/make_lerobot_fixture.py with lerobot 0.4.4), plus bad and hostile input."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ sys.path.insert(0, str(FIXTURES))
 import make_lerobot_fixture as made  # noqa: E402
 
 SRC = FIXTURES / "lerobot_v30_tiny"
+PNG_SRC = FIXTURES / "lerobot_v30_png_tiny"
 DATA = "data/chunk-000/file-000.parquet"
 
 
@@ -169,7 +171,7 @@ def test_unknown_feature_and_camera_are_refused_before_work(tmp_path, caplog):
     assert run_import(SRC, tmp_path / "a", "--state", "observation.qpos") == 1
     assert "no feature 'observation.qpos' for --state" in caplog.text
     assert run_import(SRC, tmp_path / "b", "--cameras", "head=observation.images.side") == 1
-    assert "is not a video feature" in caplog.text
+    assert "is not a camera feature (dtype video or image)" in caplog.text
     assert run_import(SRC, tmp_path / "c", "--action-space", "ee") == 1  # a 6-dim joint state
     assert "needs 'observation.state' = [x, y, z, rx, ry, rz, gripper]" in caplog.text
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")
@@ -255,3 +257,138 @@ def test_v21_layout_imports_the_same_episodes(tmp_path):
         img = simplejpeg.decode_jpeg(ep.frames["head"][-1]).astype(int)
         top, _ = made.expected_colors("observation.images.top", ep_index, ep.num_steps - 1)
         assert np.abs(img[12:28, 4:60].mean((0, 1)) - top).max() < 14
+
+
+def _assert_colors(jpeg: bytes, key: str, episode: int, t: int, size: int = 64, tol: float = 12) -> None:
+    """The letterboxed frame's two flat halves have the colours the maker drew."""
+    img = simplejpeg.decode_jpeg(jpeg).astype(int)
+    h, w = made.CAMERAS[key]
+    scale = size / max(h, w)
+    hh, ww = round(h * scale), round(w * scale)
+    top, left = (size - hh) // 2, (size - ww) // 2
+    upper = img[top + 2: top + hh // 2 - 2, left + 2: left + ww - 2].mean((0, 1))
+    lower = img[top + hh // 2 + 2: top + hh - 2, left + 2: left + ww - 2].mean((0, 1))
+    want_top, want_bottom = made.expected_colors(key, episode, t)
+    assert np.abs(upper - want_top).max() < tol, (key, episode, t, upper, want_top)
+    assert np.abs(lower - want_bottom).max() < tol, (key, episode, t, lower, want_bottom)
+
+
+def test_png_in_parquet_set_imports_every_frame(tmp_path, capsys):
+    """lerobot's use_videos=False layout: PNG bytes in struct<bytes, path> columns that come before
+    episode_index, one row group per episode. The importer must read the row-group statistics of
+    episode_index's own leaf column (an Arrow field index points at 'timestamp' there, whose range
+    0.0-0.7 s leaves out episode 2: it was skipped, and no frame was imported at all)."""
+    made_by = json.loads((PNG_SRC / "MADE_BY.json").read_text())
+    assert made_by["lerobot_version"] == "0.4.4" and made_by["use_videos"] is False
+    assert sum(p.stat().st_size for p in PNG_SRC.rglob("*") if p.is_file()) < 200_000
+    pf = pq.ParquetFile(PNG_SRC / DATA)
+    leaves = [pf.metadata.row_group(0).column(i).path_in_schema for i in range(pf.metadata.num_columns)]
+    assert leaves[pf.schema_arrow.get_field_index("episode_index")] == "timestamp"  # the trap is there
+    assert pf.metadata.num_row_groups == len(made.PNG_EPISODE_LENGTHS)
+
+    assert run_import(PNG_SRC, tmp_path / "out") == 0
+    assert load_manifest(tmp_path / "out")["generator"]["skipped"] == []
+    assert "skipped 0" in capsys.readouterr().out
+    eps = read_set(tmp_path / "out")
+    assert [e.num_steps for e in eps] == list(made.PNG_EPISODE_LENGTHS)
+    assert [e.instruction for e in eps] == list(made.PNG_EPISODE_TASKS)
+    for ep_index, ep in enumerate(eps):
+        np.testing.assert_array_equal(ep.state, np.stack([made.expected_state(ep_index, t)
+                                                          for t in range(ep.num_steps)]))
+        np.testing.assert_array_equal(ep.actions, np.stack([made.expected_action(ep_index, t)
+                                                            for t in range(ep.num_steps)]))
+        assert sorted(ep.frames) == ["head", "right_wrist"]
+        for cam, key in (("head", "observation.images.top"), ("right_wrist", "observation.images.wrist")):
+            assert len(ep.frames[cam]) == ep.num_steps
+            for t in range(ep.num_steps):  # lossless PNG in, JPEG q90 of flat colours out
+                _assert_colors(ep.frames[cam][t], key, ep_index, t, tol=6)
+    assert verify_shard_set(tmp_path / "out", check_images=True, progress=False).ok
+    # an output rate below the source's keeps every other PNG frame, as for videos
+    assert run_import(PNG_SRC, tmp_path / "half", "--fps", "5") == 0
+    ep = read_set(tmp_path / "half")[1]
+    assert ep.num_steps == 13
+    _assert_colors(ep.frames["head"][6], "observation.images.top", 1, 12, tol=6)
+
+
+def _point_episode_2_at_second_video(src: Path) -> Path:
+    """Episode 2's wrist frames move to videos/.../file-001.mp4 (the caller writes that file)."""
+    episodes_file = src / "meta/episodes/chunk-000/file-000.parquet"
+    table = _set_rows(pq.read_table(episodes_file), "videos/observation.images.wrist/file_index", 2, 1)
+    table = _set_rows(table, "videos/observation.images.wrist/from_timestamp", 2, 0.0)
+    pq.write_table(table, episodes_file)
+    return src / "videos/observation.images.wrist/chunk-000/file-001.mp4"
+
+
+@pytest.mark.parametrize("garbage", ["truncated", "random"])
+def test_undecodable_video_is_a_named_counted_skip(tmp_path, capsys, garbage):
+    """A 200-byte MP4 (the head of a real one: no video stream; or random bytes) skips the episodes
+    that need it, named and counted; it ended the import with an IndexError traceback before."""
+    src = _copy(tmp_path)
+    bad = _point_episode_2_at_second_video(src)
+    head = (SRC / "videos/observation.images.wrist/chunk-000/file-000.mp4").read_bytes()[:200]
+    bad.write_bytes(head if garbage == "truncated" else np.random.default_rng(0).bytes(200))
+    assert run_import(src, tmp_path / "out") == 0
+    assert [e.episode for e in read_set(tmp_path / "out")] == [0, 1]
+    skipped = load_manifest(tmp_path / "out")["generator"]["skipped"]
+    assert [s["episode"] for s in skipped] == ["episode 2"]
+    reason = skipped[0]["reason"]
+    assert "observation.images.wrist/chunk-000/file-001.mp4" in reason
+    assert ("no video stream (200 bytes" if garbage == "truncated" else "cannot decode") in reason
+    out = capsys.readouterr().out
+    assert "skipped 1" in out and "skipped episode 2:" in out
+
+
+def test_video_with_another_rate_names_the_field_it_came_from(tmp_path, caplog):
+    src = _copy(tmp_path)
+    info = json.loads((src / "meta/info.json").read_text())
+    info["fps"] = 20  # the videos run at 10 fps: every second target frame is missing
+    (src / "meta/info.json").write_text(json.dumps(info))
+    assert run_import(src, tmp_path / "out") == 1
+    assert "another frame rate than 20.0 fps (the rate is meta/info.json 'fps')" in caplog.text
+    assert "--source-fps" not in caplog.text
+
+
+@pytest.mark.parametrize("key,template", [
+    ("video_path", "../outside/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"),
+    ("data_path", "{outside}/data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"),
+    ("data_path", "data/../../outside/data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"),
+    ("video_path", "videos/{video_key.__class__}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"),
+])
+def test_metadata_paths_outside_the_root_are_refused(tmp_path, caplog, key, template):
+    """Templates in meta/info.json are someone else's: a path they give must stay under the dataset
+    root. Real, readable files wait outside it (they were imported before, without a word)."""
+    src = _copy(tmp_path)
+    shutil.copytree(SRC / "videos", tmp_path / "outside")
+    shutil.copytree(SRC / "data", tmp_path / "outside/data")
+    info = json.loads((src / "meta/info.json").read_text())
+    info[key] = template.replace("{outside}", str(tmp_path / "outside"))
+    (src / "meta/info.json").write_text(json.dumps(info))
+    assert run_import(src, tmp_path / "out") == 1
+    assert f"meta/info.json: {key}=" in caplog.text
+    if "__class__" in template:
+        assert "field {video_key.__class__} is not one of" in caplog.text
+    else:
+        assert "a file outside the dataset root" in caplog.text and f"fix {key} in meta/info.json" in caplog.text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_messages_name_only_options_that_exist():
+    """Every --option the importers' messages and help name is an option of `megavla data import`
+    (a message once told users to pass --source-fps, which no command has)."""
+    import re
+
+    from megavla.data.cli import build_parser
+
+    parser = build_parser()
+    importer = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["import"]
+    kinds = next(a for a in importer._subparsers._group_actions if a.dest == "source").choices
+    options = {o for kind in kinds.values() for a in kind._actions for o in a.option_strings}
+    repo = Path(__file__).resolve().parents[1]
+    sources = sorted(repo.glob("data_shards/import*.py")) + [repo / "megavla/data/import_cli.py"]
+    named = {}
+    for path in sources:
+        for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", path.read_text()):
+            named.setdefault(option, path.name)
+    assert len(sources) >= 5 and "--cameras" in named
+    named.pop("--repo-id")  # lerobot's own conversion command (import_lerobot_meta.CONVERT_HINT)
+    assert {o: f for o, f in named.items() if o not in options} == {}
