@@ -20,7 +20,7 @@ def _cameras(text: str) -> dict[str, str] | None:
     for part in text.split(","):
         cam, sep, key = part.partition("=")
         if not sep or not cam.strip() or not key.strip():
-            raise SystemExit(f"--cameras: {part!r} is not CAMERA=VIDEO_KEY (e.g. head=observation.images.top)")
+            raise SystemExit(f"--cameras: {part!r} is not CAMERA=KEY (e.g. head=observation.images.top)")
         mapping[cam.strip()] = key.strip()
     return mapping
 
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import LeRobot / EgoDex / hand-keypoint recordings into a shard set")
     kinds = p.add_subparsers(dest="source", required=True)
-    helps = {"lerobot": "a LeRobot dataset directory (format v3.0; v2.1 too)",
+    helps = {"lerobot": "a LeRobot dataset directory (format v3.0; v2.x too; frames as videos or as "
+                        "images in the parquet)",
              "egodex": "EgoDex: <task>/<n>.hdf5 + <n>.mp4 (3D hand skeleton, head camera)",
              "keypoints": "any hand tracker: <name>.npz (17 keypoints x 2 hands x T, head poses) + <name>.mp4"}
     for kind, text in helps.items():
@@ -92,9 +93,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--overwrite", action="store_true", help="replace an existing set or unfinished import")
         q.add_argument("--no-progress", action="store_true")
         if kind == "lerobot":
-            q.add_argument("--cameras", default="", help="CAMERA=VIDEO_KEY,... with CAMERA in head, "
-                           "left_wrist, right_wrist (default: by name: *wrist* -> right_wrist, "
-                           "*left*wrist* -> left_wrist, first other -> head)")
+            q.add_argument("--cameras", default="", help="CAMERA=KEY,... with CAMERA in head, "
+                           "left_wrist, right_wrist and KEY a video or image feature (default: by name: "
+                           "*wrist* -> right_wrist, *left*wrist* -> left_wrist, first other -> head)")
             q.add_argument("--state", default="observation.state", help="state feature key")
             q.add_argument("--action", default="action", help="action feature key")
             q.add_argument("--action-space", default="joint", choices=("joint", "ee"),
