@@ -48,6 +48,10 @@ class DataConfig:
     # put in a batch; an episode beyond it (a corrupt value, or stats that do not fit the data) is
     # skipped and counted as bad_sample. Checked per episode by data_shards/validate.py.
     max_abs_normalized: float = 100.0
+    # Human samples' gripper dims: "masked" (the paper: hand data never supervises the gripper) or
+    # "closure" (the hand's closure estimate, hands.grip_closure, is the gripper target; its dims are
+    # normalized from the gripper convention's [0, 1] range, as the robot's).
+    human_gripper: Literal["masked", "closure"] = "masked"
 
     def validate(self) -> None:
         if not 0.0 <= self.diversity_fraction <= 1.0:

@@ -33,6 +33,7 @@ import torch
 from megavla.batch import Batch
 from megavla.data_shards.format import EMBODIMENT_IDS, Episode, EpisodeFormatError, resize_with_pad
 
+from . import hands
 from .normalize import Normalizer
 
 
@@ -99,17 +100,38 @@ def _encode_text(tok, text: str, where: str, **kw) -> list[int]:
     return [] if tok is None or not text else _encode(tok, text, where, "text", **kw)
 
 
+def human_gripper_supervision(ep: Episode) -> tuple[np.ndarray, np.ndarray]:
+    """``data.human_gripper: closure``: (actions, action_mask) of a human episode with its gripper dims
+    supervised by the hand's closure estimate (hands.grip_closure of the tracked keypoints; action t
+    holds the closure at t+1, the last step holds, as hands_to_actions builds them). Without stored
+    keypoints, the stored gripper values are used: importers write exactly that estimate there."""
+    dims = list(hands.GRIPPER_DIMS)
+    if ep.actions.shape[1] != hands.HUMAN_ACTION_DIM:
+        raise EpisodeFormatError(f"{ep.key}: data.human_gripper=closure needs the two-hand human action layout "
+                                 f"({hands.HUMAN_ACTION_DIM} dims), got {ep.actions.shape[1]}")
+    actions, mask = ep.actions.copy(), ep.action_mask.copy()
+    if ep.hand_keypoints is not None:
+        closure = hands.grip_closure(ep.hand_keypoints)  # [T, 2]
+        actions[:, dims] = np.concatenate([closure[1:], closure[-1:]]).astype(actions.dtype)
+    mask[dims] = True
+    return actions, mask
+
+
 def episode_arrays(ep: Episode, cache: dict, normalizer: Normalizer | None, chunk_length: int,
-                    max_state_dim: int, max_action_dim: int) -> dict:
+                    max_state_dim: int, max_action_dim: int, human_gripper: str = "masked") -> dict:
     """What every sample of the episode reads, made once per episode: normalized, zero-padded state
     and actions (actions with ``chunk_length`` zero rows past the end, so a chunk is one slice), the
-    step mask padded with False, the dim masks, and the FAST source (supervised dims only)."""
+    step mask padded with False, the dim masks, and the FAST source (supervised dims only).
+    ``human_gripper="closure"``: human episodes' gripper dims are supervised (human_gripper_supervision)."""
     if "state_pad" in cache:
         return cache
     T, H, S, A = ep.num_steps, chunk_length, ep.state.shape[1], ep.actions.shape[1]
+    raw_actions, action_mask = ep.actions, ep.action_mask
+    if human_gripper == "closure" and ep.embodiment.startswith("human/"):
+        raw_actions, action_mask = human_gripper_supervision(ep)
     norm = normalizer is not None
     state = normalizer.normalize(ep.state, ep.embodiment, "state") if norm else ep.state
-    actions = normalizer.normalize(ep.actions, ep.embodiment, "actions") if norm else ep.actions
+    actions = normalizer.normalize(raw_actions, ep.embodiment, "actions") if norm else raw_actions
     cache["state_pad"] = np.zeros((T, max_state_dim), np.float32)
     cache["state_pad"][:, :S] = state
     cache["actions_pad"] = np.zeros((T + H, max_action_dim), np.float32)
@@ -119,8 +141,8 @@ def episode_arrays(ep: Episode, cache: dict, normalizer: Normalizer | None, chun
     cache["state_mask"] = np.zeros(max_state_dim, bool)
     cache["state_mask"][:S] = True
     cache["dim_mask"] = np.zeros(max_action_dim, bool)
-    cache["dim_mask"][:A] = ep.action_mask
-    cache["fast_source"] = actions[:, ep.action_mask]
+    cache["dim_mask"][:A] = action_mask
+    cache["fast_source"] = actions[:, action_mask]
     return cache
 
 
@@ -201,11 +223,12 @@ def decode_sample_images(ep: Episode, t: int, *, where: str, cameras: list[str],
 
 def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length: int, max_state_dim: int,
                   max_action_dim: int, normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
-                  text_cache: dict | None = None, token_cache: dict | None = None) -> dict[str, Any]:
+                  text_cache: dict | None = None, token_cache: dict | None = None,
+                  human_gripper: str = "masked") -> dict[str, Any]:
     """Everything of a sample but its images (see build_sample). Raises SampleError (a tokenizer)."""
     H = chunk_length
     cache = episode_arrays(ep, text_cache if text_cache is not None else {}, normalizer, H,
-                            max_state_dim, max_action_dim)
+                            max_state_dim, max_action_dim, human_gripper)
     # Steps past the end are masked and their rows are zero in actions_pad; masked steps inside the
     # episode are zeroed here.
     time_mask = cache["valid_pad"][t : t + H].copy()

@@ -139,3 +139,25 @@ class Normalizer:
     def to_json(self) -> str:
         """The stats this normalizer uses (save beside checkpoints; reload with Normalizer(json.loads))."""
         return json.dumps(self.stats)
+
+
+# The gripper convention of every embodiment (megavla.data.hands): absolute, 0 open .. 1 closed.
+GRIPPER_RANGE_STATS = {"mean": 0.5, "std": 0.5, "q01": 0.0, "q99": 1.0}
+
+
+def with_human_gripper_range(stats: dict[str, Any]) -> dict[str, Any]:
+    """``data.human_gripper: closure``: a copy of ``stats`` whose human embodiments' gripper action dims
+    normalize the convention's [0, 1] to [-1, 1], as a robot gripper that opens and closes does. Those
+    dims hold placeholder stats when the data masked them (shard stats leave masked dims out), and the
+    closure estimate must land where the robot's closed / open values do for a shared meaning."""
+    from .hands import GRIPPER_DIMS, HUMAN_ACTION_DIM
+    out = json.loads(json.dumps(stats))
+    for emb, entry in out.items():
+        if not emb.startswith("human/") or len(entry["actions"]["mean"]) != HUMAN_ACTION_DIM:
+            continue
+        for d in GRIPPER_DIMS:
+            for key, value in GRIPPER_RANGE_STATS.items():
+                entry["actions"][key][d] = value
+        log.info("data.human_gripper=closure: %s gripper action dims %s normalized from the [0, 1] gripper range",
+                 emb, list(GRIPPER_DIMS))
+    return out

@@ -76,7 +76,7 @@ from .collate import (BatchFields, ImageDecodeError, SampleError, decode_sample_
                       episode_arrays, fast_chunk)
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
-from .normalize import Normalizer, merge_norm_stats
+from .normalize import Normalizer, merge_norm_stats, with_human_gripper_range
 from .shard_reader import (READ_COUNTERS, Counters, DataError, ShardCursor, ShardInfo, read_first_episode,
                            read_manifest)
 
@@ -247,7 +247,7 @@ class WorkerStream:
                     continue
                 decoded.append((item, mask, slot))
             arrays = [episode_arrays(ep, cache, plan.normalizer, cfg.chunk_length, cfg.max_state_dim,
-                                     cfg.max_action_dim) for (ep, _, _, _, cache), _, _ in decoded]
+                                     cfg.max_action_dim, cfg.human_gripper) for (ep, _, _, _, cache), _, _ in decoded]
             fast = [[] for _ in decoded]
             if plan.fast_tokenizer is not None:   # the batch's chunks in one call (encode_many)
                 chunks = [fast_chunk(ep, t, cache, cfg.chunk_length)
@@ -432,6 +432,8 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
         missing = {e for shards in manifests.values() for s in shards for e in s.embodiments} - set(norm_stats)
         if missing:
             raise ConfigError(f"norm stats lack embodiments {sorted(missing)} that the manifests list")
+        if data_cfg.human_gripper == "closure":  # human gripper dims: the gripper convention's [0, 1] range
+            norm_stats = with_human_gripper_range(norm_stats)
         normalizer = Normalizer(norm_stats, data_cfg.normalization, data_cfg.normalization_floor)
     seed = data_cfg.seed if seed is None else seed
     if seed < 0:
@@ -442,6 +444,8 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
         "kept_combos": sorted(kept), **{k: getattr(data_cfg, k) for k in (
             "chunk_length", "max_action_dim", "max_state_dim", "cameras", "image_size", "batch_size",
             "shuffle_buffer", "samples_per_episode", "normalization")},
+        # Only when not the default, so loader states saved before the option existed still restore.
+        **({"human_gripper": data_cfg.human_gripper} if data_cfg.human_gripper != "masked" else {}),
     }
     validator = EpisodeValidator(normalizer.stats if normalizer is not None else None, ReadLimits.from_config(data_cfg))
     for name, shards in eligible.items():  # stats that do not fit a whole set: refused now, not per episode
