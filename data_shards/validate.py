@@ -18,6 +18,11 @@ Both ask the same three questions, with the same code and the same messages, so 
   ``data.max_abs_normalized``. A failure here skips the episode (counted ``bad_sample``, or
   ``duplicate_episode``), or raises in ``data.on_bad_sample=fail`` mode.
 
+* per episode, after it is accepted (:func:`unused_frame_members`): JPEG members the episode does not
+  use -- frame t >= its steps, or frames of a camera meta.json does not list -- are not read by
+  anyone; `verify` warns about them (:func:`unused_frames_message`) and the reader counts them
+  (``unused_frame``, once per member) and reads the episode as it is.
+
 ``verify`` adds the integrity checks a streaming reader cannot afford per read (sha256 and size
 against the manifest, every JPEG decoded, members outside the format, counts against the manifest,
 episode keys repeated across shards in sets without ``episode_keys.json``, each shard's keys equal to
@@ -29,13 +34,14 @@ numpy only: ``verify`` must not pay the torch import.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .format import Episode, EpisodeFormatError
+from .format import ARRAY_KEYS, CAMERAS, Episode, EpisodeFormatError
 # The regular-file helpers live in manifest.py (stats.py needs them too); they are part of this API.
 from .manifest import (EPISODE_KEYS_FILE, ManifestError, file_kind, load_episode_keys, load_manifest,
                        open_regular_file, read_regular_text, shard_file_problem)
@@ -44,7 +50,8 @@ from .stats import NORM_STATS_FILE, NormStatsError, load_norm_stats, norm_affine
 __all__ = ["EpisodeValidator", "ReadLimits", "ShardSetError", "ShardSetInfo", "StatsMismatchError",
            "CrossShardDuplicate", "check_manifest_shards", "check_shard_set", "cross_shard_duplicates",
            "cross_shard_message", "duplicate_key_message", "no_key_list_message", "file_kind",
-           "open_regular_file", "read_regular_text", "shard_file_problem", "stats_coverage_problem"]
+           "open_regular_file", "read_regular_text", "shard_file_problem", "stats_coverage_problem",
+           "unused_frame_members", "unused_frames_message"]
 
 # Reader defaults; megavla.config.data.DataConfig has the same values (tests/test_shards_validate.py).
 DEFAULT_NORMALIZATION = "quantile"
@@ -182,6 +189,40 @@ def check_shard_set(set_dir: str | os.PathLike, need_stats: bool = True) -> Shar
 def duplicate_key_message(where: str, key: str) -> str:
     return (f"{where}:{key}: episode key seen before in this shard; the copy is skipped (a repeated "
             "episode would be drawn twice as often; the writer refuses duplicate keys)")
+
+
+_FRAME_MEMBER = re.compile(r"(%s)\.([0-9]{4,})\.jpg" % "|".join(CAMERAS))
+# Sample entries that are not frames: the reader's own keys and the episode's other members.
+_NOT_FRAMES = ("__key__", "__url__", "__indexed__", "__frames__", "__duplicate__", "__unread__", "__error__",
+               "meta.json", *(f"{name}.npy" for name in ARRAY_KEYS))
+
+
+def unused_frame_members(sample: dict[str, Any], ep: Episode) -> list[str]:
+    """Frame members (``<camera>.<t>.jpg``) of a parsed sample that ``ep`` does not use: t >= its
+    steps, or a camera its meta.json does not list. ``sample`` is the raw group the episode came from
+    (verify's bytes, or the reader's group whose ``"__frames__"`` sequences may run past the steps).
+    Cheap when there are none (a count, no per-member work): the reader calls it per parsed episode."""
+    located = sample.get("__frames__") or {}
+    members = len(sample) - sum(name in sample for name in _NOT_FRAMES)
+    if members + sum(len(refs) for refs in located.values()) == ep.num_steps * len(ep.frames):
+        return []  # every frame member is one that sample_to_episode took
+    unused = [f"{cam}.{t:04d}.jpg" for cam, refs in located.items() if cam in CAMERAS
+              for t in range(ep.num_steps if cam in ep.frames else 0, len(refs))]
+    for name in sample:
+        match = _FRAME_MEMBER.fullmatch(name)
+        if match and (match.group(1) not in ep.frames or int(match.group(2)) >= ep.num_steps
+                      or len(match.group(2)) != 4):  # 'head.00003.jpg' is not frame 3's name
+            unused.append(name)
+    return sorted(unused)
+
+
+def unused_frames_message(where: str, key: str, ep: Episode, members: list[str]) -> str:
+    """What `verify` prints and the reader logs for :func:`unused_frame_members`."""
+    shown = ", ".join(members[:6]) + (f", ... ({len(members) - 6} more)" if len(members) > 6 else "")
+    return (f"{where}:{key}: {len(members)} JPEG member(s) not part of the episode ({ep.num_steps} steps, "
+            f"cameras {sorted(ep.frames)}): {shown}; ignored, the episode is read without them (the writer "
+            f"stores frames 0..{ep.num_steps - 1} of listed cameras only: the shard was edited or written by "
+            "another tool; write the set again if they belong to it)")
 
 
 def _text_problem(text: Any) -> str | None:

@@ -12,7 +12,8 @@ Per shard: a regular file; size and sha256 as in the manifest; the tar reads to 
 truncated tar is reported after the last good member); every sample parses with
 ``format.sample_to_episode`` and passes ``validate.EpisodeValidator``; no key twice in the shard;
 no members outside the episode format; every JPEG decodes; sample / step / embodiment counts equal
-the manifest row.
+the manifest row. Frames an episode does not use (t >= its steps, a camera meta.json does not list)
+are a warning naming the members: the reader counts them and reads the episode.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .manifest import EPISODE_KEYS_FILE, SHARD_GLOB, ManifestError, load_episode
 from .stats import NORM_STATS_FILE, NormStatsError, load_norm_stats
 from .validate import (CrossShardDuplicate, EpisodeValidator, ReadLimits, ShardSetError, check_manifest_shards,
                        cross_shard_duplicates, cross_shard_message, duplicate_key_message, no_key_list_message,
-                       shard_file_problem, stats_coverage_problem)
+                       shard_file_problem, stats_coverage_problem, unused_frame_members, unused_frames_message)
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
             continue
         steps += ep.num_steps
         embodiments[ep.embodiment] = embodiments.get(ep.embodiment, 0) + 1
+        unused = unused_frame_members(sample, ep)
+        if unused:  # the reader counts them (unused_frame) and reads the episode without them
+            report.problems.append(Problem(where, unused_frames_message(where, key, ep, unused), key=key,
+                                           member=unused[0], severity="warning"))
         if check_images:
             _check_images(where, key, sample, report)
     report.samples += samples

@@ -431,7 +431,8 @@ def test_counters_name_what_they_count(tmp_path):
     list(itertools.islice(loader, 3))
     assert loader.read_counts() == {"episodes_read": 6, "samples_read": 12}  # a window of 4 is 2 episodes
     skips = loader.skip_counts()
-    assert set(skips) == {"bad_shard", "bad_sample", "bad_image", "duplicate_episode", "excluded_episode"}
+    assert set(skips) == {"bad_shard", "bad_sample", "bad_image", "duplicate_episode", "excluded_episode",
+                          "unused_frame"}
     assert not any(skips.values())
 
 

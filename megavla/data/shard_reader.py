@@ -25,14 +25,14 @@ from megavla.config.core import ConfigError
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
 from megavla.data_shards.validate import (ShardSetError, check_shard_set, cross_shard_message,
                                           duplicate_key_message, no_key_list_message, open_regular_file,
-                                          shard_file_problem)
+                                          shard_file_problem, unused_frame_members, unused_frames_message)
 
 from .mixture import combo_of_key
 
 log = logging.getLogger(__name__)
 
 # Skip reasons (logged as data/skipped_<reason>) and what was read (data/<name>).
-SKIP_REASONS = ("bad_shard", "bad_sample", "bad_image", "duplicate_episode", "excluded_episode")
+SKIP_REASONS = ("bad_shard", "bad_sample", "bad_image", "duplicate_episode", "excluded_episode", "unused_frame")
 READ_COUNTERS = ("episodes_read", "samples_read")
 COUNTER_NAMES = SKIP_REASONS + READ_COUNTERS
 RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # in states saved before
@@ -267,12 +267,14 @@ class Counters:
         if not self.muted:
             self.values[kind] = self.values.get(kind, 0) + n
 
-    def bad(self, kind: str, message: str, count: bool = True) -> None:
-        """Skip (or raise in fail mode). ``count=False``: another worker counts this same event."""
-        if self.on_bad == "fail":
+    def bad(self, kind: str, message: str, count: bool = True, n: int = 1, fail: bool = True) -> None:
+        """Skip (or raise in fail mode). ``count=False``: another worker counts this same event.
+        ``n``: members skipped at once; ``fail=False``: inside an episode that is still read (verify
+        warns, it does not fail), so fail mode does not raise either."""
+        if self.on_bad == "fail" and fail:
             raise DataError(f"{message} (data.on_bad_sample=fail; set it to 'skip' to count and skip)")
         if not self.muted and count:
-            self.values[kind] = self.values.get(kind, 0) + 1
+            self.values[kind] = self.values.get(kind, 0) + n
             log.warning("skipped %s: %s [%s so far: %d]", kind, message, kind, self.values[kind])
 
     def load(self, values: dict[str, int]) -> None:
@@ -307,6 +309,7 @@ class ShardCursor:
         # modified by their readers); bounded by PARSED_EPISODE_LIMIT steps.
         self._parsed: dict[tuple[str, str], Episode] = {}
         self._parsed_steps = 0
+        self._unused_counted: set[tuple[str, str]] = set()  # episodes whose unused frames were counted
 
     def position(self) -> dict[str, int]:
         return {"draw": self.draw, "offset": self.offset}
@@ -416,6 +419,11 @@ class ShardCursor:
             except EpisodeFormatError as e:
                 self.counters.bad("bad_sample", str(e))
                 continue
+            unused = unused_frame_members(group, ep)  # once per episode per reader: not per epoch or slot
+            if unused and (self._path, key) not in self._unused_counted:
+                self._unused_counted.add((self._path, key))
+                self.counters.bad("unused_frame", unused_frames_message(self._path, key, ep, unused), count=owner,
+                                  n=len(unused), fail=False)
             if group.get("__indexed__") and self._parsed_steps + ep.num_steps <= PARSED_EPISODE_LIMIT:
                 self._parsed[self._path, key] = ep
                 self._parsed_steps += ep.num_steps
