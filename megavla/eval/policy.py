@@ -1,6 +1,6 @@
 """A trained VLA as a mini-world policy: checkpoint -> actions for the world's current observation.
 
-Loading (:func:`load_checkpoint`) accepts a run directory (its ``checkpoints/latest``), one
+Loading (:func:`load_checkpoint`) accepts a run directory (its newest loadable checkpoint), one
 checkpoint directory (``step_NNNNNN`` with DeepSpeed's ``mp_rank_00_model_states.pt``,
 ``trainer_state.json``, ``norm_stats.json``, ``tokenizers/``) or an exported directory
 (``model.safetensors`` + ``model_config.yaml`` from megavla.model.io, with ``norm_stats.json`` and
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 EMA_FILE = "ema.safetensors"
+EXPORT_RECORD = "export.json"   # megavla export: step, source checkpoint, which weights
 WEIGHT_CHOICES = ("auto", "ema", "raw")
 
 
@@ -57,19 +58,25 @@ class LoadedCheckpoint:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Run dir -> its latest complete checkpoint; checkpoint / export dirs pass through."""
+    """An export dir (or a bare weights dir) passes through; anything else is resolved by the rule
+    every reader shares (megavla.train.resume.checkpoint_for): a run dir means its newest loadable
+    checkpoint by step, not the one ``latest`` names; a damaged checkpoint is skipped (named in a
+    warning) or, when asked for by path, refused."""
+    from megavla.train.resume import NoLoadableCheckpoint, checkpoint_for, is_checkpoint_dir
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; give a run dir, a checkpoint dir or an export dir")
-    if (path / DS_MODEL_FILE).is_file() or (path / "model.safetensors").is_file():
+    if not is_checkpoint_dir(path) and ((path / DS_MODEL_FILE).is_file() or (path / "model.safetensors").is_file()):
         return path
-    pointer = path / "checkpoints" / "latest"
-    if pointer.is_file() or pointer.is_symlink():
-        tag = pointer.resolve().name if pointer.is_symlink() else pointer.read_text().strip()
-        if (path / "checkpoints" / tag).is_dir():
-            return path / "checkpoints" / tag
-    raise CheckpointError(f"{path}: no {DS_MODEL_FILE}, no model.safetensors and no checkpoints/latest; "
-                          "train the run first (megavla train / megavla experiment ...)")
+    try:
+        ckpt, skipped = checkpoint_for(path)
+    except NoLoadableCheckpoint as e:
+        hint = "" if is_checkpoint_dir(path) else (" (nor is it an export dir, which holds model.safetensors): "
+                                                   "train the run first, or pass an export")
+        raise CheckpointError(f"{e}{hint}") from None
+    for problem in skipped:
+        log.warning("damaged checkpoint skipped: %s", problem)
+    return ckpt
 
 
 def _load_config(ckpt: Path) -> Config:
@@ -115,7 +122,11 @@ def _load_raw_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         state = load_file(str(ckpt / "model.safetensors"))
     else:
-        saved = torch.load(ckpt / DS_MODEL_FILE, map_location="cpu", weights_only=True)
+        from megavla.train.safe_load import UnsafeCheckpointError, load_pt
+        try:
+            saved = load_pt(ckpt / DS_MODEL_FILE)
+        except UnsafeCheckpointError as e:   # a ValueError: the CLIs print it as one line
+            raise CheckpointError(str(e)) from None
         if "module" not in saved:
             raise CheckpointError(f"{ckpt / DS_MODEL_FILE}: no 'module' entry (keys {sorted(saved)[:6]})")
         state = saved["module"]
@@ -156,8 +167,10 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None,
     else:
         log.warning("%s: no tokenizers/ directory; the policy runs without instruction tokens", ckpt)
     step = None
-    if (ckpt / "trainer_state.json").is_file():
-        step = json.loads((ckpt / "trainer_state.json").read_text()).get("step")
+    for record in (ckpt / "trainer_state.json", ckpt / EXPORT_RECORD):  # a checkpoint's, an export's
+        if record.is_file():
+            step = json.loads(record.read_text()).get("step")
+            break
     log.info("%s: %s weights (step %s)", ckpt, which, step)
     return LoadedCheckpoint(model, cfg, normalizer, text_tok, fast_tok, ckpt, step, which)
 

@@ -24,7 +24,6 @@ import logging
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch.distributed as tdist
 from megavla.fileio import atomic_write_json, atomic_write_text
 
 from .errors import CheckpointError
+from .safe_load import UNSAFE_EXIT, UnsafeCheckpointError, universal_converter_command
 from .resume import (MANIFEST_FILE, MANIFEST_FORMAT, STATE_FILE, TAG_RE, committed_checkpoints,  # noqa: F401
                      file_digests, files_under, step_of, tag_for)
 
@@ -229,9 +229,10 @@ def convert_to_universal(path: Path, rank: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         log.info("converting %s to a universal checkpoint (world size changed)", path)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # DeepSpeed's ds_to_universal, its torch.load calls held to weights_only=True (safe_load.py).
+        proc = subprocess.run(universal_converter_command(path, tmp), capture_output=True, text=True)
+        if proc.returncode == UNSAFE_EXIT:
+            raise UnsafeCheckpointError(proc.stderr.strip().splitlines()[-1])
         if proc.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed on {path}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         (tmp.parent / "latest_universal").unlink(missing_ok=True)

@@ -44,6 +44,7 @@ from .host_memory import end_build_phase, set_mmap_threshold, start_build_phase
 from .errors import EXIT_TRAINING_ERROR, ResumeError, RunDirBusy, TrainingError
 from .resume import ResumePlan, clear_run, plan_resume
 from .run_lock import RunLock
+from .safe_load import check_files, deepspeed_loads_are_safe
 from .trainer import EXIT_OK, EXIT_SIGNAL_SAVED, EMA, Trainer  # noqa: F401 (exit codes: the launcher reads them here)
 
 log = logging.getLogger("megavla.train.entry")   # also when run as __main__
@@ -173,7 +174,8 @@ def restore(engine, scheduler, plan: ResumePlan, saved: dict, cfg: Config, dist:
             layout_changed: bool) -> dict | None:
     """Load the checkpoint into the engine, set the schedule and RNG; returns the loader state."""
     load_dir = (ckpt.universal_dir(plan.path) if layout_changed and saved["zero_stage"] > 0 else plan.path).parent
-    load_path, _ = engine.load_checkpoint(str(load_dir), tag=plan.path.name)
+    with deepspeed_loads_are_safe():     # DeepSpeed unpickles with weights_only=False: see safe_load.py
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=plan.path.name)
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {plan.path} (see the warning above)")
     # The schedule is a pure function of the step: set it explicitly (robust to DeepSpeed versions
@@ -219,6 +221,8 @@ def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
         lock.acquire()
         try:
             plan = plan_resume(run_dir, resume, overwrite=overwrite)
+            if plan.path is not None:    # refuse a file that could run code, before anything is built
+                check_files(plan.path, ckpt.universal_dir(plan.path))
         except TrainingError:
             lock.release()
             raise

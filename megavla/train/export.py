@@ -1,11 +1,16 @@
-"""`megavla export CKPT --out DIR [--ema]`: one safetensors file + config for inference.
+"""`megavla export CKPT --out DIR [--ema] [--overwrite]`: one safetensors file + config for inference.
 
 CKPT is a checkpoint directory (`.../checkpoints/step_000300`), a checkpoints directory or a run
-directory (their newest complete checkpoint). The ZeRO shards (any stage, any world size) are
-consolidated to fp32 with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`; the result is
-loaded strictly into a freshly built model (so a mismatch fails here, not at inference) and written
-with `megavla.model.io.save_model`: DIR/model.safetensors + DIR/model_config.yaml, plus the run's
-resolved config.yaml, norm_stats.json and tokenizers/ copied from the checkpoint.
+directory: which checkpoint is decided by the rule resume, eval and serve share
+(`resume.checkpoint_for`: the newest loadable by step). The ZeRO shards (any stage, any world size)
+are consolidated to fp32 with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`, its file
+reads held to `torch.load(weights_only=True)` (safe_load.py: a file that could run code is refused,
+named); the result is loaded strictly into a freshly built model (so a mismatch fails here, not at
+inference) and written with `megavla.model.io.save_model`: DIR/model.safetensors +
+DIR/model_config.yaml, plus the run's resolved config.yaml, norm_stats.json and tokenizers/ copied
+from the checkpoint, and export.json (the step, the source checkpoint, which weights).
+A DIR that already holds files is refused unless --overwrite (as every MegaVLA writer does); the
+export is written beside DIR first and moved in only when complete.
 """
 from __future__ import annotations
 
@@ -18,30 +23,38 @@ from pathlib import Path
 import torch
 
 from megavla.config import Config, ConfigError, build, write_yaml
+from megavla.eval.policy import EXPORT_RECORD
+from megavla.fileio import atomic_write_json
+from megavla.model.io import CONFIG_FILE, WEIGHTS_FILE
 
 from . import checkpoint as ckpt
+from .resume import checkpoint_for
+from .safe_load import deepspeed_loads_are_safe, load_pt
 
 log = logging.getLogger(__name__)
 
+# What an export writes into --out (and what --overwrite replaces).
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, "config.yaml", "norm_stats.json", "tokenizers", EXPORT_RECORD)
+
 
 def find_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if ckpt.is_complete(path):
-        return path
-    for candidate in (path, path / "checkpoints"):
-        found = ckpt.list_checkpoints(candidate)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"{path}: not a checkpoint (needs {ckpt.STATE_FILE}) and holds no complete "
-                            "checkpoint; pass e.g. runs/demo/run/checkpoints/step_000300")
+    """The checkpoint `path` means, by the rule resume, eval and serve share (resume.checkpoint_for):
+    a run or checkpoints dir -> its newest loadable checkpoint; damaged newer ones are skipped with a
+    warning. Raises NoLoadableCheckpoint (a ValueError) naming what is damaged or missing."""
+    found, skipped = checkpoint_for(path)
+    for problem in skipped:
+        log.warning("damaged checkpoint skipped: %s", problem)
+    return found
 
 
 def _module_states(path: Path) -> dict[str, torch.Tensor]:
-    """Rank 0's `module` entry of DeepSpeed's model-states file (its own format, not ours)."""
+    """Rank 0's `module` entry of DeepSpeed's model-states file (its own format, not ours), read
+    with weights_only=True (safe_load: a file that holds more than tensors and DeepSpeed's state is
+    refused, never unpickled)."""
     files = sorted(path.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{path}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"] or {}
+    return load_pt(files[0], deepspeed_state=True)["module"] or {}
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -49,7 +62,8 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = ckpt.read_trainer_state(path)
     if state["zero_stage"] > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        weights = dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
+        with deepspeed_loads_are_safe():     # zero_to_fp32 unpickles with weights_only=False
+            weights = dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
         if state["zero_stage"] == 1:
             # ZeRO-1 records frozen parameters (e.g. a frozen vision tower) only in the module
             # states, not in the optimizer shards that zero_to_fp32 reads.
@@ -60,12 +74,44 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in weights.items()}
 
 
-def export(path: str | Path, out: str | Path, use_ema: bool = False) -> Path:
+def check_output(out: Path, overwrite: bool) -> None:
+    """The rule every writer follows: an existing non-empty output is refused unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory; choose another --out")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        what = "an export" if WEIGHTS_FILE in held else "files"
+        raise FileExistsError(f"{out}: already holds {what} ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+                              "choose another directory or pass overwrite (--overwrite)")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished export from `tmp` into `out`, replacing what an earlier export wrote there
+    (so no file of another model is left beside the new weights); other files are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    replaced = [name for name in EXPORT_FILES if (out / name).exists()]
+    for name in replaced:
+        old = out / name
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    if replaced:
+        log.info("--overwrite: replaced %s in %s", ", ".join(replaced), out)
+    kept = sorted(p.name for p in out.iterdir())
+    if kept:
+        log.info("--overwrite: kept %d file(s) the export does not write: %s", len(kept), ", ".join(kept[:8]))
+    for item in tmp.iterdir():
+        item.replace(out / item.name)
+    tmp.rmdir()
+
+
+def export(path: str | Path, out: str | Path, use_ema: bool = False, overwrite: bool = False) -> Path:
+    """Write the export of the checkpoint `path` means into `out` (refused if `out` holds files,
+    unless `overwrite`); returns the weights file. Nothing appears in `out` unless all of it is written."""
     from megavla.model.io import save_model
     from megavla.model.vla import build_model
 
+    out = Path(out).resolve()
+    check_output(out, overwrite)
     path = find_checkpoint(path)
-    out = Path(out)
     state = ckpt.read_trainer_state(path)
     try:
         cfg = build(Config, state["config"])
@@ -83,14 +129,24 @@ def export(path: str | Path, out: str | Path, use_ema: bool = False) -> Path:
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint weights do not match the model config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    weights_path = save_model(model, out)
-    write_yaml(cfg, out / "config.yaml")
-    for name in ("norm_stats.json", "tokenizers"):
-        src = path / name
-        if src.is_dir():
-            shutil.copytree(src, out / name, dirs_exist_ok=True)
-        elif src.is_file():
-            shutil.copy2(src, out / name)
+    tmp = out.with_name(f".tmp-{out.name}")       # beside `out`: the final moves are renames
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(model, tmp)
+        write_yaml(cfg, tmp / "config.yaml")
+        for name in ("norm_stats.json", "tokenizers"):
+            src = path / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.is_file():
+                shutil.copy2(src, tmp / name)
+        # The export's own record: inference reports this step (eval.policy reads it).
+        atomic_write_json(tmp / EXPORT_RECORD, {"step": int(state["step"]), "checkpoint": str(path),
+                                                "weights": "ema" if use_ema else "raw"})
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    weights_path = out / WEIGHTS_FILE
     log.info("exported %s (step %d) -> %s", path, state["step"], weights_path)
     return weights_path
 
@@ -101,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint dir, checkpoints dir or run dir")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (refused by default if --out holds files)")
     args = parser.parse_args(argv)
     try:
-        weights = export(args.checkpoint, args.out, use_ema=args.ema)
-    except (FileNotFoundError, ConfigError, ValueError) as e:
+        weights = export(args.checkpoint, args.out, use_ema=args.ema, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ConfigError, ValueError) as e:
         sys.stderr.write(f"megavla export: {e}\n")
         return 2
     print(f"wrote {weights}")

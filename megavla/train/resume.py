@@ -1,5 +1,5 @@
-"""What a run resumes from: the one decision shared by the trainer (`entry.run`) and `megavla sweep
-status`. Pure Python (no torch), so it is cheap to import and to unit-test.
+"""Which checkpoint: the one decision shared by the trainer (`entry.run`), `megavla sweep status`,
+export, evaluation and serving (`newest_loadable`, through `checkpoint_for` for a given path). Pure Python (no torch), so it is cheap to import and to unit-test.
 
 Rules (docs/launching.md, "Stopping, preemption and failures"):
 - A checkpoint is loadable when its `trainer_state.json` parses and every file its `manifest.json`
@@ -139,6 +139,41 @@ def newest_loadable(ckpt_dir: Path, *, verify: bool = True) -> tuple[Path | None
     return None, skipped
 
 
+class NoLoadableCheckpoint(ResumeError, ValueError):
+    """A path that names no loadable checkpoint (a ResumeError for the trainer, a ValueError for
+    export / eval / serve); the message names what is damaged or missing."""
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """One checkpoint (step_NNNNNN, or any directory holding a trainer_state.json)."""
+    return TAG_RE.match(path.name) is not None or (path / STATE_FILE).exists()
+
+
+def checkpoint_for(path: str | Path, *, verify: bool = True) -> tuple[Path, list[str]]:
+    """The checkpoint that `path` means, for every reader (resume, eval, export, serve): a
+    checkpoint directory is itself, if loadable; a run directory (its `checkpoints/`) or a
+    checkpoints directory means its newest loadable checkpoint by step (`newest_loadable`: a
+    lagging `latest` is not followed, damaged newer ones are skipped and returned, one line each).
+    Raises NoLoadableCheckpoint naming the damage or what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NoLoadableCheckpoint(f"{path}: no such directory; give a run dir, its checkpoints dir or a "
+                                   f"checkpoint dir like {path / 'checkpoints' / tag_for(100)}")
+    if is_checkpoint_dir(path):
+        problem = check_checkpoint(path, verify=verify)
+        if problem is not None:
+            raise NoLoadableCheckpoint(f"damaged checkpoint: {problem}. Pass an older checkpoint, or the run "
+                                       f"dir {path.parent.parent} to take its newest intact one")
+        return path, []
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    newest, skipped = newest_loadable(ckpt_dir, verify=verify)
+    if newest is None:
+        damaged = f" (damaged: {' | '.join(skipped)})" if skipped else ""
+        raise NoLoadableCheckpoint(f"{ckpt_dir}: holds no loadable checkpoint{damaged}; give a run dir, its "
+                                   f"checkpoints dir or a checkpoint dir like {ckpt_dir / tag_for(100)}")
+    return newest, skipped
+
+
 def progress_evidence(run_dir: Path) -> list[str]:
     """What in `run_dir` shows that a run already trained there (empty for an unused run dir)."""
     found = []
@@ -196,22 +231,14 @@ def plan_resume(run_dir: str | Path, resume: str | None, *, overwrite: bool = Fa
                 f"({'; '.join(found)}){damaged}. Restore a checkpoint, pass --resume PATH, or start over "
                 f"with --overwrite")
         return ResumePlan(None, message=f"no checkpoint in {ckpt_dir}: starting fresh")
-    path = Path(resume)
-    if not path.is_dir():
+    if not Path(resume).is_dir():
         raise ResumeError(f"--resume {resume}: no such directory; use --resume auto or a checkpoint "
                           f"directory like {ckpt_dir / tag_for(100)}")
-    if TAG_RE.match(path.name) or (path / STATE_FILE).exists():
-        problem = check_checkpoint(path, verify=verify)
-        if problem is not None:
-            raise ResumeError(f"--resume {resume}: damaged checkpoint: {problem}. Pass an older "
-                              f"checkpoint, or --resume auto to take the newest intact one")
-        return _plan_for(path, [], "")
-    newest, skipped = newest_loadable(path, verify=verify)   # a checkpoints dir: its newest
-    if newest is None:
-        damaged = f" ({' | '.join(skipped)})" if skipped else ""
-        raise ResumeError(f"--resume {resume}: holds no loadable checkpoint{damaged}; use --resume auto "
-                          f"or a path like {ckpt_dir / tag_for(100)}")
-    return _plan_for(newest, skipped, "")
+    try:
+        path, skipped = checkpoint_for(resume, verify=verify)
+    except NoLoadableCheckpoint as e:
+        raise ResumeError(f"--resume {resume}: {e} (or --resume auto)") from None
+    return _plan_for(path, skipped, "")
 
 
 def clear_run(run_dir: Path) -> None:
