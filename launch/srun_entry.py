@@ -94,7 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     entry, preempted_code = resolve_entry(cfg.launch.entry, cfg.launch.preempted_exit_code)
     resume = None if args.resume in ("none", "") else args.resume
     from megavla.train.entry import run_then_shutdown   # ends the process group with every rank
-    code = run_then_shutdown(lambda: int(entry(cfg, resume=resume) or 0))
+    from megavla.train.errors import TrainingError
+
+    def train() -> int:
+        try:
+            return int(entry(cfg, resume=resume) or 0)
+        except TrainingError as e:   # the same on every rank; run_then_shutdown logs it, exit code 1
+            if rank == 0:
+                rundir.record_failure(run_dir, str(e))
+            raise
+
+    try:
+        code = run_then_shutdown(train)
+    except Exception as e:   # recorded, so `sweep status` shows it as failed with its cause
+        rundir.record_failure(run_dir, f"rank {rank}: {type(e).__name__}: {rundir.one_line(str(e))}")
+        raise
     if rank != 0:
         return 0 if code == preempted_code or code in STOPPED_CODES else code
     ckpt = rundir.latest_checkpoint(run_dir)
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 "event": "stopped", "job_id": job_id, "saved_step": ckpt[1] if ckpt else None})
         return 0
     if code != preempted_code:
-        rundir.update_launch_record(run_dir, status="failed", error=f"trainer exit code {code}")
+        rundir.record_failure(run_dir, f"trainer exit code {code}")   # unless the cause is recorded
         return code
     rundir.update_launch_record(run_dir, status="requeued", append_event={
         "event": "preempted", "job_id": job_id, "saved_step": ckpt[1] if ckpt else None})

@@ -13,9 +13,11 @@ A sweep file names a base config, fixed overrides and a grid of dotted keys -> v
       train.seed: [0, 1]
 
 Every grid point becomes a run named from its values (``preset-tiny_diversity_fraction-0.25_...``),
-so names are predictable and stay put when the grid grows. On SLURM the runs to submit go out as ONE
-job array; locally they run one after another. Re-running the same command skips finished runs and
-runs still queued or running, and resumes interrupted ones from their newest checkpoint.
+so names are predictable and stay put when the grid grows. Every run's config is checked before any
+is submitted (:func:`check_runs`: what `megavla train` checks, model vs data sizes included). On SLURM
+the runs to submit go out as ONE job array; locally they run one after another. Re-running the same
+command skips finished runs and runs still queued or running, and resumes interrupted ones from their
+newest checkpoint; failed runs are submitted again.
 """
 from __future__ import annotations
 
@@ -66,10 +68,10 @@ def run_names(grid: dict[str, list]) -> tuple[list[str], list[tuple]]:
     return names, points
 
 
-def expand(sweep_file: str | Path, extra_overrides: list[str] = (),
-           out_dir: str | Path | None = None) -> tuple[Path, list[SweepRun]]:
-    """Read a sweep file -> (out_dir, resolved runs). All config errors surface here, before any
-    submission, naming the sweep file and the grid point."""
+def read_sweep(sweep_file: str | Path,
+               out_dir: str | Path | None = None) -> tuple[Path, Path | None, list[str], list[tuple[str, list[str]]]]:
+    """Read and check a sweep file without building any config -> (out_dir, base config path, fixed
+    overrides, [(run name, its grid overrides), ...])."""
     sweep_file = Path(sweep_file)
     spec = read_yaml(sweep_file)
     unknown = set(spec) - SWEEP_KEYS
@@ -92,9 +94,17 @@ def expand(sweep_file: str | Path, extra_overrides: list[str] = (),
     if len(set(names)) != len(names):
         raise ConfigError(f"{sweep_file}: grid values give duplicate run names (values that differ "
                           "only in characters other than letters, digits and . + -)")
+    points_overrides = [[f"{k}={_yaml_scalar(v)}" for k, v in zip(grid, point)] for point in points]
+    return out_dir, base_path, fixed, list(zip(names, points_overrides))
+
+
+def expand(sweep_file: str | Path, extra_overrides: list[str] = (),
+           out_dir: str | Path | None = None) -> tuple[Path, list[SweepRun]]:
+    """Read a sweep file -> (out_dir, resolved runs). All config errors surface here, before any
+    submission, naming the sweep file and the grid point."""
+    out_dir, base_path, fixed, points = read_sweep(sweep_file, out_dir)
     runs = []
-    for name, point in zip(names, points):
-        point_overrides = [f"{k}={_yaml_scalar(v)}" for k, v in zip(grid, point)]
+    for name, point_overrides in points:
         overrides = [*fixed, *point_overrides, f"train.run_dir={(out_dir / name).resolve()}",
                      *extra_overrides]
         try:
@@ -103,6 +113,34 @@ def expand(sweep_file: str | Path, extra_overrides: list[str] = (),
             raise ConfigError(f"{sweep_file}: run {name}: {e}") from None
         runs.append(SweepRun(name, point_overrides, cfg))
     return out_dir, runs
+
+
+def check_runs(sweep_file: str | Path, runs: list[SweepRun]) -> None:
+    """Every run's config checked as `megavla train` checks it (paths, shard sets, model vs data vs
+    tokenizers: megavla.config.checks) before anything is submitted. One ConfigError that names each
+    bad run with its problems (key, values, fix) on one line. Runs of a stand-in trainer
+    (launch.entry) have their own rules and are not checked."""
+    from megavla.config.checks import config_problems
+    from megavla.train import cli as train_cli
+    bad = []
+    for run in runs:
+        cfg = run.cfg
+        if cfg.launch.entry != "megavla.train.entry:run":
+            continue
+        problems = []
+        try:   # what `megavla train` checks before it starts a process
+            train_cli.check_trainable(cfg)
+            train_cli.check_paths(cfg)
+            train_cli.check_launchable(cfg, cfg.launch.nodes * cfg.launch.tasks_per_node_effective)
+        except ConfigError as e:
+            problems.append(str(e))
+        problems += [p.message for p in config_problems(cfg)]
+        if problems:
+            bad.append(f"  run {run.name}: " + "; ".join(problems))
+    if bad:
+        raise ConfigError(f"{sweep_file}: {len(bad)} of {len(runs)} run(s) would fail; nothing submitted. "
+                          "Fix the sweep file (overrides / grid) or the command-line overrides:\n"
+                          + "\n".join(bad))
 
 
 def _yaml_scalar(value) -> str:
@@ -129,6 +167,7 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
                  array_parallelism: int | None = None, out_dir: str | Path | None = None) -> list[str]:
     """Submit the runs that need it; returns their names (empty when everything is done/running)."""
     out_dir, runs = expand(sweep_file, extra_overrides, out_dir)
+    check_runs(sweep_file, runs)
     lc = runs[0].cfg.launch
     todo: list[SweepRun] = []
     for run in runs:
@@ -141,7 +180,8 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
                       "delete the run dir to start it over", run.name, run.cfg.train.run_dir)
             continue
         _check_same_config(run)
-        log.info("sweep: %s %s", "resuming" if state in ("interrupted", "failed") else "starting", run.name)
+        resumable = state == "interrupted" or (state == "failed" and rundir.latest_checkpoint(run.cfg.train.run_dir))
+        log.info("sweep: %s %s (%s)", "resuming" if resumable else "starting", run.name, state)
         todo.append(run)
     log.info("sweep %s: %d run(s), %d to submit, %d skipped", out_dir, len(runs), len(todo),
              len(runs) - len(todo))
@@ -179,8 +219,10 @@ def submit_sweep(sweep_file: str | Path, extra_overrides: list[str] = (), dry_ru
 def _wait_local(run: SweepRun, job) -> None:
     try:
         job.results()
-    except Exception as e:  # one failed run should not stop the sweep; status shows it
-        log.error("sweep: run %s failed: %s", run.name, str(e).splitlines()[-1] if str(e) else e)
+    except Exception:  # one failed run should not stop the sweep; status shows it
+        _, error = rundir.run_outcome(run.cfg.train.run_dir, run.cfg.train.steps)
+        log.error("sweep: run %s failed: %s (logs: %s)", run.name, error or "no error recorded",
+                  job.paths.stderr)
 
 
 def status_rows(directory: str | Path) -> list[dict]:
@@ -201,25 +243,40 @@ def status_rows(directory: str | Path) -> list[dict]:
         metrics = rundir.read_metrics(d)
         ckpt = rundir.latest_checkpoint(d)
         record = rundir.read_launch_record(d)
+        state, error = rundir.run_outcome(d, cfg.train.steps)
         rows.append({
-            "run": d.name, "state": rundir.run_state(d, cfg.train.steps),
+            "run": d.name, "state": state,
             "step": f"{metrics.step if metrics.step is not None else '-'}/{cfg.train.steps}",
-            "loss": f"{metrics.loss:.4g}" if metrics.loss is not None else "-",
-            "best_val": f"{metrics.best_val:.4g}" if metrics.best_val is not None else "-",
+            "flow_loss": _number(metrics.flow_loss), "total_loss": _number(metrics.loss),
+            "best_val": _number(metrics.best_val),
             "checkpoint": f"{ckpt[0]}" if ckpt else "-",
             "job": str(record.get("job_id", "-")),
             "requeues": str(record.get("attempt", 0)),
+            "error": error or "",
         })
     return rows
 
 
+def _number(value: float | None) -> str:
+    return f"{value:.4g}" if value is not None else "-"
+
+
+# Loss columns: the last logged value of metrics.jsonl's loss/flow (what `megavla demo` prints) and
+# loss/total (flow + FAST + subtask, each times its weight); docs/metrics.md lists every metric name.
+STATUS_COLUMNS = ["run", "state", "step", "flow_loss", "total_loss", "best_val", "checkpoint", "job", "requeues"]
+
+
 def format_table(rows: list[dict]) -> str:
+    """The status table; a failed run's one-line error follows the table."""
     if not rows:
         return "no runs found"
-    cols = ["run", "state", "step", "loss", "best_val", "checkpoint", "job", "requeues"]
+    cols = STATUS_COLUMNS
     widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols) for r in rows]
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip()]
+    lines += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols).rstrip() for r in rows]
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        lines += ["", f"{len(failed)} failed:"] + [f"  {r['run']}: {r['error']}" for r in failed]
     return "\n".join(lines)
 
 
@@ -279,6 +336,9 @@ def report_main(argv: list[str]) -> int:
     unfinished = [e for e in entries if e.state != "finished"]
     print(f"{len(entries)} runs, {len(entries) - len(unfinished)} finished"
           + (f"; not finished: {', '.join(f'{e.name} ({e.state})' for e in unfinished)}" if unfinished else ""))
+    for e in entries:
+        if e.error:
+            print(f"  {e.name} failed: {e.error}")
     for png in plots:
         print(f"plot: {png}")
     print(f"report: {report}")

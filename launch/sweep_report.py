@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megavla.config import ConfigError, load_config, to_dict
+from megavla.config import Config, ConfigError, build, load_config, to_dict
+from megavla.config.core import apply_overrides
 
 from . import rundir
 
@@ -47,6 +48,8 @@ class RunEntry:
     metrics: dict = field(default_factory=dict)  # final_loss, final_flow_loss, best_val
     evals: dict = field(default_factory=dict)  # tag -> summary
     parameters: int | None = None
+    error: str | None = None  # a failed run's one-line error (launch.json)
+    tree: dict = field(default_factory=dict)  # the config as saved (not flattened)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -122,8 +125,10 @@ def read_run(run_dir: Path, last_k: int) -> RunEntry:
     except ConfigError as e:
         log.warning("%s: unreadable config (%s)", run_dir, e)
         return RunEntry(run_dir.name, run_dir, "bad config")
-    entry = RunEntry(run_dir.name, run_dir, rundir.run_state(run_dir, cfg.train.steps),
-                     config=flatten(to_dict(cfg)), total_steps=cfg.train.steps)
+    state, error = rundir.run_outcome(run_dir, cfg.train.steps)
+    tree = to_dict(cfg)
+    entry = RunEntry(run_dir.name, run_dir, state, config=flatten(tree), total_steps=cfg.train.steps,
+                     error=error, tree=tree)
     summary = rundir.read_metrics(run_dir)
     entry.step = summary.step
     entry.metrics = {**tail_losses(run_dir, last_k), "best_val": summary.best_val}
@@ -141,14 +146,40 @@ def collect(directory: str | Path, sweep_file: str | Path | None = None, last_k:
     dirs = sorted(p for p in directory.iterdir() if p.is_dir() and p.name not in skip and not p.name.startswith("."))
     entries = [read_run(d, last_k) for d in dirs]
     if sweep_file is not None:
-        from .sweep import expand
-        _, runs = expand(sweep_file, out_dir=directory)
-        have = {e.name for e in entries}
-        entries += [RunEntry(r.name, directory / r.name, "missing", config=flatten(to_dict(r.cfg)),
-                             total_steps=r.cfg.train.steps) for r in runs if r.name not in have]
+        entries += missing_runs(sweep_file, directory, entries)
     if not entries:
         raise ConfigError(f"{directory}: no run directories in it (a run dir holds config.yaml)")
     return sorted(entries, key=lambda e: e.name)
+
+
+def missing_runs(sweep_file: str | Path, directory: Path, entries: list[RunEntry]) -> list[RunEntry]:
+    """The sweep's runs without a directory, state ``missing``. Their configs come from a run that has
+    one (its saved config.yaml holds what the sweep command line gave: data.sources, tokenizer dir,
+    ...) with the missing run's grid values put in; the sweep file alone lacks those overrides."""
+    from .sweep import expand, read_sweep
+    _, _, _, points = read_sweep(sweep_file, out_dir=directory)
+    have = {e.name for e in entries}
+    todo = [(name, overrides) for name, overrides in points if name not in have]
+    reference = next((e.tree for e in entries if e.tree), None)
+    if not todo:
+        return []
+    if reference is None:  # no run has started: the sweep file must build on its own
+        try:
+            _, runs = expand(sweep_file, out_dir=directory)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (no run in {directory} has a config.yaml to take the command-line "
+                              "overrides from; run the sweep first)") from None
+        configs = {r.name: r.cfg for r in runs}
+    else:
+        configs = {}
+        for name, overrides in todo:
+            tree = apply_overrides(reference, [*overrides, f"train.run_dir={(directory / name).resolve()}"])
+            try:
+                configs[name] = build(Config, tree)
+            except ConfigError as e:
+                raise ConfigError(f"{sweep_file}: run {name}: {e}") from None
+    return [RunEntry(name, directory / name, "missing", config=flatten(to_dict(configs[name])),
+                     total_steps=configs[name].train.steps) for name, _ in todo]
 
 
 def swept_axes(entries: list[RunEntry]) -> list[str]:
@@ -230,6 +261,8 @@ def run_table(entries: list[RunEntry], axes: list[str], with_params: bool) -> st
             "final loss", "final flow loss", "best val loss"]
     for tag in tags:
         cols += [f"{tag}: success [95% CI] (k/n)", f"{tag}: action MSE", f"{tag}: best blind baseline"]
+    with_errors = any(e.error for e in entries)
+    cols += ["error"] if with_errors else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for e in entries:
         step = "-" if e.step is None else f"{e.step}/{e.total_steps}"
@@ -244,6 +277,7 @@ def run_table(entries: list[RunEntry], axes: list[str], with_params: bool) -> st
             lo, hi = ev["ci95"] or (float("nan"), float("nan"))
             row += [f"{ev['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] ({ev['successes']}/{ev['episodes']})",
                     _fmt(ev.get("action_mse")), _fmt(ev.get("best_baseline"))]
+        row += [(e.error or "").replace("|", "\\|")] if with_errors else []
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -344,6 +378,10 @@ def write_report(directory: str | Path, out: str | Path | None = None, sweep_fil
     if not_done:
         lines += ["Not finished (listed in the table, left out of the plots): "
                   + ", ".join(f"`{e.name}` ({e.state})" for e in not_done) + ".", ""]
+    failed = [e for e in entries if e.error]
+    if failed:
+        lines += [f"Failed ({len(failed)}), with the error each run recorded:", ""]
+        lines += [f"- `{e.name}`: {e.error}" for e in failed] + [""]
     seeds = [a for a in axes if is_seed(a)]
     lines += [f"Swept axes: {', '.join(f'`{a}`' for a in axes) or 'none (all runs share one config)'}"
               + (f"; replicates (error bars): {', '.join(f'`{a}`' for a in seeds)}" if seeds else "") + ".",

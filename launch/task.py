@@ -144,8 +144,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         except TrainingError as e:      # the same on every rank: rank 0 records it, one line each
             shutdown_distributed(wait_for_peers=False)
             if rank == 0:
-                rundir.update_launch_record(self.run_dir, status="failed", error=str(e))
+                rundir.record_failure(self.run_dir, str(e))
             raise RuntimeError(f"run {self.run_dir}: {e}") from None
+        except Exception as e:          # a bug or a check the trainer lacks: any rank may be first
+            shutdown_distributed(wait_for_peers=False)
+            rundir.record_failure(self.run_dir, f"rank {rank}: {type(e).__name__}: {rundir.one_line(str(e))}")
+            raise
         shutdown_distributed()   # every rank got here: no rank exits while a peer still uses the group
 
         if code == 0:
@@ -159,7 +163,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         if code in STOPPED_CODES:
             return self._after_stop(rank, code, job_env)
         if rank == 0:
-            rundir.update_launch_record(self.run_dir, status="failed", error=f"trainer exit code {code}")
+            rundir.record_failure(self.run_dir, f"trainer exit code {code}")
         raise RuntimeError(f"trainer {cfg.launch.entry} exited with code {code} (run dir {self.run_dir})")
 
     def _record_start(self, cfg: Config, job_env: Any, dist_env: Any, attempt: int,

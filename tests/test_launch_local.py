@@ -166,7 +166,7 @@ def test_local_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, monke
     assert sweep.submit_sweep(spec) == []  # re-run: nothing to submit
     assert sweep.main(["status", str(out_dir)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["RUN", "STATE", "STEP", "LOSS"]
+    assert table[0].split()[:5] == ["RUN", "STATE", "STEP", "FLOW_LOSS", "TOTAL_LOSS"]
     assert [row.split()[:3] for row in table[1:]] == [["seed-0", "finished", "4/4"],
                                                       ["seed-1", "finished", "4/4"]]
 

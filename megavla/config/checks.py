@@ -1,0 +1,171 @@
+"""Checks across config sections: what the model, data and train sections must agree on.
+
+Each section's ``validate()`` (core.build) sees only its own fields. A run also needs them to fit each
+other, or it fails minutes later, after the job was submitted and the model built:
+
+* model vs data (the model's preset filled in, megavla.model.presets.resolve): image size, action
+  chunk length, action and state dims. A mismatch fails the first forward (images, action / state
+  projections) or trains on the wrong chunk.
+* model vs tokenizers (``train.tokenizer_dir``, when it exists): token ids beyond the model's text or
+  FAST vocabulary would index into the wrong embedding rows.
+* data vs the shard sets (``data.sources`` / ``data.val_sources``, when they exist): frames stored
+  smaller than ``data.image_size`` would be upscaled (the pipeline only ever downscales by design:
+  an upscaled frame costs compute and carries no detail); an embodiment whose dims exceed
+  ``data.max_*_dim`` would have every one of its episodes skipped.
+
+:func:`config_problems` lists every problem (key, message with values and fix); :func:`check_config`
+raises one ConfigError with all of them. `megavla train`, `megavla launch` and `megavla sweep` call it
+before anything starts (a sweep: for every run before it submits any). Cameras need no check here:
+a camera a set lacks is masked, and ``model.num_cameras`` only sizes the FLOPs estimate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .core import ConfigError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_SUMMARY = "tokenizers.json"   # megavla.tokenizers.cli.SUMMARY_FILE (torch-free copy)
+NORM_STATS_FILE = "norm_stats.json"     # megavla.data_shards.stats.NORM_STATS_FILE
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str       # the dotted key to change, e.g. "data.image_size"
+    message: str   # values, consequence and fix
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def model_data_problems(cfg: Any) -> list[Problem]:
+    """Model sizes (preset resolved) against the data section's."""
+    from megavla.model.presets import resolve   # imports torch: only when a check runs
+    try:
+        model = resolve(cfg.model)
+    except ConfigError as e:
+        return [Problem("model", str(e))]
+    data = cfg.data
+    preset = f" (preset {model.preset})" if cfg.model.image_size is None else ""
+    problems = []
+    if model.image_size != data.image_size:
+        fix = f"set data.image_size={model.image_size} (frames are resized to it)"
+        if data.image_size % model.patch_size == 0:
+            fix += f" or model.image_size={data.image_size}"
+        problems.append(Problem("data.image_size", (
+            f"model.image_size={model.image_size}{preset} but data.image_size={data.image_size}: the first "
+            f"forward would refuse {data.image_size} px batches; {fix}")))
+    pairs = [("chunk_length", "chunk_length", "action chunk length"),
+             ("action_dim", "max_action_dim", "action dims"), ("state_dim", "max_state_dim", "state dims")]
+    for m_key, d_key, what in pairs:
+        m_value, d_value = getattr(model, m_key), getattr(data, d_key)
+        if m_value != d_value:
+            problems.append(Problem(f"model.{m_key}", (
+                f"model.{m_key}={m_value} but data.{d_key}={d_value}: the model's {what} must equal the "
+                f"batches'; set model.{m_key}={d_value} (or data.{d_key}={m_value})")))
+    return problems
+
+
+def tokenizer_problems(cfg: Any) -> list[Problem]:
+    """Vocabularies in ``train.tokenizer_dir/tokenizers.json`` against the model's."""
+    tok_dir = cfg.train.tokenizer_dir
+    path = Path(tok_dir) / TOKENIZER_SUMMARY if tok_dir else None
+    if path is None or not path.is_file():
+        return []   # no tokenizers, or a missing dir (the path checks name it)
+    try:
+        summary = json.loads(path.read_text())
+        vocab = {"text": int(summary["text"]["vocab_size"]), "fast": int(summary["fast"]["vocab_size"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: cannot read the tokenizer vocab sizes (%s); not checked against the model", path, e)
+        return []
+    from megavla.model.presets import resolve
+    try:
+        model = resolve(cfg.model)
+    except ConfigError:
+        return []   # model_data_problems reports it
+    problems = []
+    for kind, model_key in (("text", "text_vocab_size"), ("fast", "fast_vocab_size")):
+        if vocab[kind] > getattr(model, model_key):
+            problems.append(Problem(f"model.{model_key}", (
+                f"train.tokenizer_dir={tok_dir}: the {kind} tokenizer has {vocab[kind]} tokens but "
+                f"model.{model_key}={getattr(model, model_key)} (preset {model.preset}): larger ids would "
+                f"index the wrong embedding rows; set model.{model_key}={vocab[kind]} or train the "
+                f"tokenizer with --{kind}-vocab {getattr(model, model_key)}")))
+    return problems
+
+
+def _stored_image_size(manifest: dict) -> int | None:
+    size = (manifest.get("generator") or {}).get("image_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _stats_dims(set_dir: Path) -> dict[str, dict[str, int]]:
+    """{embodiment: {"state": S, "actions": A}} from norm_stats.json ({} when absent/unreadable:
+    the reader's own set checks report that)."""
+    try:
+        stats = json.loads((set_dir / NORM_STATS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    dims = {}
+    for emb, entry in stats.items() if isinstance(stats, dict) else ():
+        try:
+            dims[emb] = {kind: len(entry[kind]["mean"]) for kind in ("state", "actions")}
+        except (KeyError, TypeError):
+            continue   # not an embodiment's stats
+    return dims
+
+
+def shard_set_problems(cfg: Any) -> list[Problem]:
+    """data.* against what each existing source's manifest and norm stats say."""
+    from megavla.data_shards.manifest import ManifestError, load_manifest
+    data = cfg.data
+    problems = []
+    for field in ("sources", "val_sources"):
+        for name, directory in getattr(data, field).items():
+            set_dir = Path(directory)
+            if not (set_dir / "manifest.json").is_file():
+                continue   # the path checks / the reader's set checks name a missing set
+            try:
+                manifest = load_manifest(set_dir)
+            except ManifestError:
+                continue   # check_shard_set reports it with its fix
+            stored = _stored_image_size(manifest)
+            if stored is not None and stored < data.image_size:
+                problems.append(Problem(f"data.{field}.{name}", (
+                    f"data.{field}.{name}={directory} stores {stored} px frames (manifest generator."
+                    f"image_size) but data.image_size={data.image_size}: they would be upscaled "
+                    f"{data.image_size / stored:.3g}x; write the set at --image-size {data.image_size} "
+                    f"(megavla data synth / import), or set data.image_size={stored} and "
+                    f"model.image_size={stored}")))
+            for emb, dims in sorted(_stats_dims(set_dir).items()):
+                for kind, limit_key in (("state", "max_state_dim"), ("actions", "max_action_dim")):
+                    if dims[kind] > getattr(data, limit_key):
+                        problems.append(Problem(f"data.{limit_key}", (
+                            f"data.{field}.{name}={directory}: {emb} has {dims[kind]} {kind.rstrip('s')} dims "
+                            f"({NORM_STATS_FILE}) but data.{limit_key}={getattr(data, limit_key)}: every "
+                            f"{emb} episode would be skipped; set data.{limit_key}={dims[kind]} and "
+                            f"model.{'state_dim' if kind == 'state' else 'action_dim'}={dims[kind]}")))
+    return problems
+
+
+def config_problems(cfg: Any, read_files: bool = True) -> list[Problem]:
+    """Every cross-section problem of a built Config; ``read_files`` also reads the tokenizer summary
+    and the sources' manifests / norm stats where they exist."""
+    problems = model_data_problems(cfg)
+    if read_files:
+        problems += tokenizer_problems(cfg) + shard_set_problems(cfg)
+    return problems
+
+
+def check_config(cfg: Any, read_files: bool = True) -> None:
+    """Raise one ConfigError naming every problem of :func:`config_problems` (one per line)."""
+    problems = config_problems(cfg, read_files)
+    if len(problems) == 1:
+        raise ConfigError(problems[0].message)
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  {p.message}" for p in problems))
