@@ -117,11 +117,14 @@ def prepare_run(cfg: Config) -> Path:
 
 def check_run(cfg: Config, resume: str | None, overwrite: bool = False) -> None:
     """What the job would find out minutes later, checked before submission: the paths the run
-    reads, a live run holding the run dir, nothing to resume in a used run dir. Raises LaunchError."""
+    reads, model vs data vs tokenizers vs shard sets (megavla.config.checks), a live run holding the
+    run dir, nothing to resume in a used run dir. Raises LaunchError."""
+    from megavla.config.checks import check_config
     from megavla.train.cli import check_paths, check_run_dir
     from megavla.train.errors import TrainingError
     try:
         check_paths(cfg)
+        check_config(cfg)
         check_run_dir(cfg, resume, overwrite)
     except (ConfigError, TrainingError) as e:
         raise LaunchError(str(e)) from None

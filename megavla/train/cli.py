@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s is at step %d >= train.steps=%d: nothing to train, no process started",
                          plan.path, plan.step, cfg.train.steps)
                 return 0
+        from megavla.config.checks import check_config
+        check_config(cfg)   # model vs data vs tokenizers vs shard sets (megavla/config/checks.py)
     except (ConfigError, TrainingError) as e:
         sys.stderr.write(f"megavla train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}\n")
         return 2
