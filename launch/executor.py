@@ -108,7 +108,7 @@ def make_executor(lc: LaunchConfig, folder: str | Path, array_parallelism: int |
 
 def prepare_run(cfg: Config) -> Path:
     """Create the run directory and write the resolved config the job will read."""
-    run_dir = Path(cfg.train.run_dir).resolve()
+    run_dir = cfg.train.require_run_dir().resolve()   # unset: a ConfigError naming train.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.run_dir = str(run_dir)
     write_yaml(cfg, run_dir / rundir.CONFIG_FILE)
@@ -120,12 +120,15 @@ def check_run(cfg: Config, resume: str | None, overwrite: bool = False) -> None:
     reads, model vs data vs tokenizers vs shard sets (megavla.config.checks), a live run holding the
     run dir, nothing to resume in a used run dir. Raises LaunchError."""
     from megavla.config.checks import check_config
-    from megavla.train.cli import check_paths, check_run_dir
+    from megavla.train.cli import check_paths, check_run_dir, check_trainable
     from megavla.train.errors import TrainingError
     try:
         check_paths(cfg)
         check_config(cfg)
         check_run_dir(cfg, resume, overwrite)
+        warning = check_trainable(cfg)   # no data.sources, or objectives that need tokenizers
+        if warning:
+            log.warning("%s", warning)
     except (ConfigError, TrainingError) as e:
         raise LaunchError(str(e)) from None
 

@@ -6,8 +6,11 @@
 4. resume from that checkpoint (`--resume auto`, a second invocation) and finish;
 5. print the flow-matching loss curve and where the tensorboard logs and checkpoints are.
 
-Steps 1-2 are skipped when their outputs exist; the training run directory is started afresh.
-Exit code 0 when training finished and the flow loss fell, 1 otherwise.
+Steps 1-2 are skipped when their outputs exist; the training run directory (OUT/run) is started
+afresh on every invocation. OUT is the demo's own: it holds a marker file (megavla-demo.json), the
+demo refuses an OUT that holds anything else (another command's output), and `megavla train`
+refuses a train.run_dir inside it, so neither can clobber the other.
+Exit code 0 when training finished and the flow loss fell, 1 otherwise, 2 for an OUT it does not own.
 """
 from __future__ import annotations
 
@@ -15,12 +18,45 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import megavla
 
 log = logging.getLogger(__name__)
+
+MARKER_FILE = "megavla-demo.json"
+# What the demo writes into OUT (and the `megavla export` line it prints suggests).
+DEMO_ENTRIES = {MARKER_FILE, "shards", "tokenizers", "run", "export"}
+
+
+def demo_output_holding(path: str | Path) -> Path | None:
+    """The `megavla demo` output directory that `path` is, or lies inside (None: not a demo's)."""
+    path = Path(path).resolve()
+    for candidate in (path, *path.parents):
+        if (candidate / MARKER_FILE).is_file():
+            return candidate
+    return None
+
+
+class NotDemoOutput(ValueError):
+    """--out holds files the demo did not write."""
+
+
+def claim_output_dir(out: Path) -> None:
+    """Make `out` the demo's (marker file), or raise NotDemoOutput when it holds another command's
+    files. A directory with only the demo's own entries (one written before the marker) is adopted."""
+    if (out / MARKER_FILE).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES) if out.is_dir() else []
+    if foreign:
+        raise NotDemoOutput(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}): another command's output. Pick another "
+                            f"--out (e.g. --out runs/demo2); the demo never writes into a directory it does not own")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_FILE).write_text(json.dumps({"written_by": "megavla demo", "version": megavla.__version__,
+                                               "entries": sorted(DEMO_ENTRIES - {MARKER_FILE})}) + "\n")
 
 
 def demo_config_path() -> Path:
@@ -54,15 +90,6 @@ def make_tokenizers(out: Path, shards: Path) -> Path:
     return tok
 
 
-def flow_curve(run_dir: Path) -> list[tuple[int, float]]:
-    curve = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss/flow" in rec:
-            curve[rec["step"]] = rec["loss/flow"]
-    return sorted(curve.items())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megavla demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (e.g. train.zero_stage=3)")
     args = parser.parse_args(argv)
     from megavla.train.cli import main as train_main
+    from megavla.train.metrics import run_summary
 
     t0 = time.perf_counter()
     out = Path(args.out)
+    try:
+        claim_output_dir(out)
+    except NotDemoOutput as e:
+        sys.stderr.write(f"megavla demo: {e}\n")
+        return 2
     shards = make_shards(out, image_size=32)
     tokenizers = make_tokenizers(out, shards)
     run_dir = out / "run"
@@ -88,31 +121,29 @@ def main(argv: list[str] | None = None) -> int:
               "--nproc", str(args.nproc)]
     t_train = time.perf_counter()
     log.info("segment 1: steps 0 -> %d on %d processes (ZeRO-2)", first, args.nproc)
-    code = train_main(common + [f"train.max_steps_per_run={first}"])
+    code = train_main(common + [f"train.max_steps_per_run={first}"], demo_run=True)
     if code:
         log.error("segment 1 failed with exit code %d", code)
         return code
     log.info("segment 2: resume from the newest checkpoint -> step %d", args.steps)
-    code = train_main(common + ["--resume", "auto"])
+    code = train_main(common + ["--resume", "auto"], demo_run=True)
     if code:
         log.error("segment 2 failed with exit code %d", code)
         return code
     t_end = time.perf_counter()
 
-    curve = flow_curve(run_dir)
-    print("\nflow-matching loss (mean over ranks and the steps since the previous line):")
-    for step, loss in curve:
+    summary = run_summary(run_dir)
+    if summary is None:
+        log.error("%s: no loss was logged", run_dir)
+        return 1
+    print(f"\n{summary.label} (mean over ranks and the steps since the previous line):")
+    for step, loss in summary.curve:
         marker = "   <- checkpoint; segment 2 resumed from here" if step == first else ""
-        print(f"  step {step:5d}  flow loss {loss:.4f}{marker}")
-    start = sum(v for _, v in curve[:3]) / max(1, len(curve[:3]))
-    end = sum(v for _, v in curve[-3:]) / max(1, len(curve[-3:]))
-    fell = end < start
-    print(f"\nflow loss {start:.4f} (first 3 logs) -> {end:.4f} (last 3): "
-          f"{'fell' if fell else 'DID NOT FALL'} by {100 * (start - end) / start:.1f}%")
-    print(f"checkpoints:     {run_dir / 'checkpoints'}  (latest: "
-          f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()})")
-    print(f"tensorboard:     tensorboard --logdir {run_dir / 'tb'}")
-    print(f"metrics:         {run_dir / 'metrics.jsonl'}")
+        print(f"  step {step:5d}  {summary.label} {loss:.4f}{marker}")
+    print()
+    for line in summary.lines:
+        print(line)
+    fell = summary.fell
     print(f"export:          megavla export {run_dir / 'checkpoints'} --out {out / 'export'}")
     print(f"time: {t_end - t0:.0f} s in all ({t_end - t_train:.0f} s training, 2 segments)")
     return 0 if fell else 1

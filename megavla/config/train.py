@@ -22,7 +22,10 @@ from .core import ConfigError
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"
+    # This run's own directory (checkpoints, metrics, tensorboard, logs). No default: a shared default
+    # (it was `runs/demo` in configs/demo.yaml, which is also `megavla demo`'s output) let two runs or
+    # two commands write into one directory. `megavla train` / `launch` refuse to start without it.
+    run_dir: str | None = None
     # Directory written by `megavla tokenizer train` (text.model, fast.model/.json); copied into
     # every checkpoint. Empty = the data pipeline runs without tokenizers (no text / FAST tokens).
     tokenizer_dir: str = ""
@@ -121,5 +124,12 @@ class TrainConfig:
         if self.pretrained and not Path(self.pretrained).exists():
             raise ConfigError(f"pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
                               "checkpoint: a directory of *.safetensors or one file; empty = random init)")
-        if not self.run_dir:
+        if self.run_dir is not None and not self.run_dir:
             raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")
+
+    def require_run_dir(self) -> Path:
+        """The run dir of a run about to start; a ConfigError naming the key and the fix when unset."""
+        if not self.run_dir:
+            raise ConfigError("train.run_dir is not set: give this run its own directory, e.g. "
+                              "train.run_dir=runs/mine (checkpoints, metrics and logs go there)")
+        return Path(self.run_dir)

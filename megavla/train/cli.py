@@ -1,8 +1,9 @@
 """`megavla train CONFIG [dotted.overrides ...] [--nproc N] [--resume auto|PATH] [--overwrite]`
 
 The config (file + overrides), the paths it names and the run dir (lock, what to resume) are checked
-here, before any process starts: an unknown key, a missing shard dir or a run dir in use is one
-line on stderr and exit code 2. Then:
+here, before any process starts: an unknown key, an unset train.run_dir, no data.sources, a missing
+shard dir, a run dir in use or inside `megavla demo`'s output, or objectives that need tokenizers
+without train.tokenizer_dir is one line on stderr and exit code 2. Then:
 
 - under torchrun / SLURM (RANK is set) or with --nproc 1: `run()` in this process;
 - with --nproc N > 1: N local worker processes (gloo on CPU, nccl on GPU) with RANK, WORLD_SIZE,
@@ -11,6 +12,8 @@ line on stderr and exit code 2. Then:
   SIGTERM / SIGUSR2 / SIGINT are forwarded to every worker; workers get SIGTERM if the launcher
   dies. If one worker fails the others are stopped; the log names the failing rank, its exit code
   or signal and the tail of its output (all of it in RUN_DIR/logs/rank_N.log).
+
+A hand-run ends with a summary: first -> last flow loss, steps, latest checkpoint, tensorboard dir.
 
 Exit codes: 0 done, 75 saved after SIGUSR2 (a preemption: resume with `--resume auto`), 130 / 143
 saved after Ctrl-C / SIGTERM (a stop), 1 a training error (message above), 2 bad config or paths,
@@ -74,11 +77,59 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"train.tokenizer_dir={tok}: no such directory (written by `megavla tokenizer train`)")
 
 
-def check_run_dir(cfg: Config, resume: str | None, overwrite: bool):
+def tokenizer_dependents(cfg: Config) -> list[str]:
+    """What this config trains that needs train.tokenizer_dir (empty: nothing but instruction text).
+    Without tokenizers the pipeline yields no text, subtask or FAST tokens (data/collate.py)."""
+    m = cfg.model
+    needs = []
+    if m.subtask_weight > 0:
+        needs.append(f"the subtask loss (model.subtask_weight={m.subtask_weight:g}: no subtask targets)")
+    if m.fast_weight > 0:
+        needs.append(f"the FAST loss (model.fast_weight={m.fast_weight:g}: no action tokens, only its end marker)")
+    if m.action_conditioning == "subtask":
+        needs.append("subtask conditioning (model.action_conditioning=subtask: inference would decode a "
+                     "subtask the model never learned)")
+    return needs
+
+
+def check_trainable(cfg: Config) -> str | None:
+    """The config names data to train on and the tokenizers its objectives need. Raises a
+    ConfigError (one line: key and fix); returns a warning line for what runs but loses something.
+
+    A missing tokenizer dir is refused, not warned about, when an objective depends on it: the
+    default config trains flow + FAST + subtask with subtask conditioning, and without tokenizers
+    two of the three losses train nothing while the run looks healthy (a warning would scroll away
+    among the ranks' start-up lines). Flow-only training without language stays possible."""
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: name the shard sets to train on, e.g. data.sources.robot=DATA/robot "
+                          "data.sources.human=DATA/human (directories written by `megavla data synth` or "
+                          "`megavla data import`)")
+    if cfg.train.tokenizer_dir:
+        return None
+    needs = tokenizer_dependents(cfg)
+    if needs:
+        raise ConfigError(
+            f"train.tokenizer_dir is not set, so this run would train without {'; '.join(needs)}; and the model "
+            "would read no instruction text. Train the tokenizers (`megavla tokenizer train --shards DATA --out "
+            "DATA/tokenizers`) and pass train.tokenizer_dir=DATA/tokenizers, or, for flow-only training without "
+            "language, set model.subtask_weight=0 model.fast_weight=0 model.action_conditioning=instruction")
+    return ("train.tokenizer_dir is not set: the model reads no instruction text (the prompt is ignored); "
+            "flow-only training as configured")
+
+
+def check_run_dir(cfg: Config, resume: str | None, overwrite: bool, *, demo_run: bool = False):
     """The run dir's lock and what will be resumed (sizes only; rank 0 also checks sha256 later).
-    Returns the ResumePlan; raises a TrainingError."""
+    Returns the ResumePlan; raises a TrainingError (a ConfigError for a run dir that is not the
+    run's own: inside `megavla demo`'s output, which the demo restarts on every invocation)."""
+    from megavla.demo import demo_output_holding
     from .resume import plan_resume
     from .run_lock import RunLock
+    run_dir = cfg.train.require_run_dir()
+    demo_out = demo_output_holding(run_dir)
+    if demo_out is not None and not demo_run:
+        raise ConfigError(f"train.run_dir={run_dir} is inside {demo_out}, the output directory of `megavla demo` "
+                          f"(which starts its run there afresh each time): pick a directory of its own, e.g. "
+                          f"train.run_dir=runs/mine")
     RunLock(cfg.train.run_dir).check()
     return plan_resume(cfg.train.run_dir, resume, overwrite=overwrite, verify=False)
 
@@ -210,7 +261,8 @@ def launch_local(nproc: int, worker_args: list[str], env: dict[str, str] | None 
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, demo_run: bool = False) -> int:
+    """``demo_run``: `megavla demo`'s own segments, the one caller allowed to train inside its output."""
     parser = argparse.ArgumentParser(prog="megavla train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config (e.g. configs/demo.yaml)")
@@ -227,23 +279,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         nproc = int(os.environ.get("WORLD_SIZE", args.nproc)) if in_job else args.nproc
+        cfg.train.require_run_dir()
         check_paths(cfg)
         check_launchable(cfg, nproc)
         if not in_job or os.environ["RANK"] == "0":
-            plan = check_run_dir(cfg, args.resume, args.overwrite)
+            plan = check_run_dir(cfg, args.resume, args.overwrite, demo_run=demo_run)
             message = plan.message
             if not in_job and nothing_to_train(cfg, args.resume, args.overwrite, plan):
                 log.info("%s is at step %d >= train.steps=%d: nothing to train, no process started",
                          plan.path, plan.step, cfg.train.steps)
                 return 0
+        warning = check_trainable(cfg)
         from megavla.config.checks import check_config
         check_config(cfg)   # model vs data vs tokenizers vs shard sets (megavla/config/checks.py)
     except (ConfigError, TrainingError) as e:
         sys.stderr.write(f"megavla train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}\n")
         return 2
+    if warning and (not in_job or os.environ["RANK"] == "0"):
+        log.warning("%s", warning)
     if in_job or args.nproc == 1:
         from .entry import run, run_then_shutdown
-        return run_then_shutdown(lambda: run(cfg, resume=args.resume, overwrite=args.overwrite))
+        code = run_then_shutdown(lambda: run(cfg, resume=args.resume, overwrite=args.overwrite))
+    else:
+        code = _launch(cfg, args, message)
+    if code in CLEAN_EXITS and not demo_run and (not in_job or os.environ["RANK"] == "0"):
+        print_summary(Path(cfg.train.run_dir), code)
+    return code
+
+
+def print_summary(run_dir: Path, code: int) -> None:
+    """The closing lines of a hand-run `megavla train` (the demo prints the same, plus its curve)."""
+    from .metrics import run_summary
+    summary = run_summary(run_dir)
+    if summary is None:
+        return
+    how = "done" if code == 0 else f"stopped (exit {code}); continue with --resume auto"
+    print(f"\ntraining {how}:")
+    for line in summary.lines:
+        print(line)
+
+
+def _launch(cfg: Config, args: argparse.Namespace, message: str) -> int:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"

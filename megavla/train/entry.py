@@ -214,7 +214,7 @@ def run(cfg: Config, resume: str | None = None, *, overwrite: bool = False,
     dist = init_distributed(cfg.train.dist_backend)
     _setup_logging(dist.rank)
     launch.mark("process_group")
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = cfg.train.require_run_dir()     # unset: a ConfigError, never a run in the working dir
     lock = RunLock(run_dir)
 
     def decide() -> dict:

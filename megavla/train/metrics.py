@@ -164,6 +164,148 @@ def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(sorted(total.items()))
 
 
+# ---- what the trainer writes: the one list docs/metrics.md is generated from -------------------
+# (name, when it is written, meaning). <embodiment>, <reason>, <phase> and <loss key> stand for the
+# values metric_placeholders() reads from the code; tests/test_train_newcomer.py checks a real run's keys against
+# this list and docs/metrics.md against metrics_markdown().
+METRIC_CATALOGUE: list[tuple[str, str, str]] = [
+    ("loss/total", "every log", "the optimized loss: flow_weight x flow + fast_weight x fast + subtask_weight x subtask"),
+    ("loss/flow", "model.flow_weight > 0", "flow-matching loss (MSE of the predicted velocity on supervised action dims)"),
+    ("loss/fast", "model.fast_weight > 0", "FAST action-token cross-entropy (per token)"),
+    ("loss/subtask", "model.subtask_weight > 0", "subtask-text cross-entropy (per token)"),
+    ("flow/<embodiment>", "that embodiment was in the interval's batches", "`loss/flow` of that embodiment's samples"),
+    ("fast/<embodiment>", "as `flow/<embodiment>`", "`loss/fast` of that embodiment's tokens"),
+    ("subtask/<embodiment>", "as `flow/<embodiment>`", "`loss/subtask` of that embodiment's tokens"),
+    ("optim/lr", "every log", "learning rate of the last step"),
+    ("optim/grad_norm", "every log", "global gradient norm before clipping"),
+    ("time/step_s", "every log", "wall seconds per optimizer step (the whole loop; saves and validation excluded)"),
+    ("time/data_wait_s", "every log", "seconds per step waiting for the next batch"),
+    ("time/data_wait_pct", "every log", "time/data_wait_s as % of the step"),
+    ("time/fwd_bwd_s", "every log", "seconds per step in forward + backward"),
+    ("time/optimizer_s", "every log", "seconds per step in the optimizer step"),
+    ("time/other_pct", "every log", "% of the step outside data, forward/backward and optimizer (logging, collectives, EMA)"),
+    ("perf/samples_per_s", "every log", "samples per second, all ranks together"),
+    ("perf/tokens_per_s", "every log", "valid tokens per second, all ranks together"),
+    ("perf/tflops_per_s", "the model reports FLOPs", "training TFLOP/s per rank (valid tokens; megavla/model/flops.py)"),
+    ("perf/mfu", "CUDA device with a known bf16 peak", "model FLOPs utilization per rank (perf/tflops_per_s / peak)"),
+    ("memory/peak_mb", "every log", "peak memory in MiB: CUDA allocated on GPU, the process's peak RSS on CPU"),
+    ("data/skipped_<reason>", "the loader counts skips", "what the reader skipped so far for that reason (shards, episodes, samples, images, frames), summed over ranks"),
+    ("data/episodes_read", "the streaming loader", "episodes read so far, summed over ranks"),
+    ("data/samples_read", "the streaming loader", "samples read so far, summed over ranks"),
+    ("train/skipped_nonfinite", "every log", "steps skipped so far because the loss or gradient was inf/NaN"),
+    ("launch/<phase>_s", "first log of each invocation", "wall seconds from process start to the end of that start-up phase"),
+    ("launch/<phase>_cpu_s", "first log of each invocation", "CPU seconds of this process at the end of that phase"),
+    ("val/<loss key>", "train.val_every > 0 and data.val_sources", "the loss keys above (`loss/*`, `<objective>/<embodiment>`) on validation batches"),
+]
+LAUNCH_PHASES = ("imports", "process_group", "model", "engine", "loader", "first_step")  # entry.py, trainer.py
+LOSS_METRICS = ("loss/total", "loss/flow", "loss/fast", "loss/subtask", "flow/<embodiment>", "fast/<embodiment>",
+                "subtask/<embodiment>")
+METRIC_EVENTS = [("batch_changed", "a resume changed the batch (micro batch, grad accumulation or world size): "
+                  "one line `{step, event, <field>: [before, after]}`")]
+
+
+def metric_placeholders() -> dict[str, tuple[tuple[str, ...], str]]:
+    """placeholder -> (its values, where they come from), read from the code that makes the keys."""
+    from megavla.data_shards.format import EMBODIMENT_IDS
+    from megavla.data.shard_reader import SKIP_REASONS
+    from megavla.model.losses import embodiment_tag
+    return {
+        "<embodiment>": (tuple(embodiment_tag(i) for i in sorted(EMBODIMENT_IDS.values())),
+                         "data_shards/format.py EMBODIMENT_IDS, '/' -> '_'"),
+        "<reason>": (tuple(SKIP_REASONS), "megavla/data/shard_reader.py SKIP_REASONS"),
+        "<phase>": (LAUNCH_PHASES, "LaunchClock marks in megavla/train/entry.py and trainer.py"),
+        "<loss key>": (LOSS_METRICS, "the loss rows above"),
+    }
+
+
+def documented_metric(key: str) -> str | None:
+    """The METRIC_CATALOGUE name a logged key is an instance of (None: undocumented)."""
+    import re
+    if key.startswith("val/"):
+        return "val/<loss key>" if documented_metric(key[4:]) in LOSS_METRICS else None
+    placeholders = metric_placeholders()
+    for name, _, _ in METRIC_CATALOGUE:
+        pattern = re.escape(name)
+        for ph in ("<embodiment>", "<reason>", "<phase>"):
+            pattern = pattern.replace(re.escape(ph), "(?:" + "|".join(map(re.escape, placeholders[ph][0])) + ")")
+        if re.fullmatch(pattern, key):
+            return name
+    return None
+
+
+def metrics_markdown() -> str:
+    """docs/metrics.md, generated (`python -m megavla.train.metrics > docs/metrics.md`)."""
+    lines = ["# Training metrics", "",
+             "Every scalar the trainer writes to `RUN_DIR/metrics.jsonl` (one JSON line per log: `step` plus these "
+             "keys) and to tensorboard (`RUN_DIR/tb`, same names). Values are means over the steps since the "
+             "previous log (`train.log_every`) and over ranks; `data/*` and `train/*` are running totals.", "",
+             "Generated from `METRIC_CATALOGUE` in megavla/train/metrics.py by "
+             "`python -m megavla.train.metrics > docs/metrics.md`; a test fails when a run writes a key that is "
+             "not listed here, or when this file differs from the catalogue.", "",
+             "| key | written when | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | {when} | {meaning} |" for name, when, meaning in METRIC_CATALOGUE]
+    lines += ["", "Placeholders:", ""]
+    lines += [f"- `{ph}`: {', '.join(f'`{v}`' for v in values)} ({source})"
+              for ph, (values, source) in metric_placeholders().items()]
+    lines += ["", "Non-scalar lines in metrics.jsonl (they have an `event` key; not in tensorboard):", ""]
+    lines += [f"- `{event}`: {meaning}" for event, meaning in METRIC_EVENTS]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the closing summary of `megavla train` and `megavla demo` -----------------------------------
+class RunSummary:
+    def __init__(self, label: str, curve: list[tuple[int, float]], lines: list[str]) -> None:
+        self.label, self.curve, self.lines = label, curve, lines
+        start, end = self.start_end()
+        self.fell = end < start
+
+    @property
+    def window(self) -> int:
+        """Logs averaged at each end: 3, fewer for a short curve so the two ends never overlap."""
+        return max(1, min(3, len(self.curve) // 2))
+
+    def start_end(self) -> tuple[float, float]:
+        """Mean of the first and of the last `window` logged values."""
+        head, tail = self.curve[:self.window], self.curve[-self.window:]
+        return sum(v for _, v in head) / len(head), sum(v for _, v in tail) / len(tail)
+
+
+def loss_curve(run_dir: Path, key: str = "loss/flow") -> list[tuple[int, float]]:
+    """(step, value) of one metric from metrics.jsonl, by step (a resumed step's later line wins)."""
+    curve = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            curve[rec["step"]] = rec[key]
+    return sorted(curve.items())
+
+
+def run_summary(run_dir: Path) -> RunSummary | None:
+    """First -> last flow loss (total loss when the flow objective is off), steps, latest
+    checkpoint, tensorboard and metrics paths; None when nothing was logged."""
+    from .resume import newest_loadable
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    label, curve = "flow loss", loss_curve(run_dir, "loss/flow")
+    if not curve:
+        label, curve = "total loss", loss_curve(run_dir, "loss/total")
+    if not curve:
+        return None
+    summary = RunSummary(label, curve, [])
+    start, end = summary.start_end()
+    change = f"{'fell' if summary.fell else 'DID NOT FALL'} by {100 * (start - end) / start:.1f}%" if start else ""
+    newest, _ = newest_loadable(run_dir / "checkpoints", verify=False)
+    tb = run_dir / "tb"
+    summary.lines = [
+        f"{label} {start:.4f} (first {summary.window} logs) -> {end:.4f} (last {summary.window}): {change}",
+        f"steps:           {curve[-1][0]} (loss logged at {len(curve)} steps, {curve[0][0]} -> {curve[-1][0]})",
+        f"checkpoints:     {run_dir / 'checkpoints'}  (latest: {newest.name if newest else 'none'})",
+        f"tensorboard:     " + (f"tensorboard --logdir {tb}" if tb.is_dir() else "off (train.tensorboard=false)"),
+        f"metrics:         {run_dir / 'metrics.jsonl'}  (names: docs/metrics.md)",
+    ]
+    return summary
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, rank: int, device: torch.device, *, total_steps: int, start_step: int,
                  tensorboard: bool = True, progress: bool = True):
@@ -240,3 +382,7 @@ class MetricsLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+if __name__ == "__main__":
+    sys.stdout.write(metrics_markdown())
