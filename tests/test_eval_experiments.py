@@ -48,7 +48,17 @@ def test_diversity_report_structure(out, diversity):
     assert [r["diversity"] for r in diversity["rows"]] == [0.0, 1.0]
     configs = sorted(p.name for p in (out / "configs").glob("*.yaml"))
     assert configs == ["finetune_div-0_robot+human.yaml", "finetune_div-0_robot.yaml",
+                       "finetune_div-1_control.yaml", "finetune_div-1_robot+human+grip.yaml",
                        "finetune_div-1_robot+human.yaml", "finetune_div-1_robot.yaml", "pretrain_div-1.yaml"]
+    # The goal-directed section: every arm's target episodes scored from the traces beside its evaluation.
+    assert "## Goal-directed progress on the targets" in md and (out / "progress_gap.png").is_file()
+    for name, run_dir in diversity["runs"].items():
+        if name.startswith("finetune_"):
+            assert (ex.Path(run_dir) / "traces_targets.npz").is_file(), name
+    high = diversity["progress"][1]
+    assert set(high["arms"]) == {"robot", "robot+human", "robot+human+grip", "control"}
+    assert set(high["efficiency"]) == {"robot+human", "robot+human+grip"}
+    assert set(diversity["progress"][0]["arms"]) == {"robot", "robot+human"}
     assert (out / "sweeps" / "pretrain.yaml").is_file() and (out / "spec.yaml").is_file()
     for name in ("div-0_robot+human", "div-1_robot+human"):
         assert (out / "probe" / f"tsne_{name}.png").is_file()
@@ -215,3 +225,15 @@ def test_a_new_gate_threshold_reuses_the_evaluations(out, diversity):
     assert [row["gate"] for row in res["rows"]] == ["pass", "pass"]
     assert res["verdict"]["gated_levels"] == [0.0, 1.0] and res["verdict"]["refused_levels"] == []
     assert all("p_holm" in row for row in res["rows"])
+
+
+def test_competence_runs_on_a_run_of_the_experiment(out, diversity, capsys, tmp_path):
+    run = diversity["runs"]["finetune_div-1_robot+human"]
+    assert cli.main(["competence", run, "--combos", "0:0", "--episodes-per-combo", "2", "--swap-episodes", "1",
+                     "--max-steps", "6", "--out", str(tmp_path / "c.json")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith("combo  kind") and printed[2].startswith("0:0    pick_place")
+    res = json.loads((tmp_path / "c.json").read_text())["combos"]["0:0"]
+    assert res["episodes"] == 2 and set(res["swap_sensitivity"]) == {"colour", "verb"}
+    assert res["swap_sensitivity"]["verb"] > 0.0  # a trained model's actions read its instruction
+    assert cli.main(["competence", run, "--combos", "0-0"]) == 2

@@ -4,6 +4,7 @@
     megavla experiment objectives --preset mini --out runs/exp/objectives
     megavla experiment probe RUN_OR_CKPT... --out runs/exp/probe --combos 0:0,0:1
     megavla experiment closed-loop RUN_OR_CKPT --combos 0:0,1:1 --episodes-per-combo 4
+    megavla experiment competence RUN_OR_CKPT --combos 0:0,0:1,0:2     # where grasps land; does it look
     megavla experiment closed-loop --policy-server ws://127.0.0.1:8000 --combos 0:0,1:1   # megavla serve
 
 Knobs honoured by all three: ``--cameras head`` (wrist cameras off), ``--chunk-length H``,
@@ -50,6 +51,9 @@ def _load(args: argparse.Namespace) -> ex.ExperimentSpec:
         spec.overrides.append(f"data.chunk_length={args.chunk_length}")
     if args.human_weight is not None:
         spec.human_weight = float(args.human_weight)
+    if args.seeds is not None:
+        spec.seeds = int(args.seeds)
+        spec.validate()
     if spec.human_weight <= 0:
         raise ConfigError(f"human_weight={spec.human_weight} must be > 0 (robot+human co-finetuning)")
     return spec
@@ -63,26 +67,33 @@ def _header(title: str, spec: ex.ExperimentSpec, argv: list[str], elapsed: float
 
 
 def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[str]) -> dict:
+    from . import arms as arm_runs
+    from . import progress_report
     start = time.perf_counter()
     data = ex.prepare_data(spec, out / "data")
-    ckpts = ex.pretrain(spec, data, out, spec.diversity_levels, launch)
-    levels, run_dirs = {}, {}
-    for name, ckpt in ckpts.items():
-        if ckpt is not None:
-            run_dirs[f"pretrain_div-{name:g}"] = ckpt.parent.parent
-    for level in sorted(ckpts):
-        runs = ex.finetune(spec, data, out, f"div-{level:g}", ckpts[level],
-                           {"data.mixture.human": [0.0, spec.human_weight]}, [], launch)
-        levels[level] = {}
-        for run in runs:
-            kind = "robot" if run.cfg.data.mixture.get("human", 0.0) == 0.0 else "robot+human"
-            run_dir = Path(run.cfg.train.run_dir)
-            levels[level][kind] = ex.evaluate_run(spec, run_dir, spec.world.targets)
-            run_dirs[f"finetune_div-{level:g}_{kind}"] = run_dir
+    n_seeds = {level: arm_runs.seeds_at(spec, level) for level in spec.diversity_levels}
+    ckpts = [ex.pretrain(spec, data, out, [lv for lv in spec.diversity_levels if n_seeds[lv] > i], launch, i)
+             for i in range(max(n_seeds.values()))]
+    levels, run_dirs, arm_evals = {}, {}, {}
+    for i, by_level in enumerate(ckpts):
+        for name, ckpt in by_level.items():
+            if ckpt is not None:
+                run_dirs[f"pretrain_div-{name:g}{ex.seed_suffix(i)}"] = ckpt.parent.parent
+    seen = ex.seen_combos(spec)
+    for level in sorted(ckpts[0]):
+        runs = arm_runs.run_level(spec, data, out, level, [ckpts[i][level] for i in range(n_seeds[level])], launch)
+        arm_evals[level] = {}
+        for arm, dirs in runs.items():
+            arm_evals[level][arm] = [ex.evaluate_run(spec, d, spec.world.targets) for d in dirs]
+            for i, d in enumerate(dirs):
+                run_dirs[f"finetune_div-{level:g}_{arm}{ex.seed_suffix(i)}"] = d
         # Competence gate: can this level's robot-only policy do robot tasks it *was* finetuned on?
-        seen = ex.seen_combos(spec)
-        levels[level]["seen"] = (ex.evaluate_run(spec, Path(levels[level]["robot"]["run_dir"]), seen, tag="seen")
-                                 if seen else None)
+        levels[level] = {"robot": arm_runs.pool_evals(arm_evals[level]["robot"]),
+                         "robot+human": arm_runs.pool_evals(arm_evals[level]["robot+human"]),
+                         "seen": arm_runs.pool_evals([ex.evaluate_run(spec, d, seen, tag="seen")
+                                                      for d in runs["robot"]]) if seen else None}
+    progress_rows = progress_report.progress_rows(arm_evals, ex.finetune_combos(spec.world), spec.eval.alpha)
+    progress_report.plot_progress_gap(progress_rows, out / "progress_gap.png")
     rows = report.transfer_gap_rows(levels, spec.eval.competence_threshold)
     verdict = report.transfer_verdict(rows, spec.eval.alpha)
     report.plot_transfer_gap(rows, out / "transfer_gap.png")
@@ -97,7 +108,9 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
                "finetune_combos": ex.finetune_combos(spec.world),
                "seen_combos": seen, "competence_threshold": spec.eval.competence_threshold,
                "rows": [{k: v for k, v in r.items() if not k.endswith("_cl")} for r in rows], "verdict": verdict,
-               "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe}
+               "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe,
+               "progress": progress_rows, "seeds": {f"{lv:g}": n for lv, n in n_seeds.items()},
+               "arm_evaluations": {f"{lv:g}": evs for lv, evs in arm_evals.items()}}
     report.write_json(results, out / "results_diversity.json")
     lines = _header("Diversity ablation: human→robot transfer gap", spec, argv, time.perf_counter() - start)
     ev = spec.eval
@@ -116,7 +129,17 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
               "a[t-1] over the chunk; mean action (targets) = per-dim mean of these targets, hindsight; mean "
               "action (train) = the training data's mean action). A policy at or above a baseline learned "
               "nothing usable from its observation.", "", report.transfer_gap_markdown(rows), "",
-              "![transfer gap](transfer_gap.png)", ""]
+              "![transfer gap](transfer_gap.png)", "",
+              "## Goal-directed progress on the targets (rubric fixed before any run: docs/results.md)", "",
+              "Per arm, every target episode of every training seed, scored from its per-step trace "
+              "(traces_targets.npz beside each eval_targets.json): the instructed block approached first "
+              "-> grasped (pushed) -> the fraction of the way to the instructed goal -> done; an episode "
+              "that ends with a seen sibling task done scores 0 (did another task). Intervals: 95% "
+              "hierarchical bootstrap (seeds, then episodes); p: seed-stratified permutation test, Holm "
+              "across the levels of each comparison.", "", progress_report.progress_markdown(progress_rows), "",
+              "Transfer efficiency, (arm − robot only) / (positive control − robot only):", "",
+              *(progress_report.efficiency_lines(progress_rows) or ["- no level ran the positive control"]), "",
+              "![progress gap](progress_gap.png)", ""]
     if probe:
         lines += _probe_section(probe, "probe/")
     lines += ["Exact configs: `configs/` (one per run) and `sweeps/` (the sweep files that ran them).", ""]
@@ -168,10 +191,6 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
                                      "wrong subtask", "wrong motion"], rows), ""]
     (out / "report_objectives.md").write_text("\n".join(lines))
     return results
-
-
-# What `experiment probe` writes into --out (probe.run_probe and probe_command).
-PROBE_OUTPUTS = ("results_probe.json", "report_probe.md", "embeddings_*.npy", "labels_*.json", "tsne_*.png")
 
 
 def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -238,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cameras", help="comma-separated cameras, e.g. head (wrist cameras off)")
         p.add_argument("--chunk-length", type=int, help="action chunk length H (data and model)")
         p.add_argument("--human-weight", type=float, help="human mixture weight vs robot 1.0 (1 = 50/50)")
+        p.add_argument("--seeds", type=int, help="train every arm this many times (train.seed / data.seed + i) "
+                       "at the spec's seed_levels (empty: every level)")
         add_launch_flags(p)
     p = sub.add_parser("probe", help="embodiment silhouette + t-SNE of backbone embeddings per checkpoint")
     p.add_argument("checkpoints", nargs="+", help="run dirs, checkpoint dirs or exported dirs")
@@ -245,7 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combos", default="0:0,0:1,1:0,1:1", help="scene:task combos to observe")
     p.add_argument("--episodes-per-combo", type=int, default=2)
     p.add_argument("--steps-per-episode", type=int, default=6)
-    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+    p = sub.add_parser("competence", help="where a run's grasps land relative to the instructed block, "
+                       "whether they follow its jitter, and how much the colour word moves its actions")
+    p.add_argument("run", help="run dir, checkpoint dir or export dir")
+    p.add_argument("--combos", default="0:0,0:1,0:2", help="scene:task combos, comma-separated")
+    p.add_argument("--episodes-per-combo", type=int, default=10, help="on the evaluation's start states")
+    p.add_argument("--swap-episodes", type=int, default=3, help="start states per combo for the word swaps")
+    p.add_argument("--execute-k", type=int, default=5)
+    p.add_argument("--flow-steps", type=int, default=10)
+    p.add_argument("--noise-scale", type=float, default=0.0, help="0 = the deterministic flow (the mini preset's)")
+    p.add_argument("--max-steps", type=int, default=90)
+    p.add_argument("--out", help="write the result to this JSON file")
     p = sub.add_parser("closed-loop", help="mini-world success of one policy (in process or via megavla serve)")
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or export dir (in process)")
     p.add_argument("--policy-server", help="ws://HOST:PORT of `megavla serve` (flow steps and noise seed "
@@ -264,9 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=90)
     p.add_argument("--out", help="write the result (every episode) to this JSON file, and the per-step "
                                  "traces beside it (NAME.traces.npz)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--threads", type=int, default=None, help="in process: torch CPU threads (default 1, or "
-                   "OMP_NUM_THREADS when set; 0 = torch's own; megavla/eval/threads.py)")
     return parser
 
 
@@ -274,16 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.experiment in ("closed-loop", "probe") and args.out:   # refused before any episode runs
-            from megavla.overwrite import refuse_existing
-            if args.experiment == "probe":
-                refuse_existing(args.out, args.overwrite, "probe results", PROBE_OUTPUTS)
-            else:
-                for path in (Path(args.out), traces_path(args.out)):
-                    refuse_existing(path, args.overwrite, "a closed-loop result")
-        if args.experiment in ("closed-loop", "probe"):   # in-process inference: the one threads rule
-            from .threads import use_inference_threads
-            use_inference_threads(getattr(args, "threads", None))
         if args.experiment == "closed-loop":
             traces: list = []
             res = closed_loop_command(args, traces)
@@ -294,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {combo}: {block['successes']}/{block['episodes']}")
             if args.out:  # the per-step traces beside the result (traces.load_traces reads them)
                 res["traces"] = save_traces(traces, traces_path(args.out)).name
+                report.write_json(res, Path(args.out))
+            return 0
+        if args.experiment == "competence":
+            from .competence import competence, competence_lines
+            res = competence(args.run, [c.strip() for c in args.combos.split(",") if c.strip()],
+                             args.episodes_per_combo, execute_k=args.execute_k, flow_steps=args.flow_steps,
+                             noise_scale=args.noise_scale, max_steps=args.max_steps, swap_episodes=args.swap_episodes)
+            print("\n".join(competence_lines(res)))
+            if args.out:
                 report.write_json(res, Path(args.out))
             return 0
         if args.experiment == "probe":

@@ -19,6 +19,7 @@ and an ``init_from.json`` written here into each run dir (see finetune.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from megavla.data_shards.synth import EXPERT_VERSION, generate_episode
 
 from . import closed_loop, offline
 from .finetune import write_init
-from .threads import inference_threads_scope
 from .traces import save_traces, traces_path
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class WorldSpec:
     # data of the finetune stage; the competence gate is measured on these combos.
     finetune_episodes_per_combo: int = 0
     human_episodes_per_combo: int = 6
+    # Positive control arm: robot demonstrations of each target (0 = as many as the human ones), in a
+    # shard set of their own that only the control arm reads; start states disjoint from evaluation's.
+    control_episodes_per_combo: int = 0
     # Target combos ("scene:task"): robot data never shows them; human data shows only them.
     targets: list[str] = field(default_factory=lambda: ["0:0", "0:1"])
     # Robot finetune combos; empty = the non-target combos of the target scenes.
@@ -88,9 +91,8 @@ class EvalSpec:
     alpha: float = 0.05
     # torch CPU threads while evaluating: a tiny model's per-step matmuls are microseconds, and with
     # more threads than free cores OpenMP spin-waits dominate (measured: one closed-loop episode
-    # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting;
-    # null = the rule of every in-process inference (megavla/eval/threads.py): OMP_NUM_THREADS when set, else 1.
-    cpu_threads: int | None = None
+    # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting.
+    cpu_threads: int = 1
 
     def validate(self) -> None:
         if not 0.0 <= self.competence_threshold <= 1.0:
@@ -122,10 +124,26 @@ class ExperimentSpec:
     train_config: dict = field(default_factory=dict)
     # Dotted overrides for every run, applied last (knobs: data.cameras, data.chunk_length, ...).
     overrides: list[str] = field(default_factory=list)
+    # Arms beside robot-only and robot+human (diversity experiment), at these diversity levels:
+    # control = robot demonstrations of the targets instead of human ones (what this scale can learn
+    # about the targets at all); grip = robot+human with data.human_gripper=closure.
+    control_levels: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    grip_levels: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # Every arm of a level in seed_levels (empty = every level) is trained `seeds` times (pretraining
+    # included): seed i sets train.seed and data.seed to the config's own + i; other levels train once.
+    seeds: int = 1
+    seed_levels: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.diversity_levels or any(not 0.0 <= f <= 1.0 for f in self.diversity_levels):
             raise ConfigError(f"diversity_levels={self.diversity_levels} must be fractions in [0, 1]")
+        for name in ("control_levels", "grip_levels", "seed_levels"):
+            extra = [f for f in getattr(self, name) if f not in self.diversity_levels]
+            if extra:
+                raise ConfigError(f"{name}={getattr(self, name)}: {extra} not among diversity_levels="
+                                  f"{self.diversity_levels}; an arm runs at a level the experiment trains")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds={self.seeds} must be >= 1 (training runs per arm)")
         if not self.world.targets:
             raise ConfigError("world.targets is empty; name the target combos, e.g. ['0:0']")
         ev = self.eval
@@ -170,8 +188,9 @@ def seen_combos(spec: ExperimentSpec) -> list[str]:
 
 
 def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, world: WorldSpec,
-               more: dict[str, int] | None = None) -> Path:
-    """``per_combo`` episodes of every combo, ``more[combo]`` where given."""
+               more: dict[str, int] | None = None, forbid_world_seeds: set[int] = frozenset()) -> Path:
+    """``per_combo`` episodes of every combo, ``more[combo]`` where given; an episode whose world seed
+    (its start state) is in ``forbid_world_seeds`` stops the write with an error."""
     from megavla.data_shards.writer import ShardSetWriter
     more = {c: n for c, n in (more or {}).items() if n != per_combo}
     generator = {"generator": "megavla.eval.experiments (data_shards.synth.generate_episode)",
@@ -191,7 +210,11 @@ def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, wo
         for combo in combos:
             s, t = closed_loop.parse_combo(combo)
             for e in range(more.get(combo, per_combo)):
-                writer.write(generate_episode(embodiment, s, t, e, image_size=world.image_size, seed=world.seed))
+                ep = generate_episode(embodiment, s, t, e, image_size=world.image_size, seed=world.seed)
+                if ep.extra["world_seed"] in forbid_world_seeds:
+                    raise ConfigError(f"{out}: episode {e} of {combo} would start from world seed "
+                                      f"{ep.extra['world_seed']}, an evaluation start state; change world.seed")
+                writer.write(ep)
     return out
 
 
@@ -209,11 +232,16 @@ def prepare_data(spec: ExperimentSpec, root: Path) -> dict[str, str]:
                        {c: world.finetune_episodes_per_combo for c in finetune_combos(world)
                         if world.finetune_episodes_per_combo > 0})
     human = _write_set(root / "human", "human/ego", list(world.targets), world.human_episodes_per_combo, world)
+    control = None
+    if spec.control_levels:
+        from .arms import write_control_set
+        control = write_control_set(spec, root / "control")
     chunk = int(run_config(spec, {}, []).get("data", {}).get("chunk_length", 10))
     tok = root / f"tokenizers_H{chunk}"
     if not (tok / "fast.json").is_file():
         train_tokenizers([robot, human], tok, chunk_length=chunk)
-    return {"robot": str(robot), "human": str(human), "tokenizers": str(tok)}
+    return {"robot": str(robot), "human": str(human), "tokenizers": str(tok),
+            **({"control": str(control)} if control else {})}
 
 
 # ---------------------------------------------------------------------------------- sweeps ----
@@ -260,27 +288,49 @@ def finished_checkpoint(run) -> Path:
     return run_dir / "checkpoints" / ckpt[0]
 
 
-def pretrain(spec: ExperimentSpec, data: dict, root: Path, levels: list[float], launch: list[str]) -> dict:
-    """{level: checkpoint dir or None (level 0 = no pretraining)}."""
+def seed_overrides(spec: ExperimentSpec, index: int) -> list[str]:
+    """Training run ``index`` of an arm: train.seed and data.seed (model init and noise; data order)
+    are the config's own + index; index 0 is the config as written (no override)."""
+    if index == 0:
+        return []
+    cfg = run_config(spec, {}, [])
+    return [f"train.seed={int(cfg.get('train', {}).get('seed', 0)) + index}",
+            f"data.seed={int(cfg.get('data', {}).get('seed', 0)) + index}"]
+
+
+def seed_suffix(index: int) -> str:
+    return "" if index == 0 else f"_seed-{index}"
+
+
+def pretrain(spec: ExperimentSpec, data: dict, root: Path, levels: list[float], launch: list[str],
+             seed_index: int = 0) -> dict:
+    """{level: checkpoint dir or None (level 0 = no pretraining)}, for training seed ``seed_index``."""
     out: dict = {level: None for level in levels if level <= 0.0}
     positive = sorted({float(level) for level in levels if level > 0.0})
     if positive:
         base = run_config(spec, data, [f"train.steps={spec.pretrain_steps}", "data.mixture.robot=1.0",
-                                       "data.mixture.human=0.0"])
-        sweep = write_sweep(root / "sweeps" / "pretrain.yaml", base, root / "runs" / "pretrain",
+                                       "data.mixture.human=0.0", *seed_overrides(spec, seed_index)])
+        suffix = seed_suffix(seed_index)
+        sweep = write_sweep(root / "sweeps" / f"pretrain{suffix}.yaml", base, root / "runs" / f"pretrain{suffix}",
                             {"data.diversity_fraction": positive}, [])
         for run in run_sweep(sweep, launch, spec.parallel_runs):
             out[run.cfg.data.diversity_fraction] = finished_checkpoint(run)
     return out
 
 
-def finetune(spec: ExperimentSpec, data: dict, root: Path, name: str, init: Path | None,
-             grid: dict, extra: list[str], launch: list[str]) -> list:
-    """One finetune sweep (robot F + human T data) initialised from ``init``; returns its runs."""
-    include = sorted(set(finetune_combos(spec.world)) | set(spec.world.targets))
+def finetune_config(spec: ExperimentSpec, data: dict, extra: list[str], sources: dict | None = None) -> dict:
+    """The base config of a finetune sweep: robot F + human T data (plus ``sources``), ``extra`` overrides."""
     base = run_config(spec, data, [f"train.steps={spec.finetune_steps}", "data.mixture.robot=1.0",
                                    "launch.entry=megavla.eval.finetune:run", *extra])
-    base.setdefault("data", {})["include_combos"] = include
+    base.setdefault("data", {})["include_combos"] = sorted(set(finetune_combos(spec.world)) | set(spec.world.targets))
+    base["data"].setdefault("sources", {}).update(sources or {})
+    return base
+
+
+def finetune(spec: ExperimentSpec, data: dict, root: Path, name: str, init: Path | None,
+             grid: dict, extra: list[str], launch: list[str], sources: dict | None = None) -> list:
+    """One finetune sweep (robot F + human T data, plus ``sources``) initialised from ``init``; returns its runs."""
+    base = finetune_config(spec, data, extra, sources)
     out_dir = root / "runs" / "finetune" / name
     sweep = write_sweep(root / "sweeps" / f"finetune_{name}.yaml", base, out_dir, grid, [])
     from megavla.launch.sweep import expand
@@ -311,12 +361,24 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
         if saved.get("settings") == settings and trace_file.is_file():
             return saved
     traces: list = []
-    with inference_threads_scope(ev.cpu_threads):
+    with _torch_threads(ev.cpu_threads):
         result = _evaluate(spec, run_dir, combos, subtask, settings, traces)
     save_traces(traces, trace_file)
     result["traces"] = trace_file.name
     cache.write_text(json.dumps(result, indent=1))
     return result
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict,

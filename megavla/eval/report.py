@@ -52,7 +52,7 @@ def paired_test(first: dict, second: dict) -> dict | None:
     """McNemar exact test when both closed-loop results ran the same start states (else None)."""
     from .stats import mcnemar_exact
     a, b = first.get("episodes_detail"), second.get("episodes_detail")
-    key = lambda e: (e["scene"], e["task"], e["seed"])  # noqa: E731
+    key = lambda e: (e["scene"], e["task"], e["seed"], e.get("run_seed", 0))  # noqa: E731  (run_seed: pooled seeds)
     if not a or not b or sorted(map(key, a)) != sorted(map(key, b)):
         return None
     sa, sb = sorted(a, key=key), sorted(b, key=key)

@@ -84,6 +84,13 @@ class EpisodeTrace:
     def rows(self) -> int:
         return len(self.held)
 
+    def loaded(self) -> "LoadedTrace":
+        """The trace as load_traces returns it from a file (no file needed)."""
+        a = self.arrays()
+        return LoadedTrace(self.scene, self.task, self.seed, self.success, a["ee"], a["gripper_cmd"], a["gripper"],
+                           a["blocks"], a["held"], self.bowls.astype(np.float32), self.pad.astype(np.float32),
+                           [(r, EVENT_KINDS[k], b) for r, k, b in self.events])
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {"ee": np.asarray(self.ee, np.float32), "gripper_cmd": np.asarray(self.gripper_cmd, np.float32),
                 "gripper": np.asarray(self.gripper, np.float32), "blocks": np.asarray(self.blocks, np.float32),
