@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="import LeRobot / EgoDex / hand-keypoint recordings into a shard set")
+    p = sub.add_parser("import", help="import LeRobot / EgoDex / hand-keypoint recordings into a shard set "
+                                      "(resumable: rerun the same command to continue; --overwrite starts over)")
     kinds = p.add_subparsers(dest="source", required=True)
     helps = {"lerobot": "a LeRobot dataset directory (format v3.0; v2.x too; frames as videos or as "
                         "images in the parquet)",
@@ -90,7 +91,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "source rate; keypoints: the rate of files without an 'fps' array, 10)")
         q.add_argument("--workers", type=int, default=1, help="decoding processes (output is identical)")
         q.add_argument("--shard-size-mb", type=float, default=64.0)
-        q.add_argument("--overwrite", action="store_true", help="replace an existing set or unfinished import")
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace a finished set (refused otherwise) or start an unfinished import over; "
+                            "without it, rerunning the same command continues an unfinished import "
+                            "(resumable by design)")
         q.add_argument("--no-progress", action="store_true")
         if kind == "lerobot":
             q.add_argument("--cameras", default="", help="CAMERA=KEY,... with CAMERA in head, "

@@ -193,6 +193,10 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
     return results
 
 
+# What `experiment probe` writes into --out (probe.run_probe and probe_command).
+PROBE_OUTPUTS = ("results_probe.json", "report_probe.md", "embeddings_*.npy", "labels_*.json", "tsne_*.png")
+
+
 def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
     from .probe import run_probe
     out = Path(args.out)
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combos", default="0:0,0:1,1:0,1:1", help="scene:task combos to observe")
     p.add_argument("--episodes-per-combo", type=int, default=2)
     p.add_argument("--steps-per-episode", type=int, default=6)
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
     p = sub.add_parser("competence", help="where a run's grasps land relative to the instructed block, "
                        "whether they follow its jitter, and how much the colour word moves its actions")
     p.add_argument("run", help="run dir, checkpoint dir or export dir")
@@ -295,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=90)
     p.add_argument("--out", help="write the result (every episode) to this JSON file, and the per-step "
                                  "traces beside it (NAME.traces.npz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--threads", type=int, default=None, help="in process: torch CPU threads (default 1, or "
+                   "OMP_NUM_THREADS when set; 0 = torch's own; megavla/eval/threads.py)")
     return parser
 
 
@@ -302,6 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.experiment in ("closed-loop", "probe") and args.out:   # refused before any episode runs
+            from megavla.overwrite import refuse_existing
+            if args.experiment == "probe":
+                refuse_existing(args.out, args.overwrite, "probe results", PROBE_OUTPUTS)
+            else:
+                for path in (Path(args.out), traces_path(args.out)):
+                    refuse_existing(path, args.overwrite, "a closed-loop result")
+        if args.experiment in ("closed-loop", "probe", "competence"):   # in-process inference: the one threads rule
+            from .threads import use_inference_threads
+            use_inference_threads(getattr(args, "threads", None))
         if args.experiment == "closed-loop":
             traces: list = []
             res = closed_loop_command(args, traces)

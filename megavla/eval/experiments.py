@@ -19,7 +19,6 @@ and an ``init_from.json`` written here into each run dir (see finetune.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from megavla.data_shards.synth import EXPERT_VERSION, generate_episode
 
 from . import closed_loop, offline
 from .finetune import write_init
+from .threads import inference_threads_scope
 from .traces import save_traces, traces_path
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class EvalSpec:
     alpha: float = 0.05
     # torch CPU threads while evaluating: a tiny model's per-step matmuls are microseconds, and with
     # more threads than free cores OpenMP spin-waits dominate (measured: one closed-loop episode
-    # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting.
-    cpu_threads: int = 1
+    # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting;
+    # null = the rule of every in-process inference (megavla/eval/threads.py): OMP_NUM_THREADS when set, else 1.
+    cpu_threads: int | None = None
 
     def validate(self) -> None:
         if not 0.0 <= self.competence_threshold <= 1.0:
@@ -361,24 +362,12 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
         if saved.get("settings") == settings and trace_file.is_file():
             return saved
     traces: list = []
-    with _torch_threads(ev.cpu_threads):
+    with inference_threads_scope(ev.cpu_threads):
         result = _evaluate(spec, run_dir, combos, subtask, settings, traces)
     save_traces(traces, trace_file)
     result["traces"] = trace_file.name
     cache.write_text(json.dumps(result, indent=1))
     return result
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    import torch
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict,

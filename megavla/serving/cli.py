@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (bf16 on a GPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op CPU threads (default: torch's; 1 on a shared CPU box avoids OpenMP spin-wait)")
+                   help="torch intra-op CPU threads (default on --device cpu: 1, or OMP_NUM_THREADS when set; "
+                        "0 = torch's own; see megavla/eval/threads.py)")
     p.add_argument("--flow-steps", type=int, default=10, help="Euler steps of the flow sampler (default 10)")
     p.add_argument("--subtask", action="store_true", help="also predict the next subtask's text per request")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Api-Key <key>' (or MEGAVLA_API_KEY)")
@@ -58,12 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from .server import PolicyServer, ServerOptions
     from megavla.eval.policy import CheckpointError
 
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(max(1, args.threads))
     try:
         policy = load_policy(args.path, device=args.device, flow_steps=args.flow_steps, subtask=args.subtask,
-                             schema=args.schema, seed=args.seed, dtype=args.dtype)
+                             schema=args.schema, seed=args.seed, dtype=args.dtype, threads=args.threads)
         options = ServerOptions(host=args.host, port=args.port,
                                 api_key=args.api_key or os.environ.get("MEGAVLA_API_KEY") or None,
                                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,

@@ -150,13 +150,19 @@ class LoadedPolicy:
 
 def load_policy(path: str | Path, *, device: str = "cpu", flow_steps: int = 10, subtask: bool = False,
                 schema: str | Path | ObservationSchema | None = None, seed: int = 0,
-                dtype: str = "fp32") -> LoadedPolicy:
+                dtype: str = "fp32", threads: int | None = None) -> LoadedPolicy:
     """An export (``megavla export``), a checkpoint or a run dir -> :class:`LoadedPolicy`::
 
         policy = megavla.load_policy("runs/mine/export")
         actions = policy.infer({"observation/images/head": rgb, ..., "observation/state": state,
                                 "prompt": "put the red block in the bowl"})["actions"]   # [H, D]
+
+    ``threads``: torch CPU threads of this process (megavla/eval/threads.py): on the CPU, 1 unless
+    given here or OMP_NUM_THREADS is set (0 = torch's own setting); on a GPU only when given.
     """
+    from megavla.eval.threads import use_inference_threads
+    if torch.device(device).type == "cpu" or threads is not None:
+        use_inference_threads(threads)
     loaded = load_checkpoint(path)
     if not isinstance(schema, ObservationSchema):
         schema = load_schema(schema, loaded.path)

@@ -138,6 +138,23 @@ class ResolvedSchema:
         default_actions, default_state = DEFAULT_NAMES.get(schema.embodiment, ([], []))
         self.action_names = _names(schema.action_names, default_actions, action_dim, "action")
         self.state_names = _names(schema.state_names, default_state, state_dim, "state")
+        self.state_low: np.ndarray | None = None   # raw-unit bounds per state dim (bound_state)
+        self.state_high: np.ndarray | None = None
+        self.max_abs_normalized: float | None = None
+
+    def bound_state(self, normalizer, max_abs_normalized: float) -> None:
+        """Refuse states whose normalized value is beyond ``max_abs_normalized`` (data.max_abs_normalized:
+        training skipped every episode beyond it, and a value like 1e38 normalizes to inf and would
+        poison the batch it joins). The bounds are kept in raw units, so a request costs one compare."""
+        limit = np.full(self.state_dim, float(max_abs_normalized))
+        if normalizer is None:  # normalization "none": the raw values are what the model sees
+            low, high = -limit, limit
+        else:
+            emb = self.schema.embodiment
+            low = np.asarray(normalizer.unnormalize(-limit, emb, "state"), np.float64)
+            high = np.asarray(normalizer.unnormalize(limit, emb, "state"), np.float64)
+        self.state_low, self.state_high = np.minimum(low, high), np.maximum(low, high)
+        self.max_abs_normalized = float(max_abs_normalized)
 
     def describe(self) -> dict:
         s = self.schema
@@ -195,8 +212,27 @@ class ResolvedSchema:
             raise ObservationError(f"{key}: shape {list(value.shape)}, expected [{self.state_dim}] "
                                    f"({', '.join(self.state_names)})")
         if not np.isfinite(value).all():
-            raise ObservationError(f"{key}: holds NaN or inf")
-        return value.astype(np.float32)
+            raise ObservationError(f"{key}: {self._dims(np.flatnonzero(~np.isfinite(value)), value)} "
+                                   "NaN or inf; send finite floats")
+        if self.state_low is not None:
+            wide = value.astype(np.float64)
+            out = np.flatnonzero((wide < self.state_low) | (wide > self.state_high))
+            if out.size:
+                ranges = ", ".join(f"[{self.state_low[i]:.4g}, {self.state_high[i]:.4g}]" for i in out[:3])
+                raise ObservationError(
+                    f"{key}: {self._dims(out, value)} outside the range the model takes ({ranges}: "
+                    f"beyond +-{self.max_abs_normalized:g} once normalized, data.max_abs_normalized, which "
+                    "training never saw); send the raw state in the units of the export's norm_stats.json")
+        state = value.astype(np.float32)
+        if not np.isfinite(state).all():  # a float64 beyond float32's range (no bounds set)
+            raise ObservationError(f"{key}: {self._dims(np.flatnonzero(~np.isfinite(state)), value)} "
+                                   "overflow float32; send values within +-3.4e38")
+        return state
+
+    def _dims(self, idx: np.ndarray, value: np.ndarray) -> str:
+        """'dim 3 (r00) = 1e+38, ...' for the first few offending dims."""
+        shown = ", ".join(f"dim {i} ({self.state_names[i]}) = {value[i]:.4g}" for i in idx[:3])
+        return shown + (f" and {idx.size - 3} more" if idx.size > 3 else "") + (" is" if idx.size == 1 else " are")
 
     def _prompt(self, flat: dict) -> str:
         key = self.schema.prompt

@@ -1,7 +1,7 @@
 """``megavla tokenizer train``: train the text and FAST tokenizers on one or more shard sets.
 
     megavla tokenizer train --shards DIR [DIR ...] --out OUT [--text-vocab N] [--fast-vocab N]
-                            [--chunk-length H] [--fast-scale S] [--chunk-stride K]
+                            [--chunk-length H] [--fast-scale S] [--chunk-stride K] [--overwrite]
 
 Reads every episode of the shard sets (the shards listed in each set's ``manifest.json``, with its
 ``norm_stats.json``; a DIR may also hold several sets, as ``megavla data synth --out DIR`` writes):
@@ -13,8 +13,9 @@ Reads every episode of the shard sets (the shards listed in each set's ``manifes
   or not ``step_valid`` forward-filled exactly as megavla/data/collate.py does.
 
 Writes ``OUT/text.model``, ``OUT/fast.model``, ``OUT/fast.json`` and ``OUT/tokenizers.json`` (the
-corpus counts and settings). Bad samples are counted, logged with shard and key, and skipped
-(``--on-bad-sample fail`` raises instead).
+corpus counts and settings). An OUT that exists and is not empty is refused unless ``--overwrite``
+(the one rule of every writer: megavla/overwrite.py). Bad samples are counted, logged with shard
+and key, and skipped (``--on-bad-sample fail`` raises instead).
 """
 from __future__ import annotations
 
@@ -201,11 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--chunk-stride", type=int, default=1, help="step between chunk starts (default 1)")
     tr.add_argument("--normalization", choices=("quantile", "zscore", "none"), default="quantile")
     tr.add_argument("--on-bad-sample", choices=("skip", "fail"), default="skip")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the tokenizers in a non-empty --out (refused otherwise)")
     args = parser.parse_args(argv)
     missing = [d for d in args.shards if not Path(d).is_dir()]
     if missing:
         sys.stderr.write(f"megavla tokenizer train: --shards {' '.join(missing)}: no such directory (a shard "
                          f"set, or a folder of them, written by `megavla data synth` or an importer)\n")
+        return 2
+    from megavla.overwrite import OutputExists, refuse_existing
+    try:   # before reading any episode: a run may be training with the tokenizers in --out
+        refuse_existing(args.out, args.overwrite, "files")
+    except OutputExists as e:
+        sys.stderr.write(f"megavla tokenizer train: --out {e}\n")
         return 2
     text_tok, fast_tok = train_tokenizers(
         args.shards, args.out, text_vocab=args.text_vocab, fast_vocab=args.fast_vocab,
