@@ -11,7 +11,16 @@ Client side (unmodified openpi-client)::
     client.get_server_metadata()          # preset, action dims + names, chunk length, cameras, schema
     client.infer(obs)["actions"]          # float32 [H, D], unnormalized
 
-The API key may also come from the environment variable MEGAVLA_API_KEY (keeps it out of `ps`).
+The API key may also come from the environment variable MEGAVLA_API_KEY (keeps it out of `ps`), or
+several keys from --api-key-file (one per line), e.g. one per robot or user: each key has its own
+--max-clients-per-key.
+
+One client cannot cost another anything: a bad request (wrong key, shape, dtype, a NaN, a state far
+outside what the model was trained on) gets its own error reply before it joins a batch; a
+connection that sends nothing for --idle-timeout-s is closed; when a connection limit is reached
+(--max-clients, --max-clients-per-address, --max-clients-per-key) the connection of that scope that
+has been silent longest (at least --evict-idle-s) is closed to make room, and only if every one is
+busy is the newcomer refused (HTTP 429 over its own address or key limit, 503 for a full server).
 """
 from __future__ import annotations
 
@@ -40,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 = torch's own; see megavla/eval/threads.py)")
     p.add_argument("--flow-steps", type=int, default=10, help="Euler steps of the flow sampler (default 10)")
     p.add_argument("--subtask", action="store_true", help="also predict the next subtask's text per request")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Api-Key <key>' (or MEGAVLA_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Api-Key <key>' (or MEGAVLA_API_KEY); may be repeated")
+    p.add_argument("--api-key-file", default=None,
+                   help="file with one API key per line (blank lines and '#' comments skipped)")
     p.add_argument("--schema", default=None, help="observation schema YAML (default: EXPORT/observation_schema.yaml "
                                                   "if present, else the built-in keys; see --print-schema)")
     p.add_argument("--seed", type=int, default=0, help="seed of each connection's noise stream")
@@ -48,9 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="longest wait for more requests once one is queued (default 10)")
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest request accepted (MiB)")
-    p.add_argument("--max-clients", type=int, default=16, help="connections served at once")
+    p.add_argument("--max-clients", type=int, default=16, help="connections served at once (default 16)")
+    p.add_argument("--max-clients-per-address", type=int, default=8,
+                   help="connections from one IP address at once (default 8)")
+    p.add_argument("--max-clients-per-key", type=int, default=8,
+                   help="connections with one API key at once (default 8)")
+    p.add_argument("--idle-timeout-s", type=float, default=300.0,
+                   help="close a connection that sends no request for this long (default 300)")
+    p.add_argument("--evict-idle-s", type=float, default=2.0,
+                   help="when a limit is reached, a connection silent this long may be closed to admit "
+                        "a new one (default 2)")
     p.add_argument("--print-schema", action="store_true", help="print the metadata clients get, then exit")
     return p
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("MEGAVLA_API_KEY"):
+        keys.append(os.environ["MEGAVLA_API_KEY"])
+    if args.api_key_file:
+        try:
+            lines = open(args.api_key_file, encoding="utf-8").read().splitlines()
+        except OSError as e:
+            raise FileNotFoundError(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys:
+            raise ValueError(f"--api-key-file {args.api_key_file}: no keys in it (one per line)")
+    return tuple(keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = load_policy(args.path, device=args.device, flow_steps=args.flow_steps, subtask=args.subtask,
                              schema=args.schema, seed=args.seed, dtype=args.dtype, threads=args.threads)
-        options = ServerOptions(host=args.host, port=args.port,
-                                api_key=args.api_key or os.environ.get("MEGAVLA_API_KEY") or None,
+        options = ServerOptions(host=args.host, port=args.port, api_keys=_api_keys(args),
                                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                 max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                                max_clients=args.max_clients)
+                                max_clients=args.max_clients, max_clients_per_address=args.max_clients_per_address,
+                                max_clients_per_key=args.max_clients_per_key, idle_timeout_s=args.idle_timeout_s,
+                                evict_idle_s=args.evict_idle_s)
         server = PolicyServer(policy, options)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         sys.stderr.write(f"megavla serve: error: {e}\n")
@@ -79,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = policy.metadata
         print(f"megavla serve: {policy.loaded.path} ({meta['preset']}, {meta['embodiment']}, actions "
               f"[{meta['chunk_length']}, {meta['action_dim']}], cameras {', '.join(meta['cameras'])}) on "
-              f"ws://{host}:{port}{' (API key required)' if options.api_key else ''}", flush=True)
+              f"ws://{host}:{port}{' (API key required)' if options.keys else ''}", flush=True)
 
     try:
         server.run(ready)

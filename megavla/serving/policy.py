@@ -61,6 +61,7 @@ class LoadedPolicy:
         self.loaded, self.device = loaded, torch.device(device)
         self.flow_steps, self.subtask, self.seed = flow_steps, subtask, seed
         self.schema = ResolvedSchema(schema, list(d.cameras), state_dim, action_dim)
+        self.schema.bound_state(loaded.normalizer, d.max_abs_normalized)  # refused before batching
         self.dtype = dtype
         self.model = loaded.model.to(self.device, DTYPES[dtype]).eval()
         self.generator = self.new_generator()
