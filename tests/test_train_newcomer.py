@@ -41,6 +41,18 @@ def test_missing_sources_and_run_dir_are_one_line_before_any_process(tmp_path, c
     assert not (tmp_path / "runs").exists()          # no run dir, no runs/demo
 
 
+def test_launch_refuses_the_same_configs_before_submitting(tmp_path):
+    from megavla.config import load_config
+    from megavla.launch.executor import LaunchError, check_run, prepare_run
+    from megavla.config import ConfigError
+    cfg = load_config(DEMO_CONFIG, [f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(LaunchError, match="data.sources is empty"):
+        check_run(cfg, None)
+    with pytest.raises(ConfigError, match="train.run_dir is not set"):
+        prepare_run(load_config(DEMO_CONFIG))
+    assert not (tmp_path / "run").exists()
+
+
 # ---- 2. no default run dir; demo and train cannot clobber each other ----------------------------
 def test_demo_and_train_never_write_into_each_others_output(tmp_path, capsys, monkeypatch):
     import yaml

@@ -273,8 +273,11 @@ class RunSummary:
 def loss_curve(run_dir: Path, key: str = "loss/flow") -> list[tuple[int, float]]:
     """(step, value) of one metric from metrics.jsonl, by step (a resumed step's later line wins)."""
     curve = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:      # a line cut short by a killed run: the summary reads the rest
+            continue
         if key in rec:
             curve[rec["step"]] = rec[key]
     return sorted(curve.items())
