@@ -24,7 +24,8 @@ from megavla.train.checkpoint import universal_dir
 from megavla.train.entry import run
 from megavla.train.errors import TrainingError
 from megavla.train.resume import MANIFEST_FILE, file_digests
-from megavla.train.safe_load import UNSAFE_EXIT, UnsafeCheckpointError, deepspeed_loads_are_safe, universal_converter_command
+from megavla.train.safe_load import (UNSAFE_EXIT, UnsafeCheckpointError, deepspeed_loads_are_safe,
+                                     universal_converter_command)
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -199,3 +200,13 @@ def test_world_size_2_to_1_through_the_safe_converter(shards, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == UNSAFE_EXIT, proc.stderr[-2000:]
     assert_refusal(proc.stderr.strip().splitlines()[-1], bad, marker)
+
+
+def test_the_up_front_check_reads_legacy_files_and_names_an_unreadable_one(tmp_path):
+    from megavla.train.safe_load import check_files
+    torch.save({"module": {"w": torch.zeros(2)}}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert check_files(tmp_path) == 1                  # not memory-mappable: read whole, still weights_only
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "junk.pt").write_bytes(b"PK\x03\x04" + b"x" * 100)
+    with pytest.raises(UnsafeCheckpointError, match=f"{tmp_path / 'sub' / 'junk.pt'}: refused to load: not a readable"):
+        check_files(tmp_path)

@@ -1,5 +1,6 @@
 """Which checkpoint: the one decision shared by the trainer (`entry.run`), `megavla sweep status`,
-export, evaluation and serving (`newest_loadable`, through `checkpoint_for` for a given path). Pure Python (no torch), so it is cheap to import and to unit-test.
+export, evaluation and serving (`newest_loadable`; `checkpoint_for` for a path any of them is given).
+Pure Python (no torch), so it is cheap to import and to unit-test.
 
 Rules (docs/launching.md, "Stopping, preemption and failures"):
 - A checkpoint is loadable when its `trainer_state.json` parses and every file its `manifest.json`

@@ -67,12 +67,13 @@ def refusal(path: Any, error: BaseException) -> UnsafeCheckpointError:
     text = str(error)
     found = re.search(r"Unsupported (global|operand)[^\n]*?(?= was not|\. |\n|$)", text)
     if found:
-        why = (f"it holds pickled objects beyond tensors and DeepSpeed's checkpoint state "
-               f"({found.group(0)}): loading it could run code")
-    else:
-        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-        why = f"it is not a readable checkpoint file ({(reason.group(1) if reason else text.splitlines()[0])[:200]})"
-    return UnsafeCheckpointError(f"{path}: refused to load: {why}. {FIX}")
+        return UnsafeCheckpointError(
+            f"{path}: refused to load: it holds pickled objects beyond tensors and DeepSpeed's checkpoint "
+            f"state ({found.group(0)}): loading it could run code. {FIX}")
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    reason_text = (reason.group(1) if reason else text.splitlines()[0] if text else type(error).__name__)[:200]
+    return UnsafeCheckpointError(f"{path}: refused to load: not a readable checkpoint file ({reason_text}); "
+                                 "restore it from its source, or pass another checkpoint")
 
 
 def load_pt(path: str | Path, *, deepspeed_state: bool = False, mmap: bool = False,
@@ -85,6 +86,10 @@ def load_pt(path: str | Path, *, deepspeed_state: bool = False, mmap: bool = Fal
             return _ORIGINAL_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise refusal(path, e) from None
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):     # a legacy (non-zip) torch.save file
+            return load_pt(path, deepspeed_state=deepspeed_state, map_location=map_location)
+        raise refusal(path, e) from None                   # e.g. not a zip archive: damaged
 
 
 def check_files(*dirs: Path) -> int:
