@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import pickle
 import re
@@ -36,8 +35,6 @@ from typing import Any, Iterator
 import torch
 
 from .errors import ResumeError
-
-log = logging.getLogger(__name__)
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 UNSAFE_EXIT = 3   # the converter's exit code for a refused file (its last stderr line names it)
