@@ -86,13 +86,30 @@ def arm_of(cfg) -> str:
 def run_level(spec: ex.ExperimentSpec, data: dict, root: Path, level: float, inits: list, launch: list[str]
               ) -> dict[str, list[Path]]:
     """Train every arm of ``level`` for each seed (``inits[i]``: seed i's pretraining checkpoint or
-    None); {arm: [run dir per seed]}."""
+    None); {arm: [run dir per seed]}. A sweep of several runs takes ``parallel_runs`` at a time; the
+    one-run sweeps (grip, control) run ``parallel_runs`` sweeps at a time, so no core idles on them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(init, sweep) for i, init in enumerate(inits) for sweep in arm_sweeps(spec, level, i, data)]
+
+    def train(job):
+        init, sweep = job
+        return ex.finetune(spec, data, root, sweep["name"], init, sweep["grid"], sweep["extra"], launch,
+                           sources=sweep["sources"])
+
+    single = [len(next(iter(job[1]["grid"].values()))) == 1 and len(job[1]["grid"]) == 1 for job in jobs]
+    results: list = [None] * len(jobs)
+    for k, job in enumerate(jobs):
+        if not single[k]:
+            results[k] = train(job)
+    with ThreadPoolExecutor(max_workers=max(1, spec.parallel_runs)) as pool:
+        done = pool.map(train, [job for job, one in zip(jobs, single) if one])
+        for k in [k for k, one in enumerate(single) if one]:
+            results[k] = next(done)
     runs: dict[str, list[Path]] = {}
-    for i, init in enumerate(inits):
-        for sweep in arm_sweeps(spec, level, i, data):
-            for run in ex.finetune(spec, data, root, sweep["name"], init, sweep["grid"], sweep["extra"], launch,
-                                   sources=sweep["sources"]):
-                runs.setdefault(arm_of(run.cfg), []).append(Path(run.cfg.train.run_dir))
+    for sweep_runs in results:
+        for run in sweep_runs:
+            runs.setdefault(arm_of(run.cfg), []).append(Path(run.cfg.train.run_dir))
     return runs
 
 
