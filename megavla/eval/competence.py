@@ -133,18 +133,21 @@ def competence(run: str, combos: list[str], episodes_per_combo: int, *, execute_
 
 
 def competence_lines(result: dict) -> list[str]:
-    """The command's printed table, one line per combo."""
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    """The command's printed table, one line per combo (distances in cm)."""
+    def cm(v, spec=".1f"):
+        return "n/a" if v is None else f"{100 * v:{spec}} cm"
+
+    def num(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
     lines = [f"competence of {result['checkpoint']} (step {result['step']})",
              "combo  kind        success  closes  median close dist  in 2.5 cm  height above  jitter slope (±se, n)"
              "  colour swap  verb swap"]
     for combo, e in result["combos"].items():
         j, s = e["jitter"], e["swap_sensitivity"]
         slope = "n/a" if j["slope"] is None else f"{j['slope']:+.2f} (±{j['stderr']:.2f}, {j['n']})"
-        dist = e["median_close_distance"]
-        lines.append(f"{combo:<6} {e['kind']:<11} {e['successes']}/{e['episodes']:<6} {e['closes']:<7} "
-                     f"{fmt(None if dist is None else 100 * dist, '.1f')} cm{'':<11} "
-                     f"{fmt(e['within_grasp_window'], '.2f'):<10} "
-                     f"{fmt(None if e['median_height_above_block'] is None else 100 * e['median_height_above_block'], '+.1f')} cm"
-                     f"{'':<6} {slope:<22} {fmt(s.get('colour'), '.3f'):<12} {fmt(s.get('verb'), '.3f')}")
+        lines.append(f"{combo:<6} {e['kind']:<11} {str(e['successes']) + '/' + str(e['episodes']):<8} "
+                     f"{e['closes']:<7} {cm(e['median_close_distance']):<18} {num(e['within_grasp_window'], '.2f'):<10} "
+                     f"{cm(e['median_height_above_block'], '+.1f'):<13} {slope:<22} "
+                     f"{num(s.get('colour'), '.4f'):<12} {num(s.get('verb'), '.4f')}")
     return lines
