@@ -1,6 +1,5 @@
 """The diversity experiment's arms without training: positive-control data disjoint from evaluation
 start states, seeds that change the runs, the arm of a run, and the progress report on scored traces."""
-import itertools
 import json
 from pathlib import Path
 
