@@ -114,6 +114,9 @@ def test_progress_report_on_scored_traces(tmp_path):
     assert low["efficiency"]["robot+human"]["success"]["efficiency"] == 1.0
     assert not high["efficiency"]["robot+human"]["progress"]["detectable"]  # the control failed there
     assert all("p_holm" in r["tests"]["robot+human"]["success"] for r in rows)
+    verdict = progress_report.progress_verdict(rows)
+    assert verdict[0].startswith("- 0%, robot+human vs robot only: Δ progress +1.00 (significant")
+    assert "positive control does **not** beat robot-only" in verdict[-1]
     lines = progress_report.efficiency_lines(rows)
     assert any("cannot detect transfer" in line for line in lines)
     md = progress_report.progress_markdown(rows)

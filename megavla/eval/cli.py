@@ -8,7 +8,8 @@
     megavla experiment closed-loop --policy-server ws://127.0.0.1:8000 --combos 0:0,1:1   # megavla serve
 
 Knobs honoured by all three: ``--cameras head`` (wrist cameras off), ``--chunk-length H``,
-``--human-weight W`` (human : robot mixture weight in co-finetuning; 1 = 50/50), and any dotted
+``--human-weight W`` (human : robot mixture weight in co-finetuning; 1 = 50/50), ``--seeds N``
+(diversity: every arm trained N times at the spec's seed_levels), and any dotted
 ``--set key=value`` of the experiment spec (configs/experiments/*.yaml; ``--set
 overrides=[train.lr=1e-3]`` reaches every training run). Launch flags (``--executor slurm
 --partition ...``) go to every sweep. Re-running a command skips finished runs, resumes interrupted
@@ -136,7 +137,8 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
               "-> grasped (pushed) -> the fraction of the way to the instructed goal -> done; an episode "
               "that ends with a seen sibling task done scores 0 (did another task). Intervals: 95% "
               "hierarchical bootstrap (seeds, then episodes); p: seed-stratified permutation test, Holm "
-              "across the levels of each comparison.", "", progress_report.progress_markdown(progress_rows), "",
+              "across the levels of each comparison.", "", *progress_report.progress_verdict(progress_rows, spec.eval.alpha),
+              "", progress_report.progress_markdown(progress_rows), "",
               "Transfer efficiency, (arm − robot only) / (positive control − robot only):", "",
               *(progress_report.efficiency_lines(progress_rows) or ["- no level ran the positive control"]), "",
               "![progress gap](progress_gap.png)", ""]

@@ -87,6 +87,25 @@ def progress_markdown(rows: list[dict]) -> str:
     return per_arm + "\n\n" + tests
 
 
+def progress_verdict(rows: list[dict], alpha: float = 0.05) -> list[str]:
+    """One line per tested comparison and level: the progress and success gaps, significant or not
+    (Holm), and whether the positive control there could have shown transfer at all."""
+    lines = []
+    for r in rows:
+        for arm, t in r["tests"].items():
+            words = []
+            for metric in ("progress", "success"):
+                c = t[metric]
+                sig = c["p_holm"] < alpha
+                words.append(f"Δ {metric} {c['difference']:+.2f} ({'significant' if sig else 'not significant'}, "
+                             f"Holm p {fmt_p(c['p_holm'])})")
+            eff = r["efficiency"].get(arm)
+            control = ("" if eff is None else "; positive control " + (
+                "beats robot-only" if eff["success"]["detectable"] else "does **not** beat robot-only") + " on success")
+            lines.append(f"- {r['diversity']:.0%}, {arm} vs robot only: {', '.join(words)}{control}.")
+    return lines
+
+
 def efficiency_lines(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
