@@ -7,6 +7,7 @@ batch wait so that a batch which waited on an idle or misbehaving connection wou
 client's latency. Bounded: fixed request counts, every wait has a timeout, loopback only.
 """
 import asyncio
+import contextlib
 import signal
 import socket
 import statistics
@@ -20,8 +21,11 @@ import pytest
 
 pytest.importorskip("openpi_client")
 from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
+from websockets.client import ClientProtocol  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
+from websockets.protocol import State  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
+from websockets.uri import parse_uri  # noqa: E402
 
 import megavla  # noqa: E402
 from megavla.serving.policy import Request  # noqa: E402
@@ -60,6 +64,22 @@ def server(export, tmp_path_factory):
             proc.kill()
 
 
+@pytest.fixture
+def opened():
+    """Websockets a test opened, closed after it even when it fails (a connection left open would
+    hold a slot of the module's server in the next test)."""
+    sockets = []
+    yield sockets
+    for ws in sockets:
+        ws.close()
+
+
+def openpi_client(port, opened):
+    client = WebsocketClientPolicy("127.0.0.1", port, api_key=KEY)
+    opened.append(client._ws)
+    return client
+
+
 def latencies(client, obs, n):
     out = []
     for _ in range(n):
@@ -80,9 +100,8 @@ def poisoned(obs):
         np.full(s.shape, np.nan, np.float32), np.full(s.shape, 1e300, np.float64), one_off)]
 
 
-def test_poisoning_client_beside_a_good_one_costs_the_good_one_nothing(server):
-    good = WebsocketClientPolicy("127.0.0.1", server["port"], api_key=KEY)
-    bad = WebsocketClientPolicy("127.0.0.1", server["port"], api_key=KEY)
+def test_poisoning_client_beside_a_good_one_costs_the_good_one_nothing(server, opened):
+    good, bad = openpi_client(server["port"], opened), openpi_client(server["port"], opened)
     obs = observation()
     bad_obs, stop, errors, served_bad = poisoned(obs), threading.Event(), [], []
 
@@ -110,7 +129,6 @@ def test_poisoning_client_beside_a_good_one_costs_the_good_one_nothing(server):
     assert any("dim 3 (r00) = 5000 is outside" in e for e in errors)
     # Not one good request waited for the poisoner (it never has a request in a batch).
     assert max(served) < BATCH_WAIT_MS / 1e3, served
-    good._ws.close()
     bad._ws.close()
     # The server's log names each distinct error; a client repeating one does not fill the disk.
     time.sleep(0.5)
@@ -126,9 +144,9 @@ def _idle_connection(port, source):
                    open_timeout=10)
 
 
-def test_fifty_idle_connections_lock_nobody_out_nor_slow_anyone(server):
+def test_fifty_idle_connections_lock_nobody_out_nor_slow_anyone(server, opened):
     port, obs = server["port"], observation()
-    good = WebsocketClientPolicy("127.0.0.1", port, api_key=KEY)
+    good = openpi_client(port, opened)
     latencies(good, obs, 3)  # warm-up
     alone = statistics.median(latencies(good, obs, 10))
 
@@ -146,6 +164,7 @@ def test_fifty_idle_connections_lock_nobody_out_nor_slow_anyone(server):
         for i in range(50):
             try:
                 idle.append(_idle_connection(port, f"127.0.0.{2 + i}"))
+                opened.append(idle[-1])
                 idle[-1].recv(timeout=10)  # the metadata
             except InvalidStatus as e:
                 refused.append(e.response)
@@ -153,7 +172,7 @@ def test_fifty_idle_connections_lock_nobody_out_nor_slow_anyone(server):
         # A client that connects now is admitted (an idle connection is closed for it) and served
         # within its usual latency; it does not wait out --batch-wait-ms for the idle ones.
         t0 = time.perf_counter()
-        newcomer = WebsocketClientPolicy("127.0.0.1", port, api_key=KEY)
+        newcomer = openpi_client(port, opened)
         connect_s = time.perf_counter() - t0
         crowded = latencies(newcomer, obs, 10)
     finally:
@@ -165,7 +184,8 @@ def test_fifty_idle_connections_lock_nobody_out_nor_slow_anyone(server):
     assert connect_s < bound and statistics.median(crowded) < bound, (alone, connect_s, crowded)
     # The idle flood got its own limit: the refused ones a 429 that names the flag, and an idle
     # connection closed to admit the newcomer knows why (1013, try again later).
-    assert refused and all(r.status_code == 429 and b"--max-clients-per-key 8" in r.body for r in refused)
+    assert refused and all(r.status_code == 429 and b"--max-clients-per-key 8" in r.body for r in refused), \
+        [(r.status_code, r.body) for r in refused[:3]]
     closed = []
     for ws in idle:
         try:
@@ -174,13 +194,9 @@ def test_fifty_idle_connections_lock_nobody_out_nor_slow_anyone(server):
             closed.append(e.rcvd)
         except TimeoutError:
             pass
-    assert closed and all(c.code == 1013 and "idle" in c.reason for c in closed)
+    assert closed and all(c.code == 1013 and "idle" in c.reason for c in closed), (closed, len(idle), len(refused))
     log = server["log"].read_text()
     assert "without a request, to admit 127.0.0.1:" in log and "connection refused: too many connections" in log
-    for ws in idle:
-        ws.close()
-    good._ws.close()
-    newcomer._ws.close()
 
 
 def test_failed_batch_is_answered_request_by_request(export):
@@ -204,25 +220,36 @@ def test_failed_batch_is_answered_request_by_request(export):
     server.executor.shutdown()
 
 
-def test_idle_timeout_closes_a_silent_connection_only(export, caplog):
+@contextlib.contextmanager
+def in_process_server(export, **options):
+    """The server in this process (a thread with its own event loop), for short timeouts; yields the port."""
     policy = megavla.load_policy(export, seed=0)
-    options = ServerOptions(port=0, api_key=KEY, idle_timeout_s=1.0)
     ready, box = threading.Event(), {}
 
     def run():
         async def main():
             box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            await PolicyServer(policy, options).serve(lambda host, port: (box.update(port=port), ready.set()),
-                                                      box["stop"])
+            await PolicyServer(policy, ServerOptions(port=0, api_key=KEY, **options)).serve(
+                lambda host, port: (box.update(port=port), ready.set()), box["stop"])
         asyncio.run(main())
     thread = threading.Thread(target=run, daemon=True)
-    caplog.set_level("WARNING", logger="megavla.serving.server")
     thread.start()
     try:
         assert ready.wait(30)
-        silent = _idle_connection(box["port"], "127.0.0.1")
+        yield box["port"]
+    finally:
+        if "loop" in box:
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_idle_timeout_closes_a_silent_connection_only(export, caplog):
+    caplog.set_level("WARNING", logger="megavla.serving.server")
+    with in_process_server(export, idle_timeout_s=1.0) as port:
+        silent = _idle_connection(port, "127.0.0.1")
         silent.recv(timeout=10)
-        busy = WebsocketClientPolicy("127.0.0.1", box["port"], api_key=KEY)
+        busy = WebsocketClientPolicy("127.0.0.1", port, api_key=KEY)
         t_end = time.monotonic() + 2.0  # requests every ~0.1 s: never idle for 1 s
         while time.monotonic() < t_end:
             assert busy.infer(observation())["actions"].shape == (10, 7)
@@ -233,10 +260,54 @@ def test_idle_timeout_closes_a_silent_connection_only(export, caplog):
         assert busy.infer(observation())["actions"].shape == (10, 7)  # still open
         assert "no request for 1 s (--idle-timeout-s); connection closed" in caplog.text
         busy._ws.close()
-    finally:
-        box["loop"].call_soon_threadsafe(box["stop"].set)
+
+
+def test_client_that_does_not_read_replies_stalls_nobody(export, caplog):
+    """A raw websocket client sends requests as fast as it can and never reads a reply: its replies
+    fill the socket buffers, the server's send to it times out and drops it; the good client is
+    served throughout (the batcher never waits on a client's socket)."""
+    caplog.set_level("WARNING", logger="megavla.serving.server")
+    with in_process_server(export, send_timeout_s=1.0) as port:
+        good = WebsocketClientPolicy("127.0.0.1", port, api_key=KEY)
+        obs = observation()
+        alone = statistics.median(latencies(good, obs, 5))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the replies back up soon
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}"))
+        request = proto.connect()
+        request.headers["Authorization"] = f"Api-Key {KEY}"
+        proto.send_request(request)
+        sock.sendall(b"".join(proto.data_to_send()))
+        while proto.state is not State.OPEN:  # the handshake is the only thing it ever reads
+            proto.receive_data(sock.recv(4096))
+            assert proto.handshake_exc is None, proto.handshake_exc
+        done = threading.Event()
+
+        def flood():  # a bad request gets an immediate text reply: the cheapest way to make replies
+            try:
+                for _ in range(200000):
+                    proto.send_binary(b"\xc1")
+                    sock.sendall(b"".join(proto.data_to_send()))
+            except OSError:  # dropped by the server (reset) or its buffers full (timeout)
+                pass
+            done.set()
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        during = []
+        while not done.is_set() and len(during) < 500:
+            during += latencies(good, obs, 1)
         thread.join(timeout=30)
-    assert not thread.is_alive()
+        assert done.is_set() and during
+        t_end = time.monotonic() + 10
+        while "did not read its replies for 1 s; connection dropped" not in caplog.text:
+            assert time.monotonic() < t_end, caplog.text[-2000:]
+            time.sleep(0.1)
+        after = statistics.median(latencies(good, obs, 5))
+        assert max(during) < 3 * alone + 1.5 and after < 3 * alone + 0.5, (alone, during, after)
+        sock.close()
+        good._ws.close()
 
 
 def test_serve_help_names_the_isolation_flags():

@@ -221,6 +221,7 @@ class PolicyServer:
                 except (wire.WireError, ObservationError) as e:
                     errors.log(f"bad request: {e}")
                     client.last_request_ok = False
+                    self._wakeup.set()  # a batch waiting for this client's request stops waiting
                     await self._send(ws, f"megavla serve: bad request: {e}")
                     client.busy, client.last_seen = False, time.monotonic()
                     continue
@@ -260,6 +261,7 @@ class PolicyServer:
         finally:
             errors.flush()
             self.admission.release(ws)
+            self._wakeup.set()  # nor for a client that left
 
     # ------------------------------------------------------------------ batching
     def _expected(self) -> int:
