@@ -47,8 +47,9 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    # Connection limits and timeouts: the defaults (16, 8 per address, 8 per key, evict after 2 s).
     cmd = [sys.executable, "-m", "megavla.cli", "serve", str(export), "--port", "0", "--api-key", KEY,
-           "--threads", "1", "--batch-wait-ms", str(BATCH_WAIT_MS)]  # limits: the defaults (16, 8 per address, 8 per key)
+           "--threads", "1", "--batch-wait-ms", str(BATCH_WAIT_MS)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
@@ -264,16 +265,18 @@ def test_idle_timeout_closes_a_silent_connection_only(export, caplog):
 
 def test_client_that_does_not_read_replies_stalls_nobody(export, caplog):
     """A raw websocket client sends requests as fast as it can and never reads a reply: its replies
-    fill the socket buffers, the server's send to it times out and drops it; the good client is
-    served throughout (the batcher never waits on a client's socket)."""
+    fill the socket buffers, the server's send to it times out (4 s) and drops it; the good client is
+    served throughout and never waits anywhere near that long: the batcher never waits on a client's
+    socket. (Here the flood, the server and the good client share one process and its GIL, which
+    costs the good client up to ~0.6 s per request on 2 busy cores: hence the 2 s bound.)"""
     caplog.set_level("WARNING", logger="megavla.serving.server")
-    with in_process_server(export, send_timeout_s=1.0) as port:
+    with in_process_server(export, send_timeout_s=4.0) as port:
         good = WebsocketClientPolicy("127.0.0.1", port, api_key=KEY)
         obs = observation()
         alone = statistics.median(latencies(good, obs, 5))
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the replies back up soon
-        sock.settimeout(5)
+        sock.settimeout(10)
         sock.connect(("127.0.0.1", port))
         proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}"))
         request = proto.connect()
@@ -301,11 +304,11 @@ def test_client_that_does_not_read_replies_stalls_nobody(export, caplog):
         thread.join(timeout=30)
         assert done.is_set() and during
         t_end = time.monotonic() + 10
-        while "did not read its replies for 1 s; connection dropped" not in caplog.text:
+        while "did not read its replies for 4 s; connection dropped" not in caplog.text:
             assert time.monotonic() < t_end, caplog.text[-2000:]
             time.sleep(0.1)
         after = statistics.median(latencies(good, obs, 5))
-        assert max(during) < 3 * alone + 1.5 and after < 3 * alone + 0.5, (alone, during, after)
+        assert max(during) < 2.0 and after < 3 * alone + 0.5, (alone, during, after)
         sock.close()
         good._ws.close()
 
