@@ -67,8 +67,9 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
+    # One process needs no rendezvous: an in-memory store instead of a TCP port that another
+    # program can take between free_port() and the bind (EADDRINUSE on a busy machine).
+    single_store = os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
@@ -88,7 +89,9 @@ def init_distributed(backend: str = "auto") -> DistInfo:
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     import deepspeed
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        if single_store:
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)     # over the group above when there is one
     return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                     local_rank=local_rank, device=device)
 
