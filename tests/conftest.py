@@ -48,3 +48,15 @@ def _restore_distributed_env():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven over CDP (tests/browser.py); skips where Chromium is not installed."""
+    from browser import CHROMIUM_PACKAGE, Browser, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip(f"headless Chromium not found: install the Debian package (apt-get install "
+                    f"{CHROMIUM_PACKAGE}) or set $CHROMIUM to a Chromium/Chrome executable")
+    with Browser() as instance:
+        yield instance
