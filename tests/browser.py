@@ -282,14 +282,14 @@ class Browser:
             self._close_tab(target)
 
     def screenshot(self, path: str | Path, out_png: str | Path, width: int = 1200, height: int = 900,
-                   full_page: bool = False, settle_ms: int = 300) -> Path:
+                   full_page: bool = False, settle_ms: int = 1500) -> Path:
         """PNG of `path` as rendered at width x height (full_page: the whole scroll height, capped at
         4 * height). Videos are paused at their first frame so the picture is reproducible."""
         target, session = self._open(Path(path).resolve(), width, height)
         try:
             self._evaluate(session, "Promise.all([...document.querySelectorAll('video')].map(v => "
-                                    "new Promise(r => { v.pause(); if (v.readyState >= 2) r(); "
-                                    "else { v.addEventListener('loadeddata', r); v.addEventListener('error', r);"
+                                    "new Promise(r => { v.pause(); if (v.readyState >= 4) r(); "
+                                    "else { v.addEventListener('canplaythrough', r); v.addEventListener('error', r);"
                                     " setTimeout(r, 5000); } })))")
             time.sleep(settle_ms / 1000)
             params: dict = {"format": "png"}

@@ -3,10 +3,19 @@ index and episode pages and checks that every video plays and every image decode
 local link; the harness itself is checked against pages that are broken on purpose."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from megavla.data.cli import main as data_main
 
 
 def _write_h264(path, frames: int = 20, fps: int = 10) -> None:
@@ -45,3 +54,113 @@ def test_browser_harness_tells_good_media_from_broken(browser, tmp_path):
     assert any("nowhere.html" in link for link in broken.broken_links)
     assert any("missing.png" in link for link in broken.broken_links)
     assert any("ERR_FILE_NOT_FOUND" in e for e in broken.console_errors)
+
+
+# ------------------------------------------------------------------------------ megavla data view
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+MAX_SCREENSHOT_BYTES = 200_000
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory):
+    """2 scenes x 2 tasks x 1 episode per embodiment (4 robot, 4 human), 96 px frames, in
+    WORKDIR/data/mini (the view test runs in WORKDIR: the pages show the paths as a user types them)."""
+    out = tmp_path_factory.mktemp("view") / "data" / "mini"
+    assert data_main(["synth", "--out", str(out), "--scenes", "2", "--tasks", "2", "--episodes-per-combo", "1",
+                      "--image-size", "96", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def _keys(set_dir: Path) -> list[str]:
+    return sorted(k for s in ("robot", "human") for keys in json.loads(
+        (set_dir / s / "episode_keys.json").read_text())["shards"].values() for k in keys)
+
+
+def _save_small_png(src: Path, dst: Path) -> None:
+    """A screenshot for docs/: 256-colour PNG (the pages are flat colours + small frames)."""
+    from PIL import Image
+
+    Image.open(src).convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(dst, optimize=True)
+
+
+def test_data_view_pages_load_and_play_in_chromium(browser, synth_set, tmp_path, caplog, monkeypatch):
+    pytest.importorskip("av")
+    out = tmp_path / "view"
+    monkeypatch.chdir(synth_set.parents[1])
+    with caplog.at_level(logging.INFO, logger="megavla.data.view"):
+        assert data_main(["view", "data/mini", "--out", str(out), "--max-episodes", "4", "--no-progress"]) == 0
+    # The default renders the first episode of each combo up to the cap, and says what it left out.
+    assert "rendered 4 of 8 episodes" in caplog.text and "4 listed in the index without a page" in caplog.text
+    pages = sorted((out / "episodes").glob("*.html"))
+    assert [p.stem.split("_")[0] for p in pages] == ["human-ego"] * 2 + ["robot-arm"] * 2
+
+    index = browser.check_page(out / "index.html")
+    assert index.problems() == [] and index.external_links == []
+    assert len(index.images) == 4                      # a thumbnail per episode page
+    assert all(img["naturalWidth"] >= 100 for img in index.images)
+    assert index.title.endswith("megavla data view")
+    index_html = (out / "index.html").read_text()
+    for key in _keys(synth_set):                       # every episode is listed, rendered or not
+        assert key in index_html
+
+    for page in (pages[0], pages[-1]):                 # a human and a robot episode
+        report = browser.check_page(page)
+        assert report.problems() == [] and report.external_links == []
+        (video,) = report.videos
+        steps = int(re.search(r'id="scrub" min="0" max="(\d+)"', page.read_text()).group(1)) + 1
+        assert video["played"] and video["currentTimeAdvance"] > 0.1 and video["decodedFrames"] >= 2
+        assert video["duration"] == pytest.approx(steps / 10.0, abs=0.15)    # one frame per step, 10 fps
+        cameras = 1 if page.stem.startswith("human") else 3
+        assert video["videoWidth"] == cameras * 192 and video["videoHeight"] == 192  # 96 px upscaled x2
+        assert sorted(Path(i["src"]).name for i in report.images) == ["curves.png", "strip.jpg"]
+        assert all(i["naturalWidth"] > 400 for i in report.images)
+        assert any("../index.html" in link for link in re.findall(r'href="([^"]+)"', page.read_text()))
+
+    shots = {"data_view_index.png": out / "index.html", "data_view_human_episode.png": pages[0],
+             "data_view_robot_episode.png": pages[-1]}
+    keep = os.environ.get("MEGAVLA_UPDATE_SCREENSHOTS") == "1"  # refreshes docs/screenshots/
+    for name, page in shots.items():
+        # episode pages whole (video, timeline, frames, every curve); the index's first screen
+        raw = browser.screenshot(page, tmp_path / name, width=1200, height=900, full_page="episode" in name)
+        small = tmp_path / f"small_{name}"
+        _save_small_png(raw, small)
+        assert small.stat().st_size < MAX_SCREENSHOT_BYTES
+        pixels = np.asarray(Image.open(raw).convert("L"), dtype=np.float32)
+        assert pixels.shape[1] == 1200 and pixels.shape[0] >= 900 and pixels.std() > 20  # not a blank page
+        if keep:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(small, SCREENSHOTS / name)
+
+
+def test_data_view_refuses_bad_requests_before_writing(synth_set, tmp_path, caplog):
+    pytest.importorskip("av")
+    out = tmp_path / "view"
+    assert data_main(["view", str(synth_set), "--out", str(out), "--episodes", "robot-arm_s0009_t0000_e000000",
+                      "--no-progress"]) == 2
+    assert "robot-arm_s0009_t0000_e000000" in caplog.text and "keys there look like" in caplog.text
+    assert not out.exists()
+    key = _keys(synth_set)[0]
+    assert data_main(["view", str(synth_set), "--out", str(out), "--episodes", key, "--no-progress"]) == 0
+    assert [p.name for p in (out / "episodes").glob("*.html")] == [f"{key}.html"]
+    caplog.clear()
+    assert data_main(["view", str(synth_set), "--out", str(out), "--episodes", key, "--no-progress"]) == 2
+    assert "pass --overwrite" in caplog.text
+    other = _keys(synth_set)[-1]
+    assert data_main(["view", str(synth_set), "--out", str(out), "--episodes", other, "--overwrite",
+                      "--no-progress"]) == 0
+    assert [p.name for p in (out / "episodes").glob("*.html")] == [f"{other}.html"]   # the old view is gone
+
+
+def test_hand_overlay_uses_the_miniworld_head_camera():
+    """view_media.project_keypoints must put a point where the mini-world renderer draws it."""
+    from megavla.data.view_media import HEAD_FOV_DEG, project_keypoints
+    from megavla.data_shards.miniworld import MiniWorld
+
+    world = MiniWorld(scene=0, task=0, embodiment="human/ego", image_size=96)
+    camera = world.camera("head")
+    assert camera.fov_deg == HEAD_FOV_DEG
+    points = world.hand_keypoints_world().reshape(-1, 3)
+    in_camera = camera.to_cam(points)
+    assert (in_camera[:, 2] > 0).all()
+    np.testing.assert_allclose(project_keypoints(in_camera, 96), camera.project(in_camera), atol=1e-6)
+    assert np.isnan(project_keypoints(np.array([[0.1, 0.0, -0.5], [np.nan, 0, 1]]), 96)).all()

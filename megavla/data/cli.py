@@ -1,4 +1,4 @@
-"""``megavla data synth | import | inspect | stats | verify``: make and check shard sets.
+"""``megavla data synth | import | inspect | stats | verify | view``: make, check and see shard sets.
 
 ``synth --out DIR`` writes one shard set per embodiment family, ``DIR/robot`` and ``DIR/human``
 (layout: data_shards/manifest.py), so training mixes them with
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megavla.data.import_cli import add_parser as add_import_parser
 
     add_import_parser(sub)
+    from megavla.data.view import add_parser as add_view_parser
+
+    add_view_parser(sub)
     return parser
 
 
