@@ -32,7 +32,7 @@ import yaml
 from megavla.config import ConfigError, to_dict
 
 from . import experiments as ex
-from . import report
+from . import html_report, report
 from .traces import save_traces, traces_path
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
         lines += _probe_section(probe, "probe/")
     lines += ["Exact configs: `configs/` (one per run) and `sweeps/` (the sweep files that ran them).", ""]
     (out / "report_diversity.md").write_text("\n".join(lines))
+    html_report.write_html_report(out / "report_diversity.md", run_dirs)  # + each cell's rollout videos
     return results
 
 
@@ -192,6 +193,7 @@ def objectives(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list
                                      "baselines: zero / repeat prev. / mean (targets)", "subtask acc.", "ok",
                                      "wrong subtask", "wrong motion"], rows), ""]
     (out / "report_objectives.md").write_text("\n".join(lines))
+    html_report.write_html_report(out / "report_objectives.md", run_dirs)
     return results
 
 
@@ -216,7 +218,7 @@ def probe_command(args: argparse.Namespace, argv: list[str]) -> dict:
     return probe
 
 
-def closed_loop_command(args: argparse.Namespace, traces: list | None = None) -> dict:
+def closed_loop_command(args: argparse.Namespace, traces: list | None = None, videos=None) -> dict:
     """Mini-world success of one policy, in process (a checkpoint) or over the wire (``megavla
     serve`` through the unmodified ``openpi_client``). Same seeds, same noise stream: same result."""
     from . import closed_loop
@@ -243,7 +245,7 @@ def closed_loop_command(args: argparse.Namespace, traces: list | None = None) ->
         image_size = loaded.cfg.data.image_size
     try:
         return closed_loop.evaluate(policy, combos, args.episodes_per_combo, image_size=image_size,
-                                    max_steps=args.max_steps, seed=args.seed, traces=traces)
+                                    max_steps=args.max_steps, seed=args.seed, traces=traces, videos=videos)
     finally:
         if args.policy_server:
             client._ws.close()  # openpi's client has no close(); leave the server a clean close frame
@@ -303,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result (every episode) to this JSON file, and the per-step "
                                  "traces beside it (NAME.traces.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--videos", type=int, default=0, metavar="N", help="MP4 of the first N episodes per combo, "
+                   "every camera side by side, beside --out (NAME.videos/; megavla/eval/videos.py)")
     p.add_argument("--threads", type=int, default=None, help="in process: torch CPU threads (default 1, or "
                    "OMP_NUM_THREADS when set; 0 = torch's own; megavla/eval/threads.py)")
     return parser
@@ -319,12 +323,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for path in (Path(args.out), traces_path(args.out)):
                     refuse_existing(path, args.overwrite, "a closed-loop result")
+        if args.experiment == "closed-loop" and args.videos:
+            if args.videos < 0 or not args.out:
+                raise ValueError(f"--videos {args.videos}: give N > 0 and --out FILE.json (videos go beside it)")
+            from megavla.overwrite import refuse_existing
+            from .videos import VideoRecorder, clear_videos, videos_dir
+            refuse_existing(videos_dir(args.out), args.overwrite, "closed-loop videos", ("*.mp4",))
+            clear_videos(videos_dir(args.out))  # only with --overwrite: a re-run replaces its videos
         if args.experiment in ("closed-loop", "probe", "competence"):   # in-process inference: the one threads rule
             from .threads import use_inference_threads
             use_inference_threads(getattr(args, "threads", None))
         if args.experiment == "closed-loop":
             traces: list = []
-            res = closed_loop_command(args, traces)
+            recorder = VideoRecorder(videos_dir(args.out), first_per_combo=args.videos) if args.videos else None
+            res = closed_loop_command(args, traces, recorder)
             lo, hi = res["ci95"]
             print(f"success {res['successes']}/{res['episodes']} = {res['success_rate']:.3f} "
                   f"[95% CI {lo:.3f}, {hi:.3f}]")
@@ -332,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {combo}: {block['successes']}/{block['episodes']}")
             if args.out:  # the per-step traces beside the result (traces.load_traces reads them)
                 res["traces"] = save_traces(traces, traces_path(args.out)).name
+                if recorder is not None:
+                    res["videos"] = recorder.videos
+                    print(f"videos: {len(recorder.videos)} in {videos_dir(args.out)} "
+                          f"({sum(v['bytes'] for v in recorder.videos)} bytes)")
                 report.write_json(res, Path(args.out))
             return 0
         if args.experiment == "competence":
@@ -365,6 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     report_path = out / f"report_{args.experiment}.md"
     print(report_path.read_text())
-    print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; results_{args.experiment}.json "
-          f"beside the report; report: {report_path}")
+    print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; results_{args.experiment}.json and "
+          f"report_{args.experiment}.html (tables, figures, rollout videos) beside the report; report: {report_path}")
     return 0

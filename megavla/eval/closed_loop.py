@@ -163,12 +163,16 @@ class ClientPolicy:
 
 def run_episode(policy: Policy, scene: int, task: int, seed: int, *, image_size: int,
                 max_steps: int = MAX_STEPS, embodiment: str = "robot/arm",
-                traces: list[EpisodeTrace] | None = None) -> EpisodeResult:
+                traces: list[EpisodeTrace] | None = None, videos=None) -> EpisodeResult:
     """One episode; it ends at the first step where the task's success test holds. With ``traces``
-    (a list), the episode's per-step trace (traces.EpisodeTrace) is appended to it."""
+    (a list), the episode's per-step trace (traces.EpisodeTrace) is appended to it; with ``videos``
+    (videos.VideoRecorder), the episode is filmed when the recorder wants it."""
     world = MiniWorld(scene, task, embodiment, seed=seed, image_size=image_size)
     policy.reset(world)
     trace = EpisodeTrace.start(world) if traces is not None else None
+    film = videos.begin(world) if videos is not None else None
+    if film is not None:
+        film.record(world)
     result = EpisodeResult(scene, task, seed, False, max_steps)
     for step in range(max_steps):
         action = np.asarray(policy.act(world), dtype=np.float64)
@@ -180,28 +184,34 @@ def run_episode(policy: Policy, scene: int, task: int, seed: int, *, image_size:
         world.step(action)
         if trace is not None:
             trace.record(world, float(action[6]))
+        if film is not None:
+            film.record(world, float(action[6]))
         if world.success():
             result = EpisodeResult(scene, task, seed, True, step + 1)
             break
     if trace is not None:
         trace.success = result.success
         traces.append(trace)
+    if videos is not None:
+        videos.end(film, result.success)
     return result
 
 
 def evaluate(policy: Policy, combos: list[str], episodes_per_combo: int, *, image_size: int,
              max_steps: int = MAX_STEPS, seed: int = 0, progress: bool = True,
-             traces: list[EpisodeTrace] | None = None) -> dict:
+             traces: list[EpisodeTrace] | None = None, videos=None) -> dict:
     """Success rate over ``episodes_per_combo`` episodes of each combo, with its Wilson 95% interval,
     per combo and overall. Returns a JSON-ready dict (``episodes`` lists every episode). With
-    ``traces`` (a list), every episode's trace is appended to it, in the order of ``episodes_detail``."""
+    ``traces`` (a list), every episode's trace is appended to it, in the order of ``episodes_detail``;
+    with ``videos`` (videos.VideoRecorder), the episodes it chooses are filmed (``videos.videos``)."""
     if episodes_per_combo <= 0:
         raise ValueError(f"episodes_per_combo={episodes_per_combo} must be positive")
     if not combos:
         raise ValueError("combos is empty: name at least one 'scene:task' to evaluate")
     jobs = [(*parse_combo(c), EVAL_SEED_BASE + 1000 * seed + e) for c in combos
             for e in range(episodes_per_combo)]
-    results = [run_episode(policy, s, t, ws, image_size=image_size, max_steps=max_steps, traces=traces)
+    results = [run_episode(policy, s, t, ws, image_size=image_size, max_steps=max_steps, traces=traces,
+                           videos=videos)
                for s, t, ws in tqdm(jobs, desc="closed-loop", unit="ep", disable=not progress)]
     return summarize(results)
 
