@@ -237,3 +237,48 @@ def test_competence_runs_on_a_run_of_the_experiment(out, diversity, capsys, tmp_
     assert res["episodes"] == 2 and set(res["swap_sensitivity"]) == {"colour", "verb"}
     assert res["swap_sensitivity"]["verb"] > 0.0  # a trained model's actions read its instruction
     assert cli.main(["competence", run, "--combos", "0-0"]) == 2
+
+
+def _diversity_evals(diversity) -> list:
+    return sorted(p for d in diversity["runs"].values() for p in ex.Path(d).glob("eval_*.json"))
+
+
+def test_html_report_has_the_tables_figures_and_each_cells_videos(out, diversity):
+    """report_diversity.html: the Markdown's tables and figures, per cell its rollout videos (k successes +
+    k failures where the cell had them), every link relative and resolving, nothing from the network."""
+    import os
+    import re
+
+    from megavla.eval.html_report import local_links
+    page = (out / "report_diversity.html").read_text()
+    md = (out / "report_diversity.md").read_text()
+    links = local_links(page)
+    assert links and [link for link in links if not (out / link).is_file()] == []
+    assert not re.search(r'(src|href)="(https?:|//|/)', page)
+    assert page.count("<table>") == len(re.findall(r"^\|---", md, flags=re.M)) >= 4
+    assert set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) <= set(links)
+    expected, total = [], 0
+    for path in _diversity_evals(diversity):
+        ev = json.loads(path.read_text())
+        k = ev["videos_per_outcome"]
+        assert k == ex.EvalSpec().videos_per_outcome == 2
+        outcomes = [e["success"] for e in ev["closed_loop"]["episodes_detail"]]
+        for success in (True, False):
+            assert sum(v["success"] == success for v in ev["videos"]) == min(k, outcomes.count(success))
+        expected += [os.path.relpath(path.parent / v["file"], out) for v in ev["videos"]]
+        total += sum(v["bytes"] for v in ev["videos"])
+    assert sorted(link for link in links if link.endswith(".mp4")) == sorted(expected)
+    assert page.count("<video controls muted") == len(expected) > 0
+    assert 0 < total < 100_000 * len(expected)   # small enough to keep (~20 KB per toy episode)
+
+
+def test_html_report_plays_in_chromium(out, diversity, browser, tmp_path):
+    """Every video of the report loads and plays in headless Chromium, every image decodes."""
+    report = browser.check_page(out / "report_diversity.html")
+    assert not report.problems(), report.problems()
+    assert not report.external_links
+    n_videos = sum(len(json.loads(p.read_text())["videos"]) for p in _diversity_evals(diversity))
+    assert len(report.videos) == n_videos > 0 and all(v["played"] and v["duration"] > 0 for v in report.videos)
+    assert len(report.images) >= 4 and all(i["loaded"] for i in report.images)
+    shot = browser.screenshot(out / "report_diversity.html", tmp_path / "report.png", width=1000, height=700)
+    assert shot.stat().st_size > 10_000

@@ -34,12 +34,14 @@ from . import closed_loop, offline
 from .finetune import write_init
 from .threads import inference_threads_scope
 from .traces import save_traces, traces_path
+from .videos import VideoRecorder, clear_videos, siblings_by_scene, videos_dir
 
 log = logging.getLogger(__name__)
 
 # EvalSpec fields that do not change an evaluation's numbers (left out of the eval cache key).
 REPORT_ONLY_EVAL_KEYS = {"min_episodes_per_cell", "seen_reference_combos", "competence_threshold", "alpha",
-                         "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads"}
+                         "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads",
+                         "videos_per_outcome"}
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 
 
@@ -94,6 +96,9 @@ class EvalSpec:
     # 19 CPU-s with 2 threads on the loaded 2-core box, 0.56 CPU-s with 1). 0 = leave torch's setting;
     # null = the rule of every in-process inference (megavla/eval/threads.py): OMP_NUM_THREADS when set, else 1.
     cpu_threads: int | None = None
+    # Rollout videos kept per evaluation cell (run x combos): the first k successes and the first k
+    # failures (videos.py; ~30 KB per 35-step episode at 32 px). 0 = none. Filming leaves the numbers as they are.
+    videos_per_outcome: int = 2
 
     def validate(self) -> None:
         if not 0.0 <= self.competence_threshold <= 1.0:
@@ -102,6 +107,8 @@ class EvalSpec:
             raise ConfigError(f"eval.alpha={self.alpha} must be in (0, 1), e.g. 0.05")
         if self.noise_scale < 0:
             raise ConfigError(f"eval.noise_scale={self.noise_scale} must be >= 0 (1 = as trained, 0 = deterministic)")
+        if self.videos_per_outcome < 0:
+            raise ConfigError(f"eval.videos_per_outcome={self.videos_per_outcome} must be >= 0 (0 = no videos)")
         if self.episodes_per_combo <= 0 or self.min_episodes_per_cell < 1 or self.seen_reference_combos < 0:
             raise ConfigError(f"eval.episodes_per_combo={self.episodes_per_combo} and eval.min_episodes_per_cell="
                               f"{self.min_episodes_per_cell} must be positive, eval.seen_reference_combos="
@@ -355,23 +362,32 @@ def evaluate_run(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask
     settings = {"combos": combos, "subtask": subtask, "checkpoint": str(resolve_checkpoint_dir(run_dir)),
                 **{k: v for k, v in to_dict(ev).items() if k not in REPORT_ONLY_EVAL_KEYS}}
     cache = run_dir / f"eval_{tag}.json"
-    trace_file = traces_path(cache)
+    trace_file, video_dir = traces_path(cache), videos_dir(cache)
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        # An evaluation without its per-step traces (older runs) is run again: the progress rubric needs them.
-        if saved.get("settings") == settings and trace_file.is_file():
+        # An evaluation without its per-step traces (older runs) is run again: the progress rubric needs them;
+        # so is one without the videos asked for (a changed eval.videos_per_outcome, or deleted files).
+        if (saved.get("settings") == settings and trace_file.is_file()
+                and saved.get("videos_per_outcome", 0) == ev.videos_per_outcome
+                and all((run_dir / v["file"]).is_file() for v in saved.get("videos", []))):
             return saved
     traces: list = []
+    recorder = None
+    if ev.videos_per_outcome:
+        clear_videos(video_dir)  # siblings: the seen tasks whose completion is "did another task" (rubric)
+        recorder = VideoRecorder(video_dir, per_outcome=ev.videos_per_outcome,
+                                 siblings=siblings_by_scene(finetune_combos(spec.world)))
     with inference_threads_scope(ev.cpu_threads):
-        result = _evaluate(spec, run_dir, combos, subtask, settings, traces)
+        result = _evaluate(spec, run_dir, combos, subtask, settings, traces, recorder)
     save_traces(traces, trace_file)
     result["traces"] = trace_file.name
+    result["videos_per_outcome"], result["videos"] = ev.videos_per_outcome, recorder.videos if recorder else []
     cache.write_text(json.dumps(result, indent=1))
     return result
 
 
 def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: bool, settings: dict,
-              traces: list) -> dict:
+              traces: list, videos=None) -> dict:
     from .policy import VLAPolicy, load_checkpoint
     ev = spec.eval
     loaded = load_checkpoint(run_dir)
@@ -384,7 +400,7 @@ def _evaluate(spec: ExperimentSpec, run_dir: Path, combos: list[str], subtask: b
     result = {"settings": settings, "run_dir": str(run_dir), "checkpoint": str(loaded.path), "step": loaded.step,
               "weights": loaded.weights}
     result["closed_loop"] = closed_loop.evaluate(policy, combos, ev.episodes_per_combo, image_size=image_size,
-                                                 max_steps=ev.max_steps, traces=traces)
+                                                 max_steps=ev.max_steps, traces=traces, videos=videos)
     episodes = offline.heldout_episodes(combos, ev.offline_episodes_per_combo, image_size=image_size,
                                         cameras=tuple(loaded.cfg.data.cameras))
     result["offline"] = offline.evaluate_offline(loaded, episodes, ev.offline_steps_per_episode, ev.flow_steps,
