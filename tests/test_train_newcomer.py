@@ -199,6 +199,12 @@ def test_hand_run_train_ends_with_a_summary_and_writes_only_documented_metrics(t
     tb = EventAccumulator(str(run_dir / "tb"))
     tb.Reload()
     assert set(tb.Tags()["scalars"]) == keys            # the same names in both places
+    # Validation draws predicted vs true action chunks (val_figures.py) at each val_every step.
+    images = tb.Images("val/action_chunks")
+    assert [e.step for e in images] == [2, 4] and documented_metric("val/action_chunks") == "val/action_chunks"
+    from PIL import Image
+    import io
+    assert min(Image.open(io.BytesIO(images[-1].encoded_image_string)).size) > 100
     undocumented = sorted(k for k in keys if documented_metric(k) is None)
     assert not undocumented, f"add these to METRIC_CATALOGUE (megavla/train/metrics.py): {undocumented}"
     for expected in ("loss/flow", "loss/fast", "loss/subtask", "flow/robot_arm", "flow/human_ego",

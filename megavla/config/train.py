@@ -78,6 +78,9 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0                    # 0 = no validation (needs data.val_sources)
     val_batches: int = 4
+    # Validation samples whose predicted vs true action chunks go to tensorboard as one image per
+    # validation (val/action_chunks; megavla/train/val_figures.py); 0 = off.
+    val_action_figures: int = 2
     save_every: int = 500                 # also saved at the end and on SIGTERM / SIGUSR2
     keep_last: int = 3
     tensorboard: bool = True
@@ -103,7 +106,7 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "keep_last", "val_batches", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("warmup_steps", "save_every", "val_every", "max_steps_per_run"):
+        for name in ("warmup_steps", "save_every", "val_every", "max_steps_per_run", "val_action_figures"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.global_batch_size is not None and self.global_batch_size <= 0:

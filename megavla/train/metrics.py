@@ -196,6 +196,9 @@ METRIC_CATALOGUE: list[tuple[str, str, str]] = [
     ("launch/<phase>_s", "first log of each invocation", "wall seconds from process start to the end of that start-up phase"),
     ("launch/<phase>_cpu_s", "first log of each invocation", "CPU seconds of this process at the end of that phase"),
     ("val/<loss key>", "train.val_every > 0 and data.val_sources", "the loss keys above (`loss/*`, `<objective>/<embodiment>`) on validation batches"),
+    ("val/action_chunks", "each validation, train.val_action_figures > 0 and train.tensorboard (not ZeRO-3 on several ranks)",
+     "tensorboard **image**, not a scalar (not in metrics.jsonl): true (solid) vs predicted (dashed) normalized "
+     "action chunks of the first validation samples, per supervised dim (megavla/train/val_figures.py)"),
 ]
 LAUNCH_PHASES = ("imports", "process_group", "model", "engine", "loader", "first_step")  # entry.py, trainer.py
 LOSS_METRICS = ("loss/total", "loss/flow", "loss/fast", "loss/subtask", "flow/<embodiment>", "fast/<embodiment>",
@@ -221,6 +224,8 @@ def metric_placeholders() -> dict[str, tuple[tuple[str, ...], str]]:
 def documented_metric(key: str) -> str | None:
     """The METRIC_CATALOGUE name a logged key is an instance of (None: undocumented)."""
     import re
+    if any(key == name for name, _, _ in METRIC_CATALOGUE):
+        return key
     if key.startswith("val/"):
         return "val/<loss key>" if documented_metric(key[4:]) in LOSS_METRICS else None
     placeholders = metric_placeholders()

@@ -349,12 +349,33 @@ class Trainer:
         for i, batch in enumerate(self.val_loader_factory()):
             if i >= self.tcfg.val_batches:
                 break
-            for k, v in self.engine(batch.to(self.dist.device)).items():
+            batch = batch.to(self.dist.device)
+            if i == 0 and self.tcfg.tensorboard and self.tcfg.val_action_figures > 0:
+                self._action_chunk_figure(metrics, batch)
+            for k, v in self.engine(batch).items():
                 sums.add(k, v)
         metrics.add_sums(sums.read())
         metrics.write(self.step, metrics.reduce(), prefix="val/")
         self.engine.train()
         self.window["excluded_s"] += time.perf_counter() - t0
+
+    def _action_chunk_figure(self, metrics: MetricsLogger, batch) -> None:
+        """Predicted vs true chunks of the first validation samples as a tensorboard image
+        (val_figures.py), sampled and drawn on rank 0 only. Not under ZeRO-3 with several ranks:
+        there a forward gathers parameters from every rank, and a sampling loop whose length may
+        differ per rank (subtask decoding stops at EOS) could hang them."""
+        module = getattr(self.engine, "module", self.engine)
+        multi_rank_zero3 = self.tcfg.zero_stage == 3 and self.dist.world_size > 1
+        if metrics.writer is None or multi_rank_zero3 or not hasattr(module, "sample_actions"):
+            if self.dist.rank == 0 and not getattr(self, "_figure_skip_logged", False) and metrics.writer is not None:
+                log.info("validation action-chunk figure off: %s", "ZeRO-3 with several ranks" if multi_rank_zero3
+                         else f"{type(module).__name__} has no sample_actions")
+                self._figure_skip_logged = True
+            return
+        from . import val_figures
+        pred, sub = val_figures.sample_chunks(module, batch, self.tcfg.val_action_figures)
+        image = val_figures.chunk_figure_image(pred, sub, self.step)
+        metrics.writer.add_image(val_figures.TAG, image, self.step, dataformats="HWC")
 
     def _data_counts(self) -> dict[str, float]:
         """data/skipped_<reason> and data/episodes_read, samples_read: summed over ranks (each rank's
