@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from megavla.data.cli import main as data_main
+from megavla.data_shards.format import Episode, Subtask
 
 
 def _write_h264(path, frames: int = 20, fps: int = 10) -> None:
@@ -164,3 +165,47 @@ def test_hand_overlay_uses_the_miniworld_head_camera():
     assert (in_camera[:, 2] > 0).all()
     np.testing.assert_allclose(project_keypoints(in_camera, 96), camera.project(in_camera), atol=1e-6)
     assert np.isnan(project_keypoints(np.array([[0.1, 0.0, -0.5], [np.nan, 0, 1]]), 96)).all()
+
+
+def _joint_episode(index: int) -> Episode:
+    """An imported-style robot/joint episode: 9 joint dims, no cameras, two steps without loss."""
+    rng = np.random.default_rng(index)
+    steps = 12
+    valid = np.ones(steps, bool)
+    valid[4:6] = False
+    return Episode(embodiment="robot/joint", scene=0, task=index, episode=0, instruction=f"joint task {index}",
+                   subtasks=[Subtask("reach", 0, 6), Subtask("lift", 6, steps)], fps=5.0,
+                   state=rng.normal(size=(steps, 9)).astype(np.float32),
+                   actions=rng.normal(size=(steps, 9)).astype(np.float32),
+                   action_mask=np.array([True] * 8 + [False]), step_valid=valid, frames={},
+                   extra={"source": "test"})
+
+
+def test_data_view_shows_camera_less_episodes_and_lists_damaged_shards(browser, tmp_path, caplog):
+    """A set without cameras gets pages with curves and no video; a truncated shard is named in the
+    index (with how many of its episodes were read) while the rest is still shown."""
+    pytest.importorskip("av")
+    from megavla.data_shards.writer import ShardSetWriter
+
+    root = tmp_path / "joint"
+    with ShardSetWriter(root, target_shard_bytes=1, generator={"test": "view"}) as writer:  # 1 episode/shard
+        for i in range(3):
+            writer.write(_joint_episode(i))
+    last = sorted(root.glob("shard-*.tar"))[-1]
+    last.write_bytes(last.read_bytes()[:1536])   # header + part of meta.json: truncated mid-member
+    out = tmp_path / "view"
+    assert data_main(["view", str(root), "--out", str(out), "--max-episodes", "0", "--no-progress"]) == 0
+    assert f"{last}: member at byte" in caplog.text and "(0 of the 1 episodes the manifest lists" in caplog.text
+    pages = sorted((out / "episodes").glob("*.html"))
+    assert len(pages) == 2
+    index_html = (out / "index.html").read_text()
+    assert "Skipped (1)" in index_html and last.name in index_html
+
+    index = browser.check_page(out / "index.html")
+    assert index.problems() == [] and index.images == []      # no cameras: no thumbnails
+    page = browser.check_page(pages[0])
+    assert page.problems() == [] and page.videos == []
+    (curves,) = page.images
+    assert curves["src"].endswith("curves.png") and curves["naturalWidth"] > 400
+    html_text = pages[0].read_text()
+    assert "[8] (action_mask False)" in html_text and "2 (step_valid False)" in html_text

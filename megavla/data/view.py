@@ -93,16 +93,17 @@ def scan(sets: list[Path], wanted: set[str] | None, max_episodes: int
          ) -> tuple[list[Entry], dict[str, Episode], list[str]]:
     """(every episode's Entry, the chosen episodes read in full, problems met). A damaged shard or
     sample is a problem line (logged, listed in the index), not an abort: the rest is still shown."""
-    embodiments = {e for s in sets for e in load_manifest(s)["totals"]["embodiments"]}
+    shards_of = {set_dir: read_manifest(set_dir, need_stats=False)[0] for set_dir in sets}  # checks first
+    embodiments = {e for s in sets for e in load_manifest(s)["totals"].get("embodiments", {})}
     choose = _Chooser(wanted, max_episodes, len(embodiments))
     entries: list[Entry] = []
     episodes: dict[str, Episode] = {}
     problems: list[str] = []
     seen: set[str] = set()
-    for set_dir in sets:
-        shards, _ = read_manifest(set_dir, need_stats=False)
+    for set_dir, shards in shards_of.items():
         for shard in shards:
             chosen: dict[str, bool] = {}
+            groups = 0
 
             def mode(key: str, suffix: str, shard=shard, chosen=chosen) -> int:
                 if key in shard.repeated or key in seen:
@@ -114,6 +115,7 @@ def scan(sets: list[Path], wanted: set[str] | None, max_episodes: int
             try:
                 for group in group_members(iter_tar_members(map_shard(shard.path), shard.path, mode), shard.path):
                     key = group["__key__"]
+                    groups += 1
                     if key in seen:
                         problems.append(f"{shard.path}: {key}: a second copy of the key in this shard, skipped")
                         continue
@@ -128,7 +130,9 @@ def scan(sets: list[Path], wanted: set[str] | None, max_episodes: int
                     except (EpisodeFormatError, ValueError, KeyError, TypeError) as e:
                         problems.append(f"{shard.path}: {key}: {type(e).__name__}: {e}; skipped")
             except (TarFormatError, OSError) as e:
-                problems.append(f"{shard.path}: {e}; the rest of this shard skipped")
+                where = "" if shard.path in str(e) else f"{shard.path}: "
+                problems.append(f"{where}{e}; the rest of this shard skipped ({groups} of the "
+                                f"{shard.episodes} episodes the manifest lists in it read before)")
     for p in problems:
         log.warning("data view: %s", p)
     return entries, episodes, problems

@@ -179,7 +179,7 @@ def curve_rows(ep: Episode) -> list[tuple[str, np.ndarray, list[str], np.ndarray
         J = ep.joint_actions.shape[1]
         for start in range(0, J, 7):
             dims = list(range(start, min(J, start + 7)))
-            rows.append((f"joint actions {dims[0]}-{dims[-1]} (not a training target here)",
+            rows.append((f"joint actions {dims[0]}-{dims[-1]} (stored; training does not read them)",
                          ep.joint_actions[:, dims], [f"joint[{d}]" for d in dims], no_mask))
     return rows
 
