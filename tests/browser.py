@@ -222,7 +222,14 @@ class Browser:
         self.cdp.send("Emulation.setDeviceMetricsOverride",
                       {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
                       session=session)
-        self.cdp.send("Page.navigate", {"url": Path(path).resolve().as_uri()}, session=session)
+        # A missing file would load Chromium's error page, whose DOM has no media to fail on.
+        if not Path(path).is_file():
+            self._close_tab(target)
+            raise FileNotFoundError(f"{path}: no such page")
+        nav = self.cdp.send("Page.navigate", {"url": Path(path).resolve().as_uri()}, session=session)
+        if nav.get("errorText"):
+            self._close_tab(target)
+            raise RuntimeError(f"{path}: Chromium could not open it ({nav['errorText']})")
         self.cdp.wait_event("Page.loadEventFired", session)
         return target, session
 

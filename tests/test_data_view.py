@@ -49,6 +49,8 @@ def test_browser_harness_tells_good_media_from_broken(browser, tmp_path):
     assert video["played"] and video["duration"] == pytest.approx(2.0, abs=0.15)
     assert video["videoWidth"] == 96 and video["decodedFrames"] >= 2
 
+    with pytest.raises(FileNotFoundError, match="no such page"):
+        browser.check_page(tmp_path / "absent.html")   # not Chromium's error page, reported as clean
     broken = browser.check_page(tmp_path / "broken.html")
     assert [m["loaded"] for m in broken.media] == [False, False]
     assert broken.videos[0]["error"].startswith("MediaError")
