@@ -288,6 +288,15 @@ class Browser:
         finally:
             self._close_tab(target)
 
+    def evaluate(self, path: str | Path, expression: str, width: int = 1200, height: int = 900):
+        """Open `path`, evaluate the JavaScript `expression` after load (a Promise is awaited) and
+        return its JSON value: for checks of a page's own behaviour (sliders, seeking)."""
+        target, session = self._open(Path(path).resolve(), width, height)
+        try:
+            return self._evaluate(session, expression)
+        finally:
+            self._close_tab(target)
+
     def screenshot(self, path: str | Path, out_png: str | Path, width: int = 1200, height: int = 900,
                    full_page: bool = False, settle_ms: int = 1500) -> Path:
         """PNG of `path` as rendered at width x height (full_page: the whole scroll height, capped at

@@ -119,6 +119,18 @@ def test_data_view_pages_load_and_play_in_chromium(browser, synth_set, tmp_path,
         assert all(i["naturalWidth"] > 400 for i in report.images)
         assert any("../index.html" in link for link in re.findall(r'href="([^"]+)"', page.read_text()))
 
+    # The step slider seeks the video and moves the cursor; the subtask follows.
+    seek = browser.evaluate(pages[0], """new Promise(done => {
+        const v = document.getElementById('video'), s = document.getElementById('scrub');
+        v.addEventListener('seeked', () => done({time: v.currentTime,
+            step: document.getElementById('step').textContent,
+            subtask: document.getElementById('subtask').textContent,
+            cursor: document.querySelector('.curves .cursor').style.left}), {once: true});
+        s.value = 10; s.dispatchEvent(new Event('input'));
+    })""")
+    assert seek["time"] == pytest.approx(1.05, abs=0.01) and seek["step"] == "10" and seek["subtask"] != "-"
+    assert float(seek["cursor"].rstrip("%")) > 6   # past the axes' left edge (6 % of the figure)
+
     shots = {"data_view_index.png": out / "index.html", "data_view_human_episode.png": pages[0],
              "data_view_robot_episode.png": pages[-1]}
     keep = os.environ.get("MEGAVLA_UPDATE_SCREENSHOTS") == "1"  # refreshes docs/screenshots/

@@ -96,7 +96,8 @@ def episode_frames(ep: Episode, cameras: list[str]) -> tuple[list[np.ndarray], i
                 label += f"  (hand lost x{lost})" if lost else ""
             draw.text((4, 2), label, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
             if cam == cameras[0]:
-                draw.text((image.width - 4, 2), f"step {t}", anchor="ra", fill=(255, 255, 0), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+                draw.text((image.width - 4, 2), f"step {t}", anchor="ra", fill=(255, 255, 0), font=font,
+                          stroke_width=2, stroke_fill=(0, 0, 0))
             panels.append(np.asarray(image))
         frame = np.concatenate(panels, axis=1)
         h, w = frame.shape[:2]
@@ -215,8 +216,8 @@ def write_curves(path: Path, ep: Episode, dpi: int = 72) -> dict[str, float]:
         ax.grid(alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7.5, frameon=False)
     axes[0].set_xlim(-0.5, T - 0.5)
-    axes[-1].set_xlabel("step" + (f"   (red: {len(invalid)} steps with step_valid False, no loss)" if len(invalid) else ""),
-                        fontsize=9)
+    note = f"   (red: {len(invalid)} steps with step_valid False, no loss)" if len(invalid) else ""
+    axes[-1].set_xlabel("step" + note, fontsize=9)
     fig.savefig(path)
     width, height = fig.get_size_inches() * dpi
     # Pixel x of step t = (x0 + (t + 0.5) / T * (x1 - x0)) * width: the xlim is [-0.5, T - 0.5].

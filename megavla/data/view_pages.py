@@ -22,14 +22,16 @@ table { border-collapse: collapse; background: #fff; } td, th { border: 1px soli
   border: 1px solid #ddd; text-decoration: none; color: #222; font-size: 12px; }
 .card img { display: block; width: 200px; } .card div { padding: 4px 6px; }
 .track { position: relative; display: inline-block; cursor: pointer; }
-.cursor { position: absolute; top: 0; bottom: 0; width: 2px; margin-left: -1px; background: #e00; pointer-events: none; }
+.cursor { position: absolute; top: 0; bottom: 0; width: 2px; margin-left: -1px; background: #e00;
+  pointer-events: none; }
 .timeline { width: 100%; max-width: 1000px; height: 30px; background: #eee; display: block; }
 .seg { position: absolute; top: 0; height: 100%; box-sizing: border-box; border-right: 2px solid #fff;
   overflow: hidden; white-space: nowrap; font-size: 11px; padding: 7px 4px; color: #fff; }
 .bad { position: absolute; bottom: 0; height: 6px; background: #d00; }
 .curves img, .strip { display: block; max-width: 100%; }
 video { background: #000; height: 300px; max-width: 100%; display: block; }
-.top { display: flex; flex-wrap: wrap; gap: 20px; align-items: flex-start; } #scrub { width: 240px; vertical-align: middle; }
+.top { display: flex; flex-wrap: wrap; gap: 20px; align-items: flex-start; }
+#scrub { width: 240px; vertical-align: middle; }
 """
 SEGMENT_COLORS = ("#3b75af", "#e1812c", "#3a923a", "#c03d3e", "#9372b2", "#845b53", "#d684bd", "#7f7f7f")
 
