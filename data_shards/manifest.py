@@ -225,6 +225,9 @@ def load_manifest(set_dir: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(text)
     except ValueError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: a JSON {type(manifest).__name__}, not an object with format_version, "
+                            "shards, ...; not a manifest a MegaVLA writer wrote: rerun the writer")
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: format_version={manifest.get('format_version')!r}, this code "
                             f"reads {MANIFEST_VERSION}")
@@ -235,6 +238,8 @@ def load_manifest(set_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(shards, list):
         raise ManifestError(f"{path}: field 'shards' must be a list")
     for i, row in enumerate(shards):
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}: shards[{i}] must be an object with fields {list(SHARD_FIELDS)}")
         missing = [f for f in SHARD_FIELDS if f not in row]
         if missing:
             raise ManifestError(f"{path}: shards[{i}] lacks field(s) {missing}")

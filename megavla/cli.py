@@ -12,7 +12,7 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("megavla.data.cli", "synth | import | inspect | stats | verify shard sets"),
+    "data": ("megavla.data.cli", "synth | import | inspect | stats | verify | convert | view shard sets"),
     "tokenizer": ("megavla.tokenizers.cli", "train the text tokenizer / FAST tokenizer on a shard set"),
     "model": ("megavla.model.cli", "summary: parameters per part and FLOPs per sample"),
     "train": ("megavla.train.cli", "train (1 or N local processes, DeepSpeed ZeRO)"),

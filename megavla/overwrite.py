@@ -6,7 +6,8 @@ Where each command applies it:
 * ``data synth`` / ``data convert`` / ``data import``: the shard writer refuses a finished set
   (data_shards/writer.py). ``data import`` is resumable by design: rerunning the same command
   continues an unfinished import; ``--overwrite`` starts over.
-* ``tokenizer train``, ``experiment closed-loop --out``, ``experiment probe --out``: :func:`refuse_existing`.
+* ``tokenizer train``, ``data view --out``, ``experiment closed-loop --out``, ``experiment probe --out``:
+  :func:`refuse_existing`.
 * ``train`` / ``launch``: a run dir that holds a run needs ``--resume auto`` or ``--overwrite``
   (megavla/train/resume.py); ``sweep`` and ``experiment diversity|objectives`` resume by design.
 * ``export``: megavla/train/export.py. ``demo`` writes only into a directory it owns (megavla/demo.py).

@@ -517,3 +517,18 @@ def test_loader_state_with_old_counter_names_resumes(tmp_path):
     after = restored.read_counts()
     assert after["samples_read"] == before["samples_read"] + 4 and after["episodes_read"] >= before["episodes_read"]
     assert "episodes" not in restored.skip_counts() and "samples" not in restored.skip_counts()
+
+
+def test_manifest_that_is_not_an_object_is_refused_by_name(tmp_path):
+    # Was: AttributeError "'list' object has no attribute 'get'" in the reader, verify and inspect.
+    d = write(tmp_path / "s")
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps([manifest]))
+    outcome, _, _, message = run_reader(d)
+    assert outcome == "refuse" and "manifest.json: a JSON list, not an object" in message, message
+    manifest["shards"] = [7]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    outcome, _, _, message = run_reader(d)
+    assert outcome == "refuse" and "shards[0] must be an object" in message, message
+    code, text = run_verify(d)
+    assert code == 1 and "shards[0] must be an object" in text, text
