@@ -55,9 +55,12 @@ class ModelConfig:
     # discrete: pi0.5 state tokens in the prefix (state_bins bins over [-1, 1]); what a pretrained
     # VLM backbone reads. A from-scratch tiny model cannot read the unordered bins well (issue 11:
     # 1/20 vs 9/20 closed-loop success on one combo).
+    # text: no state parameters; the state reaches the model only as prompt text, the way a loaded
+    # LeRobot / openpi pi0.5 was trained ("Task: ..., State: 12 200 ...;\nAction: ", 256 bins
+    # written in decimal; megavla.model.pretrained_pi0.pi05_prompt) -- what pi0_size_overrides sets.
     # null = the preset's choice (presets.TRAINING_DEFAULTS): continuous for the from-scratch
     # presets tiny / small / 1b, discrete for pi05-3b (PaliGemma-initialised).
-    state_mode: Literal["discrete", "continuous"] | None = None
+    state_mode: Literal["discrete", "continuous", "text"] | None = None
     state_bins: int = 256
     # adarms: pi0.5 adaptive RMSNorm in the expert; mlp: pi0 time embedding mixed into action tokens.
     time_conditioning: Literal["adarms", "mlp"] = "adarms"

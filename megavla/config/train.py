@@ -48,11 +48,13 @@ class TrainConfig:
     # step peak sat above ZeRO-2's) and 32768 otherwise (at 1024 page faults cost a CPU ZeRO-2 step
     # 12-38 % at 2 ranks). megavla/train/host_memory.py has the measurements. At most 32768 (glibc's limit).
     malloc_mmap_threshold_kb: int = 0
-    # A PaliGemma checkpoint (a directory of *.safetensors, or one file) a fresh run starts from (a
-    # resume starts from its own checkpoint): vision tower + backbone, read one tensor at a time
-    # (model.pretrained.load_paligemma); under ZeRO-3 each is gathered, written and re-partitioned in
+    # A checkpoint a fresh run starts from (a resume starts from its own checkpoint): a PaliGemma
+    # directory of *.safetensors or one file (vision tower + backbone), or a LeRobot / openpi pi0 /
+    # pi0.5 policy directory (every tensor, action expert included); read one tensor at a time
+    # (model.pretrained.load_pretrained); under ZeRO-3 each is gathered, written and re-partitioned in
     # turn, so no rank ever holds the whole model. The model's sizes must match the checkpoint's
-    # (paligemma_size_overrides); pretrained_strict=false loads what fits and logs the rest.
+    # (paligemma_size_overrides / pretrained_pi0.pi0_size_overrides; a mismatch error prints the
+    # model.* overrides); pretrained_strict=false loads what fits and logs the rest.
     pretrained: str = ""
     pretrained_strict: bool = True
     grad_accum: int = 1
@@ -126,7 +128,8 @@ class TrainConfig:
                 raise ConfigError("ema_decay needs full parameters on each rank: use zero_stage <= 2")
         if self.pretrained and not Path(self.pretrained).exists():
             raise ConfigError(f"pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
-                              "checkpoint: a directory of *.safetensors or one file; empty = random init)")
+                              "checkpoint: a directory of *.safetensors or one file, or a LeRobot / openpi "
+                              "pi0 / pi0.5 policy directory; empty = random init)")
         if self.run_dir is not None and not self.run_dir:
             raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")
 

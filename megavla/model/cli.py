@@ -49,13 +49,40 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("summary", help="parameters per part and training FLOPs per sample")
     p.add_argument("config", help="YAML config file (e.g. configs/pi05-3b.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.width=1024")
-    args = parser.parse_args(argv)
+    c = sub.add_parser("convert", help="a LeRobot / openpi pi0 or pi0.5 checkpoint -> a MegaVLA model directory")
+    c.add_argument("src", help="LeRobot policy directory (config.json + model.safetensors) or openpi "
+                               "PyTorch checkpoint directory; nothing is downloaded")
+    c.add_argument("--out", required=True, help="directory for model.safetensors + model_config.yaml")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing model.safetensors in --out")
+    c.add_argument("overrides", nargs="*", help="dotted overrides for what the checkpoint does not fix, "
+                                                "e.g. model.fast_vocab_size=2048")
+    # overrides may also follow --out (argparse stops a positional list at an option)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "convert" or any("=" not in a or a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
     from megavla.config import ConfigError
+    if args.command == "convert":
+        return _convert(args)
     try:
         print(summary(args.config, args.overrides))
     except ConfigError as e:
         sys.stderr.write(f"megavla model summary: config error: {e}\n")
         return 2
+    return 0
+
+
+def _convert(args) -> int:
+    from megavla.config import ConfigError
+
+    from .pretrained import PretrainedLoadError
+    from .pretrained_pi0 import convert_pi0
+    try:
+        out, report = convert_pi0(args.src, args.out, args.overrides, args.overwrite)
+    except (ConfigError, PretrainedLoadError, FileNotFoundError, FileExistsError) as e:
+        sys.stderr.write(f"megavla model convert: {e}\n")
+        return 2
+    print(f"wrote {out}: {report.summary()}")
     return 0
 
 

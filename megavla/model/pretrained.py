@@ -254,6 +254,15 @@ def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> L
     return report
 
 
+def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+    """``train.pretrained``: a LeRobot / openpi π0 or π0.5 checkpoint (pretrained_pi0.load_pi0: every
+    tensor, expert included) or a Hugging Face PaliGemma directory (load_paligemma: the VLM part)."""
+    from .pretrained_pi0 import is_pi0_checkpoint, load_pi0
+    if is_pi0_checkpoint(path):
+        return load_pi0(model, path, strict=strict)
+    return load_paligemma(model, path, strict=strict)
+
+
 def _whole(param: nn.Parameter):
     """The parameter whole while it is written: under ZeRO-3 (a zero.Init partition, ``ds_id``) it is
     gathered, written on every rank, and rank 0's values re-partitioned on exit -- one tensor at a

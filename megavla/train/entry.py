@@ -265,8 +265,8 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
     else:
         model = model_factory(cfg)
     if cfg.train.pretrained and saved is None:   # a fresh run; a resume loads its own weights
-        from megavla.model.pretrained import load_paligemma
-        load_paligemma(model, cfg.train.pretrained, strict=cfg.train.pretrained_strict)
+        from megavla.model.pretrained import load_pretrained   # PaliGemma or LeRobot / openpi π0(.5)
+        load_pretrained(model, cfg.train.pretrained, strict=cfg.train.pretrained_strict)
     frozen = apply_freeze(model, cfg.train.freeze)
     n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     if dist.rank == 0:
