@@ -19,6 +19,40 @@ from typing import Literal
 
 from .core import ConfigError
 
+LoraPart = Literal["backbone", "expert", "vision"]
+LoraTarget = Literal["attention", "mlp"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA finetune (megavla/model/lora.py): rank-r adapters on the chosen layers; with it on, only
+    the adapters and `train.trainable_parts` train (everything else is frozen: no gradient, no
+    optimizer state). rank 0 or null = off (full finetune)."""
+    rank: int | None = 0
+    alpha: float | None = None            # update scale alpha / rank; null = rank (scale 1, as openpi)
+    dropout: float = 0.0                  # on the adapter's input only
+    targets: list[LoraTarget] = field(default_factory=lambda: ["attention", "mlp"])
+    parts: list[LoraPart] = field(default_factory=lambda: ["backbone", "expert"])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rank)
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank < 0:
+            raise ConfigError(f"rank={self.rank} must be >= 0 (0 or null = LoRA off; e.g. train.lora.rank=16)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha} must be > 0 or null (= rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.enabled and (not self.targets or not self.parts):
+            raise ConfigError("targets and parts must each name at least one entry when rank > 0 "
+                              "(targets: attention, mlp; parts: backbone, expert, vision)")
+
 
 @dataclass
 class TrainConfig:
@@ -73,6 +107,11 @@ class TrainConfig:
     # (activation checkpointing per layer is model.activation_checkpointing; objectives are the
     #  model's loss weights: model.subtask_weight/fast_weight = high level, model.flow_weight = low level)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes, e.g. ["vision"]
+    # LoRA adapters (train.lora.rank=16 turns them on); applied after `pretrained` is loaded.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # With LoRA on: parameter-name prefixes that train in full beside the adapters, e.g. ["expert"]
+    # after a PaliGemma start (its action expert is new); `freeze` still wins over it.
+    trainable_parts: list[str] = field(default_factory=list)
     # e.g. 0.999: fp32 EMA of the engine's module weights (bf16 copies under bf16 precision),
     # updated every optimizer step, saved as ema.safetensors; needs ZeRO stage <= 2.
     ema_decay: float | None = None
@@ -130,6 +169,9 @@ class TrainConfig:
             raise ConfigError(f"pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
                               "checkpoint: a directory of *.safetensors or one file, or a LeRobot / openpi "
                               "pi0 / pi0.5 policy directory; empty = random init)")
+        if self.trainable_parts and not self.lora.enabled:
+            raise ConfigError(f"trainable_parts={self.trainable_parts} applies only with LoRA on: without "
+                              "it every parameter trains (but train.freeze); set train.lora.rank or drop it")
         if self.run_dir is not None and not self.run_dir:
             raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")
 

@@ -1,4 +1,5 @@
-"""``megavla model summary CONFIG [dotted.overrides ...]``: parameters per part and FLOPs per sample."""
+"""``megavla model summary CONFIG [dotted.overrides ...]``: parameters per part, FLOPs per sample, and
+trainable parameters / optimizer-state bytes of a full finetune next to LoRA's (train.lora.rank > 0)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,37 @@ def summary(config: str | None, overrides: list[str]) -> str:
         lines.append(f"{part:<14} {_human(flops[part]):>12}")
     lines.append(f"training FLOPs per sample (3 x forward): {flops['train_total']:.4g} "
                  f"({_human(flops['train_total'])})")
+    lines += training_memory_lines(cfg, counts["total"])
     return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def training_memory_lines(cfg, total: int) -> list[str]:
+    """Trainable parameters and AdamW state bytes of a full finetune, and of LoRA when train.lora is on."""
+    from .lora import optimizer_state_bytes, trainable_parameter_counts
+    train = cfg.train
+    trainable = trainable_parameter_counts(meta_model(model_config_of(cfg)), train)
+    master = ", fp32 master weights" if train.precision == "bf16" else ""
+    lines = ["", f"training (train.precision={train.precision}; optimizer state = AdamW m+v fp32{master}; "
+                 "ZeRO-1/2/3 divide it by the world size)",
+             f"{'':<24} {'trainable':>14} {'':>9} {'% of all':>8} {'optimizer state':>16}"]
+    rows = [("full finetune", trainable["full"])]
+    if train.lora.enabled:
+        lora = train.lora
+        rows.append((f"LoRA r={lora.rank} a={lora.alpha_value:g}", trainable["lora"]))
+    for label, n in rows:
+        state = optimizer_state_bytes(n, train.precision)
+        lines.append(f"{label:<24} {n:>14,d} {_human(n):>9} {100 * n / total:>7.2f}% {_bytes(state):>16}")
+    if train.lora.enabled:
+        lines.append(f"LoRA: {'/'.join(train.lora.targets)} layers of {'/'.join(train.lora.parts)}; trains "
+                     f"the adapters{' + ' + ', '.join(train.trainable_parts) if train.trainable_parts else ''}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,19 @@ def default_model_factory(cfg: Config) -> torch.nn.Module:
     return build_model(cfg.model)
 
 
+def apply_lora_for_training(model: torch.nn.Module, cfg: Config) -> None:
+    """train.lora: adapters on the chosen layers, then everything but them and train.trainable_parts
+    frozen (no gradient, no optimizer state). A TrainingError (every rank) when they match nothing."""
+    from megavla.model.lora import apply_lora, freeze_for_lora
+    try:
+        apply_lora(model, cfg.train.lora)
+        trainable, frozen = freeze_for_lora(model, cfg.train.trainable_parts)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    log.info("LoRA: %.3fM trainable parameters (adapters + trainable_parts %s), %.2fM frozen",
+             trainable / 1e6, cfg.train.trainable_parts or "none", frozen / 1e6)
+
+
 def load_tokenizers(cfg: Config):
     if not cfg.train.tokenizer_dir:
         return None, None
@@ -267,8 +280,13 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
     if cfg.train.pretrained and saved is None:   # a fresh run; a resume loads its own weights
         from megavla.model.pretrained import load_pretrained   # PaliGemma or LeRobot / openpi π0(.5)
         load_pretrained(model, cfg.train.pretrained, strict=cfg.train.pretrained_strict)
-    frozen = apply_freeze(model, cfg.train.freeze)
+    if cfg.train.lora.enabled:
+        # after the pretrained load (adapters start at B = 0: the loaded model's output); a resume
+        # builds the same adapters, and the checkpoint then restores them with everything else
+        apply_lora_for_training(model, cfg)
+    apply_freeze(model, cfg.train.freeze)
     n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    frozen = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if not p.requires_grad)
     if dist.rank == 0:
         log.info("model: %.2fM parameters (%.2fM frozen)", n_params / 1e6, frozen / 1e6)
     seed_everything(cfg.train.seed * 1000 + dist.rank)

@@ -7,7 +7,8 @@ are consolidated to fp32 with DeepSpeed's `get_fp32_state_dict_from_zero_checkpo
 reads held to `torch.load(weights_only=True)` (safe_load.py: a file that could run code is refused,
 named); the result is loaded strictly into a freshly built model (so a mismatch fails here, not at
 inference) and written with `megavla.model.io.save_model`: DIR/model.safetensors +
-DIR/model_config.yaml, plus the run's resolved config.yaml, norm_stats.json and tokenizers/ copied
+DIR/model_config.yaml (LoRA adapters, train.lora, are merged into their weights first, so the
+export is a plain model), plus the run's resolved config.yaml, norm_stats.json and tokenizers/ copied
 from the checkpoint, and export.json (the step, the source checkpoint, which weights).
 A DIR that already holds files is refused unless --overwrite (as every MegaVLA writer does); the
 export is written beside DIR first and moved in only when complete.
@@ -125,10 +126,17 @@ def export(path: str | Path, out: str | Path, use_ema: bool = False, overwrite: 
         from safetensors.torch import load_file
         weights.update(load_file(str(ema_file)))
     model = build_model(cfg.model)
+    if cfg.train.lora.enabled:      # the checkpoint holds adapters: build them, load, then merge
+        from megavla.model.lora import apply_lora
+        apply_lora(model, cfg.train.lora)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint weights do not match the model config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    if cfg.train.lora.enabled:
+        from megavla.model.lora import merge_lora
+        # plain weights W + (alpha / r) B A: the export loads into a model built without LoRA
+        log.info("merged LoRA adapters of %d layers into their weights", merge_lora(model))
     tmp = out.with_name(f".tmp-{out.name}")       # beside `out`: the final moves are renames
     shutil.rmtree(tmp, ignore_errors=True)
     try:
