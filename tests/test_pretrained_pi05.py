@@ -188,3 +188,31 @@ def test_zero3_load_equals_a_plain_load(monkeypatch):
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             assert torch.equal(p.detach(), want[name].detach()), name
+
+
+@pytest.mark.parametrize("kind", ["pi05", "pi0"])
+def test_full_size_names_and_shapes_map(kind):
+    """Every tensor of lerobot's full-size policy (names and shapes recorded by lerobot itself) has a
+    home of the same shape in MegaVLA's pi05-3b built from the sizes the loader reads."""
+    from megavla.model.flops import meta_model
+    from megavla.model.presets import PRESETS
+    from megavla.model.pretrained_pi0 import pi0_sizes_from_shapes
+    shapes = json.loads((FIXTURES / "lerobot_pi_full_shapes.json").read_text())[kind]
+    sizes = pi0_sizes_from_shapes(shapes)
+    assert {k: v for k, v in sizes.items() if k in PRESETS["pi05-3b"]} == \
+        {k: v for k, v in PRESETS["pi05-3b"].items() if k != "fast_vocab_size"}
+    params = {n: tuple(p.shape) for n, p in meta_model(ModelConfig(preset="pi05-3b", **sizes)).named_parameters()}
+    homes = {}
+    for key, shape in shapes.items():
+        name = pi0_to_megavla_name(key)
+        if key.endswith("gemma_expert.lm_head.weight"):
+            continue
+        assert name in params, key
+        want = params[name]
+        if name == "embed_tokens.weight":
+            want = (sizes["text_vocab_size"], want[1])      # + FAST rows and markers, new
+        elif name.startswith("expert.stack.norm.dense") and kind == "pi05":
+            want = (want[0] * 3 // 2, *want[1:])              # + the unused gate rows
+        assert tuple(shape) == want, key
+        homes[name] = key
+    assert sorted(homes) == sorted(params)

@@ -110,7 +110,18 @@ def pi0_size_overrides(path: str | Path) -> dict[str, Any]:
     """ModelConfig fields of a π0 / π0.5 checkpoint, read from its tensor shapes (LeRobot's config.json
     names Gemma variants, not sizes) and its config.json (chunk_size) where present."""
     path = Path(path)
-    shapes = {_short(k): v for k, v in _keys_and_shapes(path).items()}
+    out = pi0_sizes_from_shapes({k: v for k, v in _keys_and_shapes(path).items()}, str(path))
+    cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if cfg.is_file():
+        chunk = json.loads(cfg.read_text()).get("chunk_size")
+        if isinstance(chunk, int) and chunk > 0:
+            out["chunk_length"] = chunk
+    return out
+
+
+def pi0_sizes_from_shapes(shapes: dict[str, tuple[int, ...]], path: str = "checkpoint") -> dict[str, Any]:
+    """ModelConfig fields from {checkpoint tensor name: shape} (either layout)."""
+    shapes = {_short(k): tuple(v) for k, v in shapes.items()}
     variant = pi0_variant(shapes)
 
     def shape(*names: str) -> tuple[int, ...]:
@@ -151,11 +162,6 @@ def pi0_size_overrides(path: str | Path) -> dict[str, Any]:
     )
     if variant == "pi0":
         out["state_dim"] = shape("state_proj.weight")[1]
-    cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if cfg.is_file():
-        chunk = json.loads(cfg.read_text()).get("chunk_size")
-        if isinstance(chunk, int) and chunk > 0:
-            out["chunk_length"] = chunk
     return out
 
 
