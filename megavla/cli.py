@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("megavla.data.cli", "synth | import | inspect | stats | verify | convert | view shard sets"),
     "tokenizer": ("megavla.tokenizers.cli", "train the text tokenizer / FAST tokenizer on a shard set"),
-    "model": ("megavla.model.cli", "summary: parameters per part and FLOPs per sample"),
+    "model": ("megavla.model.cli", "summary: parameters per part and FLOPs per sample; convert: a LeRobot / openpi pi0(.5) checkpoint -> MegaVLA"),
     "train": ("megavla.train.cli", "train (1 or N local processes, DeepSpeed ZeRO)"),
     "export": ("megavla.train.export", "consolidate a checkpoint into one safetensors file"),
     "launch": ("megavla.launch.cli", "launch a training run locally or on SLURM (submitit)"),
