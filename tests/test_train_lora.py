@@ -175,6 +175,11 @@ def test_lora_finetune_from_paligemma_resumes_exactly_and_exports(tmp_path, monk
     for step in (4, 5, 6):                      # the resumed half equals the uninterrupted run
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
     assert want[5] + want[6] < want[1] + want[2]        # the short finetune lowers the loss
+    from megavla.train.errors import ResumeError
+    other = run_cfg(tmp_path / "split", paligemma, *steps, "train.lora.rank=8")
+    with pytest.raises(ResumeError, match="was trained with train.lora"):   # other adapters: refused
+        run(other, resume="auto", loader_factory=loader_factory)
+    assert load_config(tmp_path / "split" / "config.yaml").train.lora.rank == 4     # run dir's config kept
 
     final = ckpt.list_checkpoints(tmp_path / "split" / "checkpoints")[-1]
     weights = consolidated_state_dict(final)
@@ -197,6 +202,26 @@ def test_lora_finetune_from_paligemma_resumes_exactly_and_exports(tmp_path, monk
     with torch.no_grad():
         exported, adapted = plain(batch, noise, t)["loss"], lora_model(batch, noise, t)["loss"]
     assert float(exported) == pytest.approx(float(adapted), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (3, "bf16")])
+def test_lora_trains_under_zero0_and_bf16_zero3(tmp_path, monkeypatch, paligemma, stage, precision):
+    """ZeRO-0 (no partitioning: the engine's own optimizer over the trainable parameters) and bf16
+    under zero.Init (adapters created in the partitioned base's dtype): frozen weights stay put."""
+    from megavla.train import checkpoint as ckpt
+    from megavla.train.entry import run
+    from megavla.train.export import consolidated_state_dict
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = run_cfg(tmp_path / "run", paligemma, f"train.zero_stage={stage}", f"train.precision={precision}",
+                  "train.steps=2")
+    assert run(cfg, loader_factory=loader_factory) == 0
+    assert all(v == v and v < 1e4 for v in losses(tmp_path / "run").values())   # finite
+    weights = consolidated_state_dict(ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    start = warm_start(cfg)
+    if precision == "bf16":      # frozen weights are kept in bf16 by the engine
+        start = {n: v.to(torch.bfloat16).float() for n, v in start.items()}
+    check_frozen_and_trained(weights, start, ("expert.",))
 
 
 @pytest.mark.distributed

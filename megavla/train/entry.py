@@ -37,6 +37,7 @@ from megavla.config.train import TrainConfig
 from megavla.fileio import atomic_write_json
 
 from . import checkpoint as ckpt
+from .adapters import apply_lora_for_training, check_same_adapters
 from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
                      lr_factor, seed_everything, shutdown_distributed)
 from .metrics import LaunchClock
@@ -56,19 +57,6 @@ LoaderFactory = Callable[..., Any]   # (cfg, rank, world_size, seed, split) -> l
 def default_model_factory(cfg: Config) -> torch.nn.Module:
     from megavla.model.vla import build_model
     return build_model(cfg.model)
-
-
-def apply_lora_for_training(model: torch.nn.Module, cfg: Config) -> None:
-    """train.lora: adapters on the chosen layers, then everything but them and train.trainable_parts
-    frozen (no gradient, no optimizer state). A TrainingError (every rank) when they match nothing."""
-    from megavla.model.lora import apply_lora, freeze_for_lora
-    try:
-        apply_lora(model, cfg.train.lora)
-        trainable, frozen = freeze_for_lora(model, cfg.train.trainable_parts)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    log.info("LoRA: %.3fM trainable parameters (adapters + trainable_parts %s), %.2fM frozen",
-             trainable / 1e6, cfg.train.trainable_parts or "none", frozen / 1e6)
 
 
 def load_tokenizers(cfg: Config):
@@ -252,6 +240,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
            loader_factory: LoaderFactory, launch: LaunchClock) -> int:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    saved = ckpt.read_trainer_state(plan.path) if plan.path else None
+    if saved is not None:     # before this run's config.yaml replaces the run dir's
+        check_same_adapters(saved, plan.path, cfg)
     if dist.rank == 0:
         for line in plan.skipped:
             log.warning("damaged checkpoint skipped: %s", line)
@@ -261,7 +252,6 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(cfg, run_dir / "config.yaml")
         _write_norm_stats(cfg, run_dir / "norm_stats.json")
-    saved = ckpt.read_trainer_state(plan.path) if plan.path else None
     if saved is not None and plan.step >= cfg.train.steps:
         # Every rank got the same plan, so all return here together.
         if dist.rank == 0:
