@@ -110,6 +110,8 @@ class FakeEngine:
 
 
 class FakeMetrics:
+    writer = None    # no tensorboard: the trainer draws no validation figures
+
     def add(self, values):
         pass
 
