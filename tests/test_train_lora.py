@@ -105,6 +105,27 @@ def _name(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
+def test_summary_prints_lora_next_to_full_finetune(capsys):
+    """`megavla model summary configs/pi05-3b.yaml train.lora.rank=16`: trainable parameters and AdamW
+    state of both; the adapter count from the layer widths: r x (in + out) per adapted Linear."""
+    from megavla.model import cli as model_cli
+    from megavla.model.presets import resolve
+    assert model_cli.main(["summary", "configs/pi05-3b.yaml", "train.lora.rank=16"]) == 0
+    out = capsys.readouterr().out
+    m = resolve(load_config("configs/pi05-3b.yaml").model)
+
+    def per_layer(width: int, mlp: int) -> int:   # q, k, v, o, gate, up, down
+        q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        return (width + q) + 2 * (width + kv) + (q + width) + 3 * (width + mlp)
+    adapters = 16 * m.depth * (per_layer(m.width, m.mlp_dim) + per_layer(m.expert_width, m.expert_mlp_dim))
+    full = next(line for line in out.splitlines() if line.startswith("full finetune"))
+    lora = next(line for line in out.splitlines() if line.startswith("LoRA r=16 a=16"))
+    assert f"{adapters:,d}" in lora and "MB" in lora and "GB" in full     # bf16: 12 bytes per trainable
+    total = int(next(line for line in out.splitlines() if line.startswith("total")).split()[1].replace(",", ""))
+    assert f"{total:,d}" in full and f"{total * 12 / 1e9:.2f} GB" in full
+    assert f"{adapters * 12 / 1e6:.2f} MB" in lora
+
+
 # ---- training runs -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def paligemma(tmp_path_factory):

@@ -367,6 +367,12 @@ def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: Di
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x world %d", cfg.zero_stage,
              cfg.precision, micro_batch, config["gradient_accumulation_steps"], dist.world_size)
+    # frozen parameters (train.freeze, train.lora) are in no optimizer group: no state, no update
+    from megavla.model.lora import optimizer_state_bytes
+    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+    log.info("optimizer: %.2fM of %.2fM parameters trainable, AdamW state %.1f MB for the model%s",
+             trainable / 1e6, num_params / 1e6, optimizer_state_bytes(trainable, cfg.precision) / 1e6,
+             f" ({dist.world_size} ZeRO-{cfg.zero_stage} partitions)" if cfg.zero_stage and dist.world_size > 1 else "")
     return engine, optimizer, scheduler
 
 
