@@ -8,6 +8,9 @@ other, or it fails minutes later, after the job was submitted and the model buil
   projections) or trains on the wrong chunk.
 * model vs tokenizers (``train.tokenizer_dir``, when it exists): token ids beyond the model's text or
   FAST vocabulary would index into the wrong embedding rows.
+* model.state_mode=text (π0.5 reads the state only as prompt text, megavla.data.prompt): the run
+  needs a text tokenizer, a normalized state (the 256 bins cover [-1, 1]), and a ``model.text_len``
+  (the prompt length the FLOPs estimate counts; nothing truncates a prompt) that holds the prompt.
 * data vs the shard sets (``data.sources`` / ``data.val_sources``, when they exist): frames stored
   smaller than ``data.image_size`` would be upscaled (the pipeline only ever downscales by design:
   an upscaled frame costs compute and carries no detail); an embodiment whose dims exceed
@@ -31,6 +34,7 @@ from .core import ConfigError
 log = logging.getLogger(__name__)
 
 TOKENIZER_SUMMARY = "tokenizers.json"   # megavla.tokenizers.cli.SUMMARY_FILE (torch-free copy)
+TEXT_TOKENIZER_FILE = "text.model"      # megavla.tokenizers.cli.TEXT_FILE
 NORM_STATS_FILE = "norm_stats.json"     # megavla.data_shards.stats.NORM_STATS_FILE
 
 
@@ -99,6 +103,54 @@ def tokenizer_problems(cfg: Any) -> list[Problem]:
     return problems
 
 
+def state_prompt_problems(cfg: Any, read_files: bool = True) -> list[Problem]:
+    """``model.state_mode=text``: tokenizer, normalization and ``model.text_len`` for the state prompt;
+    ``read_files``: tokenize the shortest-case prompt with ``train.tokenizer_dir``'s text tokenizer."""
+    from megavla.model.presets import resolve
+    try:
+        model = resolve(cfg.model)
+    except ConfigError:
+        return []   # model_data_problems reports it
+    if model.state_mode != "text":
+        return []
+    tok_dir, data = cfg.train.tokenizer_dir, cfg.data
+    problems = []
+    if data.normalization == "none":
+        problems.append(Problem("data.normalization", (
+            "model.state_mode=text writes the state as 256 bins over [-1, 1] (π0.5's prompt) but "
+            "data.normalization=none leaves it raw: most values would fall in the end bins; set "
+            "data.normalization=quantile (π0.5's q01..q99 -> [-1, 1])")))
+    if not tok_dir:
+        return problems + [Problem("train.tokenizer_dir", (
+            "model.state_mode=text reads the state only as prompt text, and without train.tokenizer_dir "
+            "there are no text tokens: the model would see neither state nor instruction; set "
+            "train.tokenizer_dir (for a loaded π0.5 with PaliGemma's tokenizer, docs/architecture.md) or "
+            "model.state_mode=continuous"))]
+    text_file = Path(tok_dir) / TEXT_TOKENIZER_FILE
+    if not read_files or not text_file.is_file():
+        return problems   # a missing dir: the path checks name it
+    import numpy as np
+
+    from megavla.model.pretrained_pi0 import pi05_prompt
+    from megavla.tokenizers.text import TextTokenizer
+    try:
+        tok = TextTokenizer.load(text_file)
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot read the text tokenizer (%s); model.text_len not checked", text_file, e)
+        return problems
+    # An empty instruction and a centred state (bin 128 in every dim, what every padded dim holds):
+    # real prompts add their instruction; only states with many 1- or 2-digit bins are shorter.
+    least = len(tok.encode(pi05_prompt("", np.zeros(data.max_state_dim, np.float32)), add_bos=True, add_eos=False))
+    if model.text_len < least:
+        problems.append(Problem("model.text_len", (
+            f"model.state_mode=text: the prompt of an empty instruction and a centred state of "
+            f"data.max_state_dim={data.max_state_dim} dims is already {least} tokens with {text_file}, but "
+            f"model.text_len={model.text_len} (the prompt length the FLOPs estimate counts; prompts are "
+            f"never cut): set model.text_len to at least {least} plus your instructions' tokens "
+            f"(LeRobot's π0.5: 200)")))
+    return problems
+
+
 def _stored_image_size(manifest: dict) -> int | None:
     size = (manifest.get("generator") or {}).get("image_size")
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
@@ -156,7 +208,7 @@ def shard_set_problems(cfg: Any) -> list[Problem]:
 def config_problems(cfg: Any, read_files: bool = True) -> list[Problem]:
     """Every cross-section problem of a built Config; ``read_files`` also reads the tokenizer summary
     and the sources' manifests / norm stats where they exist."""
-    problems = model_data_problems(cfg)
+    problems = model_data_problems(cfg) + state_prompt_problems(cfg, read_files)
     if read_files:
         problems += tokenizer_problems(cfg) + shard_set_problems(cfg)
     return problems

@@ -14,7 +14,9 @@ Per sample (see megavla/batch.py for the fields):
 * fast_tokens: FAST tokens of the normalized chunk restricted to the supervised dims, ``[H, d]``; masked
   steps are forward-filled from the last valid step (a smooth signal for the DCT; they carry no
   new information), so every chunk has exactly H steps.
-* text_tokens: instruction, ``encode(text, add_bos=True, add_eos=False)``.
+* text_tokens: instruction, ``encode(text, add_bos=True, add_eos=False)``; with ``state_mode="text"``
+  (π0.5) the prompt with the state of step t in it (prompt.prompt_tokens: one function for training
+  and inference).
 * subtask_tokens: the subtask whose ``[start, end)`` holds ``t`` (else the last one started before ``t``;
   none -> empty), ``encode(text, add_bos=False, add_eos=True)``: the high-level head's target ends in EOS.
 
@@ -35,6 +37,9 @@ from megavla.data_shards.format import EMBODIMENT_IDS, Episode, EpisodeFormatErr
 
 from . import hands
 from .normalize import Normalizer
+from .prompt import SampleError, check_state_mode, prompt_tokens
+from .prompt import cached_text as _cached_text
+from .prompt import encode_or_skip as _encode
 
 
 class ImageDecodeError(EpisodeFormatError):
@@ -83,21 +88,6 @@ def active_subtask(ep: Episode, t: int) -> str:
         if t < s.end:
             return s.text
     return max(started, key=lambda s: s.start).text if started else ""
-
-
-class SampleError(EpisodeFormatError):
-    """A library refused one sample (a tokenizer on its text or action chunk): a counted skip."""
-
-
-def _encode(tok, value, where: str, what: str, **kw) -> list[int]:
-    try:
-        return list(tok.encode(value, **kw))
-    except Exception as e:  # noqa: BLE001 - whatever a tokenizer library raises, one sample is skipped
-        raise SampleError(f"{where}: {what} tokenizer failed ({type(e).__name__}: {e})") from None
-
-
-def _encode_text(tok, text: str, where: str, **kw) -> list[int]:
-    return [] if tok is None or not text else _encode(tok, text, where, "text", **kw)
 
 
 def human_gripper_supervision(ep: Episode) -> tuple[np.ndarray, np.ndarray]:
@@ -177,24 +167,15 @@ def encode_fast_chunks(tok, chunks: list[np.ndarray], wheres: list[str]) -> list
     return out
 
 
-def _cached_text(tok, cache: dict, role: str, text: str, where: str, **kw) -> list[int]:
-    """Token ids of ``text`` (instruction or subtask), tokenized once per distinct text in ``cache``."""
-    key = (role, text)
-    ids = cache.get(key)
-    if ids is None:
-        ids = _encode_text(tok, text, where, **kw)
-        cache[key] = ids
-    return ids
-
-
 def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[str], image_size: int,
                  chunk_length: int, max_state_dim: int, max_action_dim: int,
                  normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
                  text_cache: dict | None = None, images_out: np.ndarray | None = None,
-                 token_cache: dict | None = None) -> dict[str, Any]:
+                 token_cache: dict | None = None, state_mode: str | None = None) -> dict[str, Any]:
     """``text_cache``: a dict kept per episode (padded normalized arrays, token ids) shared by its samples.
     ``token_cache``: a dict of token ids by text shared across episodes (instructions and subtasks repeat
     across a data set; the caller bounds its size); default: ``text_cache``.
+    ``state_mode``: the model's (model_state_mode); "text" writes the state into the prompt.
     ``images_out``: uint8 [C, R, R, 3] to decode into (a slot of the batch buffer); the sample then
     carries no "images" entry and collate_samples must get the same buffer.
     The same as decode_sample_images followed by sample_fields (the loader runs them a batch at a time)."""
@@ -204,7 +185,7 @@ def build_sample(ep: Episode, t: int, *, source: str, where: str, cameras: list[
             **sample_fields(ep, t, source=source, where=where, chunk_length=chunk_length,
                             max_state_dim=max_state_dim, max_action_dim=max_action_dim, normalizer=normalizer,
                             text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
-                            text_cache=text_cache, token_cache=token_cache)}
+                            text_cache=text_cache, token_cache=token_cache, state_mode=state_mode)}
 
 
 def decode_sample_images(ep: Episode, t: int, *, where: str, cameras: list[str], image_size: int,
@@ -224,8 +205,9 @@ def decode_sample_images(ep: Episode, t: int, *, where: str, cameras: list[str],
 def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length: int, max_state_dim: int,
                   max_action_dim: int, normalizer: Normalizer | None, text_tokenizer=None, fast_tokenizer=None,
                   text_cache: dict | None = None, token_cache: dict | None = None,
-                  human_gripper: str = "masked") -> dict[str, Any]:
+                  human_gripper: str = "masked", state_mode: str | None = None) -> dict[str, Any]:
     """Everything of a sample but its images (see build_sample). Raises SampleError (a tokenizer)."""
+    check_state_mode(state_mode)
     H = chunk_length
     cache = episode_arrays(ep, text_cache if text_cache is not None else {}, normalizer, H,
                             max_state_dim, max_action_dim, human_gripper)
@@ -240,8 +222,8 @@ def sample_fields(ep: Episode, t: int, *, source: str, where: str, chunk_length:
         fast = _encode(fast_tokenizer, fast_chunk(ep, t, cache, H), f"{where}.actions.npy", "FAST")
 
     tokens = token_cache if token_cache is not None else cache
-    instruction = _cached_text(text_tokenizer, tokens, "instruction", ep.instruction,
-                               f"{where}.meta.json instruction", add_bos=True, add_eos=False)
+    instruction = prompt_tokens(text_tokenizer, tokens, ep.instruction, cache["state_pad"][t], state_mode,
+                                f"{where}.meta.json instruction")
     subtask = _cached_text(text_tokenizer, tokens, "subtask", active_subtask(ep, t),
                            f"{where}.meta.json subtask", add_bos=False, add_eos=True)
     return {
@@ -316,9 +298,11 @@ class BatchFields:
         return fixed + 3 * B * cls.ARENA_TOKENS * 9 + 13 * 64
 
     def __init__(self, batch_size: int, chunk_length: int, max_state_dim: int, max_action_dim: int,
-                 num_cameras: int, text_tokenizer=None, token_cache: dict | None = None, arena=None):
+                 num_cameras: int, text_tokenizer=None, token_cache: dict | None = None, arena=None,
+                 state_mode: str | None = None):
+        check_state_mode(state_mode)
         B, H = batch_size, chunk_length
-        self.H, self.text_tokenizer, self.arena = H, text_tokenizer, arena
+        self.H, self.text_tokenizer, self.arena, self.state_mode = H, text_tokenizer, arena, state_mode
         self.offsets: dict[str, tuple[int, str]] = {}   # field -> (byte offset, dtype) in the arena
         self.layout: dict[str, tuple[int, str, tuple[int, ...]]] = {}   # set by batch()
         self.token_cache = token_cache if token_cache is not None else {}
@@ -359,8 +343,8 @@ class BatchFields:
             fast_tokens: list[int]) -> None:
         """Sample (ep, t) in the next row; ``cache``: its episode_arrays (already made)."""
         tokens = self.token_cache
-        instruction = _cached_text(self.text_tokenizer, tokens, "instruction", ep.instruction,
-                                   f"{where}.meta.json instruction", add_bos=True, add_eos=False)
+        instruction = prompt_tokens(self.text_tokenizer, tokens, ep.instruction, cache["state_pad"][t],
+                                    self.state_mode, f"{where}.meta.json instruction")
         subtask = _cached_text(self.text_tokenizer, tokens, "subtask", active_subtask(ep, t),
                                f"{where}.meta.json subtask", add_bos=False, add_eos=True)
         i, H = self.n, self.H

@@ -77,6 +77,7 @@ from .collate import (BatchFields, ImageDecodeError, SampleError, decode_sample_
 from .loader_state import STATE_VERSION, LoaderStateError, check_compatible, sum_counters
 from .mixture import WeightedRoundRobin, select_combos
 from .normalize import Normalizer, merge_norm_stats, with_human_gripper_range
+from .prompt import check_state_mode
 from .shard_reader import (READ_COUNTERS, Counters, DataError, ShardCursor, ShardInfo, read_first_episode,
                            read_manifest)
 
@@ -112,6 +113,7 @@ class Plan:
     text_tokenizer: Any = None
     fast_tokenizer: Any = None
     stream_settings: dict[str, Any] = field(default_factory=dict)
+    state_mode: str | None = None   # the model's; "text" writes each sample's state into its prompt
 
     @property
     def slots(self) -> int:
@@ -233,7 +235,8 @@ class WorkerStream:
         if len(self.token_cache) > TOKEN_CACHE_LIMIT:
             self.token_cache.clear()
         rows = BatchFields(cfg.batch_size, cfg.chunk_length, cfg.max_state_dim, cfg.max_action_dim, len(cameras),
-                           text_tokenizer=plan.text_tokenizer, token_cache=self.token_cache, arena=arena)
+                           text_tokenizer=plan.text_tokenizer, token_cache=self.token_cache, arena=arena,
+                           state_mode=plan.state_mode)
         while rows.n < cfg.batch_size:
             decoded = []   # (item, image mask, slot)
             for _ in range(cfg.batch_size - rows.n):
@@ -390,9 +393,12 @@ class StreamingLoader:
 
 def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None, rank: int = 0,
                  world_size: int = 1, norm_stats: dict | None = None, seed: int | None = None,
-                 split: str = "train") -> StreamingLoader:
-    """The trainer's reader. ``split="val"`` reads ``data.val_sources`` (equal weights, all combos)."""
+                 split: str = "train", state_mode: str | None = None) -> StreamingLoader:
+    """The trainer's reader. ``split="val"`` reads ``data.val_sources`` (equal weights, all combos).
+    ``state_mode``: the model's (prompt.model_state_mode); "text" (π0.5) puts each sample's state in
+    its prompt (prompt.prompt_tokens, as inference does)."""
     data_cfg.validate()
+    check_state_mode(state_mode)
     if split not in ("train", "val"):
         raise ConfigError(f"split={split!r}; choose 'train' (data.sources) or 'val' (data.val_sources)")
     if not 0 <= rank < world_size:
@@ -461,5 +467,5 @@ def build_loader(data_cfg: DataConfig, text_tokenizer=None, fast_tokenizer=None,
     plan = Plan(cfg=data_cfg, seed=seed, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
                 sources=eligible, weights={n: weights[n] for n in manifests}, kept_combos=kept,
                 normalizer=normalizer, validator=validator, text_tokenizer=text_tokenizer, fast_tokenizer=fast_tokenizer,
-                stream_settings=json.loads(json.dumps(settings)))
+                stream_settings=json.loads(json.dumps(settings)), state_mode=state_mode)
     return StreamingLoader(plan)

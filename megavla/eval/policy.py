@@ -30,6 +30,7 @@ from megavla.batch import Batch
 from megavla.config import Config, build, load_config
 from megavla.data.collate import build_sample, collate_samples
 from megavla.data.normalize import Normalizer
+from megavla.data.prompt import model_state_mode
 from megavla.data_shards.format import Episode, Subtask, encode_jpeg
 from megavla.data_shards.miniworld import MiniWorld
 
@@ -196,13 +197,14 @@ def observation_episode(world: MiniWorld, cameras: list[str]) -> Episode:
 
 def episode_sample(loaded: LoadedCheckpoint, ep: Episode, t: int, with_fast: bool = False) -> dict:
     """One (episode, timestep) as the training pipeline's sample (same cameras, sizes, normalization,
-    tokens)."""
+    tokens: with model.state_mode=text the prompt holds the state, data.prompt.prompt_tokens)."""
     d = loaded.cfg.data
     return build_sample(ep, t, source="eval", where=f"eval:{ep.key}", cameras=list(d.cameras),
                         image_size=d.image_size, chunk_length=d.chunk_length,
                         max_state_dim=d.max_state_dim, max_action_dim=d.max_action_dim,
                         normalizer=loaded.normalizer, text_tokenizer=loaded.text_tokenizer,
-                        fast_tokenizer=loaded.fast_tokenizer if with_fast else None)
+                        fast_tokenizer=loaded.fast_tokenizer if with_fast else None,
+                        state_mode=model_state_mode(loaded.cfg.model))
 
 
 def collate(loaded: LoadedCheckpoint, samples: list[dict]) -> Batch:

@@ -82,7 +82,9 @@ def default_loader_factory(cfg: Config, rank: int, world_size: int, seed: int | 
     from megavla.data.pipeline import build_loader
     text_tok, fast_tok = load_tokenizers(cfg)
     check_subtask_eos(cfg, text_tok)
-    return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split)
+    from megavla.data.prompt import model_state_mode
+    return build_loader(cfg.data, text_tok, fast_tok, rank=rank, world_size=world_size, seed=seed, split=split,
+                        state_mode=model_state_mode(cfg.model))   # "text": the state in each prompt
 
 
 def code_version() -> str:
