@@ -5,6 +5,7 @@ modes keep the per-text token cache and their exact tokens; config checks refuse
 hold the prompt; a 2-step `megavla train` on the tiny preset runs with it."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -76,6 +77,10 @@ def test_training_batches_hold_the_prompt_of_each_samples_own_timestep(data):
             assert want.endswith(" 128 128;\nAction: ")   # the two padded dims: a normalized 0
             prompts_seen.add(want)
     assert len(prompts_seen) > 8     # one prompt per (episode, timestep), not one per episode
+    # A loader worker process (the plan travels to it; token columns come back in its arena).
+    worker_cfg = dataclasses.replace(data["cfg"], num_workers=1)
+    for _, key, t, tokens in _rows(next(iter(build_loader(worker_cfg, tok, None, state_mode="text")))):
+        assert tokens == tok.encode(expected_prompt(by_key[key], t, loader.normalizer)), (key, t)
     # Before: build_loader took no state_mode and every row held the instruction only.
     plain = next(iter(build_loader(data["cfg"], tok, None)))
     for _, key, _, tokens in _rows(plain):

@@ -13,7 +13,8 @@ model was trained on and the tokens it is served cannot drift apart.
   normalized and zero-padded to ``data.max_state_dim`` (``collate.episode_arrays``' ``state_pad``):
   LeRobot's Pi05PrepareStateTokenizerProcessorStep normalizes, pads to ``max_state_dim``, then
   bins, and so does openpi's PaligemmaTokenizer. Same encode call (BOS first, no EOS). It changes
-  every timestep, so it is tokenized per sample (no cache: ~0.1 ms a sample with sentencepiece).
+  every timestep, so it is tokenized per sample (no cache: ~21 us a sample at 32 state dims with
+  a sentencepiece tokenizer, vs ~0.3 us for a cached instruction).
 
 Nothing truncates a prompt (``model.text_len`` is a nominal length for the FLOPs estimate);
 ``config.checks`` refuses a text_len shorter than a state_mode=text prompt.
