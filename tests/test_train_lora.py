@@ -245,8 +245,28 @@ def test_lora_trains_under_zero0_and_bf16_zero3(tmp_path, monkeypatch, paligemma
     check_frozen_and_trained(weights, start, ("expert.",))
 
 
+def test_resume_at_another_zero_stage_keeps_frozen_weights(tmp_path, monkeypatch, paligemma, before=2, after=1):
+    """A ZeRO-stage (or world-size) change resumes through DeepSpeed's universal checkpoint, which
+    carries only optimizer-held parameters: the frozen pretrained weights come from the original
+    checkpoint's model states (here ZeRO-2's whole tensors; ZeRO-3's per-rank fragments in the
+    2-process test), not from a fresh build."""
+    from megavla.train import checkpoint as ckpt
+    from megavla.train.entry import run
+    from megavla.train.export import consolidated_state_dict
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    first = run_cfg(tmp_path / "run", paligemma, "train.steps=3", "train.max_steps_per_run=2",
+                    f"train.zero_stage={before}")
+    assert run(first, loader_factory=loader_factory) == 0
+    second = run_cfg(tmp_path / "run", paligemma, "train.steps=3", f"train.zero_stage={after}")
+    assert run(second, resume="auto", loader_factory=loader_factory) == 0
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+    weights = consolidated_state_dict(ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    check_frozen_and_trained(weights, warm_start(first), ("expert.",))
+
+
 @pytest.mark.distributed
-def test_lora_zero3_two_processes_resumes_exactly(tmp_path, paligemma):
+def test_lora_zero3_two_processes_resumes_exactly(tmp_path, monkeypatch, paligemma):
     """ZeRO-3 (zero.Init-partitioned base, adapters partitioned by DeepSpeed at engine build), 2 gloo
     ranks, activation checkpointing: 2 steps + resume + 1 equals 3 straight steps; the frozen weights
     (restored on resume from DeepSpeed's frozen-parameter fragments, not re-read from the pretrained
@@ -271,9 +291,21 @@ def test_lora_zero3_two_processes_resumes_exactly(tmp_path, paligemma):
     assert sorted(got) == [1, 2, 3] and got[3] == pytest.approx(want[3], rel=1e-6)
     final = ckpt.list_checkpoints(tmp_path / "split" / "checkpoints")[-1]
     weights = consolidated_state_dict(final)
-    check_frozen_and_trained(weights, warm_start(load_config(split)), ("expert.",))
+    start = warm_start(load_config(split))
+    check_frozen_and_trained(weights, start, ("expert.",))
     export(final, tmp_path / "export")
     assert not [k for k in load_model(tmp_path / "export").state_dict() if "lora_" in k]
+
+    # one more step at world size 1: a universal resume; the frozen weights come from the 2 ranks'
+    # ZeRO-3 fragments of step 3 (DeepSpeed's conversion leaves them out)
+    from megavla.train.entry import run
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    one = run_cfg(tmp_path / "split", paligemma, "train.zero_stage=3", "train.steps=4",
+                  "model.activation_checkpointing=true")
+    assert run(one, resume="auto", loader_factory=loader_factory) == 0
+    weights = consolidated_state_dict(ckpt.list_checkpoints(tmp_path / "split" / "checkpoints")[-1])
+    check_frozen_and_trained(weights, start, ("expert.",))
 
 
 if __name__ == "__main__":

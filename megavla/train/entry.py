@@ -37,7 +37,7 @@ from megavla.config.train import TrainConfig
 from megavla.fileio import atomic_write_json
 
 from . import checkpoint as ckpt
-from .adapters import apply_lora_for_training, check_same_adapters
+from .adapters import apply_lora_for_training, check_same_adapters, restore_frozen_parameters
 from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
                      lr_factor, seed_everything, shutdown_distributed)
 from .metrics import LaunchClock
@@ -181,6 +181,8 @@ def restore(engine, scheduler, plan: ResumePlan, saved: dict, cfg: Config, dist:
         load_path, _ = engine.load_checkpoint(str(load_dir), tag=plan.path.name)
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {plan.path} (see the warning above)")
+    if layout_changed and saved["zero_stage"] > 0:
+        restore_frozen_parameters(engine.module, plan.path)
     # The schedule is a pure function of the step: set it explicitly (robust to DeepSpeed versions
     # that do not restore the scheduler from a universal checkpoint).
     scheduler.last_epoch = plan.step      # LambdaLR: last_epoch = optimizer steps taken
