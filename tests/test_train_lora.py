@@ -146,7 +146,7 @@ def run_cfg(run_dir: Path, pretrained: Path, *extra: str):
                               "train.progress=false", "train.tensorboard=false", "train.val_action_figures=0",
                               "train.lora.rank=4", "train.lora.parts=[backbone,expert,vision]",
                               "train.trainable_parts=[expert]", "data.batch_size=2",
-                              "data.augment_images=false"]
+                              "data.augment_images=false", "data.normalization=none"]
                        + [f"model.{k}={v}" for k, v in sizes.items()] + list(extra))
 
 
@@ -220,9 +220,15 @@ def test_lora_finetune_from_paligemma_resumes_exactly_and_exports(tmp_path, monk
     lora_model.load_state_dict(weights, strict=True)
     batch = random_batch(straight.model, 2, num_cameras=1, seed=5)
     noise, t = torch.randn(batch.actions.shape), torch.full((2,), 0.3)
+    from megavla.eval.policy import load_checkpoint
+    direct = load_checkpoint(final, weights="raw").model        # eval / serve straight from the checkpoint
+    assert not [k for k in direct.state_dict() if "lora_" in k]
     with torch.no_grad():
         exported, adapted = plain(batch, noise, t)["loss"], lora_model(batch, noise, t)["loss"]
+        merged_on_load = direct(batch, noise, t)["loss"]
     assert float(exported) == pytest.approx(float(adapted), rel=1e-5, abs=1e-6)
+    assert float(merged_on_load) == pytest.approx(float(exported), rel=1e-6, abs=1e-7)
+    assert not [k for k in load_checkpoint(out).model.state_dict() if "lora_" in k]   # the export loads too
 
 
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (3, "bf16")])

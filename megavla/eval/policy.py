@@ -144,11 +144,20 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None,
     cfg = _load_config(ckpt)
     model = build_model(cfg.model)
     which = choose_weights(ckpt, weights)
-    missing, unexpected = model.load_state_dict(load_state_dict(ckpt, which), strict=False)
+    state = load_state_dict(ckpt, which)
+    # a LoRA run's checkpoint holds adapters (an export of it does not): build, load, then merge them
+    adapters = cfg.train.lora.enabled and any(k.endswith((".lora_A", ".lora_B")) for k in state)
+    if adapters:
+        from megavla.model.lora import apply_lora
+        apply_lora(model, cfg.train.lora)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the config's model: missing {missing[:4]} "
                               f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}); a "
                               "ZeRO-3 or multi-rank checkpoint holds shards: `megavla export` it first")
+    if adapters:
+        from megavla.model.lora import merge_lora
+        merge_lora(model)
     model.eval()
     stats_file = next((p for p in (ckpt / "norm_stats.json", ckpt.parent.parent / "norm_stats.json")
                        if p.is_file()), None)
