@@ -105,6 +105,17 @@ def _name(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
+def test_bad_lora_config_is_refused_with_the_fix():
+    from megavla.config import ConfigError
+    for overrides, needle in ((["train.trainable_parts=[expert]"], "applies only with LoRA on"),
+                              (["train.lora.rank=-1"], "train.lora: rank=-1 must be >= 0"),
+                              (["train.lora.rank=8", "train.lora.parts=[]"], "at least one entry"),
+                              (["train.lora.targets=[attn]"], "choose one of ['attention', 'mlp']")):
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            load_config(None, overrides)
+    assert not load_config(None, ["train.lora.rank=null"]).train.lora.enabled
+
+
 def test_summary_prints_lora_next_to_full_finetune(capsys):
     """`megavla model summary configs/pi05-3b.yaml train.lora.rank=16`: trainable parameters and AdamW
     state of both; the adapter count from the layer widths: r x (in + out) per adapted Linear."""
