@@ -9,7 +9,6 @@ store no intrinsics, so for them the overlay is only as right as that field of v
 """
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -106,19 +105,10 @@ def episode_frames(ep: Episode, cameras: list[str]) -> tuple[list[np.ndarray], i
 
 
 def write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
-    """H.264 (libx264, yuv420p) MP4, one video frame per step: plays in Chromium and Firefox."""
-    import av  # an optional dependency (the `import` extra); view.py checks it before any work
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "20", "preset": "veryfast"}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    """The episode's cameras as H.264 MP4 (megavla.media.write_h264_mp4), one video frame per step;
+    PyAV is an optional dependency (the `import` extra): view.py checks it before any work."""
+    from megavla.media import write_h264_mp4
+    write_h264_mp4(path, frames, fps, crf=20)
 
 
 def write_strip(path: Path, frames: list[np.ndarray], count: int = STRIP_FRAMES, width: int = 1000) -> list[int]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,23 +181,9 @@ def compose_frame(views: np.ndarray, world: MiniWorld, trace: EpisodeTrace, row:
 
 
 def encode_mp4(frames: list[np.ndarray], path: str | Path, fps: int = FPS) -> Path:
-    """H.264 MP4 (yuv420p, moov atom first so a browser starts playing before the end has loaded),
-    written to a temporary name and renamed."""
-    import av
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.mp4")
-    height, width = frames[0].shape[:2]
-    with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "28", "preset": "veryfast"}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
-    return path
+    """H.264 MP4 of a rollout (megavla.media.write_h264_mp4; crf 28 keeps a cell's videos small)."""
+    from megavla.media import write_h264_mp4
+    return write_h264_mp4(path, frames, fps, crf=28)
 
 
 def clear_videos(out_dir: Path) -> int:
