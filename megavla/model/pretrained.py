@@ -117,6 +117,21 @@ class LoadReport:
                 f"{len(self.unexpected)}, ignored {len(self.ignored)}, new (not pretrained) "
                 f"{len(self.not_pretrained)}" + "".join(f"; {n}" for n in self.notes))
 
+    def conclude(self, path: Any, *, strict: bool, what: str, fix: str, limit: int | None = None) -> "LoadReport":
+        """End of a load: with ``strict``, missing or unexpected tensors raise PretrainedLoadError
+        (names listed, the first ``limit`` of each when given; then ``fix``); else each is a warning."""
+        def names(keys: list[str]) -> str:
+            return f"{keys[:limit]}{'...' if len(keys) > limit else ''}" if limit is not None else f"{keys}"
+        if strict and (self.missing or self.unexpected):
+            raise PretrainedLoadError(f"{path}: {what} does not fit the model: missing {names(self.missing)} "
+                                      f"({len(self.missing)}), unexpected {names(self.unexpected)} "
+                                      f"({len(self.unexpected)}); {fix}")
+        for key in self.unexpected:
+            log.warning("pretrained: unexpected checkpoint key %s (not loaded)", key)
+        for name in self.missing:
+            log.warning("pretrained: %s not in the checkpoint (keeps its random init)", name)
+        return self
+
 
 def _safetensors_files(path: Path) -> list[Path]:
     if path.is_file():
@@ -241,15 +256,7 @@ def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> L
         if strict:
             raise PretrainedLoadError(f"{path}: {msg}")
         report.notes.append(msg)
-    if strict and (report.missing or report.unexpected):
-        raise PretrainedLoadError(f"{path}: checkpoint does not fit the model: missing "
-                                  f"{report.missing[:5]}{'...' if len(report.missing) > 5 else ''} "
-                                  f"({len(report.missing)}), unexpected {report.unexpected[:5]} "
-                                  f"({len(report.unexpected)}); pass strict=False to load what fits")
-    for key in report.unexpected:
-        log.warning("pretrained: unexpected checkpoint key %s (not loaded)", key)
-    for name in report.missing:
-        log.warning("pretrained: %s not in the checkpoint (keeps its random init)", name)
+    report.conclude(path, strict=strict, what="checkpoint", fix="pass strict=False to load what fits", limit=5)
     log.info("pretrained %s: %s", path, report.summary())
     return report
 

@@ -236,15 +236,8 @@ def load_pi0(model: nn.Module, path: str | Path, strict: bool = True) -> LoadRep
                             "two start markers) are new: random init")
     report.loaded = sorted(filled)
     report.missing = sorted(n for n in params if n not in filled)
-    if strict and (report.missing or report.unexpected):
-        raise PretrainedLoadError(
-            f"{path}: π0 checkpoint does not fit the model: missing {report.missing} ({len(report.missing)}), "
-            f"unexpected {report.unexpected} ({len(report.unexpected)}); build the model from the "
-            f"checkpoint's sizes{_overrides_hint(path)} or pass strict=False to load what fits")
-    for key in report.unexpected:
-        log.warning("pretrained: unexpected checkpoint key %s (not loaded)", key)
-    for name in report.missing:
-        log.warning("pretrained: %s not in the checkpoint (keeps its random init)", name)
+    report.conclude(path, strict=strict, what="π0 checkpoint", fix=(
+        f"build the model from the checkpoint's sizes{_overrides_hint(path)} or pass strict=False to load what fits"))
     log.info("pretrained π0 %s: %s", path, report.summary())
     return report
 
