@@ -58,3 +58,14 @@ def test_swap_instructions_change_one_word():
                                              for s in swaps["colour"])
     assert swaps["verb"] == ["push the pink block in the orange bowl"]
     assert np.all([s != "put the pink block in the orange bowl" for s in swaps["colour"]])
+
+
+def test_competence_out_is_refused_before_any_episode_without_overwrite(tmp_path, capsys):
+    from megavla.eval import cli as eval_cli
+    out = tmp_path / "competence.json"
+    out.write_text("{}")
+    # the run dir does not exist: a refusal that came after loading would name it instead
+    code = eval_cli.main(["competence", str(tmp_path / "no-run"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite" in err and str(out) in err, err
+    assert out.read_text() == "{}"

@@ -31,6 +31,7 @@ def test_verify_warns_and_the_reader_counts_once_per_member(tmp_path, caplog):
     assert code == 0, out  # a warning: every episode is still read
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 2, out
+    assert ": OK (2 warnings above)" in out.splitlines()[-1], out   # the verdict line says so too
     shard = str(d / "shard-000000.tar")
     assert warnings[0].startswith(f"WARNING {shard} key={eps[0].key} member=head.0006.jpg: ")
     assert "2 JPEG member(s) not part of the episode (6 steps" in warnings[0]
@@ -73,5 +74,5 @@ def test_remembered_walk_sees_frames_past_the_steps(tmp_path):
 def test_clean_set_has_none(tmp_path):
     d = write(tmp_path / "set")
     code, out = run_verify(d)
-    assert code == 0 and "WARNING" not in out, out
+    assert code == 0 and "WARNING" not in out and out.splitlines()[-1].endswith(": OK"), out
     assert run_reader(d, batches=6)[2] == {}

@@ -267,7 +267,9 @@ def verify(args: argparse.Namespace) -> int:
                                   workers=args.workers, limits=limits)
         for p in report.problems:
             print(p)
-        status = "OK" if report.ok else f"{len(report.errors)} errors in {len(report.bad_shards)} shards"
+        warned = len(report.problems) - len(report.errors)
+        status = ("OK" if report.ok else f"{len(report.errors)} errors in {len(report.bad_shards)} shards") + (
+            f" ({warned} warning{'s' if warned != 1 else ''} above)" if warned else "")
         print(f"{set_dir}: {report.shards} shards, {report.samples} samples, "
               f"{report.frames_decoded} JPEGs decoded: {status}")
         failed |= not report.ok

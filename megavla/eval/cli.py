@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=float, default=0.0, help="0 = the deterministic flow (the mini preset's)")
     p.add_argument("--max-steps", type=int, default=90)
     p.add_argument("--out", help="write the result to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p = sub.add_parser("closed-loop", help="mini-world success of one policy (in process or via megavla serve)")
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or export dir (in process)")
     p.add_argument("--policy-server", help="ws://HOST:PORT of `megavla serve` (flow steps and noise seed "
@@ -316,10 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.experiment in ("closed-loop", "probe") and args.out:   # refused before any episode runs
+        if args.experiment in ("closed-loop", "probe", "competence") and args.out:   # before any episode runs
             from megavla.overwrite import refuse_existing
             if args.experiment == "probe":
                 refuse_existing(args.out, args.overwrite, "probe results", PROBE_OUTPUTS)
+            elif args.experiment == "competence":
+                refuse_existing(args.out, args.overwrite, "a competence result")
             else:
                 for path in (Path(args.out), traces_path(args.out)):
                     refuse_existing(path, args.overwrite, "a closed-loop result")
