@@ -126,6 +126,12 @@ def test_objectives_reuses_pretrain_and_reports_breakdown(out, diversity, capsys
         assert sum(off["breakdown_counts"].values()) == off["samples"] > 0
         assert off["subtask_accuracy"] is not None
         assert off["breakdown"]["wrong_subtask"] == pytest.approx(1 - off["subtask_accuracy"])
+    # goal-directed progress per objective, scored from each evaluation's traces with the rubric
+    assert "progress [95% CI]" in md and md.count("- progress, both - ") == 2
+    for variant, cell in res["progress"].items():
+        assert cell["episodes"] == res["evaluations"][variant]["closed_loop"]["episodes"] > 0
+        assert 0.0 <= cell["mean_progress"] <= 1.0
+    assert set(res["progress_tests"]) == {"both - high-level only", "both - low-level only"}
 
 
 def test_probe_silhouette_recomputes_from_saved_embeddings(out, diversity, tmp_path):

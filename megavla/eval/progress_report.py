@@ -28,7 +28,7 @@ def score_run_eval(ev: dict, seen_combos: list[str]) -> dict:
     return score_cell(load_traces(Path(ev["run_dir"]) / ev["traces"]), seen_combos)
 
 
-def _per_seed(cells: list[dict], key: str) -> list[list[float]]:
+def per_seed(cells: list[dict], key: str) -> list[list[float]]:
     return [[float(s[key]) for s in cell["scores"]] for cell in cells]
 
 
@@ -39,19 +39,19 @@ def progress_rows(arms: dict[float, dict[str, list[dict]]], seen_combos: list[st
         cells = {arm: [score_run_eval(ev, seen_combos) for ev in evs] for arm, evs in arms[level].items() if evs}
         row = {"diversity": level, "arms": {}, "tests": {}, "efficiency": {}}
         for arm, cs in cells.items():
-            row["arms"][arm] = {"progress": bootstrap_mean(_per_seed(cs, "progress")),
-                                "success": bootstrap_mean(_per_seed(cs, "done")),
+            row["arms"][arm] = {"progress": bootstrap_mean(per_seed(cs, "progress")),
+                                "success": bootstrap_mean(per_seed(cs, "done")),
                                 "did_another_task": sum(c["rates"]["did_another_task"] for c in cs) / len(cs),
                                 "approached": sum(c["rates"]["approached"] for c in cs) / len(cs),
                                 "cells": cs}
         for arm in TESTED:
             if arm in cells and "robot" in cells:
-                row["tests"][arm] = {m: compare_means(_per_seed(cells[arm], k), _per_seed(cells["robot"], k))
+                row["tests"][arm] = {m: compare_means(per_seed(cells[arm], k), per_seed(cells["robot"], k))
                                      for m, k in (("progress", "progress"), ("success", "done"))}
                 if "control" in cells:
-                    row["efficiency"][arm] = {m: transfer_efficiency(_per_seed(cells["robot"], k),
-                                                                     _per_seed(cells[arm], k),
-                                                                     _per_seed(cells["control"], k), alpha)
+                    row["efficiency"][arm] = {m: transfer_efficiency(per_seed(cells["robot"], k),
+                                                                     per_seed(cells[arm], k),
+                                                                     per_seed(cells["control"], k), alpha)
                                               for m, k in (("progress", "progress"), ("success", "done"))}
         rows.append(row)
     for arm in TESTED:  # Holm across the levels each comparison covers
@@ -62,7 +62,7 @@ def progress_rows(arms: dict[float, dict[str, list[dict]]], seen_combos: list[st
     return rows
 
 
-def _ci(block: dict) -> str:
+def fmt_ci(block: dict) -> str:
     lo, hi = block["ci95"]
     return f"{block['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -77,8 +77,8 @@ def progress_markdown(rows: list[dict]) -> str:
     per_arm = markdown_table(
         ["pretrain diversity", "arm", "seeds", "episodes", "progress [95% CI]", "success [95% CI]",
          "instructed block approached first", "did another task"],
-        [[f"{r['diversity']:.0%}", arm, b["progress"]["seeds"], b["progress"]["episodes"], _ci(b["progress"]),
-          _ci(b["success"]), f"{b['approached']:.2f}", f"{b['did_another_task']:.2f}"]
+        [[f"{r['diversity']:.0%}", arm, b["progress"]["seeds"], b["progress"]["episodes"], fmt_ci(b["progress"]),
+          fmt_ci(b["success"]), f"{b['approached']:.2f}", f"{b['did_another_task']:.2f}"]
          for r in rows for arm in arms if (b := r["arms"].get(arm))])
     tests = markdown_table(
         ["pretrain diversity", "comparison (minus robot only)", "Δ progress [95% CI], p", "Δ success [95% CI], p"],
