@@ -60,3 +60,21 @@ def browser():
                     f"{CHROMIUM_PACKAGE}) or set $CHROMIUM to a Chromium/Chrome executable")
     with Browser() as instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def tiny_synth_data(tmp_path_factory):
+    """A tiny real shard set and its tokenizers, made by the CLI a user runs (`megavla data synth`,
+    `megavla tokenizer train`): ROOT/shards/{robot,human} and ROOT/tok. Shared read-only: a test that
+    writes there copies it first."""
+    import subprocess
+    root = tmp_path_factory.mktemp("tiny_synth_data")
+    for argv in (["data", "synth", "--out", str(root / "shards"), "--scenes", "1", "--tasks", "2",
+                  "--episodes-per-combo", "2", "--image-size", "32", "--workers", "1", "--no-progress",
+                  "--shard-size-mb", "1"],
+                 ["tokenizer", "train", "--shards", str(root / "shards"), "--out", str(root / "tok")]):
+        done = subprocess.run([sys.executable, "-m", "megavla.cli", *argv], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"megavla {' '.join(argv[:2])} failed:\n{done.stderr[-2000:]}"
+    return root
+

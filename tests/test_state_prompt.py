@@ -153,18 +153,11 @@ def test_config_checks_name_the_key_a_text_prompt_needs(data, tmp_path):
     assert state_prompt_problems(load_config(REPO / "configs" / "demo.yaml")) == []   # tiny: continuous
 
 
-def test_two_step_train_on_the_tiny_preset_with_state_mode_text(tmp_path):
+def test_two_step_train_on_the_tiny_preset_with_state_mode_text(tiny_synth_data, tmp_path):
     root = tmp_path
-    for argv in (["data", "synth", "--out", str(root / "shards"), "--scenes", "1", "--tasks", "2",
-                  "--episodes-per-combo", "2", "--image-size", "32", "--workers", "1", "--no-progress",
-                  "--shard-size-mb", "1"],
-                 ["tokenizer", "train", "--shards", str(root / "shards"), "--out", str(root / "tok")]):
-        done = subprocess.run([sys.executable, "-m", "megavla.cli", *argv], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    shards = root / "shards"
+    shards, tok = tiny_synth_data / "shards", tiny_synth_data / "tok"
     argv = [str(REPO / "configs" / "demo.yaml"), f"data.sources.robot={shards / 'robot'}",
-            f"data.sources.human={shards / 'human'}", f"train.tokenizer_dir={root / 'tok'}",
+            f"data.sources.human={shards / 'human'}", f"train.tokenizer_dir={tok}",
             f"train.run_dir={root / 'run'}", "train.steps=2", "train.log_every=1", "train.warmup_steps=1",
             "train.progress=false", "data.num_workers=0", "data.batch_size=2", "model.state_mode=text",
             "--nproc", "1"]

@@ -156,25 +156,12 @@ def test_writers_refuse_an_existing_output_without_overwrite(tmp_path, capsys):
 
 
 # ---- 6 + 7 + 4 + 5: a real hand-run `megavla train` ------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("newcomer")
-    for argv in (["data", "synth", "--out", str(root / "shards"), "--scenes", "1", "--tasks", "2",
-                  "--episodes-per-combo", "2", "--image-size", "32", "--workers", "1", "--no-progress",
-                  "--shard-size-mb", "1"],
-                 ["tokenizer", "train", "--shards", str(root / "shards"), "--out", str(root / "tok")]):
-        done = subprocess.run([sys.executable, "-m", "megavla.cli", *argv], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    return root
-
-
-def test_hand_run_train_ends_with_a_summary_and_writes_only_documented_metrics(tiny_data, tmp_path):
+def test_hand_run_train_ends_with_a_summary_and_writes_only_documented_metrics(tiny_synth_data, tmp_path):
     from megavla.train.metrics import documented_metric
     run_dir = tmp_path / "run"
-    shards = tiny_data / "shards"
+    shards = tiny_synth_data / "shards"
     argv = [str(DEMO_CONFIG), f"data.sources.robot={shards / 'robot'}", f"data.sources.human={shards / 'human'}",
-            f"data.val_sources.robot={shards / 'robot'}", f"train.tokenizer_dir={tiny_data / 'tok'}",
+            f"data.val_sources.robot={shards / 'robot'}", f"train.tokenizer_dir={tiny_synth_data / 'tok'}",
             f"train.run_dir={run_dir}", "train.steps=4", "train.log_every=1", "train.val_every=2",
             "train.val_batches=1", "train.warmup_steps=1", "train.progress=false", "data.num_workers=0",
             "data.batch_size=4", "--nproc", "1"]
@@ -222,7 +209,9 @@ def test_hand_run_train_ends_with_a_summary_and_writes_only_documented_metrics(t
     assert threads.stdout.split()[-1] == "2"
 
     # `tokenizer train` into its own existing output: refused, then replaced with --overwrite.
-    tok = ["tokenizer", "train", "--shards", str(shards), "--out", str(tiny_data / "tok")]
+    import shutil
+    own_tok = shutil.copytree(tiny_synth_data / "tok", tmp_path / "tok")      # the shared set stays as it is
+    tok = ["tokenizer", "train", "--shards", str(shards), "--out", str(own_tok)]
     again = subprocess.run([sys.executable, "-m", "megavla.cli", *tok], capture_output=True, text=True)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
     again = subprocess.run([sys.executable, "-m", "megavla.cli", *tok, "--overwrite"], capture_output=True,
