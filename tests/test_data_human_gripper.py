@@ -84,3 +84,24 @@ def test_human_gripper_values_are_checked():
     assert DataConfig().human_gripper == "masked"  # the paper's default
     with pytest.raises(ConfigError):
         build(DataConfig, {"human_gripper": "open"})
+
+
+def test_closure_estimate_reads_the_hand_the_world_drew():
+    """The closure target must say open where the hand is open: the first estimate read 0.61 for the
+    mini-world's open hand (past the 0.5 at which a gripper counts as closed), so the closure arm taught
+    "closed" throughout. Tracked (noisy) keypoints vs the true gripper over pick, push and place tasks."""
+    from megavla.data_shards.miniworld import hand_keypoints
+    from megavla.data_shards.synth import TRACKER_NOISE, episode_rng, rollout
+    for hand in hands.HANDS:
+        assert hands.grip_closure(hand_keypoints(np.eye(4), 0.0, hand, 1.0)) < 0.05
+        assert hands.grip_closure(hand_keypoints(np.eye(4), 1.0, hand, 1.0)) > 0.95
+    agree = []
+    for task in range(6):
+        ro = rollout("human/ego", 0, task, episode_rng("human/ego", 0, task, 0, 0), image_size=16, cameras=("head",))
+        tracked = ro.keypoints + np.random.default_rng(task).normal(0.0, TRACKER_NOISE, ro.keypoints.shape)
+        closure = hands.grip_closure(tracked)  # [T, 2]
+        true = ro.states[:, [hands.ARM_STATE_DIM - 1, 2 * hands.ARM_STATE_DIM - 1]]
+        agree.append(((closure >= 0.5) == (true >= 0.5)).mean())
+        if task == 0:  # a pick-place: the hand closes and opens again
+            assert (true[:, 0] >= 0.5).any() and (closure[:, 0] >= 0.5).any() and (closure[:, 0] < 0.5).any()
+    assert min(agree) >= 0.95, agree

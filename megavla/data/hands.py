@@ -225,13 +225,23 @@ def palm_frames(keypoints: np.ndarray, hand: str = "right") -> tuple[np.ndarray,
     return poses, valid
 
 
+# Thumb-tip to index-PIP distance over palm width (index MCP to pinky MCP) of an open hand and of a
+# pinch grasp: the mini-world's hand model (adult proportions) measures 0.89 open and 0.11 at full curl.
+# closure = 0 at OPEN, 1 at CLOSED, linear between, so 0.5 (where a gripper counts as closed) falls at
+# half the pinch. The first estimate (1 - (ratio - 0.5)) read 0.61 for an open hand, past 0.5: as a
+# gripper target (data.human_gripper=closure) it taught "closed" throughout (docs/LOG.md, 2026-12-06).
+OPEN_PINCH_RATIO = 0.89
+CLOSED_PINCH_RATIO = 0.11
+
+
 def grip_closure(keypoints: np.ndarray) -> np.ndarray:
-    """Rough closure in [0, 1] from thumb-tip to index-PIP distance over palm width (masked in the
-    data; kept so human state/actions have a finite, meaningful-ish gripper value). NaN -> 0."""
+    """Closure in [0, 1] (0 open, 1 a pinch), the gripper convention, from the pinch ratio (thumb tip to
+    index PIP over palm width) mapped linearly from OPEN_PINCH_RATIO to CLOSED_PINCH_RATIO. NaN -> 0."""
     kp = np.asarray(keypoints, dtype=np.float64)
     pinch = np.linalg.norm(kp[..., KP["thumb_tip"], :] - kp[..., KP["index_pip"], :], axis=-1)
     width = np.linalg.norm(kp[..., KP["index_mcp"], :] - kp[..., KP["pinky_mcp"], :], axis=-1)
-    closure = 1.0 - (pinch / np.maximum(width, 1e-6) - 0.5) / 1.0
+    ratio = pinch / np.maximum(width, 1e-6)
+    closure = (OPEN_PINCH_RATIO - ratio) / (OPEN_PINCH_RATIO - CLOSED_PINCH_RATIO)
     return np.nan_to_num(np.clip(closure, 0.0, 1.0), nan=0.0)
 
 
