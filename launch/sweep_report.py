@@ -30,6 +30,7 @@ from megavla.config import Config, ConfigError, build, load_config, to_dict
 from megavla.config.core import apply_overrides
 
 from . import rundir
+from .sweep_spec import expand, read_sweep
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,6 @@ def missing_runs(sweep_file: str | Path, directory: Path, entries: list[RunEntry
     """The sweep's runs without a directory, state ``missing``. Their configs come from a run that has
     one (its saved config.yaml holds what the sweep command line gave: data.sources, tokenizer dir,
     ...) with the missing run's grid values put in; the sweep file alone lacks those overrides."""
-    from .sweep import expand, read_sweep
     _, _, _, points = read_sweep(sweep_file, out_dir=directory)
     have = {e.name for e in entries}
     todo = [(name, overrides) for name, overrides in points if name not in have]
