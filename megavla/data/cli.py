@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from megavla.data.set_summary import print_set_table, summarize
 from megavla.data_shards.format import EMBODIMENT_IDS, EpisodeFormatError, sample_to_episode
 from megavla.data_shards.manifest import (ManifestError, embodiment_family, find_shard_sets,
                                           load_manifest, shard_file_problem)
@@ -110,7 +111,7 @@ def synth(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     log.info("synth: %d episodes in %.1f s (%.1f episodes/s, %d workers)", len(jobs), elapsed,
              len(jobs) / elapsed, args.workers)
-    _print_inspect([out / fam for fam in families], [])
+    print_set_table([out / fam for fam in families], [])
     import shlex   # quoted: the braces and spaces must reach the config parser as one word each
     sources = ", ".join(f"{fam}: {out / fam}" for fam in families)
     mixture = ", ".join(f"{fam}: {1 / len(families):.2g}" for fam in families)
@@ -130,60 +131,6 @@ def _sets(root: str) -> tuple[list[Path], list[Path]]:
     return complete, incomplete
 
 
-def _combo_shape(combos: list[str]) -> str:
-    scenes = {c.split(":")[0] for c in combos}
-    tasks = {c.split(":")[1] for c in combos}
-    return f"{len(combos)} ({len(scenes)} scenes x {len(tasks)} tasks)"
-
-
-def summarize(set_dir: Path) -> dict[str, Any]:
-    m = load_manifest(set_dir)
-    t = m["totals"]
-    missing = [r["path"] for r in m["shards"] if shard_file_problem(set_dir / r["path"])]
-    resized = [r["path"] for r in m["shards"] if (set_dir / r["path"]).is_file()
-               and (set_dir / r["path"]).stat().st_size != r["bytes"]]
-    return {"set": str(set_dir), "shards": t["shards"], "bytes": t["bytes"], "episodes": t["episodes"],
-            "steps": t["steps"], "valid_steps": t.get("valid_steps", t["steps"]),
-            "embodiments": {emb: {"episodes": n, "steps": t["steps_per_embodiment"].get(emb, 0),
-                                  "combos": len(t["combos"].get(emb, [])),
-                                  "combo_shape": _combo_shape(t["combos"].get(emb, []))}
-                            for emb, n in t["embodiments"].items()},
-            "norm_stats": (set_dir / NORM_STATS_FILE).is_file(), "missing_shards": missing,
-            "size_mismatch": resized, "generator": m.get("generator", {})}
-
-
-def _print_inspect(sets: list[Path], incomplete: list[Path]) -> list[dict[str, Any]]:
-    rows = [summarize(s) for s in sets]
-    header = f"{'shard set':<28} {'embodiment':<15} {'episodes':>8} {'steps':>9}  " \
-             f"{'scene x task combos':<30} {'shards':>6} {'MB':>9}"
-    print(header)
-    print("-" * len(header))
-    by_emb: dict[str, list[int]] = {}
-    for r in rows:
-        for i, (emb, e) in enumerate(sorted(r["embodiments"].items())):
-            tail = f"{r['shards']:>6} {r['bytes'] / 1e6:>9.1f}" if i == 0 else ""
-            print(f"{r['set'] if i == 0 else '':<28} {emb:<15} {e['episodes']:>8} {e['steps']:>9}  "
-                  f"{e['combo_shape']:<30} {tail}")
-            acc = by_emb.setdefault(emb, [0, 0])
-            acc[0] += e["episodes"]
-            acc[1] += e["steps"]
-        for name in r["missing_shards"]:
-            print(f"  ! {r['set']}/{name}: {shard_file_problem(Path(r['set']) / name)}")
-        for name in r["size_mismatch"]:
-            print(f"  ! {r['set']}/{name}: size differs from the manifest (run `megavla data verify`)")
-        if not r["norm_stats"]:
-            print(f"  ! {r['set']}: no {NORM_STATS_FILE} (run `megavla data stats {r['set']} --write`)")
-    print("-" * len(header))
-    robot = sum(v[0] for k, v in by_emb.items() if k.startswith("robot/"))
-    human = sum(v[0] for k, v in by_emb.items() if k.startswith("human/"))
-    print(f"{'total':<28} {'robot / human':<15} {f'{robot} / {human}':>8} "
-          f"{sum(r['steps'] for r in rows):>9}  {'':<30} {sum(r['shards'] for r in rows):>6} "
-          f"{sum(r['bytes'] for r in rows) / 1e6:>9.1f}")
-    for d in incomplete:
-        print(f"  ! {d}: incomplete (no manifest.json)")
-    return rows
-
-
 def inspect(args: argparse.Namespace) -> int:
     sets, incomplete = _sets(args.dir)
     if not sets:
@@ -191,7 +138,7 @@ def inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([summarize(s) for s in sets], indent=1))
     else:
-        rows = _print_inspect(sets, incomplete)
+        rows = print_set_table(sets, incomplete)
         if any(r["missing_shards"] or r["size_mismatch"] for r in rows):
             return 1
     return 0
