@@ -73,7 +73,7 @@ def _key(cfg: ModelConfig) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _meta_model(cfg_json: str):
-    from .vla import VLA  # local: vla imports presets, which this module also needs
+    from .vla import VLA  # local: only the meta model needs the model code, not the cost formulas
 
     with torch.device("meta"):
         return VLA(ModelConfig(**json.loads(cfg_json)))

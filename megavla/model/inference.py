@@ -17,6 +17,7 @@ from megavla.batch import Batch
 from megavla.kernels import AttentionLayout
 
 from .gemma import Stream, run_shared_layers
+from .tokens import Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ def action_context(model, batch: Batch, use_cache: bool, subtask=None):
     (ids, mask) or None). Prefix only, or prefix + [SUBTASK_START, subtask...] when actions are
     conditioned on the subtask: decoded greedily (KV-cached when use_cache) unless ``subtask`` =
     (ids, mask) is given."""
-    from .vla import Tokens  # local import: vla imports this module
 
     cfg = model.cfg
     if not model.actions_read_subtask:
@@ -114,7 +114,6 @@ def decode_subtask_cached(model, batch: Batch, max_len: int, eos_id: int):
     emitted ``eos_id`` (or after max_len tokens); the last token is fed too, so the cache then holds
     prefix + [SUBTASK_START, subtask...] for the action rows. Tokens after a row's EOS are fed as
     invalid (nobody reads them). -> ((ids [B, n], mask [B, n]), context Tokens, cache), n <= max_len."""
-    from .vla import Tokens  # local import: vla imports this module
 
     prefix, _, cache = encode_prefix(model, batch)
     context = prefix
@@ -156,7 +155,6 @@ def greedy_decode(model, batch: Batch, target: str, max_len: int, eos_id: int | 
     (ids [B, max_len] in the target's own id space: text ids for "subtask", FAST-local ids for
     "fast", FAST_END = model.fast_end_local; mask [B, max_len], False after the first eos_id).
     With eos_id, generation stops once every row has emitted it (the rest is eos_id, masked)."""
-    from .vla import Tokens  # local import: vla imports this module
 
     cfg = model.cfg
     lo, hi = ((0, cfg.text_vocab_size) if target == "subtask"

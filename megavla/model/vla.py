@@ -56,26 +56,12 @@ from megavla.kernels import EXPERT, EXPERT_STATE, LM_SUFFIX, PREFIX, SUBTASK, At
 
 from . import inference, losses
 from .expert import ActionExpert
-from .flops import flops_per_sample  # noqa: F401  (re-exported: the trainer imports it from here)
 from .gemma import GemmaStack, SharedAttention, Stream, TiedEmbedding, run_shared_layers
 from .presets import resolve
+from .tokens import Tokens
 from .vision import VisionTower, encode_cameras
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Tokens:
-    """A run of backbone tokens: embeddings [B, L, W], valid [B, L], kind [B, L], positions [B, L]."""
-    x: torch.Tensor
-    valid: torch.Tensor
-    kind: torch.Tensor
-    positions: torch.Tensor
-
-    @staticmethod
-    def cat(parts: list["Tokens"]) -> "Tokens":
-        return Tokens(*(torch.cat([getattr(p, f) for p in parts], dim=1)
-                        for f in ("x", "valid", "kind", "positions")))
 
 
 @dataclass
