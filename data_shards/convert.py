@@ -1,7 +1,7 @@
 """Convert a shard set written in episode format v1 (axis-angle state) to v2 (6D rotation state).
 
 v1 stored the state per arm as ``[x, y, z, rx, ry, rz, gripper]``; v2 stores
-``[x, y, z, r00, r10, r20, r01, r11, r21, gripper]`` (megavla.data.hands.pose_to_state). The
+``[x, y, z, r00, r10, r20, r01, r11, r21, gripper]`` (data_shards/hands.py pose_to_state). The
 conversion is exact: the axis-angle vector is turned into its rotation matrix and the first two
 columns are written. Everything else (actions, masks, frames, keypoints, meta) is copied unchanged;
 the writer recomputes the norm stats and the manifest, so the new set is complete and verified by
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megavla.data import hands
+from . import hands
 from .format import FORMAT_VERSION, sample_to_episode
 from .manifest import MANIFEST_FILE, ManifestError
 from .verify import Problem, iter_tar_samples

@@ -29,6 +29,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from .embodiments import EMBODIMENT_IDS
+
 # 2: state orientation as the first two rotation-matrix columns (10 numbers per arm); 1 had
 # axis-angle (7 per arm), which flips sign near a half turn. v1 sets are refused with the fix
 # (`megavla data convert`, data_shards/convert.py), never read as if they were v2.
@@ -37,10 +39,6 @@ CONVERT_HINT = ("episode format v1 stores the state orientation as axis-angle, t
                 "(6D rotation columns, docs/data_format.md); convert the set with `megavla data "
                 "convert OLD_DIR --out NEW_DIR` or regenerate it")
 CAMERAS = ("head", "left_wrist", "right_wrist")
-# Stable integer ids for embodiments (the model's embodiment embedding / per-embodiment logging).
-# robot/joint: imported robot data without end-effector poses (absolute joint-space actions in the
-# dataset's own dim order; data_shards/import_lerobot.py), kept apart from the EE embodiments.
-EMBODIMENT_IDS = {"robot/arm": 0, "human/ego": 1, "robot/bimanual": 2, "robot/joint": 3}
 ARRAY_KEYS = ("state", "actions", "action_mask", "step_valid", "joint_actions", "hand_keypoints",
               "head_pose")
 REQUIRED_ARRAYS = ("state", "actions", "action_mask", "step_valid")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megavla.data import hands
+from . import hands
 
 from .format import Episode
 from .import_hands import HumanClip, human_episode

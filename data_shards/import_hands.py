@@ -3,7 +3,7 @@
 ``human_episode`` is the one builder for every hand source (EgoDex, the NPZ route of any tracker):
 keypoints [T, 2, 17, 3] in the head-camera frame (OpenCV axes, metres; hand 0 right, 1 left; NaN =
 not tracked) + camera-to-world head poses [T, 4, 4] + the head-camera frames. State, actions,
-action mask (gripper dims masked) and step_valid come from megavla.data.hands.hands_to_actions,
+action mask (gripper dims masked) and step_valid come from hands.hands_to_actions (data_shards/hands.py),
 the same function the mini-world's human episodes use; keypoints below ``min_confidence`` become
 NaN first, which is that function's masking path (a step without both palms is invalid).
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from megavla.data import hands
+from . import hands
 
 from .format import Episode, Subtask
 from .importing import ImportRefused, SkipEpisode, SourceEpisode, decode_video_frames

@@ -34,7 +34,7 @@ Action spaces (``action_space``):
 * ``ee``: the state key holds the end-effector pose ``[x, y, z, rx, ry, rz, gripper]`` (metres,
   axis-angle, gripper in [0, 1]) in the robot base frame, taken as the ego frame (x forward,
   y left, z up). Embodiment ``robot/arm``; state and actions follow the project convention
-  (megavla/data/hands.py) via ``hands.ee_track_state_actions``; the recorded action vector is
+  (data_shards/hands.py) via ``hands.ee_track_state_actions``; the recorded action vector is
   kept as ``joint_actions``.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from megavla.data import hands
+from . import hands
 
 from .format import CAMERAS, Episode, Subtask, encode_jpeg, resize_with_pad
 from .import_lerobot_meta import (CONVERT_HINT, SUPPORTED_VERSIONS, camera_features, list_episodes,  # noqa: F401

@@ -1,7 +1,7 @@
 """The procedural tabletop mini-world: scenes x tasks, kinematic physics, rendering, success tests.
 
 One world model for the shard generator (synth.py) and the closed-loop evaluator. The world is
-driven by end-effector actions in the project convention (megavla.data.hands; docs/data_format.md):
+driven by end-effector actions in the project convention (data_shards/hands.py; docs/data_format.md):
 per arm ``[dx, dy, dz, rx, ry, rz, gripper]`` in the ego frame (the head camera's first-step pose,
 x forward / y left / z up), gripper absolute, 0 open .. 1 closed.
 
@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from megavla.data import hands
+from . import hands
 
 from . import render
-from .format import CAMERAS, EMBODIMENT_IDS
+from .embodiments import EMBODIMENT_IDS
+from .format import CAMERAS
 
 NUM_TASKS = 12
 MAX_EPISODE_STEPS = 90  # scripted demos take 21-64 steps; evaluators may stop a policy here

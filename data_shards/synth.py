@@ -4,7 +4,7 @@
 of its arguments (work can be split over processes in any order). Robot episodes record the
 scripted expert's actions as executed by MiniWorld.step; human episodes drive the same world with
 the ground-truth hand motion, record simulated 17-keypoint tracks (noise + dropouts) in the moving
-head camera, and take their actions from megavla.data.hands.hands_to_actions on those tracks.
+head camera, and take their actions from hands.hands_to_actions (data_shards/hands.py) on those tracks.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megavla.data import hands
+from . import hands
 
-from .format import CAMERAS, EMBODIMENT_IDS, Episode, Subtask, encode_jpeg
+from .embodiments import EMBODIMENT_IDS
+from .format import CAMERAS, Episode, Subtask, encode_jpeg
 from .miniworld import MAX_EPISODE_STEPS as MAX_STEPS
 from .miniworld import NUM_TASKS, R_DOWN, MiniWorld, ee_yaw, yaw_rotation
 

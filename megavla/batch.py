@@ -22,7 +22,7 @@ fast_tokens            int64 [B, Lf]      FAST tokens of the chunk (valid dims o
 fast_mask              bool [B, Lf]       valid FAST tokens
 subtask_tokens         int64 [B, Ls]      next-subtask text tokens (target of the high-level head)
 subtask_mask           bool [B, Ls]       valid subtask tokens
-embodiment             int64 [B]          id from data_shards.format.EMBODIMENT_IDS
+embodiment             int64 [B]          id from data_shards/embodiments.py EMBODIMENT_IDS
 meta                   dict of lists      source, key, scene, task, timestep (eval and logging)
 =====================  ================  ==========================================================
 """

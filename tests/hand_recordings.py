@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data_shards.format import Episode
 from megavla.data_shards.import_egodex import ARKIT_TO_OPENCV, mediapipe21_joint_names
 

@@ -7,7 +7,7 @@ import pytest
 
 from megavla.config import ConfigError, build
 from megavla.config.data import DataConfig
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data.pipeline import build_loader
 from megavla.data_shards.synth import generate_episode
 from megavla.data_shards.writer import ShardSetWriter

@@ -1,9 +1,9 @@
-"""Human keypoints -> end-effector actions (megavla.data.hands)."""
+"""Human keypoints -> end-effector actions (megavla.data_shards.hands)."""
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from megavla.data import hands
+from megavla.data_shards import hands
 
 # A plausible right hand (metres, palm-frame-like coordinates; fingers along +x, palm down = -z).
 _RIGHT = np.array([

@@ -10,7 +10,7 @@ pytest.importorskip("h5py")
 import simplejpeg  # noqa: E402
 
 from hand_recordings import write_egodex_episode, write_mp4, write_npz_episode  # noqa: E402
-from megavla.data import hands  # noqa: E402
+from megavla.data_shards import hands  # noqa: E402
 from megavla.data.cli import main as data_main  # noqa: E402
 from megavla.data_shards.format import sample_to_episode  # noqa: E402
 from megavla.data_shards.manifest import load_manifest  # noqa: E402

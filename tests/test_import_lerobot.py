@@ -182,7 +182,7 @@ def test_ee_action_space_follows_the_project_convention(tmp_path):
     rotation + gripper, actions = hands.ee_delta between consecutive poses (robot/arm)."""
     from scipy.spatial.transform import Rotation
 
-    from megavla.data import hands
+    from megavla.data_shards import hands
 
     src = _copy(tmp_path)
     table = pq.read_table(src / DATA)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data_shards import miniworld
 from megavla.data_shards.miniworld import NUM_TASKS, PALETTE, MiniWorld, scene_spec, task_spec
 from megavla.data_shards.synth import ScriptedExpert

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data_shards.miniworld import MiniWorld
 
 

@@ -22,7 +22,7 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa:
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
 import megavla  # noqa: E402
-from megavla.data.hands import ARM_STATE_DIM as S  # noqa: E402  (robot/arm state dims)
+from megavla.data_shards.hands import ARM_STATE_DIM as S  # noqa: E402  (robot/arm state dims)
 from megavla.data_shards.miniworld import MiniWorld  # noqa: E402
 from megavla.eval import cli as eval_cli  # noqa: E402
 from megavla.eval import closed_loop  # noqa: E402

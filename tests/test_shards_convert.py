@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data.cli import main as data_main
 from megavla.data_shards import format as fmt
 from megavla.data_shards import writer as writer_mod

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data_shards.format import CAMERAS, episode_to_sample, sample_to_episode, validate_episode
 from megavla.data_shards.miniworld import MiniWorld
 from megavla.data_shards.synth import (FPS, episode_rng, generate_episode, iter_episodes, rollout)

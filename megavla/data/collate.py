@@ -33,9 +33,10 @@ import simplejpeg
 import torch
 
 from megavla.batch import Batch
-from megavla.data_shards.format import EMBODIMENT_IDS, Episode, EpisodeFormatError, resize_with_pad
+from megavla.data_shards import hands
+from megavla.data_shards.embodiments import EMBODIMENT_IDS
+from megavla.data_shards.format import Episode, EpisodeFormatError, resize_with_pad
 
-from . import hands
 from .normalize import Normalizer
 from .prompt import SampleError, check_state_mode, prompt_tokens
 from .prompt import cached_text as _cached_text

@@ -141,7 +141,7 @@ class Normalizer:
         return json.dumps(self.stats)
 
 
-# The gripper convention of every embodiment (megavla.data.hands): absolute, 0 open .. 1 closed.
+# The gripper convention of every embodiment (data_shards/hands.py): absolute, 0 open .. 1 closed.
 GRIPPER_RANGE_STATS = {"mean": 0.5, "std": 0.5, "q01": 0.0, "q99": 1.0}
 
 
@@ -150,7 +150,7 @@ def with_human_gripper_range(stats: dict[str, Any]) -> dict[str, Any]:
     normalize the convention's [0, 1] to [-1, 1], as a robot gripper that opens and closes does. Those
     dims hold placeholder stats when the data masked them (shard stats leave masked dims out), and the
     closure estimate must land where the robot's closed / open values do for a shared meaning."""
-    from .hands import GRIPPER_DIMS, HUMAN_ACTION_DIM
+    from megavla.data_shards.hands import GRIPPER_DIMS, HUMAN_ACTION_DIM
     out = json.loads(json.dumps(stats))
     for emb, entry in out.items():
         if not emb.startswith("human/") or len(entry["actions"]["mean"]) != HUMAN_ACTION_DIM:

@@ -15,7 +15,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageDraw, ImageFont
 
-from megavla.data import hands
+from megavla.data_shards import hands
 from megavla.data_shards.format import Episode
 
 HEAD_FOV_DEG = 70.0          # the mini-world human head camera (miniworld.MiniWorld.camera)

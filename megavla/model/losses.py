@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megavla.batch import MAX_EMBODIMENTS, Batch
-from megavla.data_shards.format import EMBODIMENT_IDS
+from megavla.data_shards.embodiments import EMBODIMENT_IDS
 from megavla.kernels import flow_matching_loss, flow_noise, mean_over_supervised_samples
 
 TIME_BETA_ALPHA, TIME_BETA_BETA = 1.5, 1.0
@@ -113,7 +113,7 @@ def log_per_embodiment(out: dict, name: str, value: torch.Tensor, numer: torch.T
 
 
 def embodiment_tag(embodiment_id: int) -> str:
-    """Metric tag of an embodiment id: "robot_arm" for robot/arm (format.EMBODIMENT_IDS), so logs
+    """Metric tag of an embodiment id: "robot_arm" for robot/arm (data_shards/embodiments.py), so logs
     say flow/robot_arm rather than flow/0; an id without a name stays a number."""
     return _EMBODIMENT_TAGS.get(int(embodiment_id), str(embodiment_id))
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from megavla.config.core import ConfigError, build, read_yaml
-from megavla.data_shards.format import EMBODIMENT_IDS
+from megavla.data_shards.embodiments import EMBODIMENT_IDS
 
 # What the dims mean (docs/data_format.md, "Action and state convention"): per arm, a relative
 # end-effector motion in the ego frame and an absolute gripper command.
