@@ -12,7 +12,7 @@ from test_pipeline_fixtures import TinyTextTokenizer, grid_episodes, make_episod
 
 from megavla.config.data import DataConfig
 from megavla.data.pipeline import DataError, build_loader
-from megavla.data.shard_reader import READ, REF, SKIP, TarFormatError, iter_tar_members, map_shard
+from megavla.data_shards.tar_reader import READ, REF, SKIP, TarFormatError, iter_tar_members, map_shard
 from megavla.data_shards.format import episode_to_sample
 
 

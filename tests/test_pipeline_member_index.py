@@ -7,7 +7,8 @@ import pytest
 from test_pipeline_fixtures import make_episode, write_shard_set
 
 from megavla.data.member_index import FrameRefs, episode_templates
-from megavla.data.shard_reader import READ, REF, group_members, iter_tar_members, map_shard, read_members
+from megavla.data.shard_reader import read_members
+from megavla.data_shards.tar_reader import READ, REF, group_members, iter_tar_members, map_shard
 from megavla.data_shards.format import EpisodeFormatError, episode_to_sample, sample_to_episode
 
 

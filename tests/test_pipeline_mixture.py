@@ -11,7 +11,7 @@ from megavla.config.core import ConfigError
 from megavla.config.data import DataConfig
 from megavla.data.mixture import WeightedRoundRobin, combo_of_key, select_combos
 from megavla.data.pipeline import WorkerStream, build_loader
-from megavla.data.shard_reader import READ, REF, SKIP
+from megavla.data_shards.tar_reader import READ, REF, SKIP
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import logging
 from test_data_damaged import episodes, run_reader, run_verify, write
 
 from megavla.data.member_index import episode_templates
-from megavla.data.shard_reader import REF, READ, iter_tar_members, map_shard
+from megavla.data_shards.tar_reader import READ, REF, iter_tar_members, map_shard
 from megavla.data_shards.format import sample_to_episode
 from megavla.data_shards.validate import unused_frame_members
 

@@ -52,10 +52,10 @@ class NonFiniteBatchError(RuntimeError):
 
 
 def decode_frame(jpeg, size: int, where: str, out: np.ndarray | None = None) -> np.ndarray:
-    """JPEG bytes (or a shard_reader.MemberRef, read now) -> uint8 [size, size, 3] (HWC), decoded
+    """JPEG bytes (or a tar_reader.MemberRef, read now) -> uint8 [size, size, 3] (HWC), decoded
     straight into ``out`` (a slot of the batch buffer) when given and the stored size fits."""
     try:
-        # a shard_reader.MemberRef: its bytes in the shard's map, not copied out (~2 us a frame)
+        # a tar_reader.MemberRef: its bytes in the shard's map, not copied out (~2 us a frame)
         data = jpeg.view() if hasattr(jpeg, "view") else jpeg.read() if hasattr(jpeg, "read") else jpeg
         rgb = None
         if out is not None and out.shape == (size, size, 3) and out.flags.c_contiguous:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
-from .shard_reader import REF, MemberRef
+from megavla.data_shards.tar_reader import REF, MemberRef
 
 _FRAME = re.compile(r"([^.]+)\.([0-9]+)\.jpg")
 

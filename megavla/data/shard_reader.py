@@ -1,20 +1,13 @@
-"""Reading episodes out of shard sets: manifests, a fast tar member iterator, per-source cursors.
+"""Reading episodes out of shard sets: manifests, per-source cursors over the shards' episodes.
 
-Why not ``tarfile`` / webdataset's ``tar_file_iterator``: one tar sample holds a whole episode
-(format.py), ~100-150 members for 30-50 steps x 3 cameras, and ``tarfile`` spent ~360 us per member
-on this machine parsing the PAX headers webdataset's TarWriter writes -- ~50 ms per episode, 100x the
-JPEG decoding a sample needs. :func:`iter_tar_members` parses the 512-byte headers directly (ustar +
-PAX ``path``/``size`` + GNU long names; checksums verified, truncation detected) and does not even read
-the JPEG frames: it records where they are (:class:`MemberRef`) and a sample reads (``pread``) only the
-frames of its timestep. Samples are grouped by key as webdataset does (key = name up to the first dot
-of the basename).
+The tar walk and the grouping of members into episodes are data_shards/tar_reader.py, shared with
+`megavla data verify` and the other shard readers; this module adds the training reader's part: which
+members to read or only locate per episode (``ShardCursor.member_mode``), the skip counters, and the
+remembered member walk of a shard (member_index.py) that later epochs reuse.
 """
 from __future__ import annotations
 
 import logging
-import mmap
-import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,10 +16,13 @@ import numpy as np
 
 from megavla.config.core import ConfigError
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
+from megavla.data_shards.tar_reader import (READ, REF, SKIP, TarFormatError, frames_located, group_members,
+                                            iter_tar_members, map_shard)
 from megavla.data_shards.validate import (ShardSetError, check_shard_set, cross_shard_message,
-                                          duplicate_key_message, no_key_list_message, open_regular_file,
-                                          shard_file_problem, unused_frame_members, unused_frames_message)
+                                          duplicate_key_message, no_key_list_message, unused_frame_members,
+                                          unused_frames_message)
 
+from .member_index import episode_templates
 from .mixture import combo_of_key
 
 log = logging.getLogger(__name__)
@@ -36,22 +32,16 @@ SKIP_REASONS = ("bad_shard", "bad_sample", "bad_image", "duplicate_episode", "ex
 READ_COUNTERS = ("episodes_read", "samples_read")
 COUNTER_NAMES = SKIP_REASONS + READ_COUNTERS
 RENAMED_COUNTERS = {"episodes": "episodes_read", "samples": "samples_read"}  # in states saved before
-_BLOCK = 512
 # Members whose offsets one cursor remembers across epochs (~100 bytes each: ~20 MB at the limit).
 MEMBER_INDEX_LIMIT = 200_000
 # Steps of accepted episodes one cursor keeps parsed: a set read for many epochs skips parsing and
 # checking them again. Only episodes read through the member index are kept (their frames are the
 # index's offsets, shared): the cost is the arrays, ~100-150 bytes a step (10-20 MB per cursor).
 PARSED_EPISODE_LIMIT = 100_000
-_ZERO_BLOCK = bytes(_BLOCK)
 
 
 class DataError(RuntimeError):
     """Bad input met with data.on_bad_sample='fail', or a source that yields nothing usable."""
-
-
-class TarFormatError(ValueError):
-    """A shard is truncated or corrupt (bad header checksum, short data, no end-of-archive blocks)."""
 
 
 @dataclass
@@ -105,152 +95,17 @@ def read_manifest(directory: str | Path, need_stats: bool = True, on_bad: str = 
     return shards, info.norm_stats
 
 
-def _number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 encoding for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    records, pos = {}, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-READ, REF, SKIP = 0, 1, 2
-
-
-class MemberRef:
-    """A tar member located but not read (a JPEG frame): ``read()`` copies its bytes out of the
-    shard's read-only memory map when a sample needs them."""
-
-    __slots__ = ("buf", "offset", "size")
-
-    def __init__(self, buf, offset: int, size: int):
-        self.buf, self.offset, self.size = buf, offset, size
-
-    def read(self) -> bytes:
-        return self.buf[self.offset : self.offset + self.size]
-
-    def view(self) -> memoryview:
-        """The bytes in place (no copy: a JPEG decoder reads them straight from the map)."""
-        return memoryview(self.buf)[self.offset : self.offset + self.size]
-
-
-def map_shard(path: str) -> mmap.mmap:
-    """Read-only memory map of a shard (the writer renames finished shards into place, so a mapped
-    file is never rewritten under the reader)."""
-    problem = shard_file_problem(path)  # a FIFO would block open() forever
-    if problem:
-        raise TarFormatError(f"{path}: {problem}")
-    fd = open_regular_file(path)  # O_NONBLOCK + fstat: a FIFO swapped in since the stat cannot block
-    try:
-        if os.fstat(fd).st_size == 0:
-            raise TarFormatError(f"{path}: empty file")
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
-
-
 def read_members(group: dict[str, Any]) -> dict[str, Any]:
     """A group from member_index.EpisodeTemplate.header with its members read now (others as they are)."""
     unread = group.pop("__unread__", None)
     return group if unread is None else unread[0].fill(group, unread[1])
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """'dir/key.head.0003.jpg' -> ('dir/key', 'head.0003.jpg'): webdataset's key/suffix convention
-    (the key ends at the first dot of the basename)."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def iter_tar_members(buf, where: str, mode: Callable[[str, str], int] | None = None,
-                     index: list | None = None) -> Iterator[tuple[str, str, Any]]:
-    """Yield ``(key, suffix, data)`` for the regular files of a tar image (bytes or mmap), in order.
-    ``mode(key, suffix)`` picks READ (data = bytes), REF (data = MemberRef) or SKIP (not yielded).
-    ``index``: a list that gets ``(key, suffix, how, offset, size)`` of every yielded member.
-    Raises TarFormatError on any damage (checksum, short data, missing end-of-archive blocks)."""
-    pending: dict[str, str] = {}
-    pos, end = 0, len(buf)
-    while True:
-        header = buf[pos : pos + _BLOCK]
-        if len(header) < _BLOCK:
-            raise TarFormatError(f"{where}: ends {'mid-header' if header else 'without end-of-archive blocks'}"
-                                 f" at byte {pos} (truncated file?)")
-        if header == _ZERO_BLOCK:
-            return
-        try:
-            checksum = _number(header[148:156])
-            try:  # the common case: 11 octal digits + NUL
-                size = int(header[124:135], 8)
-            except ValueError:
-                size = _number(header[124:136])
-        except ValueError:
-            raise TarFormatError(f"{where}: unreadable tar header at byte {pos}") from None
-        # The checksum is the byte sum with its own field read as spaces. Adler-32's low half is
-        # 1 + byte sum mod 65521 (exact enough: a 512-byte sum is < 2 * 65521), ~10x faster than sum().
-        if ((zlib.adler32(header) & 0xFFFF) - 1 - checksum - sum(header[148:156]) + 8 * 32) % 65521:
-            raise TarFormatError(f"{where}: tar header checksum mismatch at byte {pos}")
-        kind = header[156:157]
-        if pending and kind not in (b"x", b"g"):
-            size = int(pending.get("size", size))
-        start = pos + _BLOCK
-        pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if start + size > end:
-            raise TarFormatError(f"{where}: member at byte {start} truncated ({end - start} of {size} bytes)")
-        if kind in (b"x", b"L"):
-            data = buf[start : start + size]
-            if kind == b"x":
-                pending.update(_pax_records(data))
-            else:
-                pending["path"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            continue
-        name = pending.get("path") if pending else None
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if header[345] and header[257:262] == b"ustar":
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-        pending = {}
-        if kind not in (b"0", b"\0", b"7"):
-            continue
-        key, suffix = split_member_name(name)
-        how = READ if mode is None else mode(key, suffix)
-        if index is not None and how != SKIP:
-            index.append((key, suffix, how, start, size))
-        if how == REF:
-            yield key, suffix, MemberRef(buf, start, size)
-        elif how == READ:
-            yield key, suffix, buf[start : start + size]
-
-
-def group_members(members: Iterator[tuple[str, str, Any]], where: str) -> Iterator[dict[str, Any]]:
-    """Consecutive members sharing a key -> one sample dict (as webdataset's group_by_keys). A
-    member already in the current sample starts a new sample with the same key (an episode written
-    twice in a row): the cursor then skips it as a duplicate key, and so does `verify`."""
-    current: dict[str, Any] | None = None
-    for key, suffix, data in members:
-        if current is None or key != current["__key__"] or suffix in current:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": where}
-        current[suffix] = data
-    if current is not None:
-        yield current
-
-
 def read_first_episode(path: str) -> tuple[Episode, str] | None:
     """The first episode of a shard (frames located, not read), or None when it does not parse:
     build_loader checks it against the stats to refuse a set whose stats do not fit, at start."""
     try:
-        mode = lambda key, suffix: REF if suffix.endswith(".jpg") else READ  # noqa: E731
-        group = next(group_members(iter_tar_members(map_shard(path), path, mode), path))
+        group = next(group_members(iter_tar_members(map_shard(path), path, frames_located), path))
         return sample_to_episode(group, where=path), f"{path}:{group['__key__']}"
     except (TarFormatError, OSError, ValueError, StopIteration):  # the cursor will count it
         return None
@@ -336,7 +191,6 @@ class ShardCursor:
         names, offsets, sizes, grouped per episode: shards are immutable once written), so later epochs
         skip the header walk -- ~15 % of the reader's CPU per sample when a small set is read for many
         epochs -- and locate each camera's frames as one lazy sequence (member_index.py)."""
-        from .member_index import episode_templates   # imports this module
         buf = map_shard(path)
         cached = self._member_index.get(path)
         if cached is not None:

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from megavla.config.core import ConfigError
 from megavla.data.mixture import combo_of_key
-from megavla.data.shard_reader import (READ, SKIP, TarFormatError, group_members, iter_tar_members,
-                                       map_shard, read_manifest)
+from megavla.data.shard_reader import read_manifest
 from megavla.data.view_pages import episode_page, index_page
 from megavla.data_shards.format import Episode, EpisodeFormatError, sample_to_episode
+from megavla.data_shards.tar_reader import READ, SKIP, TarFormatError, group_members, iter_tar_members, map_shard
 from megavla.data_shards.manifest import find_shard_sets, load_manifest
 from megavla.overwrite import OutputExists, refuse_existing
 
