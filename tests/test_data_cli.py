@@ -10,7 +10,7 @@ import pytest
 from megavla.data.cli import main
 from megavla.data_shards.manifest import load_manifest
 
-FAKE = "test_shards_common:fake_generate_episode"
+FAKE = "helpers.toy_episodes:fake_generate_episode"
 TINY = ["--scenes", "2", "--tasks", "2", "--episodes-per-combo", "2", "--image-size", "64",
         "--shard-size-mb", "0.05", "--no-progress"]
 
@@ -85,10 +85,10 @@ def test_refusals(tiny_set, tmp_path, capsys):
 
 def test_generator_dying_midway_leaves_no_manifest(tmp_path):
     with pytest.raises(SystemExit, match="not importable"):
-        main(["synth", "--out", str(tmp_path / "y"), "--generator", "test_shards_common:nope", *TINY])
+        main(["synth", "--out", str(tmp_path / "y"), "--generator", "helpers.toy_episodes:nope", *TINY])
     with pytest.raises(RuntimeError, match="simulated generator crash"):
         main(["synth", "--out", str(tmp_path / "z"), "--workers", "2",
-              "--generator", "test_shards_common:crashing_generate_episode", *TINY])
+              "--generator", "helpers.toy_episodes:crashing_generate_episode", *TINY])
     assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["human", "robot"]
     assert [list((tmp_path / "z" / fam).iterdir()) for fam in ("human", "robot")] == [[], []]
 

@@ -14,57 +14,17 @@ import json
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pipeline_fixtures import TinyFastTokenizer, TinyTextTokenizer, grid_episodes, make_episode, write_shard_set
 
-from megavla.config.core import ConfigError
-from megavla.data.cli import main as data_cli
-from megavla.data.pipeline import DataError, build_loader
+from helpers.damaged_shards import deadline, episodes, npy, reader_cfg, run_reader, run_verify, write
+from helpers.shard_sets import TinyTextTokenizer, make_episode
 from megavla.config.data import DataConfig
+from megavla.data.cli import main as data_cli
+from megavla.data.pipeline import build_loader
 from megavla.data_shards.format import episode_to_sample
-
-DEADLINE_S = 60
-
-
-@contextlib.contextmanager
-def deadline(seconds: int = DEADLINE_S):
-    """Raise TimeoutError in the main thread after ``seconds`` (interrupts a blocking open())."""
-    def expire(signum, frame):
-        raise TimeoutError(f"no result within {seconds} s: the reader hangs")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def npy(array) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-EPISODES = 6  # scene 0, tasks 0..5, one episode each; two shards of three
-
-
-def episodes():
-    return grid_episodes(1, EPISODES, 1, steps=6)
-
-
-def write(directory: Path, mutate=None, eps=None) -> Path:
-    """A set of EPISODES robot episodes; ``mutate(samples, eps)`` damages raw tar samples."""
-    eps = eps if eps is not None else episodes()
-    samples = [episode_to_sample(e) for e in eps]
-    if mutate is not None:
-        mutate(samples, eps)
-    return write_shard_set(directory, eps, per_shard=3, samples=samples)
 
 
 def edit_json(path: Path, edit) -> None:
@@ -167,7 +127,7 @@ def zero_range_varying_dim(d):
 
 
 def non_square_frames(samples, eps):
-    from test_pipeline_fixtures import CAMERA_LEVEL
+    from helpers.shard_sets import CAMERA_LEVEL
     import simplejpeg
     for t in range(6):
         img = np.full((16, 32, 3), CAMERA_LEVEL["head"] + t, np.uint8)
@@ -209,33 +169,6 @@ def build(tmp_path: Path, case: str) -> Path:
     if mutate_set is not None:
         mutate_set(d)
     return d
-
-
-def reader_cfg(d: Path, **kw) -> DataConfig:
-    base = dict(sources={"robot": str(d)}, image_size=16, batch_size=4, num_workers=0, chunk_length=3,
-                max_action_dim=6, max_state_dim=5, shuffle_buffer=4, samples_per_episode=2)
-    base.update(kw)
-    return DataConfig(**base)
-
-
-def run_reader(d: Path, batches: int = 12, **kw):
-    """(outcome, keys read, skip counts, message): outcome 'refuse' (error before or while reading),
-    'skip:<reasons>' or 'read'."""
-    with deadline():
-        try:
-            loader = build_loader(reader_cfg(d, **kw), TinyTextTokenizer(), TinyFastTokenizer())
-            keys = {k for b in itertools.islice(loader, batches) for k in b.meta["key"]}
-        except (ConfigError, DataError) as e:
-            return "refuse", set(), {}, str(e)
-    skips = {k: v for k, v in loader.skip_counts().items() if v}
-    return ("skip:" + ",".join(sorted(skips)) if skips else "read"), keys, skips, ""
-
-
-def run_verify(d: Path) -> tuple[int, str]:
-    out = io.StringIO()
-    with deadline(), contextlib.redirect_stdout(out):
-        code = data_cli(["verify", str(d), "--no-progress", "--workers", "1"])
-    return code, out.getvalue()
 
 
 def measure(tmp_path: Path, case: str) -> dict:
@@ -469,7 +402,7 @@ def test_verify_limits_follow_the_reader_settings(tmp_path):
 
 def test_normalizer_refuses_bad_stats_from_a_checkpoint():
     from megavla.data.normalize import Normalizer, NormStatsError
-    from test_pipeline_fixtures import norm_stats_of
+    from helpers.shard_sets import norm_stats_of
     stats = norm_stats_of([make_episode(0, 0, 0)])
     stats["robot/arm"]["state"]["std"][0] = float("inf")
     with pytest.raises(NormStatsError, match=r"robot/arm.state.std is not finite in dims \[0\]"):

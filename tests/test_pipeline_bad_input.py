@@ -8,7 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_pipeline_fixtures import TinyTextTokenizer, grid_episodes, make_episode, write_shard_set
+from helpers.shard_sets import TinyTextTokenizer, grid_episodes, make_episode, write_shard_set
 
 from megavla.config.data import DataConfig
 from megavla.data.pipeline import DataError, build_loader

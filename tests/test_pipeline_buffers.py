@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from test_pipeline_fixtures import grid_episodes, write_shard_set
+from helpers.shard_sets import grid_episodes, write_shard_set
 
 from megavla.config.data import DataConfig
 from megavla.data import pipeline

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_pipeline_fixtures import make_episode, write_shard_set
+from helpers.shard_sets import make_episode, write_shard_set
 
 from megavla.data.member_index import FrameRefs, episode_templates
 from megavla.data.shard_reader import read_members

@@ -5,7 +5,7 @@ import itertools
 from collections import Counter
 
 import pytest
-from test_pipeline_fixtures import TinyTextTokenizer, grid_episodes, write_shard_set
+from helpers.shard_sets import TinyTextTokenizer, grid_episodes, write_shard_set
 
 from megavla.config.core import ConfigError
 from megavla.config.data import DataConfig

@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-from test_pipeline_fixtures import (TinyFastTokenizer, TinyTextTokenizer, grid_episodes,
-                                    write_shard_set)
+from helpers.shard_sets import TinyFastTokenizer, TinyTextTokenizer, grid_episodes, make_cfg, write_shard_set
 
-from megavla.config.data import DataConfig
 from megavla.data.loader_state import LoaderStateError
 from megavla.data.pipeline import build_loader
 
@@ -20,15 +18,6 @@ def shard_sets(tmp_path_factory):
     robot = write_shard_set(root / "robot", grid_episodes(3, 3, 2, steps=10), per_shard=3)
     human = write_shard_set(root / "human", grid_episodes(3, 3, 1, human=True, steps=10), per_shard=2)
     return str(robot), str(human)
-
-
-def make_cfg(shard_sets, num_workers: int, **kw) -> DataConfig:
-    robot, human = shard_sets
-    base = dict(sources={"robot": robot, "human": human}, mixture={"robot": 0.6, "human": 0.4},
-                image_size=16, batch_size=4, num_workers=num_workers, chunk_length=4, max_action_dim=8,
-                max_state_dim=6, shuffle_buffer=12, samples_per_episode=3, seed=7)
-    base.update(kw)
-    return DataConfig(**base)
 
 
 def take(loader, n):

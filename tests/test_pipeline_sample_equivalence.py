@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_pipeline_fixtures import TinyTextTokenizer, make_episode, norm_stats_of
+from helpers.shard_sets import TinyTextTokenizer, make_episode, norm_stats_of
 
 from megavla.data.collate import (BatchFields, SampleError, active_subtask, build_sample, collate_samples,
                                   episode_arrays, fast_chunk, sample_fields)
@@ -198,7 +198,7 @@ def test_loader_batches_equal_samples_built_one_by_one(tmp_path, fast_tok):
 
     from megavla.config.data import DataConfig
     from megavla.data.pipeline import build_loader
-    from test_pipeline_fixtures import write_shard_set
+    from helpers.shard_sets import write_shard_set
     robot = [make_episode(s, t, 0, steps=9) for s in range(2) for t in range(2)]
     robot[1].step_valid[[4, 8]] = False
     directory = write_shard_set(tmp_path / "robot", robot, per_shard=2)

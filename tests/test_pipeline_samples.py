@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_pipeline_fixtures import (CAMERA_LEVEL, TinyFastTokenizer, TinyTextTokenizer, make_episode,
+from helpers.shard_sets import (CAMERA_LEVEL, TinyFastTokenizer, TinyTextTokenizer, make_episode,
                                     norm_stats_of, write_shard_set)
 
 from megavla.config.data import DataConfig

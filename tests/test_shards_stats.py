@@ -8,7 +8,7 @@ import pytest
 
 from megavla.data_shards.stats import (NormStatsAccumulator, StreamingHistogram, compare_norm_stats,
                                        load_norm_stats, write_json_atomic)
-from test_shards_common import make_episode
+from helpers.toy_episodes import make_episode
 
 DATASETS = {
     "normal": lambda rng: rng.normal(0.0, 1.0, (6000, 4)),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
-from test_data_damaged import episodes, run_reader, run_verify, write
+from helpers.damaged_shards import episodes, run_reader, run_verify, write
 
 from megavla.data.member_index import episode_templates
 from megavla.data_shards.tar_reader import READ, REF, iter_tar_members, map_shard

@@ -13,7 +13,7 @@ import webdataset as wds
 from megavla.data_shards.format import episode_to_sample
 from megavla.data_shards.verify import verify_shard_set
 from megavla.data_shards.writer import ShardSetWriter
-from test_shards_common import make_episode
+from helpers.toy_episodes import make_episode
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from megavla.data_shards.manifest import (find_shard_sets, load_manifest, Manife
 from megavla.data_shards.verify import iter_tar_samples
 from megavla.data_shards.writer import ShardSetWriter, tar_sample_bytes
 from megavla.data_shards.format import episode_to_sample
-from test_shards_common import make_episode
+from helpers.toy_episodes import make_episode
 
 
 def _episodes():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
-from test_pipeline_fixtures import TinyTextTokenizer, make_episode, norm_stats_of, write_shard_set
+from helpers.shard_sets import TinyTextTokenizer, make_episode, norm_stats_of, write_shard_set
 
 from megavla.config import ConfigError, load_config
 from megavla.config.checks import check_config, state_prompt_problems

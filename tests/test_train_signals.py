@@ -79,8 +79,7 @@ def test_loader_workers_ignore_stop_signals_sent_to_the_group(tmp_path):
     script = f"""
 import os, signal, subprocess, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_pipeline_resume import make_cfg
-from test_pipeline_fixtures import grid_episodes, write_shard_set
+from helpers.shard_sets import grid_episodes, make_cfg, write_shard_set
 from megavla.data.pipeline import build_loader
 root = {str(tmp_path)!r}
 robot = write_shard_set(root + "/robot", grid_episodes(2, 2, 2, steps=10), per_shard=2)
