@@ -8,8 +8,9 @@ reader would read every episode. Per set: validate.check_manifest_shards, norm s
 (validate/stats.check_norm_stats) covering the manifest's embodiments, no episode key in two shards
 (from episode_keys.json as the reader checks it; by reading every shard in sets without that file),
 each shard's keys equal to its list in episode_keys.json.
-Per shard: a regular file; size and sha256 as in the manifest; the tar reads to its end (a
-truncated tar is reported after the last good member); every sample parses with
+Per shard: a regular file; size and sha256 as in the manifest; the tar reads to its end with the
+training reader's own parser and grouping (data_shards/tar_reader.py; a truncated tar is reported
+after the last good member); every sample parses with
 ``format.sample_to_episode`` and passes ``validate.EpisodeValidator``; no key twice in the shard;
 no members outside the episode format; every JPEG decodes; sample / step / embodiment counts equal
 the manifest row. Frames an episode does not use (t >= its steps, a camera meta.json does not list)
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import re
-import tarfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from megavla.fileio import sha256_file
 from .format import ARRAY_KEYS, CAMERAS, EpisodeFormatError, sample_to_episode
 from .manifest import EPISODE_KEYS_FILE, SHARD_GLOB, ManifestError, load_episode_keys, load_manifest
 from .stats import NORM_STATS_FILE, NormStatsError, load_norm_stats
+from .tar_reader import TarFormatError, group_members, iter_tar_members, map_shard
 from .validate import (CrossShardDuplicate, EpisodeValidator, ReadLimits, ShardSetError, check_manifest_shards,
                        cross_shard_duplicates, cross_shard_message, duplicate_key_message, no_key_list_message,
                        shard_file_problem, stats_coverage_problem, unused_frame_members, unused_frames_message)
@@ -81,47 +82,31 @@ class VerifyReport:
 
 
 
-# webdataset's grouping rule (tariterators.base_plus_ext): key = path up to the first dot of the
-# file name, suffix = the rest. Reimplemented with stdlib tarfile so that `inspect`/`verify`/`stats`
-# do not pay webdataset's torch import (~2-6 s on this machine); writing still uses TarWriter.
-_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
 def iter_tar_samples(path: Path, problems: list[Problem]) -> Iterator[dict[str, Any]]:
-    """Group tar members into samples as webdataset does; a read error becomes a Problem naming
-    the last good member, and the sample being read is yielded with ``__error__`` set."""
-    current: dict[str, Any] | None = None
-    last_member = None
-    with open(path, "rb") as f:
+    """The shard's samples exactly as the training reader groups them (tar_reader.iter_tar_members +
+    group_members: the same header walk, damage checks and key/suffix rule), every member read. A
+    read error becomes a Problem naming the last good member, and the sample being read is yielded
+    with ``__error__`` set."""
+    where = str(path)
+    last: list[tuple[str, str]] = []   # (key, member name) of the last member read
+    failed: list[bool] = []
+
+    def members() -> Iterator[tuple[str, str, Any]]:
         try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    match = _KEY_SUFFIX.match(info.name)
-                    if match is None:
-                        problems.append(Problem(str(path), "member name has no key.suffix form",
-                                                member=info.name))
-                        continue
-                    prefix, suffix = match.group(1), match.group(2).lower()
-                    data = tar.extractfile(info).read()
-                    # A repeated member starts a new sample with the same key, as in the reader
-                    # (shard_reader.group_members): a repeated episode is a duplicate key there.
-                    if current is not None and (prefix != current["__key__"] or suffix in current):
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": prefix}
-                    current[suffix] = data
-                    last_member = info.name
-        except (tarfile.TarError, OSError, EOFError) as e:
-            after = f"after member {last_member}" if last_member else "before the first member"
-            problems.append(Problem(str(path), f"unreadable tar {after}: {type(e).__name__}: {e} "
-                                    "(truncated or corrupt)", key=current["__key__"] if current else None))
-            if current is not None:
-                current["__error__"] = True
-    if current is not None:
-        yield current
+            for key, suffix, data in iter_tar_members(map_shard(where), where):
+                last[:] = [(key, f"{key}.{suffix}" if suffix else key)]
+                yield key, suffix, data
+        except (TarFormatError, OSError, ValueError) as e:
+            after = f"after member {last[0][1]}" if last else "before the first member"
+            detail = str(e).removeprefix(f"{where}: ")
+            problems.append(Problem(where, f"unreadable tar {after}: {type(e).__name__}: {detail} "
+                                    "(truncated or corrupt)", key=last[0][0] if last else None))
+            failed.append(True)
+
+    for sample in group_members(members(), where):
+        if failed:   # the members ended at the damage: this is the sample it cut off
+            sample["__error__"] = True
+        yield sample
 
 
 def _member_of(message: str, where: str, key: str) -> str | None:
@@ -184,7 +169,12 @@ def verify_shard(path: Path, row: dict[str, Any], report: VerifyReport, check_im
         seen.add(key)
         report.keys.append(key)
         for member in sample:
-            if not member.startswith("__") and not _KNOWN_MEMBER.match(member):
+            if member.startswith("__"):
+                continue
+            if not member:   # a name without a dot: the reader groups it under its own name
+                report.problems.append(Problem(where, "member name has no key.suffix form", key=key,
+                                               member=key))
+            elif not _KNOWN_MEMBER.match(member):
                 report.problems.append(Problem(where, "member not in the episode format", key=key,
                                                member=member))
         if sample.get("__error__"):

@@ -135,8 +135,9 @@ def test_missing_shard_manifest_and_stale_file(copy):
 
 
 def test_truncated_at_member_boundary(copy):
-    """tarfile ends quietly when a cut falls between members: the size check and the incomplete
-    sample must still flag it."""
+    """A cut between members (tarfile ended there quietly, so verify used to see only an incomplete
+    sample): the reader's parser finds no end-of-archive blocks, and verify names the damage after
+    the last good member, as the loader does."""
     import tarfile
 
     shard = copy / "shard-000000.tar"
@@ -145,6 +146,50 @@ def test_truncated_at_member_boundary(copy):
     shard.write_bytes(shard.read_bytes()[:cut])
     report = verify_shard_set(copy)
     assert report.bad_shards == [str(shard)]
-    # TarWriter writes members sorted, so meta.json (after the wrist frames) is the first casualty
-    assert {p.member for p in report.errors} == {None, "meta.json"}, [str(p) for p in report.errors]
-    assert any("size" in p.message for p in report.errors)
+    messages = [p.message for p in report.errors]
+    assert any("size" in m for m in messages)
+    assert any(m.startswith("unreadable tar after member robot-arm_s0000_t0001_e000000.left_wrist.0001.jpg: "
+                            "TarFormatError: ends without end-of-archive blocks") for m in messages), messages
+
+
+def _reshard(set_dir, transform):
+    """Rewrite shard 0's bytes with ``transform`` and make the manifest agree with them."""
+    shard = set_dir / "shard-000000.tar"
+    data = transform(shard.read_bytes())
+    shard.write_bytes(data)
+    manifest = json.loads((set_dir / "manifest.json").read_text())
+    manifest["shards"][0]["bytes"], manifest["shards"][0]["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (set_dir / "manifest.json").write_text(json.dumps(manifest))
+    return shard
+
+
+def _loader_walk(shard):
+    from megavla.data_shards.tar_reader import group_members, iter_tar_members, map_shard
+
+    return list(group_members(iter_tar_members(map_shard(str(shard)), str(shard)), str(shard)))
+
+
+def test_no_end_of_archive_blocks_is_what_the_loader_refuses(copy):
+    """Every member whole but no end-of-archive blocks: the loader's parser raises at the end (and
+    drops the last episode); verify runs that parser, so it reports the shard (it passed it while
+    it walked the tar with tarfile)."""
+    from megavla.data_shards.tar_reader import TarFormatError
+
+    shard = _reshard(copy, lambda data: data.rstrip(b"\0") + bytes(-len(data.rstrip(b"\0")) % 512))
+    with pytest.raises(TarFormatError, match="without end-of-archive blocks"):
+        _loader_walk(shard)
+    report = verify_shard_set(copy)
+    assert report.bad_shards == [str(shard)]
+    (problem,) = report.errors
+    assert "TarFormatError: ends without end-of-archive blocks" in problem.message
+
+
+def test_member_names_are_grouped_as_the_loader_groups_them(copy):
+    """Suffixes are case-sensitive in the loader ('KEY.META.JSON' is not its meta.json), so verify
+    must not fold case (it lowercased them, and passed a shard whose episode the loader skips)."""
+    path, key = _rewrite_shard(copy, 0, lambda s: s.update({"META.JSON": s.pop("meta.json")}))
+    (group,) = _loader_walk(path)
+    assert "META.JSON" in group and "meta.json" not in group
+    report = verify_shard_set(copy)
+    assert {(p.key, p.member) for p in report.errors} >= {(key, "META.JSON"), (key, "meta.json")}
+    assert any("missing member 'meta.json'" in p.message for p in report.errors)
