@@ -25,7 +25,9 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -112,6 +114,7 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
                "runs": {k: str(v) for k, v in run_dirs.items()}, "evaluations": levels, "probe": probe,
                "progress": progress_rows, "seeds": {f"{lv:g}": n for lv, n in n_seeds.items()},
                "arm_evaluations": {f"{lv:g}": evs for lv, evs in arm_evals.items()}}
+    coverage_lines = _coverage_section(spec, results)
     report.write_json(results, out / "results_diversity.json")
     lines = _header("Diversity ablation: human→robot transfer gap", spec, argv, time.perf_counter() - start)
     ev = spec.eval
@@ -141,13 +144,27 @@ def diversity(spec: ex.ExperimentSpec, out: Path, launch: list[str], argv: list[
               "", progress_report.progress_markdown(progress_rows), "",
               "Transfer efficiency, (arm − robot only) / (positive control − robot only):", "",
               *(progress_report.efficiency_lines(progress_rows) or ["- no level ran the positive control"]), "",
-              "![progress gap](progress_gap.png)", ""]
+              "![progress gap](progress_gap.png)", "", *coverage_lines]
     if probe:
         lines += _probe_section(probe, "probe/")
     lines += ["Exact configs: `configs/` (one per run) and `sweeps/` (the sweep files that ran them).", ""]
     (out / "report_diversity.md").write_text("\n".join(lines))
     html_report.write_html_report(out / "report_diversity.md", run_dirs)  # + each cell's rollout videos
     return results
+
+
+def _coverage_section(spec: ex.ExperimentSpec, results: dict) -> list[str]:
+    """What each level's pretraining shares with the targets (megavla/eval/coverage.py); kept in the results."""
+    from .coverage import coverage_markdown, coverage_rows
+    universe = [c for c in ex.all_combos(spec.world) if c not in spec.world.targets]
+    rows = coverage_rows(spec.world.targets, universe, spec.diversity_levels,
+                         ex.run_config(spec, {}, []).get("data", {}))
+    results["coverage"] = rows
+    return ["## What pretraining shows of the targets", "",
+            "Robot pretraining combos at each level that share a part with each target: the instructed block's "
+            "colour (instructed; merely present in the scene), the motion, the goal's colour as the goal, and the "
+            "exact instruction. Diversity can help transfer only through parts it adds.", "",
+            coverage_markdown(rows), ""]
 
 
 def _probe_section(probe: dict, prefix: str) -> list[str]:
@@ -242,17 +259,8 @@ def closed_loop_command(args: argparse.Namespace, traces: list | None = None, vi
     if (args.checkpoint is None) == (args.policy_server is None):
         raise ValueError("give either a checkpoint (in process) or --policy-server ws://HOST:PORT")
     if args.policy_server:
-        try:
-            from openpi_client.websocket_client_policy import WebsocketClientPolicy
-        except ImportError:
-            raise ValueError("--policy-server needs the openpi client: pip install openpi-client") from None
-        from websockets.exceptions import WebSocketException
-        try:
-            client = WebsocketClientPolicy(args.policy_server, api_key=args.api_key)
-        except (OSError, WebSocketException) as e:  # refused, 401 (API key), not a websocket
-            raise ValueError(f"--policy-server {args.policy_server}: cannot connect: {e}") from None
-        meta = client.get_server_metadata()
-        policy, image_size = closed_loop.ClientPolicy(client, meta, args.execute_k), int(meta["image_size"])
+        policy = closed_loop.connect_policy_server(args.policy_server, args.api_key, args.execute_k)
+        image_size = int(policy.metadata["image_size"])
     else:
         from .policy import VLAPolicy, load_checkpoint
         loaded = load_checkpoint(args.checkpoint, weights=args.weights)
@@ -264,16 +272,33 @@ def closed_loop_command(args: argparse.Namespace, traces: list | None = None, vi
                                     max_steps=args.max_steps, seed=args.seed, traces=traces, videos=videos)
     finally:
         if args.policy_server:
-            client._ws.close()  # openpi's client has no close(); leave the server a clean close frame
+            policy.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from megavla.launch.cli import add_launch_flags
-    parser = argparse.ArgumentParser(prog="megavla experiment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="experiment", required=True)
-    for name in ("diversity", "objectives"):
-        p = sub.add_parser(name, help=f"the {name} experiment (sweeps of training runs + evaluation)")
+# ------------------------------------------------------------------------ the experiments, registered
+@dataclass(frozen=True)
+class Experiment:
+    """One `megavla experiment NAME`: its help line, its options, and run(args, argv) -> exit code.
+    run checks its outputs before any episode or training run starts; ConfigError / ValueError
+    (bad input) end the command with exit 2, RuntimeError with 3 (main)."""
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str]], int]
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register_experiment(name: str, experiment: Experiment) -> None:
+    """Add `megavla experiment NAME`; a second one of the same name is refused, not swapped in."""
+    if name in EXPERIMENTS:
+        raise ValueError(f"experiment {name!r} is already registered ({EXPERIMENTS[name].run.__module__})")
+    EXPERIMENTS[name] = experiment
+
+
+def _sweep_arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        from megavla.launch.cli import add_launch_flags
         p.add_argument("--preset", default="mini", help="configs/experiments/<preset>.yaml or a YAML path: toy "
                        "(smoke test, minutes), mini (tiny model, < 90 min on 2 CPU cores), gpu (a few GPU-hours)")
         p.add_argument("--out", default=f"runs/experiments/{name}", help="report directory (runs live inside)")
@@ -284,15 +309,51 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=int, help="train every arm this many times (train.seed / data.seed + i) "
                        "at the spec's seed_levels (empty: every level)")
         add_launch_flags(p)
-    p = sub.add_parser("probe", help="embodiment silhouette + t-SNE of backbone embeddings per checkpoint")
+    return add
+
+
+def _sweep_experiment(body: Callable[[ex.ExperimentSpec, Path, list[str], list[str]], dict]):
+    """run() of a sweep experiment (diversity, objectives): trains through sweeps, writes the report."""
+    def run(args: argparse.Namespace, argv: list[str]) -> int:
+        from megavla.launch.cli import flag_overrides
+        spec = _load(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.yaml").write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+        started = time.perf_counter()
+        body(spec, out.resolve(), flag_overrides(args), argv)
+        report_path = out / f"report_{args.experiment}.md"
+        print(report_path.read_text())
+        print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; results_{args.experiment}.json and "
+              f"report_{args.experiment}.html (tables, figures, rollout videos) beside the report; "
+              f"report: {report_path}")
+        return 0
+    return run
+
+
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", help="run dirs, checkpoint dirs or exported dirs")
     p.add_argument("--out", default="runs/experiments/probe")
     p.add_argument("--combos", default="0:0,0:1,1:0,1:1", help="scene:task combos to observe")
     p.add_argument("--episodes-per-combo", type=int, default=2)
     p.add_argument("--steps-per-episode", type=int, default=6)
     p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
-    p = sub.add_parser("competence", help="where a run's grasps land relative to the instructed block, "
-                       "whether they follow its jitter, and how much the colour word moves its actions")
+
+
+def _run_probe(args: argparse.Namespace, argv: list[str]) -> int:
+    from megavla.overwrite import refuse_existing
+    from .threads import use_inference_threads
+    if args.out:   # before any episode runs
+        refuse_existing(args.out, args.overwrite, "probe results", PROBE_OUTPUTS)
+    use_inference_threads(getattr(args, "threads", None))   # in-process inference: the one threads rule
+    probe = probe_command(args, argv)
+    for name, p in probe.items():
+        print(f"{name}: silhouette {p['silhouette']:.4f} ({p['samples']} observations)")
+    print(f"report: {Path(args.out) / 'report_probe.md'}")
+    return 0
+
+
+def _competence_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run dir, checkpoint dir or export dir")
     p.add_argument("--combos", default="0:0,0:1,0:2", help="scene:task combos, comma-separated")
     p.add_argument("--episodes-per-combo", type=int, default=10, help="on the evaluation's start states")
@@ -303,7 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=90)
     p.add_argument("--out", help="write the result to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p = sub.add_parser("closed-loop", help="mini-world success of one policy (in process or via megavla serve)")
+
+
+def _run_competence(args: argparse.Namespace, argv: list[str]) -> int:
+    from megavla.overwrite import refuse_existing
+    from .competence import competence, competence_lines
+    from .threads import use_inference_threads
+    if args.out:   # before any episode runs
+        refuse_existing(args.out, args.overwrite, "a competence result")
+    use_inference_threads(getattr(args, "threads", None))
+    res = competence(args.run, [c.strip() for c in args.combos.split(",") if c.strip()],
+                     args.episodes_per_combo, execute_k=args.execute_k, flow_steps=args.flow_steps,
+                     noise_scale=args.noise_scale, max_steps=args.max_steps, swap_episodes=args.swap_episodes)
+    print("\n".join(competence_lines(res)))
+    if args.out:
+        report.write_json(res, Path(args.out))
+    return 0
+
+
+def _closed_loop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or export dir (in process)")
     p.add_argument("--policy-server", help="ws://HOST:PORT of `megavla serve` (flow steps and noise seed "
                                            "are the server's --flow-steps / --seed)")
@@ -326,6 +405,57 @@ def build_parser() -> argparse.ArgumentParser:
                    "every camera side by side, beside --out (NAME.videos/; megavla/eval/videos.py)")
     p.add_argument("--threads", type=int, default=None, help="in process: torch CPU threads (default 1, or "
                    "OMP_NUM_THREADS when set; 0 = torch's own; megavla/eval/threads.py)")
+
+
+def _run_closed_loop(args: argparse.Namespace, argv: list[str]) -> int:
+    from megavla.overwrite import refuse_existing
+    from .threads import use_inference_threads
+    from .videos import VideoRecorder, clear_videos, videos_dir
+    if args.out:   # before any episode runs
+        for path in (Path(args.out), traces_path(args.out)):
+            refuse_existing(path, args.overwrite, "a closed-loop result")
+    if args.videos:
+        if args.videos < 0 or not args.out:
+            raise ValueError(f"--videos {args.videos}: give N > 0 and --out FILE.json (videos go beside it)")
+        refuse_existing(videos_dir(args.out), args.overwrite, "closed-loop videos", ("*.mp4",))
+        clear_videos(videos_dir(args.out))  # only with --overwrite: a re-run replaces its videos
+    use_inference_threads(getattr(args, "threads", None))
+    traces: list = []
+    recorder = VideoRecorder(videos_dir(args.out), first_per_combo=args.videos) if args.videos else None
+    res = closed_loop_command(args, traces, recorder)
+    lo, hi = res["ci95"]
+    print(f"success {res['successes']}/{res['episodes']} = {res['success_rate']:.3f} "
+          f"[95% CI {lo:.3f}, {hi:.3f}]")
+    for combo, block in res["per_combo"].items():
+        print(f"  {combo}: {block['successes']}/{block['episodes']}")
+    if args.out:  # the per-step traces beside the result (traces.load_traces reads them)
+        res["traces"] = save_traces(traces, traces_path(args.out)).name
+        if recorder is not None:
+            res["videos"] = recorder.videos
+            print(f"videos: {len(recorder.videos)} in {videos_dir(args.out)} "
+                  f"({sum(v['bytes'] for v in recorder.videos)} bytes)")
+        report.write_json(res, Path(args.out))
+    return 0
+
+
+for _name, _body in (("diversity", diversity), ("objectives", objectives)):
+    register_experiment(_name, Experiment(f"the {_name} experiment (sweeps of training runs + evaluation)",
+                                          _sweep_arguments(_name), _sweep_experiment(_body)))
+register_experiment("probe", Experiment("embodiment silhouette + t-SNE of backbone embeddings per checkpoint",
+                                        _probe_arguments, _run_probe))
+register_experiment("competence", Experiment(
+    "where a run's grasps land relative to the instructed block, whether they follow its jitter, and how "
+    "much the colour word moves its actions", _competence_arguments, _run_competence))
+register_experiment("closed-loop", Experiment("mini-world success of one policy (in process or via megavla serve)",
+                                              _closed_loop_arguments, _run_closed_loop))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megavla experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    for name, experiment in EXPERIMENTS.items():
+        experiment.add_arguments(sub.add_parser(name, help=experiment.help))
     return parser
 
 
@@ -333,73 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.experiment in ("closed-loop", "probe", "competence") and args.out:   # before any episode runs
-            from megavla.overwrite import refuse_existing
-            if args.experiment == "probe":
-                refuse_existing(args.out, args.overwrite, "probe results", PROBE_OUTPUTS)
-            elif args.experiment == "competence":
-                refuse_existing(args.out, args.overwrite, "a competence result")
-            else:
-                for path in (Path(args.out), traces_path(args.out)):
-                    refuse_existing(path, args.overwrite, "a closed-loop result")
-        if args.experiment == "closed-loop" and args.videos:
-            if args.videos < 0 or not args.out:
-                raise ValueError(f"--videos {args.videos}: give N > 0 and --out FILE.json (videos go beside it)")
-            from megavla.overwrite import refuse_existing
-            from .videos import VideoRecorder, clear_videos, videos_dir
-            refuse_existing(videos_dir(args.out), args.overwrite, "closed-loop videos", ("*.mp4",))
-            clear_videos(videos_dir(args.out))  # only with --overwrite: a re-run replaces its videos
-        if args.experiment in ("closed-loop", "probe", "competence"):   # in-process inference: the one threads rule
-            from .threads import use_inference_threads
-            use_inference_threads(getattr(args, "threads", None))
-        if args.experiment == "closed-loop":
-            traces: list = []
-            recorder = VideoRecorder(videos_dir(args.out), first_per_combo=args.videos) if args.videos else None
-            res = closed_loop_command(args, traces, recorder)
-            lo, hi = res["ci95"]
-            print(f"success {res['successes']}/{res['episodes']} = {res['success_rate']:.3f} "
-                  f"[95% CI {lo:.3f}, {hi:.3f}]")
-            for combo, block in res["per_combo"].items():
-                print(f"  {combo}: {block['successes']}/{block['episodes']}")
-            if args.out:  # the per-step traces beside the result (traces.load_traces reads them)
-                res["traces"] = save_traces(traces, traces_path(args.out)).name
-                if recorder is not None:
-                    res["videos"] = recorder.videos
-                    print(f"videos: {len(recorder.videos)} in {videos_dir(args.out)} "
-                          f"({sum(v['bytes'] for v in recorder.videos)} bytes)")
-                report.write_json(res, Path(args.out))
-            return 0
-        if args.experiment == "competence":
-            from .competence import competence, competence_lines
-            res = competence(args.run, [c.strip() for c in args.combos.split(",") if c.strip()],
-                             args.episodes_per_combo, execute_k=args.execute_k, flow_steps=args.flow_steps,
-                             noise_scale=args.noise_scale, max_steps=args.max_steps, swap_episodes=args.swap_episodes)
-            print("\n".join(competence_lines(res)))
-            if args.out:
-                report.write_json(res, Path(args.out))
-            return 0
-        if args.experiment == "probe":
-            probe = probe_command(args, argv)
-            for name, p in probe.items():
-                print(f"{name}: silhouette {p['silhouette']:.4f} ({p['samples']} observations)")
-            print(f"report: {Path(args.out) / 'report_probe.md'}")
-            return 0
-        from megavla.launch.cli import flag_overrides
-        spec = _load(args)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "spec.yaml").write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
-        run = diversity if args.experiment == "diversity" else objectives
-        started = time.perf_counter()
-        run(spec, out.resolve(), flag_overrides(args), argv)
+        return EXPERIMENTS[args.experiment].run(args, argv)
     except (ConfigError, ValueError) as e:  # CheckpointError and bad combos are ValueErrors
         sys.stderr.write(f"megavla experiment: error: {e}\n")
         return 2
     except RuntimeError as e:
         sys.stderr.write(f"megavla experiment: {e}\n")
         return 3
-    report_path = out / f"report_{args.experiment}.md"
-    print(report_path.read_text())
-    print(f"wall time: {(time.perf_counter() - started) / 60:.1f} min; results_{args.experiment}.json and "
-          f"report_{args.experiment}.html (tables, figures, rollout videos) beside the report; report: {report_path}")
-    return 0
