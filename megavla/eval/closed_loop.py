@@ -140,8 +140,17 @@ class ClientPolicy:
         if not 1 <= execute_k <= H:
             raise ValueError(f"execute_k={execute_k} must be in [1, chunk_length={H}]")
         self.client, self.schema, self.execute_k = client, metadata["observation_schema"], execute_k
+        self.metadata = metadata
         self.queue: list[np.ndarray] = []
         self.queries = 0
+
+    def close(self) -> None:
+        """Close the client's server connection, leaving the server a clean close frame. openpi's
+        WebsocketClientPolicy has no close(): its connection is its ``_ws``, reached here only. A
+        client without one (an in-process LoadedPolicy) has nothing to close."""
+        connection = getattr(self.client, "_ws", None)
+        if connection is not None:
+            connection.close()
 
     def reset(self, world: MiniWorld) -> None:
         self.queue = []
@@ -159,6 +168,21 @@ class ClientPolicy:
             self.queries += 1
             self.queue = list(chunk[: self.execute_k])
         return self.queue.pop(0)
+
+
+def connect_policy_server(url: str, api_key: str | None, execute_k: int = 5) -> ClientPolicy:
+    """A ClientPolicy over `megavla serve` at ``url`` (ws://HOST:PORT) through the unmodified
+    openpi client; close it with ``.close()``. ValueError naming the url when it cannot connect."""
+    try:
+        from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    except ImportError:
+        raise ValueError("--policy-server needs the openpi client: pip install openpi-client") from None
+    from websockets.exceptions import WebSocketException
+    try:
+        client = WebsocketClientPolicy(url, api_key=api_key)
+    except (OSError, WebSocketException) as e:  # refused, 401 (API key), not a websocket
+        raise ValueError(f"--policy-server {url}: cannot connect: {e}") from None
+    return ClientPolicy(client, client.get_server_metadata(), execute_k)
 
 
 def run_episode(policy: Policy, scene: int, task: int, seed: int, *, image_size: int,
