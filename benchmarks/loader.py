@@ -45,7 +45,7 @@ def make_shard_set(out: Path, episodes: int, image_size: int) -> Path:
 
 def load_tokenizers(shard_set: Path, out: Path, chunk_length: int):
     try:
-        from megavla.tokenizers.cli import train_tokenizers
+        from megavla.tokenizers.pair import train_tokenizers
     except ImportError as e:  # tokenizers not landed: the reader still runs, without token cost
         log.warning("no megavla.tokenizers (%s): benchmarking without tokenization", e)
         return None, None

@@ -85,7 +85,7 @@ def make_tokenizers(out: Path, shards: Path) -> Path:
     if (tok / "text.model").is_file() and (tok / "fast.json").is_file():
         log.info("tokenizers exist in %s: reusing them", tok)
         return tok
-    from megavla.tokenizers.cli import train_tokenizers
+    from megavla.tokenizers.pair import train_tokenizers
     train_tokenizers([shards / "robot", shards / "human"], tok)
     return tok
 

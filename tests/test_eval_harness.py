@@ -7,7 +7,7 @@ import pytest
 from megavla.data.normalize import Normalizer
 from megavla.data_shards.synth import generate_episode
 from megavla.eval import closed_loop as cl
-from megavla.tokenizers.cli import CorpusCounts, episode_chunks
+from megavla.tokenizers.pair import CorpusCounts, episode_chunks
 from megavla.tokenizers.fast import train_fast_tokenizer
 
 COMBOS = ["0:0", "0:1", "0:2", "1:3", "2:4", "3:5"]  # pick-place, push, pick and more

@@ -160,7 +160,7 @@ def test_imported_sets_train_together_in_a_50_50_mixture(tmp_path, human_eps):
 
     from megavla.config.data import DataConfig
     from megavla.data.pipeline import build_loader
-    from megavla.tokenizers.cli import train_tokenizers
+    from megavla.tokenizers.pair import train_tokenizers
 
     lerobot = Path(__file__).parent / "fixtures" / "lerobot_v30_tiny"
     assert data_main(["import", "lerobot", str(lerobot), "--out", str(tmp_path / "robot"),

@@ -25,9 +25,9 @@ def synth_sets(tmp_path_factory):
 
 
 def test_reader_on_writer_output_with_trained_tokenizers(synth_sets, tmp_path):
-    cli = pytest.importorskip("megavla.tokenizers.cli")
-    text_tok, fast_tok = cli.train_tokenizers(list(synth_sets.values()), tmp_path / "tok", text_vocab=300,
-                                              fast_vocab=300, chunk_length=5, chunk_stride=2)
+    pair = pytest.importorskip("megavla.tokenizers.pair")
+    text_tok, fast_tok = pair.train_tokenizers(list(synth_sets.values()), tmp_path / "tok", text_vocab=300,
+                                               fast_vocab=300, chunk_length=5, chunk_stride=2)
     cfg = DataConfig(sources=synth_sets, mixture={"robot": 0.5, "human": 0.5}, image_size=32, batch_size=8,
                      num_workers=0, chunk_length=5, shuffle_buffer=16, samples_per_episode=2)
     loader = build_loader(cfg, text_tok, fast_tok)

@@ -229,7 +229,7 @@ def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
 
 
 def test_episode_chunks_forward_fill_like_the_pipeline():
-    from megavla.tokenizers.cli import CorpusCounts, episode_chunks
+    from megavla.tokenizers.pair import CorpusCounts, episode_chunks
     actions = np.arange(6, dtype=np.float32)[:, None] * np.array([[1.0, 10.0, 100.0]], np.float32)
     valid = np.array([True, True, False, True, True, True])
     counts = CorpusCounts()

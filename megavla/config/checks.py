@@ -33,8 +33,8 @@ from .core import ConfigError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_SUMMARY = "tokenizers.json"   # megavla.tokenizers.cli.SUMMARY_FILE (torch-free copy)
-TEXT_TOKENIZER_FILE = "text.model"      # megavla.tokenizers.cli.TEXT_FILE
+TOKENIZER_SUMMARY = "tokenizers.json"   # megavla.tokenizers.pair.SUMMARY_FILE (torch-free copy)
+TEXT_TOKENIZER_FILE = "text.model"      # megavla.tokenizers.pair.TEXT_FILE
 NORM_STATS_FILE = "norm_stats.json"     # megavla.data_shards.stats.NORM_STATS_FILE
 
 

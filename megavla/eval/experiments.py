@@ -228,7 +228,7 @@ def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, wo
 
 def prepare_data(spec: ExperimentSpec, root: Path) -> dict[str, str]:
     """Shard sets + tokenizers (FAST trained for the runs' chunk length) under ``root``."""
-    from megavla.tokenizers.cli import train_tokenizers
+    from megavla.tokenizers.pair import train_tokenizers
     world = spec.world
     universe = all_combos(world)
     bad = [c for c in world.targets + finetune_combos(world) if c not in universe]

@@ -172,7 +172,7 @@ def load_checkpoint(path: str | Path, extra_norm_stats: dict | None = None,
     text_tok = fast_tok = None
     tok_dir = ckpt / "tokenizers"
     if tok_dir.is_dir():
-        from megavla.tokenizers.cli import load_tokenizers
+        from megavla.tokenizers.pair import load_tokenizers
         text_tok, fast_tok = load_tokenizers(tok_dir)
     else:
         log.warning("%s: no tokenizers/ directory; the policy runs without instruction tokens", ckpt)

@@ -8,7 +8,7 @@ The data pipeline tokenizes in its workers with these; the trainer trains or loa
     fast_tok.encode(chunk)                       -> list[int]  in [0, fast_tok.vocab_size)
     fast_tok.decode(ids, horizon, dim)           -> float32 [horizon, dim]
 """
-from .cli import load_tokenizers, train_tokenizers
+from .pair import load_tokenizers, train_tokenizers
 from .fast import FastTokenizer, train_fast_tokenizer
 from .text import TextTokenizer, train_text_tokenizer
 

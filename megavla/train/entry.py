@@ -62,7 +62,7 @@ def default_model_factory(cfg: Config) -> torch.nn.Module:
 def load_tokenizers(cfg: Config):
     if not cfg.train.tokenizer_dir:
         return None, None
-    from megavla.tokenizers.cli import load_tokenizers as load
+    from megavla.tokenizers.pair import load_tokenizers as load
     return load(cfg.train.tokenizer_dir)
 
 
