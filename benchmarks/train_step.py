@@ -99,7 +99,7 @@ def worker(args) -> None:
     if args.stage < 0:                      # plain PyTorch: no DeepSpeed, no process group
         device = torch.device("cuda" if cuda else "cpu")
         model.to(device)
-        from megavla.train.engine import build_optimizer
+        from megavla.train.optim import build_optimizer
         opt = build_optimizer(model, tcfg, device)
 
         def step(batch):

@@ -11,6 +11,7 @@ from megavla.config import Config
 from megavla.data import augment
 from megavla.data.augment import ImageAugmentation, augment_images, color_jitter, crop_rotate
 from megavla.train.engine import DistInfo
+from megavla.train.train_state import TrainState
 from megavla.train.trainer import Trainer
 
 CAMERAS = ["head", "left_wrist", "right_wrist"]
@@ -131,9 +132,10 @@ def test_trainer_augments_training_batches_only(enabled, tmp_path):
     from megavla.config.model import ModelConfig
     cfg = Config()
     cfg.data.augment_images = enabled
+    cfg.train.run_dir = str(tmp_path)
     batch = random_batch(ModelConfig(preset="tiny", action_dim=8, state_dim=8), num_cameras=3)
     engine = FakeEngine()
-    trainer = Trainer(cfg, engine, None, [batch], DistInfo(0, 1, 0, torch.device("cpu")), Path(tmp_path),
+    trainer = Trainer(cfg, engine, [batch], DistInfo(0, 1, 0, torch.device("cpu")), TrainState(),
                       val_loader_factory=lambda: [batch])
     trainer.train_step()
     assert torch.equal(engine.seen[0], batch.images) != enabled

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from megavla.train.engine import EagerAdamW
+from megavla.train.optim import EagerAdamW
 
 SCRIPT = """
 import os, sys

@@ -49,8 +49,9 @@ def _barrier() -> None:
         tdist.barrier()
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is True on any (a collective every rank reaches)."""
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any (a collective every rank reaches): how the ranks
+    agree to give up a save, or to refuse one, together."""
     t = torch.tensor([int(flag)], device=device)
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
@@ -162,7 +163,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, device: tor
             log.warning("removing incomplete checkpoint %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
         problem = _space_problem(ckpt_dir)
-    if _any_rank(problem is not None, device):
+    if any_rank(problem is not None, device):
         raise _save_failure(tag, ckpt_dir, problem or "rank 0 found too little free space")
     error: BaseException | None = None
     try:
@@ -182,7 +183,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, device: tor
                     shutil.copy2(src, tmp / name)
     except (OSError, RuntimeError) as e:     # torch's writer reports ENOSPC as "basic_ios::clear"
         error = e
-    if _any_rank(error is not None, device):
+    if any_rank(error is not None, device):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise _save_failure(tag, ckpt_dir, error or "another rank could not write its shard")

@@ -1,13 +1,12 @@
-"""DeepSpeed engine from our TrainConfig: process group, optimizer groups, schedule, ZeRO config."""
+"""DeepSpeed engine from our TrainConfig: process group, ZeRO config, engine build.
+
+The optimizer and LR schedule it wraps are in optim.py; the patches of DeepSpeed / torch internals
+it applies are in deepspeed_patches.py."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 import socket
-import sys
-import types
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +14,12 @@ import torch
 import torch.nn as nn
 
 from megavla.config.train import TrainConfig
+
+from .deepspeed_patches import (avoid_dynamo_import, compiler_disable_as_identity, skip_deepspeed_triton_import,
+                                skip_shm_comm_build)
+from .optim import build_optimizer, build_scheduler
+# moved to optim.py; importable here until every test imports them from there (then removed)
+from .optim import EagerAdamW, apply_freeze, lr_factor, param_groups  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _skip_shm_comm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory comm op on CPU at init (~46 s, see platform-facts).
-    We only use gloo collectives, so replace the builder with a no-op before the backend exists."""
-    import importlib
-    # (not `import deepspeed.comm.torch as m`: that resolves to the `torch` attribute of
-    # deepspeed.comm, which is the torch package itself)
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
-def _skip_deepspeed_triton_import() -> None:
-    """DeepSpeed's engine imports its Triton ops (AutoEP's ReplacementSourceMap lives beside them)
-    on every `initialize`, and their shared module imports triton (~0.08 CPU-s of every process
-    start) only to learn that no GPU backend is active. A CPU-only torch has none, so we register
-    that module with its answer on such a build: `_TRITON_AVAILABLE` False (every DeepSpeed Triton
-    kernel is defined and used under that flag), triton and tl None. GPU builds are left alone."""
-    name = "deepspeed.ops.triton_ops._triton"
-    if torch.version.cuda is not None or torch.version.hip is not None or name in sys.modules:
-        return
-    module = types.ModuleType(name, "DeepSpeed's Triton availability on a CPU-only torch: none "
-                                    "(megavla.train.engine._skip_deepspeed_triton_import)")
-    module._TRITON_AVAILABLE, module.triton, module.tl = False, None, None
-    module.is_triton_available = lambda: False
-    sys.modules[name] = module
 
 
 def init_distributed(backend: str = "auto") -> DistInfo:
@@ -81,8 +60,8 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cpu")
         # Said up front, DeepSpeed skips its "Setting accelerator to CPU ... unable to detect" warning.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        _skip_deepspeed_triton_import()
-        _skip_shm_comm_build()
+        skip_deepspeed_triton_import()
+        skip_shm_comm_build()
     # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor: one
     # FutureWarning per rank per run that the user can do nothing about.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed",
@@ -119,159 +98,6 @@ def grad_accum_steps(cfg: TrainConfig, micro_batch: int, world_size: int) -> int
         raise ValueError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of "
                          f"data.batch_size x world_size = {micro_batch} x {world_size}; change one of them")
     return cfg.global_batch_size // per_step
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then cosine."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    decay = cfg.decay_steps or max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
-
-
-def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
-    """requires_grad=False for parameters whose name starts with one of `prefixes`; returns count."""
-    if not prefixes:
-        return 0
-    frozen = 0
-    names = [n for n, _ in model.named_parameters()]
-    for prefix in prefixes:
-        if not any(n.startswith(prefix) for n in names):
-            raise ValueError(f"train.freeze: no parameter name starts with {prefix!r}; "
-                             f"top-level modules are {sorted({n.split('.')[0] for n in names})}")
-    for name, p in model.named_parameters():
-        if any(name.startswith(prefix) for prefix in prefixes):
-            p.requires_grad_(False)
-            frozen += p.numel()
-    return frozen
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norm scales and other vectors get no weight decay."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _disabled_dynamo_functions(obj, depth: int = 3) -> list:
-    """The plain functions that `torch._disable_dynamo` wrappers reachable from `obj` (through
-    functools.wraps / closures) wrap."""
-    marker = torch._disable_dynamo(lambda: None).__code__
-    found, seen = [], set()
-
-    def walk(o, d):
-        if d < 0 or id(o) in seen:
-            return
-        seen.add(id(o))
-        code = getattr(o, "__code__", None)
-        if code is marker:
-            found.append(o.__closure__[code.co_freevars.index("fn")].cell_contents)
-            return
-        for cell in getattr(o, "__closure__", None) or ():
-            try:
-                walk(cell.cell_contents, d - 1)
-            except ValueError:   # an empty cell
-                pass
-        if getattr(o, "__wrapped__", None) is not None:
-            walk(o.__wrapped__, d - 1)
-
-    walk(obj, depth)
-    return found
-
-
-def avoid_dynamo_import() -> None:
-    """Keep `torch._dynamo` (and sympy) out of an eager training process: ~1.5-3 CPU-s per process
-    start on this box, 85 % of `create_engine`. Three things import it only to mark code as "do not
-    trace": (1) torch.optim.Optimizer methods and the functional `adam` are wrapped by
-    `torch._disable_dynamo`, which imports dynamo on the first call to learn the "disabled" version of
-    the function; we pre-bind that version to the function itself (identical when nothing is being
-    compiled: we never compile the optimizer). (2) Optimizer.step's `_use_grad_for_differentiable`
-    imports it on every call: `EagerAdamW.step` skips that wrapper. (3) DeepSpeed imports its Muon
-    optimizer for isinstance checks (in initialize and ZeRO's gradient path), a module that applies
-    torch.compile at import: we import it once with the compile deferred to its first call.
-    A process that already imported dynamo (it compiles something) is left alone."""
-    if "torch._dynamo" in sys.modules:
-        return
-    import importlib
-    import functools
-    adam = importlib.import_module("torch.optim.adam")
-    # ZeRO-3's parameter coordinator wraps its per-step methods the same way
-    coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
-    wrapped = [torch.optim.Optimizer, coordinator.PartitionedParameterCoordinator]
-    for fn in [f for cls in wrapped for v in vars(cls).values() for f in _disabled_dynamo_functions(v)] + \
-            _disabled_dynamo_functions(adam.adam):
-        fn.__dynamo_disable = fn
-    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
-        return
-    from deepspeed.runtime import compiler
-    original = compiler.compile
-
-    def deferred_compile():
-        def decorate(fn):
-            compiled = None
-
-            @functools.wraps(fn)
-            def call(*args, **kwargs):
-                nonlocal compiled
-                if compiled is None:
-                    compiled = torch.compile(fn)
-                return compiled(*args, **kwargs)
-            return call
-        return decorate
-
-    compiler.compile = deferred_compile
-    try:
-        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
-    finally:
-        compiler.compile = original
-
-
-@contextlib.contextmanager
-def compiler_disable_as_identity():
-    """Inside: `torch.compiler.disable(fn)` returns fn. DeepSpeed's ZeRO-3 wraps its per-module hooks
-    with it while building the engine, and its first call imports torch._dynamo (1.5 CPU-s, +141 MB
-    RSS per rank). "Do not trace this" means nothing to a process that never compiles; a process that
-    already imported dynamo is left alone."""
-    if "torch._dynamo" in sys.modules:
-        yield
-        return
-    original = torch.compiler.disable
-
-    def identity(fn=None, recursive=True, *, reason=None):
-        return fn if fn is not None else (lambda f: f)
-
-    torch.compiler.disable = identity
-    try:
-        yield
-    finally:
-        torch.compiler.disable = original
-
-
-class EagerAdamW(torch.optim.AdamW):
-    """torch's AdamW (same update code, same state) whose step skips the graph-break wrapper that
-    imports torch._dynamo (see avoid_dynamo_import). Not for use inside torch.compile."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        return torch.optim.AdamW.step.__wrapped__(self, closure)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    kind = cfg.optimizer
-    if kind == "auto":
-        kind = "fused" if device.type == "cuda" else "torch"
-    # torch's own fused AdamW (CUDA kernels shipped with torch): no JIT build, unlike DeepSpeed's.
-    fused = kind == "fused"
-    if fused and device.type != "cuda":
-        raise ValueError("train.optimizer=fused needs a GPU; use train.optimizer=torch on CPU")
-    return EagerAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def zero_bucket_elements(cfg: TrainConfig, num_params: int | None, world_size: int = 1) -> int:
@@ -358,7 +184,7 @@ def create_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, dist: Di
     avoid_dynamo_import()
     model.to(dist.device)
     optimizer = build_optimizer(model, cfg, dist.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    scheduler = build_scheduler(optimizer, cfg)
     # ds_numel: a parameter partitioned by zero.Init has numel() 0 (its data lives in ds_tensor).
     num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     config = ds_config(cfg, micro_batch, dist.world_size, load_universal, num_params)

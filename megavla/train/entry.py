@@ -32,21 +32,22 @@ if __name__ == "__main__":
     gc.freeze()
     gc.enable()
 
-from megavla.config import Config, ConfigError, write_yaml
-from megavla.config.train import TrainConfig
+from megavla.config import Config, ConfigError, to_dict, write_yaml
 from megavla.fileio import atomic_write_json
 
 from . import checkpoint as ckpt
 from .adapters import apply_lora_for_training, check_same_adapters, restore_frozen_parameters
-from .engine import (DistInfo, apply_freeze, build_partitioned, create_engine, grad_accum_steps, init_distributed,
-                     lr_factor, seed_everything, shutdown_distributed)
+from .engine import DistInfo, build_partitioned, create_engine, init_distributed, seed_everything, shutdown_distributed
 from .metrics import LaunchClock
 from .host_memory import end_build_phase, set_mmap_threshold, start_build_phase
 from .errors import EXIT_TRAINING_ERROR, ResumeError, RunDirBusy, TrainingError
 from .resume import ResumePlan, clear_run, plan_resume
 from .run_lock import RunLock
+from .optim import EMA, apply_freeze, set_schedule_step
 from .safe_load import check_files, deepspeed_loads_are_safe
-from .trainer import EXIT_OK, EXIT_SIGNAL_SAVED, EMA, Trainer  # noqa: F401 (exit codes: the launcher reads them here)
+from .stop import EXIT_OK, EXIT_SIGNAL_SAVED  # noqa: F401 (exit codes: the launcher reads them here)
+from .train_state import TrainState, batch_change, batch_layout
+from .trainer import Trainer, mask_accounting
 
 log = logging.getLogger("megavla.train.entry")   # also when run as __main__
 
@@ -151,47 +152,22 @@ def batch_accounting(model: torch.nn.Module):
     return lambda batch: (batch_tokens(mcfg, batch), batch_flops(mcfg, batch, insulated=model.insulated))
 
 
-def batch_layout(micro_batch: int, accum: int, world_size: int) -> dict:
-    return {"micro_batch": micro_batch, "grad_accum": accum, "world_size": world_size,
-            "global_batch_size": micro_batch * accum * world_size}
-
-
-def saved_batch_layout(saved: dict) -> dict:
-    """The batch layout a checkpoint trained with (older checkpoints: derived from its config)."""
-    if "batch" in saved:
-        return saved["batch"]
-    micro = int(saved["config"]["data"]["batch_size"])
-    accum = grad_accum_steps(TrainConfig(**{k: v for k, v in saved["config"]["train"].items()
-                                            if k in ("grad_accum", "global_batch_size")}),
-                             micro, int(saved["world_size"]))
-    return batch_layout(micro, accum, int(saved["world_size"]))
-
-
-def batch_change(old: dict, new: dict) -> dict | None:
-    """{key: [old, new]} for each part of the batch layout that differs, or None."""
-    changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
-    return changed or None
-
-
-def restore(engine, scheduler, plan: ResumePlan, saved: dict, cfg: Config, dist: DistInfo,
-            layout_changed: bool) -> dict | None:
-    """Load the checkpoint into the engine, set the schedule and RNG; returns the loader state."""
-    load_dir = (ckpt.universal_dir(plan.path) if layout_changed and saved["zero_stage"] > 0 else plan.path).parent
+def restore(engine, plan: ResumePlan, saved: TrainState, cfg: Config, dist: DistInfo) -> dict | None:
+    """Load the checkpoint into the engine, set the schedule and RNG; returns the loader state
+    (None: the loader starts over, reseeded)."""
+    layout_changed = saved.layout_differs(dist.world_size, cfg.train.zero_stage)
+    universal = layout_changed and saved.zero_stage > 0
+    load_dir = (ckpt.universal_dir(plan.path) if universal else plan.path).parent
     with deepspeed_loads_are_safe():     # DeepSpeed unpickles with weights_only=False: see safe_load.py
         load_path, _ = engine.load_checkpoint(str(load_dir), tag=plan.path.name)
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {plan.path} (see the warning above)")
-    if layout_changed and saved["zero_stage"] > 0:
+    if universal:
         restore_frozen_parameters(engine.module, plan.path)
-    # The schedule is a pure function of the step: set it explicitly (robust to DeepSpeed versions
-    # that do not restore the scheduler from a universal checkpoint).
-    scheduler.last_epoch = plan.step      # LambdaLR: last_epoch = optimizer steps taken
-    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base * lr_factor(plan.step, cfg.train)
-    rank_state = None if layout_changed else ckpt.read_rank_state(plan.path, dist.rank)
-    if rank_state is not None:
-        ckpt.set_rng_state(rank_state["rng"])
-        return rank_state["loader"]
+    set_schedule_step(engine.lr_scheduler, plan.step, cfg.train)
+    if not layout_changed and saved.has_rank_state:
+        saved.restore_rng()
+        return saved.loader
     if not layout_changed:      # only an unverified (pre-manifest) checkpoint can lack it
         log.warning("rank %d: %s has no rank_%05d.json: RNG and loader reseeded, the resume is not exact",
                     dist.rank, plan.path, dist.rank)
@@ -244,9 +220,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
            loader_factory: LoaderFactory, launch: LaunchClock) -> int:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    saved = ckpt.read_trainer_state(plan.path) if plan.path else None
+    saved = TrainState.read(plan.path, dist.rank) if plan.path else None
     if saved is not None:     # before this run's config.yaml replaces the run dir's
-        check_same_adapters(saved, plan.path, cfg)
+        check_same_adapters({"config": saved.config}, plan.path, cfg)
     if dist.rank == 0:
         for line in plan.skipped:
             log.warning("damaged checkpoint skipped: %s", line)
@@ -265,6 +241,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
 
     # Freed build-time tensors go back to the OS (host_memory: the build phase), until the engine is up.
     build_phase = start_build_phase(cfg.train.malloc_mmap_threshold_kb)
+    if cfg.train.compile != "none":   # before the build: DeepSpeed's "do not trace" marks stay real
+        from megavla.model.compile import import_compiler
+        import_compiler()
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
     seed_everything(cfg.train.seed)
     if cfg.train.zero_stage == 3 and cfg.train.zero3_init:
@@ -279,6 +258,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
         # builds the same adapters, and the checkpoint then restores them with everything else
         apply_lora_for_training(model, cfg)
     apply_freeze(model, cfg.train.freeze)
+    if cfg.train.compile != "none":   # in place: parameter names and checkpoints stay the eager ones
+        from megavla.model.compile import compile_model
+        compile_model(model, cfg.train.compile, cfg.train.zero_stage)
     n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     frozen = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if not p.requires_grad)
     if dist.rank == 0:
@@ -287,21 +269,23 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
     accounting = batch_accounting(model)
     launch.mark("model")
 
-    layout_changed = bool(saved) and (saved["world_size"] != dist.world_size
-                                      or saved["zero_stage"] != cfg.train.zero_stage)
-    universal = layout_changed and saved["zero_stage"] > 0
+    layout_changed = saved is not None and saved.layout_differs(dist.world_size, cfg.train.zero_stage)
+    universal = layout_changed and saved.zero_stage > 0
     if universal:
         ckpt.convert_to_universal(plan.path, dist.rank)
-    engine, _, scheduler = create_engine(model, cfg.train, cfg.data.batch_size, dist, load_universal=universal)
+    engine, _, _ = create_engine(model, cfg.train, cfg.data.batch_size, dist, load_universal=universal)
     layout = batch_layout(cfg.data.batch_size, engine.gradient_accumulation_steps(), dist.world_size)
+    state = TrainState(batch=layout, world_size=dist.world_size, zero_stage=cfg.train.zero_stage,
+                       precision=cfg.train.precision, config=to_dict(cfg), code_version=code_version())
 
     start_step = 0
     loader_state = None
     events: list[dict] = []
     if plan.path is not None:
-        loader_state = restore(engine, scheduler, plan, saved, cfg, dist, layout_changed)
-        start_step = plan.step
-        changed = batch_change(saved_batch_layout(saved), layout)
+        loader_state = restore(engine, plan, saved, cfg, dist)
+        start_step = state.step = plan.step
+        state.skipped_nonfinite = saved.skipped_nonfinite
+        changed = batch_change(saved.batch, layout)
         if changed:
             if dist.rank == 0:
                 log.warning("resume at step %d changes the batch: %s", start_step,
@@ -330,15 +314,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
             from safetensors.torch import load_file
             ema.shadow.update(load_file(str(plan.path / "ema.safetensors")))
 
-    extra = {"norm_stats.json": run_dir / "norm_stats.json"}
-    if cfg.train.tokenizer_dir:
-        extra["tokenizers"] = Path(cfg.train.tokenizer_dir)
-    trainer = Trainer(cfg, engine, scheduler, loader, dist, run_dir, start_step=start_step,
-                      batch_accounting=accounting,
-                      tokens_per_image=int(getattr(model, "tokens_per_image", 0)),
-                      val_loader_factory=val_factory, ema=ema, extra_paths=extra, code_version=code_version(),
-                      batch=layout, skipped_nonfinite=int(saved.get("skipped_nonfinite", 0)) if saved else 0,
-                      events=events, launch=launch)
+    trainer = Trainer(cfg, engine, loader, dist, state,
+                      batch_accounting=accounting or mask_accounting(int(getattr(model, "tokens_per_image", 0))),
+                      val_loader_factory=val_factory, ema=ema, events=events, launch=launch)
     code = trainer.fit()
     if dist.rank == 0:
         log.info("done at step %d: tensorboard logs in %s, checkpoints in %s", trainer.step,

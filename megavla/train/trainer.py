@@ -1,11 +1,10 @@
-"""The training loop: micro-batches -> DeepSpeed engine, metrics, periodic/signal checkpoints.
+"""The training loop: micro-batches -> DeepSpeed engine, metrics, validation, periodic and
+signal checkpoints.
 
-Signals only set a flag; at every step boundary the flags are all-reduced (MAX; the one per-step
-collective, none at world size 1), so every rank acts at the same step:
-- SIGUSR2 (SLURM's warning before preemption / time-out, `--signal=USR2@120`; USR1 is NCCL's):
-  a preemption: save and exit EXIT_SIGNAL_SAVED (75); the launcher requeues.
-- SIGTERM or SIGINT without any USR2: a stop (scancel, Ctrl-C, kill): save and exit 128 + signal;
-  nobody requeues. A second SIGINT aborts at once without saving.
+Where the rest lives: stop and preemption signals in stop.py (the exit codes too), what a checkpoint
+restores besides weights and optimizer in train_state.py (TrainState), the optimizer and LR schedule
+in optim.py, DeepSpeed patches in deepspeed_patches.py, the checkpoint files in checkpoint.py.
+
 Non-finite steps: DeepSpeed (ZeRO 1-3) skips an update whose global gradient norm is inf/NaN (the
 norm is reduced over ranks, so all ranks skip together; a NaN loss gives NaN gradients) and counts
 it in `engine.skipped_steps`, a host int: no extra sync. ZeRO-0 has no such check: it is done
@@ -15,78 +14,28 @@ before every save.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as tdist
 
-from megavla.config import Config, to_dict
+from megavla.config import Config
 from megavla.data.augment import ImageAugmentation
 
 from . import checkpoint as ckpt
-from .engine import DistInfo, lr_factor
+from .deepspeed_patches import clipping_off
+from .engine import DistInfo
 from .errors import NonFiniteError
 from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
+from .optim import EMA, lr_factor
+from .stop import EXIT_OK, EXIT_SIGNAL_SAVED, StopFlag, exit_code_after_save  # noqa: F401 (until tests import stop)
+from .train_state import TrainState
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-# Exit code after a SIGUSR2 (preemption) checkpoint (sysexits EX_TEMPFAIL: "try again later").
-# Launchers treat it as "requeue and resume with --resume auto", not as a failure.
-EXIT_SIGNAL_SAVED = 75
-# After a SIGTERM / SIGINT stop with a checkpoint saved: 128 + signal, the shell's convention.
-EXIT_STOPPED = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
-
-
-def _several_ranks() -> bool:
-    return tdist.is_initialized() and tdist.get_world_size() > 1
-
-
-class StopFlag:
-    """Set by signal handlers; agreed across ranks at step boundaries."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None      # the first signal
-        self.preempt = False                # a USR2 arrived (possibly after a TERM)
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in HANDLED_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum is not None:
-            os.write(2, b"second interrupt: aborting without a checkpoint\n")
-            os._exit(128 + signal.SIGINT)
-        if signum == signal.SIGUSR2:
-            self.preempt = True
-        if self.signum is None:
-            self.signum = signum
-            what = "preemption warning: checkpoint and requeue" if signum == signal.SIGUSR2 else \
-                "stop: saving a checkpoint at the end of this step" + \
-                (" (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
-            os.write(2, f"{signal.Signals(signum).name} ({what})\n".encode())
-
-    def agreed(self, device: torch.device) -> tuple[bool, bool]:
-        """(stop, preempt), each True on every rank if True on any: the one per-step collective (one
-        host read) when there are several ranks; none at 1."""
-        if not _several_ranks():
-            return self.signum is not None, self.preempt
-        flags = torch.tensor([self.signum is not None, self.preempt], dtype=torch.int32, device=device)
-        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        stop, preempt = flags.tolist()
-        return bool(stop), bool(preempt)
 
 
 def _valid(mask: torch.Tensor) -> int:
@@ -103,18 +52,9 @@ def batch_tokens(batch, tokens_per_image: int) -> int:
 BatchAccounting = Callable[[Any], "tuple[int, float | None]"]
 
 
-class EMA:
-    """fp32 exponential moving average of the trainable parameters (ZeRO stage <= 2 only)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+def mask_accounting(tokens_per_image: int) -> BatchAccounting:
+    """Tokens counted from a batch's masks, no FLOPs: models without a FLOP model (tests' toys)."""
+    return lambda batch: (batch_tokens(batch, tokens_per_image), None)
 
 
 class StepClock:
@@ -140,25 +80,24 @@ class StepClock:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, engine, scheduler, loader, dist: DistInfo, run_dir: Path, *,
-                 start_step: int = 0, batch_accounting: BatchAccounting | None = None, tokens_per_image: int = 0,
-                 val_loader_factory: Callable[[], Iterable] | None = None,
-                 ema: EMA | None = None, extra_paths: dict[str, Path] | None = None,
-                 code_version: str = "unknown", batch: dict | None = None, skipped_nonfinite: int = 0,
-                 events: list[dict] | None = None, launch: LaunchClock | None = None):
+    """Runs `cfg.train` on a built engine and loader from `state` (TrainState: step 0 for a fresh
+    run, the checkpoint's step for a resume), saving into `cfg.train.run_dir`/checkpoints.
+    `events` are written to metrics.jsonl before the first step; `launch` is marked after it."""
+
+    def __init__(self, cfg: Config, engine, loader, dist: DistInfo, state: TrainState, *,
+                 batch_accounting: BatchAccounting | None = None,
+                 val_loader_factory: Callable[[], Iterable] | None = None, ema: EMA | None = None,
+                 events: Iterable[dict] = (), launch: LaunchClock | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
-        self.engine, self.scheduler, self.loader, self.dist = engine, scheduler, loader, dist
-        self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
-        self.step = start_step
-        self.batch_accounting = batch_accounting or (lambda b: (batch_tokens(b, tokens_per_image), None))
-        self.val_loader_factory = val_loader_factory
-        self.ema, self.extra_paths, self.code_version = ema, extra_paths or {}, code_version
+        self.engine, self.loader, self.dist, self.state = engine, loader, dist, state
+        self.run_dir = cfg.train.require_run_dir()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.batch_accounting = batch_accounting or mask_accounting(0)
+        self.val_loader_factory, self.ema = val_loader_factory, ema
         self.accum = engine.gradient_accumulation_steps()
         # training batches only (validate() and evaluation see the images as recorded)
         self.augment = ImageAugmentation(cfg.data.cameras) if cfg.data.augment_images else None
-        self.batch = batch or {}              # micro batch, accumulation, world size, global batch
-        self.events = events or []            # written to metrics.jsonl before the first step
-        self.skipped_nonfinite = skipped_nonfinite   # over the whole run (kept in trainer_state.json)
+        self.events = list(events)
         self.nonfinite_in_a_row = 0
         self.step_skipped = False
         self.stop = StopFlag()
@@ -169,6 +108,18 @@ class Trainer:
         self._iter = iter(loader)
         self._launch_metrics: dict[str, float] = {}
         self._new_window(time.perf_counter())
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def skipped_nonfinite(self) -> int:
+        return self.state.skipped_nonfinite
 
     def _new_window(self, now: float) -> None:
         """Per-log-interval accumulators: device sums + host counters and clock marks."""
@@ -211,10 +162,10 @@ class Trainer:
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             m2 = self.clock.mark()
-            if self.tcfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                self._drop_nonfinite_grads()
-            self.engine.step()     # optimizer step only at the accumulation boundary
-            self.engine.__dict__.pop("gradient_clipping", None)   # undo _drop_nonfinite_grads
+            dropped = self.tcfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary() \
+                and self._drop_nonfinite_grads()
+            with clipping_off(self.engine) if dropped else contextlib.nullcontext():
+                self.engine.step()     # optimizer step only at the accumulation boundary
             w["marks"].append((m1, m2, self.clock.mark()))
             w["samples"] += batch.batch_size
             w["tokens"] += tokens
@@ -225,8 +176,8 @@ class Trainer:
         ds_skipped = self.engine.skipped_steps > skipped_before
         self.step_skipped = ds_skipped or self._zero0_skipped
         if ds_skipped:
-            self.scheduler.step()    # DeepSpeed does not step the schedule on a skipped update; the lr
-            #                          stays a function of the step (as a resume assumes)
+            self.engine.lr_scheduler.step()   # DeepSpeed does not step the schedule on a skipped update;
+            #                                   the lr stays a function of the step (as a resume assumes)
         if self.ema is not None:
             self.ema.update(self.engine.module)
         self.step += 1
@@ -247,6 +198,9 @@ class Trainer:
         self._launch_metrics = self.launch.metrics()
         if self.dist.rank == 0:
             log.info("launch: %s", self.launch.summary())
+            if self.tcfg.compile != "none":
+                from megavla.model.compile import log_first_step_compile
+                log_first_step_compile(self.tcfg.compile)
         self.launch = None
 
     def _read_window(self) -> dict[str, list[float]]:
@@ -280,21 +234,21 @@ class Trainer:
         return pairs
 
     # ---- non-finite steps ---------------------------------------------------------------------
-    def _drop_nonfinite_grads(self) -> None:
+    def _drop_nonfinite_grads(self) -> bool:
         """ZeRO-0 has no overflow check in DeepSpeed, so a NaN/inf gradient would reach AdamW. At the
         boundary the gradients are already all-reduced (the same on every rank), so this local check
         agrees; grad=None makes AdamW skip every parameter: no weight or moment update. (One host
-        read per step, ZeRO-0 only.)"""
+        read per step, ZeRO-0 only.) True when it dropped them: that step runs without clipping
+        (deepspeed_patches.clipping_off)."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all()):
             for p in params:
                 p.grad = None
-            # DeepSpeed's fp32 clipping indexes the first gradient: no clipping for this empty step.
-            self.engine.gradient_clipping = lambda: 0.0
             self._zero0_skipped = True
+        return self._zero0_skipped
 
     def _count_nonfinite(self) -> None:
-        self.skipped_nonfinite += 1
+        self.state.skipped_nonfinite += 1
         self.nonfinite_in_a_row += 1
         loss = float(self.last_loss) if self.last_loss is not None else float("nan")   # rare path: may sync
         if self.dist.rank == 0:
@@ -313,27 +267,27 @@ class Trainer:
         tensors = [getattr(p, "ds_tensor", p).detach() for p in self.engine.module.parameters()]
         tensors += list(self.ema.shadow.values()) if self.ema else []
         bad = not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
-        if ckpt._any_rank(bad, self.dist.device):
+        if ckpt.any_rank(bad, self.dist.device):
             raise NonFiniteError(f"the weights at step {self.step} are not finite; not saving them (the newest "
                                  f"checkpoint in {self.ckpt_dir} stays the resume point)")
 
     # ---- checkpoints --------------------------------------------------------------------------
+    def _extra_paths(self) -> dict[str, Path]:
+        """Run-dir files every checkpoint carries (inference needs them)."""
+        extra = {"norm_stats.json": self.run_dir / "norm_stats.json"}
+        if self.tcfg.tokenizer_dir:
+            extra["tokenizers"] = Path(self.tcfg.tokenizer_dir)
+        return extra
+
     def save(self, reason: str) -> Path:
         t0 = time.perf_counter()
         self._check_finite_weights()
-        loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
-        trainer_state = {
-            "format": 1, "step": self.step, "world_size": self.dist.world_size, "reason": reason,
-            "zero_stage": self.tcfg.zero_stage, "precision": self.tcfg.precision, "batch": self.batch,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "config": to_dict(self.cfg), "code_version": self.code_version, "time": time.time(),
-        }
-        rank_state = {"rank": self.dist.rank, "world_size": self.dist.world_size,
-                      "rng": ckpt.rng_state(), "loader": loader_state}
+        self.state.capture_rank(self.loader)
         path = ckpt.save_checkpoint(
             self.engine, self.ckpt_dir, self.step, rank=self.dist.rank, device=self.dist.device,
-            trainer_state=trainer_state, rank_state=rank_state, ema_state=self.ema.shadow if self.ema else None,
-            extra_paths=self.extra_paths, keep_last=self.tcfg.keep_last)
+            trainer_state=self.state.state_dict(reason), rank_state=self.state.rank_state_dict(self.dist.rank),
+            ema_state=self.ema.shadow if self.ema else None, extra_paths=self._extra_paths(),
+            keep_last=self.tcfg.keep_last)
         if self.dist.rank == 0:
             log.info("saved checkpoint %s (%s, %.2f s)", path, reason, time.perf_counter() - t0)
         return path
@@ -405,14 +359,7 @@ class Trainer:
         log.warning("rank %d: %s at step %d after %s: saving", self.dist.rank,
                     "preempted" if preempt else "stopping", self.step, name)
         self.save(reason="preempted" if preempt else "stopped")
-        # submitit's preemption sends TERM then USR2 at once: a USR2 that arrived during the save
-        # still makes this a preemption.
-        if preempt or self.stop.agreed(self.dist.device)[1]:
-            return EXIT_SIGNAL_SAVED
-        interrupted = torch.tensor([int(self.stop.signum == signal.SIGINT)], device=self.dist.device)
-        if _several_ranks():
-            tdist.all_reduce(interrupted, op=tdist.ReduceOp.MAX)
-        return EXIT_STOPPED[signal.SIGINT if interrupted.item() else signal.SIGTERM]
+        return exit_code_after_save(self.stop, preempt, self.dist.device)
 
     def fit(self) -> int:
         t = self.tcfg
