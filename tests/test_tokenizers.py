@@ -228,6 +228,33 @@ def test_tokenizer_train_cli_on_shard_sets(tmp_path, caplog):
         train_tokenizers([tmp_path / "synth"], tmp_path / "z")
 
 
+def test_corpus_walk_reads_what_the_loader_reads(tmp_path):
+    """The corpus is walked with the loader's tar reader: a shard whose members are whole but that
+    lacks the end-of-archive blocks is damaged for the loader (it loses the last episode), so the
+    tokenizer counts it and reads the same episodes (webdataset's walk read all three and counted
+    nothing); fail mode raises, naming the shard."""
+    from megavla.data_shards.tar_reader import TarFormatError, group_members, iter_tar_members, map_shard
+    from megavla.tokenizers.pair import CorpusCounts, iter_episodes
+
+    rng = np.random.default_rng(1)
+    _write_shard_set(tmp_path / "set", [_episode(rng, "robot/arm", i, 12, 7, False, False) for i in range(3)])
+    (shard,) = map(str, shard_paths(tmp_path / "set"))
+    with open(shard, "rb") as f:
+        data = f.read().rstrip(b"\0")
+    with open(shard, "wb") as f:
+        f.write(data + bytes(-len(data) % 512))
+    loader_keys = []
+    with pytest.raises(TarFormatError, match="end-of-archive"):
+        for group in group_members(iter_tar_members(map_shard(shard), shard), shard):
+            loader_keys.append(group["__key__"])
+    counts = CorpusCounts()
+    episodes = list(iter_episodes([tmp_path / "set"], counts))
+    assert [ep.key for ep in episodes] == loader_keys and len(loader_keys) == 2
+    assert (counts.episodes, counts.bad_samples) == (2, 1)
+    with pytest.raises(TarFormatError, match=f"{shard}: ends without end-of-archive blocks"):
+        list(iter_episodes([tmp_path / "set"], CorpusCounts(), on_bad_sample="fail"))
+
+
 def test_episode_chunks_forward_fill_like_the_pipeline():
     from megavla.tokenizers.pair import CorpusCounts, episode_chunks
     actions = np.arange(6, dtype=np.float32)[:, None] * np.array([[1.0, 10.0, 100.0]], np.float32)

@@ -17,7 +17,8 @@ worker, index), with no hidden RNG state:
    (``rank * W + worker``; ``shards[slot::slots]``; when a source has fewer shards than slots every
    slot reads all of them, logged). A slot reads its shards endlessly, in a fresh permutation per
    epoch (``RNG(seed, source, rank, worker, epoch)``): resampling without repeats inside an epoch.
-2. Episodes. shard_reader.py walks the tar headers (~50x faster than ``tarfile``), reads the small
+2. Episodes. shard_reader.py walks the tar headers with data_shards/tar_reader.py (the walk `verify`
+   runs too; ~50x faster than ``tarfile``), reads the small
    members and only *locates* the JPEG frames; episodes of excluded combos (combo read from the key)
    have only their ``meta.json`` read and are counted (``excluded_episode``). Each episode passes
    data_shards/validate.py, the checks `megavla data verify` runs too (same code, same messages); a

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from megavla.data_shards.format import EpisodeFormatError, sample_to_episode
 from megavla.data_shards.manifest import MANIFEST_FILE, find_shard_sets, shard_file_problem
 from megavla.data_shards.manifest import shard_paths as manifest_shard_paths
 from megavla.data_shards.stats import NORM_STATS_FILE
+from megavla.data_shards.tar_reader import TarFormatError, frames_located, group_members, iter_tar_members, map_shard
 
 from .fast import FastTokenizer, train_fast_tokenizer
 from .text import TextTokenizer, train_text_tokenizer
@@ -79,16 +79,10 @@ def _read_norm_stats(shard_sets: Sequence[Path]) -> dict:
 
 def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
                   on_bad_sample: str = "skip"):
-    """Episodes of all shard sets in a fixed order; unreadable tars / bad samples counted + logged."""
-
-    def on_tar_error(exc: Exception) -> bool:
-        if on_bad_sample == "fail":
-            return False  # re-raise
-        counts.bad_samples += 1
-        log.warning("skipping unreadable tar data: %s", exc)
-        return True
-
-    urls = []
+    """Episodes of all shard sets in a fixed order, walked and grouped by the training reader's own
+    tar reader (data_shards/tar_reader.py; JPEG frames located, never read). An unreadable shard is
+    counted once and the rest of it skipped (the episode it cut off is dropped, as the loader drops
+    it); bad samples counted + logged; ``on_bad_sample="fail"`` raises instead."""
     for url in (url for d in resolve_shard_sets(shard_dirs) for url in manifest_shard_paths(d)):
         problem = shard_file_problem(url)  # a FIFO named like a shard would block open() forever
         if problem and on_bad_sample == "fail":
@@ -96,21 +90,38 @@ def iter_episodes(shard_dirs: Sequence[str | os.PathLike], counts: CorpusCounts,
         if problem:
             counts.bad_samples += 1
             log.warning("skipping shard %s: %s", url, problem)
-        else:
-            urls.append(url)
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls),
-                                wds.tarfile_to_samples(handler=on_tar_error))
-    for sample in pipeline:
-        try:
-            ep = sample_to_episode(sample, where=sample.get("__url__", ""))
-        except EpisodeFormatError as e:
-            if on_bad_sample == "fail":
-                raise
-            counts.bad_samples += 1
-            log.warning("skipping bad sample: %s", e)
             continue
-        counts.episodes += 1
-        yield ep
+        samples = _shard_samples(url)
+        read = 0
+        while True:
+            try:
+                sample = next(samples, None)
+            except (TarFormatError, OSError, ValueError) as e:
+                if on_bad_sample == "fail":
+                    raise
+                counts.bad_samples += 1
+                log.warning("skipping unreadable tar data: %s (rest of the shard skipped after %d samples)",
+                            e, read)
+                break
+            if sample is None:
+                break
+            read += 1
+            try:
+                ep = sample_to_episode(sample, where=url)
+            except EpisodeFormatError as e:
+                if on_bad_sample == "fail":
+                    raise
+                counts.bad_samples += 1
+                log.warning("skipping bad sample: %s", e)
+                continue
+            counts.episodes += 1
+            yield ep
+
+
+def _shard_samples(url: str) -> Iterator[dict]:
+    """A shard's samples; the shard is opened at the first ``next`` so that opening errors surface
+    there, with the walk's own."""
+    yield from group_members(iter_tar_members(map_shard(url), url, frames_located), url)
 
 
 def episode_chunks(actions: np.ndarray, action_mask: np.ndarray, step_valid: np.ndarray,
