@@ -120,7 +120,7 @@ def check_run(cfg: Config, resume: str | None, overwrite: bool = False) -> None:
     reads, model vs data vs tokenizers vs shard sets (megavla.config.checks), a live run holding the
     run dir, nothing to resume in a used run dir. Raises LaunchError."""
     from megavla.config.checks import check_config
-    from megavla.train.cli import check_paths, check_run_dir, check_trainable
+    from megavla.train.preflight import check_paths, check_run_dir, check_trainable
     from megavla.train.errors import TrainingError
     try:
         check_paths(cfg)

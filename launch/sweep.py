@@ -43,7 +43,7 @@ def check_runs(sweep_file: str | Path, runs: list[SweepRun]) -> None:
     bad run with its problems (key, values, fix) on one line. Runs of a stand-in trainer
     (launch.entry) have their own rules and are not checked."""
     from megavla.config.checks import config_problems
-    from megavla.train import cli as train_cli
+    from megavla.train.preflight import check_launchable, check_paths, check_trainable
     bad = []
     for run in runs:
         cfg = run.cfg
@@ -51,9 +51,9 @@ def check_runs(sweep_file: str | Path, runs: list[SweepRun]) -> None:
             continue
         problems = []
         try:   # what `megavla train` checks before it starts a process
-            train_cli.check_trainable(cfg)
-            train_cli.check_paths(cfg)
-            train_cli.check_launchable(cfg, cfg.launch.nodes * cfg.launch.tasks_per_node_effective)
+            check_trainable(cfg)
+            check_paths(cfg)
+            check_launchable(cfg, cfg.launch.nodes * cfg.launch.tasks_per_node_effective)
         except ConfigError as e:
             problems.append(str(e))
         problems += [p.message for p in config_problems(cfg)]

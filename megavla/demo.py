@@ -15,7 +15,6 @@ Exit code 0 when training finished and the flow loss fell, 1 otherwise, 2 for an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -23,40 +22,9 @@ import time
 from pathlib import Path
 
 import megavla
+from megavla.demo_output import NotDemoOutput, claim_output_dir
 
 log = logging.getLogger(__name__)
-
-MARKER_FILE = "megavla-demo.json"
-# What the demo writes into OUT (and the `megavla export` line it prints suggests).
-DEMO_ENTRIES = {MARKER_FILE, "shards", "tokenizers", "run", "export"}
-
-
-def demo_output_holding(path: str | Path) -> Path | None:
-    """The `megavla demo` output directory that `path` is, or lies inside (None: not a demo's)."""
-    path = Path(path).resolve()
-    for candidate in (path, *path.parents):
-        if (candidate / MARKER_FILE).is_file():
-            return candidate
-    return None
-
-
-class NotDemoOutput(ValueError):
-    """--out holds files the demo did not write."""
-
-
-def claim_output_dir(out: Path) -> None:
-    """Make `out` the demo's (marker file), or raise NotDemoOutput when it holds another command's
-    files. A directory with only the demo's own entries (one written before the marker) is adopted."""
-    if (out / MARKER_FILE).is_file():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES) if out.is_dir() else []
-    if foreign:
-        raise NotDemoOutput(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}"
-                            f"{', ...' if len(foreign) > 5 else ''}): another command's output. Pick another "
-                            f"--out (e.g. --out runs/demo2); the demo never writes into a directory it does not own")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_FILE).write_text(json.dumps({"written_by": "megavla demo", "version": megavla.__version__,
-                                               "entries": sorted(DEMO_ENTRIES - {MARKER_FILE})}) + "\n")
 
 
 def demo_config_path() -> Path:

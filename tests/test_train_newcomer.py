@@ -57,7 +57,7 @@ def test_launch_refuses_the_same_configs_before_submitting(tmp_path):
 def test_demo_and_train_never_write_into_each_others_output(tmp_path, capsys, monkeypatch):
     import yaml
 
-    from megavla import demo
+    from megavla import demo, demo_output
     from megavla.config import load_config
     from megavla.train import cli as train_cli
     assert "run_dir" not in yaml.safe_load(DEMO_CONFIG.read_text())["train"]
@@ -66,30 +66,30 @@ def test_demo_and_train_never_write_into_each_others_output(tmp_path, capsys, mo
 
     out = tmp_path / "demo"
     demo.claim_output_dir(out)
-    assert demo.demo_output_holding(out / "run") == out.resolve()
+    assert demo_output.demo_output_holding(out / "run") == out.resolve()
     for inside in (out, out / "run", out / "shards" / "x"):   # train refuses the demo's dirs
         assert train_cli.main([str(DEMO_CONFIG), f"train.run_dir={inside}", "--nproc", "2"]) == 2
         assert "output directory of `megavla demo`" in _one_line_error(capsys)
-    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER_FILE]   # nothing written there
+    assert sorted(p.name for p in out.iterdir()) == [demo_output.MARKER_FILE]   # nothing written there
 
     run = tmp_path / "run"                # a training run's dir: the demo refuses it as --out
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     assert demo.main(["--out", str(run)]) == 2
     assert "holds files the demo did not write (checkpoints, metrics.jsonl)" in _one_line_error(capsys)
-    assert not (run / demo.MARKER_FILE).exists() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not (run / demo_output.MARKER_FILE).exists() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
     legacy = tmp_path / "old_demo"        # written by a demo from before the marker: adopted
     (legacy / "shards").mkdir(parents=True)
     (legacy / "run").mkdir()
     demo.claim_output_dir(legacy)
-    assert (legacy / demo.MARKER_FILE).is_file()
+    assert (legacy / demo_output.MARKER_FILE).is_file()
 
 
 # ---- 3. objectives that need tokenizers, without train.tokenizer_dir ----------------------------
 def test_missing_tokenizers_are_refused_when_an_objective_needs_them(tmp_path, capsys, monkeypatch):
     from megavla.config import load_config
-    from megavla.train import cli as train_cli
+    from megavla.train import cli as train_cli, preflight
     monkeypatch.setattr(train_cli, "launch_local", lambda *a, **k: pytest.fail("launched"))
     (tmp_path / "robot").mkdir()
     sources = [f"data.sources.robot={tmp_path / 'robot'}", f"train.run_dir={tmp_path / 'run'}"]
@@ -101,10 +101,10 @@ def test_missing_tokenizers_are_refused_when_an_objective_needs_them(tmp_path, c
                    "FAST loss (model.fast_weight=1", "action_conditioning=subtask", "megavla tokenizer train"):
         assert needle in err, needle
     only_fast = load_config(DEMO_CONFIG, sources + ["model.subtask_weight=0", "model.action_conditioning=instruction"])
-    assert [n.split(" (")[0] for n in train_cli.tokenizer_dependents(only_fast)] == ["the FAST loss"]
+    assert [n.split(" (")[0] for n in preflight.tokenizer_dependents(only_fast)] == ["the FAST loss"]
     flow_only = load_config(DEMO_CONFIG, sources + ["model.subtask_weight=0", "model.fast_weight=0",
                                                     "model.action_conditioning=instruction"])
-    assert "reads no instruction text" in train_cli.check_trainable(flow_only)   # runs, with a warning
+    assert "reads no instruction text" in preflight.check_trainable(flow_only)   # runs, with a warning
     assert not (tmp_path / "run").exists()
 
 
