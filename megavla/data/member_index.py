@@ -85,7 +85,7 @@ class EpisodeTemplate:
 
 
 def episode_templates(index: list[tuple[str, str, int, int, int]]) -> list[EpisodeTemplate]:
-    """The walk's (key, suffix, how, offset, size) members grouped as shard_reader.group_members groups
+    """The walk's (key, suffix, how, offset, size) members grouped as tar_reader.group_members groups
     them: consecutive members of one key, a repeated suffix starting a new group."""
     templates: list[EpisodeTemplate] = []
     key, members, suffixes = None, [], set()
