@@ -19,8 +19,8 @@ from megavla.kernels import AttentionLayout
 from megavla.model.gemma import run_shared_layers
 from megavla.model.inference import encode_prefix
 from megavla.model.pretrained import PretrainedLoadError
-from megavla.model.pretrained_pi0 import (is_pi0_checkpoint, load_pi0, pi0_size_overrides, pi0_to_megavla_name,
-                                          pi05_prompt)
+from megavla.data.prompt import pi05_prompt
+from megavla.model.pretrained_pi0 import is_pi0_checkpoint, load_pi0, pi0_size_overrides, pi0_to_megavla_name
 from megavla.model.vla import VLA, prefix_length
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

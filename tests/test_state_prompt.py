@@ -40,7 +40,7 @@ def lerobot_bins(state: np.ndarray) -> list[int]:
 
 
 def expected_prompt(ep, t: int, normalizer: Normalizer) -> str:
-    """Written here from the definition, not with pretrained_pi0.pi05_prompt: normalized, zero-padded
+    """Written here from the definition, not with data.prompt.pi05_prompt: normalized, zero-padded
     to max_state_dim (LeRobot pads before binning), binned, in LeRobot's template."""
     state = np.zeros(MAX_S, np.float32)
     state[: ep.state.shape[1]] = normalizer.normalize(ep.state, ep.embodiment, "state")[t]

@@ -18,7 +18,9 @@ other, or it fails minutes later, after the job was submitted and the model buil
 
 :func:`config_problems` lists every problem (key, message with values and fix); :func:`check_config`
 raises one ConfigError with all of them. `megavla train`, `megavla launch` and `megavla sweep` call it
-before anything starts (a sweep: for every run before it submits any). Cameras need no check here:
+before anything starts (a sweep: for every run before it submits any). The model-vs-data part runs
+earlier too, at load time (:func:`check_loaded`, from megavla.config.load_config), for every config
+that names shard sets, whichever entry point loads it. Cameras need no check here:
 a camera a set lacks is masked, and ``model.num_cameras`` only sizes the FLOPs estimate.
 """
 from __future__ import annotations
@@ -131,7 +133,7 @@ def state_prompt_problems(cfg: Any, read_files: bool = True) -> list[Problem]:
         return problems   # a missing dir: the path checks name it
     import numpy as np
 
-    from megavla.model.pretrained_pi0 import pi05_prompt
+    from megavla.data.prompt import pi05_prompt
     from megavla.tokenizers.text import TextTokenizer
     try:
         tok = TextTokenizer.load(text_file)
@@ -214,10 +216,24 @@ def config_problems(cfg: Any, read_files: bool = True) -> list[Problem]:
     return problems
 
 
-def check_config(cfg: Any, read_files: bool = True) -> None:
-    """Raise one ConfigError naming every problem of :func:`config_problems` (one per line)."""
-    problems = config_problems(cfg, read_files)
+def _raise(problems: list[Problem]) -> None:
     if len(problems) == 1:
         raise ConfigError(problems[0].message)
     if problems:
         raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(f"  {p.message}" for p in problems))
+
+
+def check_config(cfg: Any, read_files: bool = True) -> None:
+    """Raise one ConfigError naming every problem of :func:`config_problems` (one per line)."""
+    _raise(config_problems(cfg, read_files))
+
+
+def check_loaded(cfg: Any) -> None:
+    """The load-time check (megavla.config.load_config): model vs data sizes of a config that names
+    shard sets (``data.sources`` / ``data.val_sources``), so every entry point refuses a mismatch
+    before a process starts. Without shard sets the data section shapes nothing (the trainer refuses
+    to start; tests' toy loaders make batches of the model's sizes), so a tree loaded for its model or
+    launch section alone is not held to it. Reads no files: the tokenizer and shard-set checks stay
+    in :func:`check_config`, which `megavla train` / `launch` / `sweep` run before they start."""
+    if cfg.data.sources or cfg.data.val_sources:
+        _raise(model_data_problems(cfg))

@@ -57,7 +57,7 @@ class ModelConfig:
     # 1/20 vs 9/20 closed-loop success on one combo).
     # text: no state parameters; the state reaches the model only as prompt text, the way a loaded
     # LeRobot / openpi pi0.5 was trained ("Task: ..., State: 12 200 ...;\nAction: ", 256 bins
-    # written in decimal; megavla.model.pretrained_pi0.pi05_prompt) -- what pi0_size_overrides sets.
+    # written in decimal; megavla.data.prompt.pi05_prompt) -- what pi0_size_overrides sets.
     # null = the preset's choice (presets.TRAINING_DEFAULTS): continuous for the from-scratch
     # presets tiny / small / 1b, discrete for pi05-3b (PaliGemma-initialised).
     state_mode: Literal["discrete", "continuous", "text"] | None = None

@@ -8,7 +8,7 @@ model was trained on and the tokens it is served cannot drift apart.
 * ``model.state_mode`` discrete / continuous: the instruction, ``encode(text, add_bos=True,
   add_eos=False)``, tokenized once per distinct text (a cache shared by a worker's episodes).
 * ``model.state_mode=text`` (a loaded LeRobot / openpi π0.5, which has no state parameters): the
-  prompt π0.5 was trained on, ``pretrained_pi0.pi05_prompt(instruction, state)`` = "Task: ...,
+  prompt π0.5 was trained on, :func:`pi05_prompt` ``(instruction, state)`` = "Task: ...,
   State: <256-bin ids>;\\nAction: ", where ``state`` is the sample's own timestep's state,
   normalized and zero-padded to ``data.max_state_dim`` (``collate.episode_arrays``' ``state_pad``):
   LeRobot's Pi05PrepareStateTokenizerProcessorStep normalizes, pads to ``max_state_dim``, then
@@ -24,9 +24,17 @@ from __future__ import annotations
 import numpy as np
 
 from megavla.data_shards.format import EpisodeFormatError
-from megavla.model.pretrained_pi0 import pi05_prompt
 
 STATE_MODES = ("discrete", "continuous", "text")
+
+
+def pi05_prompt(task: str, state: np.ndarray) -> str:
+    """The prompt π0.5 was trained on (LeRobot's Pi05PrepareStateTokenizerProcessorStep / openpi's
+    PaligemmaTokenizer): the normalized state in [-1, 1] as 256 bins written as decimal text.
+    Tokenize with PaliGemma's tokenizer (BOS first, no EOS)."""
+    bins = np.digitize(np.asarray(state, dtype=np.float32), bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    cleaned = task.strip().replace("_", " ").replace("\n", " ")
+    return f"Task: {cleaned}, State: {' '.join(map(str, bins))};\nAction: "
 
 
 class SampleError(EpisodeFormatError):

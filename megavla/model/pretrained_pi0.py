@@ -36,13 +36,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from .pretrained import (LoadReport, PretrainedLoadError, _copy_embedding, _safetensors_files, _whole,
-                         hf_to_megavla_name)
+from .pretrained_common import (LoadReport, PretrainedLoadError, _copy_embedding, _safetensors_files, _whole,
+                                hf_to_megavla_name)
 
 log = logging.getLogger(__name__)
 
@@ -240,15 +239,6 @@ def load_pi0(model: nn.Module, path: str | Path, strict: bool = True) -> LoadRep
         f"build the model from the checkpoint's sizes{_overrides_hint(path)} or pass strict=False to load what fits"))
     log.info("pretrained π0 %s: %s", path, report.summary())
     return report
-
-
-def pi05_prompt(task: str, state: np.ndarray) -> str:
-    """The prompt π0.5 was trained on (LeRobot's Pi05PrepareStateTokenizerProcessorStep / openpi's
-    PaligemmaTokenizer): the normalized state in [-1, 1] as 256 bins written as decimal text.
-    Tokenize with PaliGemma's tokenizer (BOS first, no EOS)."""
-    bins = np.digitize(np.asarray(state, dtype=np.float32), bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-    cleaned = task.strip().replace("_", " ").replace("\n", " ")
-    return f"Task: {cleaned}, State: {' '.join(map(str, bins))};\nAction: "
 
 
 def convert_pi0(src: str | Path, out: str | Path, overrides: list[str] | None = None,
