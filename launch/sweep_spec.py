@@ -81,8 +81,8 @@ def expand(sweep_file: str | Path, extra_overrides: list[str] = (),
     for name, point_overrides in points:
         overrides = [*fixed, *point_overrides, f"train.run_dir={(out_dir / name).resolve()}",
                      *extra_overrides]
-        try:
-            cfg = load_config(base_path, overrides)
+        try:   # model vs data: sweep.check_runs checks every run and names each bad one
+            cfg = load_config(base_path, overrides, check=False)
         except ConfigError as e:
             raise ConfigError(f"{sweep_file}: run {name}: {e}") from None
         runs.append(SweepRun(name, point_overrides, cfg))

@@ -13,7 +13,7 @@ def test_defaults_build_and_round_trip(tmp_path):
 
 def test_dotted_overrides_parse_yaml_values():
     cfg = load_config(None, ["data.sources={robot: /r, human: /h}", "data.mixture.human=0.25",
-                             "data.chunk_length=50", "data.cameras=[head]"])
+                             "data.chunk_length=50", "model.chunk_length=50", "data.cameras=[head]"])
     assert cfg.data.sources == {"robot": "/r", "human": "/h"}
     assert cfg.data.mixture == {"human": 0.25}
     assert cfg.data.chunk_length == 50 and cfg.data.cameras == ["head"]
@@ -78,3 +78,26 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert load_config(tmp_path / "c.yaml").train.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_model_vs_data_sizes_are_checked_at_load_for_a_config_with_shard_sets(tmp_path):
+    """load_config refuses a mismatch for every entry point that loads a run config naming shard sets
+    (data.sources / val_sources); a tree with none (loaded for its model or launch section) loads."""
+    small = ["model.preset=small", "data.image_size=32"]
+    for sources in ("data.sources.robot=/r", "data.val_sources.robot=/r"):
+        with pytest.raises(ConfigError, match=r"^model.image_size=224 \(preset small\) but data.image_size=32: "
+                                              r".*set data.image_size=224 .* or model.image_size=32$"):
+            load_config(None, [*small, sources])
+    assert load_config(None, small).model.preset == "small"
+    # A sweep checks every run later, with all their problems together: it loads without the check.
+    assert load_config(None, [*small, "data.sources.robot=/r"], check=False).data.image_size == 32
+    write_yaml(load_config(None, ["model.preset=small", "data.image_size=224", "data.sources.robot=/r"]),
+               tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml").data.image_size == 224
+
+
+def test_data_image_size_left_out_follows_the_model():
+    assert load_config().data.image_size == 32                                   # tiny's
+    assert load_config(None, ["model.preset=small"]).data.image_size == 224
+    assert load_config(None, ["model.image_size=64", "data.sources.robot=/r"]).data.image_size == 64
+    assert load_config(None, ["data.image_size=48"]).data.image_size == 48      # given: kept

@@ -205,12 +205,16 @@ def test_decode_fast_goes_through_the_fast_tokenizer(caplog):
     assert "dropped 1 of" in caplog.text
 
 
-def test_model_and_data_sizes_are_checked_against_each_other():
+def test_model_and_data_sizes_are_checked_when_the_config_loads(tmp_path):
+    """A run config that names shard sets is refused at load (megavla.config.load_config), before
+    any entry point starts a process; without shard sets the data section shapes no batch."""
     from megavla.config import ConfigError, load_config
-    from megavla.model.presets import check_against_data
 
-    cfg = load_config("configs/pi05-3b.yaml")
-    check_against_data(cfg.model, cfg.data)
-    cfg = load_config("configs/pi05-3b.yaml", ["data.chunk_length=50", "data.image_size=96"])
-    with pytest.raises(ConfigError, match="model.chunk_length=10 but data.chunk_length=50.*image_size"):
-        check_against_data(cfg.model, cfg.data)
+    sources = [f"data.sources.robot={tmp_path / 'robot'}"]
+    load_config("configs/pi05-3b.yaml", sources)
+    wrong = ["data.chunk_length=50", "data.image_size=98"]
+    with pytest.raises(ConfigError, match=r"^2 problems:\n  model.image_size=224 \(preset pi05-3b\) but "
+                       r"data.image_size=98: .* set data.image_size=224 .*or model.image_size=98\n"
+                       r"  model.chunk_length=10 but data.chunk_length=50: .* set model.chunk_length=50"):
+        load_config("configs/pi05-3b.yaml", sources + wrong)
+    assert load_config("configs/pi05-3b.yaml", wrong).data.chunk_length == 50   # no shard sets: loads

@@ -24,7 +24,9 @@ LOSSES = {("tiny", 0.0): 1.0, ("tiny", 0.5): 0.8, ("small", 0.0): 0.6, ("small",
 def sweep_dir(tmp_path):
     spec = tmp_path / "sweep.yaml"
     spec.write_text(json.dumps({"out_dir": str(tmp_path / "sw"), "overrides": [
-        "train.steps=4", f"launch.entry={STANDIN_ENTRY}", f"data.sources.robot={tmp_path}/robot",
+        # model.image_size=32: both presets read (and data.image_size follows) 32 px, so the image size
+        # is not a second axis beside model.preset
+        "train.steps=4", f"launch.entry={STANDIN_ENTRY}", "model.image_size=32", f"data.sources.robot={tmp_path}/robot",
         f"data.sources.human={tmp_path}/human"],
         "grid": {"model.preset": ["tiny", "small"], "data.mixture.human": [0.0, 0.5], "train.seed": [0, 1]}}))
     out_dir, runs = sweep.expand(spec)

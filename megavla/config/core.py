@@ -185,6 +185,14 @@ def read_yaml(path: str | Path) -> dict:
     return merge(merged, data)
 
 
+def load(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Dataclass ``cls`` from a YAML file (optional; ``defaults:`` merged) and dotted overrides
+    (applied last), keys and values checked by :func:`build`. Every config tree loads through here:
+    the run config (megavla.config.load_config) and the experiment specs (megavla.eval.experiments)."""
+    mapping = read_yaml(path) if path else {}
+    return build(cls, apply_overrides(mapping, list(overrides)))
+
+
 def write_yaml(obj: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -28,6 +28,8 @@ class DataConfig:
     max_action_dim: int = 32
     max_state_dim: int = 32
     cameras: list[str] = field(default_factory=lambda: ["head", "left_wrist", "right_wrist"])
+    # Frames are resized to it. Left out of a run config (megavla.config.load_config): the model's
+    # image size (model.image_size, else its preset's); 224 is the default of a DataConfig built alone.
     image_size: int = 224
     # Training batches get openpi's image augmentation on the device (megavla/data/augment.py:
     # 95 % crop + resize and +-5 deg rotation on non-wrist cameras, colour jitter on all);

@@ -71,15 +71,3 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(f"model.head_dim={out.head_dim} must be even (RoPE rotates pairs)")
     return out
 
-
-def check_against_data(model_cfg: ModelConfig, data_cfg) -> None:
-    """Raise ConfigError where the model's input sizes differ from the data's (call before training:
-    otherwise the first forward fails). ``data_cfg`` is a megavla.config.DataConfig."""
-    model_cfg = resolve(model_cfg)
-    pairs = [("chunk_length", "chunk_length"), ("action_dim", "max_action_dim"),
-             ("state_dim", "max_state_dim"), ("image_size", "image_size")]
-    wrong = [f"model.{m}={getattr(model_cfg, m)} but data.{d}={getattr(data_cfg, d)}"
-             for m, d in pairs if getattr(model_cfg, m) != getattr(data_cfg, d)]
-    if wrong:
-        raise ConfigError("model and data disagree: " + "; ".join(wrong) + ". Set them equal (e.g. "
-                          "model.image_size=224 data.image_size=224).")
