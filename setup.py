@@ -2,7 +2,8 @@
 
 The script folders `kernels/`, `launch/` and `data_shards/` are installed as subpackages of
 `megavla` (``megavla.kernels`` ...) because top-level modules named ``kernels``/``launch`` are
-taken on PyPI.
+taken on PyPI; the preset folder `configs/` ships the same way, as ``megavla.configs`` (its YAML files
+are package data, found through importlib.resources: megavla/config/shipped.py).
 """
 from setuptools import setup
 
@@ -10,6 +11,7 @@ SUBPACKAGES = {
     "megavla.kernels": "kernels",
     "megavla.launch": "launch",
     "megavla.data_shards": "data_shards",
+    "megavla.configs": "configs",
 }
 
 # `megavla data import` (LeRobot parquet + AV1/H.264 video, EgoDex HDF5). pyarrow >= 22 needs
@@ -33,7 +35,7 @@ setup(
         *SUBPACKAGES,
     ],
     package_dir={"megavla": "megavla", **SUBPACKAGES},
-    package_data={"megavla.launch": ["*.yaml"]},
+    package_data={"megavla.launch": ["*.yaml"], "megavla.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         # torch is not capped here: GPU users bring their own build; the README pins the CPU wheel.
         "torch>=2.4",

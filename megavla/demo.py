@@ -21,17 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-import megavla
 from megavla.demo_output import NotDemoOutput, claim_output_dir
 
 log = logging.getLogger(__name__)
 
 
 def demo_config_path() -> Path:
-    path = Path(megavla.__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the demo from a source checkout (pip install -e .)")
-    return path
+    """configs/demo.yaml as installed with the package (megavla.configs): any install runs the demo."""
+    from megavla.config.shipped import shipped_config
+    return shipped_config("demo.yaml")
 
 
 def make_shards(out: Path, image_size: int) -> Path:
