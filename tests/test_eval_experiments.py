@@ -73,9 +73,12 @@ def test_diversity_runs_are_what_the_table_says(out, diversity):
         robot = load_config(out / "configs" / f"finetune_div-{level}_robot.yaml")
         mixed = load_config(out / "configs" / f"finetune_div-{level}_robot+human.yaml")
         assert robot.data.mixture["human"] == 0.0 and mixed.data.mixture["human"] == spec.human_weight
-        assert "0:0" in mixed.data.include_combos and mixed.launch.entry == "megavla.eval.finetune:run"
-        init = json.loads((out / "configs" / f"finetune_div-{level}_robot.init_from.json").read_text())
-        assert (init["checkpoint"] is None) == (level == "0")
+        assert "0:0" in mixed.data.include_combos and mixed.launch.entry == "megavla.train.entry:run"
+        # a finetune is an ordinary run that starts from the level's pretraining checkpoint (level 0: none)
+        assert (robot.train.init_from == "") == (level == "0") and mixed.train.init_from == robot.train.init_from
+        if level == "1":
+            init = ex.Path(robot.train.init_from)
+            assert init.name == f"step_{spec.pretrain_steps:06d}" and init.parents[2].name == "pretrain"
     # The robot shard set holds no target combo; the human one only targets.
     manifest = json.loads((out / "data" / "robot" / "manifest.json").read_text())
     # world.finetune_episodes_per_combo: the finetune combo has more robot episodes than the rest

@@ -91,6 +91,12 @@ class TrainConfig:
     # model.* overrides); pretrained_strict=false loads what fits and logs the rest.
     pretrained: str = ""
     pretrained_strict: bool = True
+    # Warm start from a MegaVLA run (a finetune): a run dir (its newest loadable checkpoint), one
+    # checkpoint dir (step_NNNNNN) or an export dir; the model is built, these weights are loaded
+    # strictly (the EMA when the checkpoint kept one, as evaluation loads), and the run trains from
+    # step 0 with its own optimizer and schedule (megavla/train/warm_start.py). A resume loads the
+    # run's own checkpoint instead. Empty = no warm start.
+    init_from: str = ""
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, grad_accum = global / (micro x world)
     # Optimizer and schedule (openpi pi0.5 defaults).
@@ -169,11 +175,31 @@ class TrainConfig:
             raise ConfigError(f"pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
                               "checkpoint: a directory of *.safetensors or one file, or a LeRobot / openpi "
                               "pi0 / pi0.5 policy directory; empty = random init)")
+        if self.init_from:
+            self._check_init_from()
         if self.trainable_parts and not self.lora.enabled:
             raise ConfigError(f"trainable_parts={self.trainable_parts} applies only with LoRA on: without "
                               "it every parameter trains (but train.freeze); set train.lora.rank or drop it")
         if self.run_dir is not None and not self.run_dir:
             raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")
+
+    def _check_init_from(self) -> None:
+        """A directory the warm start can read: a run dir (checkpoints/), a checkpoint
+        (trainer_state.json) or an export (model.safetensors / DeepSpeed model states)."""
+        path = Path(self.init_from)
+        what = ("a MegaVLA run dir, a checkpoint dir (run/checkpoints/step_NNNNNN) or an export dir "
+                "(`megavla export`); empty = no warm start")
+        if not path.is_dir():
+            raise ConfigError(f"init_from={self.init_from!r}: no such directory; give {what}")
+        markers = ("checkpoints", "trainer_state.json", "model.safetensors", "mp_rank_00_model_states.pt")
+        if not any((path / m).exists() for m in markers):
+            raise ConfigError(f"init_from={self.init_from!r} holds none of {list(markers)}: it is not {what}")
+        if self.pretrained:
+            raise ConfigError(f"init_from={self.init_from!r} and pretrained={self.pretrained!r} both set the "
+                              "initial weights; keep one of them")
+        if self.zero_stage == 3 and self.zero3_init:
+            raise ConfigError("init_from loads whole tensors into the built model, which zero3_init partitions "
+                              "at build time; set train.zero3_init=false (or zero_stage <= 2) for a warm start")
 
     def require_run_dir(self) -> Path:
         """The run dir of a run about to start; a ConfigError naming the key and the fix when unset."""

@@ -14,8 +14,9 @@ Mini-world layout of one experiment (``ExperimentSpec.world``)::
 Every training run goes through ``launch.sweep.submit_sweep`` (local executor by default, SLURM
 with ``--executor slurm``), so re-running a command skips finished runs and resumes interrupted
 ones; evaluations are cached in each run dir (``eval_<tag>.json``, keyed by the evaluation settings).
-The sweep API has no "initial weights" field: finetune runs use ``launch.entry=megavla.eval.finetune:run``
-and an ``init_from.json`` written here into each run dir (see finetune.py).
+A finetune run is an ordinary training run whose config sets ``train.init_from`` (the pretraining
+checkpoint; empty for level 0). Run dirs made before that field carry an ``init_from.json`` instead;
+``adopt_legacy_init`` moves it into their config.yaml before a re-run (see finetune.py).
 """
 from __future__ import annotations
 
@@ -26,13 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from megavla.config import ConfigError, config_from_mapping, to_dict
-from megavla.config.core import apply_overrides, load
-from megavla.config.shipped import resolve_preset
+from megavla.config import ConfigError, build, to_dict
+from megavla.config.core import apply_overrides, read_yaml
 from megavla.data_shards.synth import EXPERT_VERSION, generate_episode
 
 from . import closed_loop, offline
-from .finetune import write_init
 from .threads import inference_threads_scope
 from .traces import save_traces, traces_path
 from .videos import VideoRecorder, clear_videos, siblings_by_scene, videos_dir
@@ -43,6 +42,7 @@ log = logging.getLogger(__name__)
 REPORT_ONLY_EVAL_KEYS = {"min_episodes_per_cell", "seen_reference_combos", "competence_threshold", "alpha",
                          "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads",
                          "videos_per_outcome"}
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 
 
 @dataclass
@@ -152,13 +152,6 @@ class ExperimentSpec:
                                   f"{self.diversity_levels}; an arm runs at a level the experiment trains")
         if self.seeds < 1:
             raise ConfigError(f"seeds={self.seeds} must be >= 1 (training runs per arm)")
-        # The run config every run starts from, checked by the run config's own rules (keys, values,
-        # model vs data sizes) now rather than when the first sweep loads it, after the shard sets
-        # were written (placeholder paths where the runs get the generated sets).
-        try:
-            config_from_mapping(run_config(self, {"robot": "robot", "human": "human", "tokenizers": "tokenizers"}, []))
-        except ConfigError as e:
-            raise ConfigError(f"train_config + overrides (every run's config): {e}") from None
         if not self.world.targets:
             raise ConfigError("world.targets is empty; name the target combos, e.g. ['0:0']")
         ev = self.eval
@@ -173,10 +166,14 @@ class ExperimentSpec:
 
 
 def load_spec(preset: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
-    """A preset name (configs/experiments/<name>.yaml, shipped as megavla.configs) or a YAML path, plus
-    dotted overrides: the run config's loader (megavla.config.core.load), so the same override syntax,
-    unknown-key errors and messages."""
-    return load(ExperimentSpec, resolve_preset("experiments", preset), overrides)
+    """A preset name (configs/experiments/<name>.yaml) or a YAML path, plus dotted overrides."""
+    path = Path(preset)
+    if not path.is_file():
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+        raise ConfigError(f"experiment preset {preset!r}: no such file; presets are {names}")
+    return build(ExperimentSpec, apply_overrides(read_yaml(path), list(overrides)))
 
 
 # ------------------------------------------------------------------------------------ data ----
@@ -329,24 +326,29 @@ def pretrain(spec: ExperimentSpec, data: dict, root: Path, levels: list[float], 
     return out
 
 
-def finetune_config(spec: ExperimentSpec, data: dict, extra: list[str], sources: dict | None = None) -> dict:
-    """The base config of a finetune sweep: robot F + human T data (plus ``sources``), ``extra`` overrides."""
-    base = run_config(spec, data, [f"train.steps={spec.finetune_steps}", "data.mixture.robot=1.0",
-                                   "launch.entry=megavla.eval.finetune:run", *extra])
+def finetune_config(spec: ExperimentSpec, data: dict, extra: list[str], sources: dict | None = None,
+                    init: Path | None = None) -> dict:
+    """The base config of a finetune sweep: robot F + human T data (plus ``sources``), ``extra``
+    overrides, initial weights from ``init`` (``train.init_from``; None: random initial weights)."""
+    base = run_config(spec, data, [f"train.steps={spec.finetune_steps}", "data.mixture.robot=1.0", *extra])
     base.setdefault("data", {})["include_combos"] = sorted(set(finetune_combos(spec.world)) | set(spec.world.targets))
     base["data"].setdefault("sources", {}).update(sources or {})
+    if init is not None:
+        base.setdefault("train", {})["init_from"] = str(init)
     return base
 
 
 def finetune(spec: ExperimentSpec, data: dict, root: Path, name: str, init: Path | None,
              grid: dict, extra: list[str], launch: list[str], sources: dict | None = None) -> list:
     """One finetune sweep (robot F + human T data, plus ``sources``) initialised from ``init``; returns its runs."""
-    base = finetune_config(spec, data, extra, sources)
+    base = finetune_config(spec, data, extra, sources, init)
     out_dir = root / "runs" / "finetune" / name
     sweep = write_sweep(root / "sweeps" / f"finetune_{name}.yaml", base, out_dir, grid, [])
     from megavla.launch.sweep import expand
+
+    from .finetune import adopt_legacy_init
     for run in expand(sweep, launch)[1]:
-        write_init(run.cfg.train.run_dir, init)
+        adopt_legacy_init(run.cfg.train.run_dir, run.cfg.train.steps)
     runs = run_sweep(sweep, launch, spec.parallel_runs)
     for run in runs:
         finished_checkpoint(run)

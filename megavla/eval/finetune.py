@@ -1,63 +1,62 @@
-"""``launch.entry`` for finetuning runs: the trainer's ``run`` with the model initialised from a
-pretrained checkpoint.
+"""``launch.entry=megavla.eval.finetune:run``: the entry of finetune run dirs made before the config
+had ``train.init_from``.
 
-The config tree has no "initialise weights from a MegaVLA run" field (`train.pretrained` takes a
-PaliGemma checkpoint; the trainer's resume restores a run's own checkpoints, optimizer included), so the experiment driver writes ``init_from.json`` into each
-finetune run directory before the sweep submits it: ``{"checkpoint": "<run or checkpoint dir>"}``
-or ``{"checkpoint": null}`` (train from scratch: the 0 % diversity row). The file travels with the
-run dir, so a SLURM requeue finds it too. When the run resumes from its own checkpoint, DeepSpeed's
-load replaces these initial weights, as it should.
-
-Use: ``launch.entry=megavla.eval.finetune:run`` (the sweep's overrides do this).
+A finetune is now an ordinary training run with ``train.init_from=<run or checkpoint dir>`` (the
+experiment driver sets it; megavla/train/warm_start.py loads it). Run dirs the driver made before
+name this entry in their config.yaml and carry the initial checkpoint in an ``init_from.json``
+beside it (``{"checkpoint": DIR or null}``): this entry moves that value into ``train.init_from`` and
+runs the normal trainer, so such a run (a SLURM requeue included) trains exactly as it did.
 """
 from __future__ import annotations
 
-import json
 import logging
+
 from pathlib import Path
 
-from megavla.config import Config
-from megavla.train.trainer import EXIT_SIGNAL_SAVED  # noqa: F401  (the launcher reads it from here)
+from megavla.config import Config, ConfigError, load_config, write_yaml
+from megavla.train.stop import EXIT_SIGNAL_SAVED  # noqa: F401  (the launcher reads it from here)
+from megavla.train.warm_start import LEGACY_FILE, from_legacy_file
 
 log = logging.getLogger(__name__)
 
-INIT_FILE = "init_from.json"
+
+def with_legacy_init(cfg: Config) -> Config:
+    """`cfg` with the run dir's ``init_from.json`` (if any) as ``train.init_from``; a file that names
+    another checkpoint than a ``train.init_from`` already set is an error."""
+    legacy = from_legacy_file(cfg.train.require_run_dir())
+    if legacy is None:
+        return cfg
+    if cfg.train.init_from and cfg.train.init_from != legacy:
+        raise ConfigError(f"{cfg.train.run_dir}/{LEGACY_FILE} names {legacy!r} but train.init_from="
+                          f"{cfg.train.init_from!r}; keep one (delete the file, or unset train.init_from)")
+    cfg.train.init_from = legacy
+    cfg.train.validate()      # the directory it names must still be there
+    return cfg
 
 
-def write_init(run_dir: str | Path, checkpoint: str | Path | None) -> Path:
-    path = Path(run_dir) / INIT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"checkpoint": None if checkpoint is None else str(checkpoint)}))
-    return path
-
-
-def read_init(run_dir: str | Path) -> str | None:
-    path = Path(run_dir) / INIT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a run with launch.entry=megavla.eval.finetune:run "
-                                "needs it ({\"checkpoint\": DIR or null}); `megavla experiment` writes it")
-    spec = json.loads(path.read_text())
-    if "checkpoint" not in spec:
-        raise ValueError(f"{path}: no 'checkpoint' key; expected {{\"checkpoint\": DIR or null}}")
-    return spec["checkpoint"]
+def adopt_legacy_init(run_dir: str | Path, steps: int) -> None:
+    """A run dir made before ``train.init_from`` (its config.yaml names launch.entry=
+    megavla.eval.finetune:run and an ``init_from.json`` holds the checkpoint) that the sweep will
+    start or resume: write that checkpoint into its config.yaml as ``train.init_from``, so the sweep
+    sees the config it would make today and resumes the run instead of refusing a changed config.
+    Finished, queued and running runs are left as they are (the sweep skips them; a queued job's
+    entry reads the file itself). The file stays: reports copy it, and `run` agrees with it."""
+    from megavla.launch import rundir
+    config = Path(run_dir) / "config.yaml"
+    legacy = from_legacy_file(run_dir)
+    if legacy is None or not config.is_file() or rundir.run_state(run_dir, steps) in ("finished", "queued", "running"):
+        return
+    cfg = load_config(config)
+    if cfg.train.init_from == legacy:
+        return
+    if cfg.train.init_from:
+        raise ConfigError(f"{run_dir}: {LEGACY_FILE} names {legacy!r}, its config.yaml train.init_from="
+                          f"{cfg.train.init_from!r}; delete one of them")
+    cfg.train.init_from = legacy
+    write_yaml(cfg, config)
+    log.info("%s: %s (%s) moved into config.yaml as train.init_from", run_dir, LEGACY_FILE, legacy or "null")
 
 
 def run(cfg: Config, resume: str | None = None) -> int:
-    from megavla.model.vla import build_model
     from megavla.train.entry import run as train_run
-
-    from .policy import choose_weights, load_state_dict, resolve_checkpoint_dir
-
-    init = read_init(cfg.train.run_dir)
-
-    def model_factory(c: Config):
-        model = build_model(c.model)
-        if init is not None:
-            ckpt = resolve_checkpoint_dir(init)
-            model.load_state_dict(load_state_dict(ckpt), strict=True)  # its EMA when it kept one
-            log.info("finetune: initial weights from %s (%s)", ckpt, choose_weights(ckpt))
-        else:
-            log.info("finetune: no pretrained checkpoint (init_from null): random initial weights")
-        return model
-
-    return train_run(cfg, resume, model_factory=model_factory)
+    return train_run(with_legacy_init(cfg), resume)

@@ -253,6 +253,9 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
     if cfg.train.pretrained and saved is None:   # a fresh run; a resume loads its own weights
         from megavla.model.pretrained import load_pretrained   # PaliGemma or LeRobot / openpi π0(.5)
         load_pretrained(model, cfg.train.pretrained, strict=cfg.train.pretrained_strict)
+    if cfg.train.init_from and saved is None:    # a MegaVLA run's weights (a finetune); see warm_start.py
+        from .warm_start import load_init_weights
+        load_init_weights(model, cfg.train.init_from)
     if cfg.train.lora.enabled:
         # after the pretrained load (adapters start at B = 0: the loaded model's output); a resume
         # builds the same adapters, and the checkpoint then restores them with everything else
