@@ -27,8 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from megavla.config import ConfigError, build, to_dict
-from megavla.config.core import apply_overrides, read_yaml
+from megavla.config import ConfigError, config_from_mapping, to_dict
+from megavla.config.core import apply_overrides, load
+from megavla.config.shipped import resolve_preset
 from megavla.data_shards.synth import EXPERT_VERSION, generate_episode
 
 from . import closed_loop, offline
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 REPORT_ONLY_EVAL_KEYS = {"min_episodes_per_cell", "seen_reference_combos", "competence_threshold", "alpha",
                          "probe", "probe_episodes_per_combo", "probe_steps_per_episode", "cpu_threads",
                          "videos_per_outcome"}
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 
 
 @dataclass
@@ -152,6 +152,13 @@ class ExperimentSpec:
                                   f"{self.diversity_levels}; an arm runs at a level the experiment trains")
         if self.seeds < 1:
             raise ConfigError(f"seeds={self.seeds} must be >= 1 (training runs per arm)")
+        # The run config every run starts from, checked by the run config's own rules (keys, values,
+        # model vs data sizes) now rather than when the first sweep loads it, after the shard sets
+        # were written (placeholder paths where the runs get the generated sets).
+        try:
+            config_from_mapping(run_config(self, {"robot": "robot", "human": "human", "tokenizers": "tokenizers"}, []))
+        except ConfigError as e:
+            raise ConfigError(f"train_config + overrides (every run's config): {e}") from None
         if not self.world.targets:
             raise ConfigError("world.targets is empty; name the target combos, e.g. ['0:0']")
         ev = self.eval
@@ -166,14 +173,10 @@ class ExperimentSpec:
 
 
 def load_spec(preset: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
-    """A preset name (configs/experiments/<name>.yaml) or a YAML path, plus dotted overrides."""
-    path = Path(preset)
-    if not path.is_file():
-        path = PRESET_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
-        raise ConfigError(f"experiment preset {preset!r}: no such file; presets are {names}")
-    return build(ExperimentSpec, apply_overrides(read_yaml(path), list(overrides)))
+    """A preset name (configs/experiments/<name>.yaml, shipped as megavla.configs) or a YAML path, plus
+    dotted overrides: the run config's loader (megavla.config.core.load), so the same override syntax,
+    unknown-key errors and messages."""
+    return load(ExperimentSpec, resolve_preset("experiments", preset), overrides)
 
 
 # ------------------------------------------------------------------------------------ data ----
