@@ -7,7 +7,7 @@ LeRobot: the committed fixture (tests/fixtures/lerobot_v30_tiny, written by lero
 to ``--episodes`` x ``--steps`` frames with the same v3.0 schema (its parquet schemas are reused),
 two cameras at ``--size`` px re-encoded as AV1 (libsvtav1, lerobot's default codec) into one shared
 MP4 per camera, so decoding seeks per episode as in a real dataset. EgoDex: ``--episodes`` HDF5
-files in the published schema (tests/hand_recordings.py writer, mini-world human motion
+files in the published schema (tests/helpers/hand_recordings.py writer, mini-world human motion
 resampled to ``--steps`` frames) + H.264 MP4s at 30 fps, ``--size`` px. Each import runs the real
 CLI path (run_import -> PyAV decode -> letterbox to 224 -> JPEG -> ShardSetWriter). A "frame" is
 one decoded camera image; frames/s per core = frames / seconds / workers.
@@ -95,7 +95,7 @@ def scaled_lerobot(out: Path, episodes: int, steps: int, size: int) -> int:
 
 
 def scaled_egodex(out: Path, episodes: int, steps: int, size: int) -> int:
-    from hand_recordings import write_egodex_episode
+    from helpers.hand_recordings import write_egodex_episode
 
     from megavla.data_shards.synth import generate_episode
 

@@ -52,14 +52,40 @@ def _restore_distributed_env():
 
 @pytest.fixture(scope="session")
 def browser():
-    """Headless Chromium driven over CDP (tests/browser.py); skips where Chromium is not installed."""
-    from browser import CHROMIUM_PACKAGE, Browser, find_chromium
+    """Headless Chromium driven over CDP (tests/helpers/browser.py); skips where Chromium is not installed."""
+    from helpers.browser import CHROMIUM_PACKAGE, Browser, find_chromium
 
     if find_chromium() is None:
         pytest.skip(f"headless Chromium not found: install the Debian package (apt-get install "
                     f"{CHROMIUM_PACKAGE}) or set $CHROMIUM to a Chromium/Chrome executable")
     with Browser() as instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running local SLURM (slurm/local_cluster.sh, 2 simulated nodes); SLURM_CONF and the sacct shim
+    (slurm/bin) exported to jobs too. Skips, with the reason, where SLURM cannot be started."""
+    import shutil
+    import subprocess
+
+    from helpers.slurm import CLUSTER, REPO, SLURM_DIR
+    if shutil.which("slurmctld") is None and os.geteuid() != 0:
+        pytest.skip("SLURM is not installed and installing it needs root (slurm/local_cluster.sh start)")
+    was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
+    try:
+        started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("slurm/local_cluster.sh start took over 300 s")
+    if started.returncode != 0:
+        pytest.skip(f"local SLURM could not be started: {started.stderr.strip()[-600:]}")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", str(SLURM_DIR / "slurm.conf"))
+    patch.setenv("PATH", f"{REPO / 'slurm' / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    yield SLURM_DIR
+    patch.undo()
+    if not was_running:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")

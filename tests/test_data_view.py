@@ -1,4 +1,4 @@
-"""`megavla data view` opened in a real browser: headless Chromium (tests/browser.py) loads the
+"""`megavla data view` opened in a real browser: headless Chromium (tests/helpers/browser.py) loads the
 index and episode pages and checks that every video plays and every image decodes, with no broken
 local link; the harness itself is checked against pages that are broken on purpose."""
 from __future__ import annotations

@@ -4,6 +4,7 @@ does not, chunking / normalization / tokenization / termination are broken, not 
 import numpy as np
 import pytest
 
+from helpers.norm_stats import robot_arm_norm_stats
 from megavla.data.normalize import Normalizer
 from megavla.data_shards.synth import generate_episode
 from megavla.eval import closed_loop as cl
@@ -13,20 +14,10 @@ from megavla.tokenizers.fast import train_fast_tokenizer
 COMBOS = ["0:0", "0:1", "0:2", "1:3", "2:4", "3:5"]  # pick-place, push, pick and more
 
 
-def _stats(episodes) -> dict:
-    out = {}
-    for kind in ("state", "actions"):
-        x = np.concatenate([getattr(ep, kind)[ep.step_valid] for ep in episodes]).astype(np.float64)
-        out[kind] = {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
-                     "q01": np.quantile(x, 0.01, 0).tolist(), "q99": np.quantile(x, 0.99, 0).tolist()}
-    out["num_steps"] = int(sum(ep.step_valid.sum() for ep in episodes))
-    return {"robot/arm": out}
-
-
 @pytest.fixture(scope="module")
 def round_trip():
     episodes = [generate_episode("robot/arm", *cl.parse_combo(c), e, image_size=16) for c in COMBOS for e in range(2)]
-    normalizer = Normalizer(_stats(episodes), "quantile")
+    normalizer = Normalizer(robot_arm_norm_stats(episodes), "quantile")
     chunks = [chunk for ep in episodes for chunk in episode_chunks(
         normalizer.normalize(ep.actions, "robot/arm"), ep.action_mask, ep.step_valid, 10, 1, CorpusCounts())]
     return normalizer, train_fast_tokenizer(chunks, vocab_size=512)
@@ -52,7 +43,7 @@ def test_oracle_detects_a_broken_transform():
         def unnormalize(self, y, embodiment, kind="actions"):
             return np.asarray(y) * 0.1
     episodes = [generate_episode("robot/arm", 0, 0, 0, image_size=16)]
-    policy = cl.OracleChunkPolicy(10, 5, normalizer=Broken(_stats(episodes), "quantile"))
+    policy = cl.OracleChunkPolicy(10, 5, normalizer=Broken(robot_arm_norm_stats(episodes), "quantile"))
     assert cl.evaluate(policy, ["0:0", "0:1"], 2, image_size=32, progress=False)["success_rate"] == 0.0
 
 

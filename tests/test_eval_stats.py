@@ -108,11 +108,11 @@ def loaded_and_episodes():
     from megavla.eval.offline import heldout_episodes
     from megavla.eval.policy import LoadedCheckpoint
     from megavla.model.vla import build_model
-    from test_eval_harness import _stats
+    from helpers.norm_stats import robot_arm_norm_stats
     cfg = build(Config, {"model": {"preset": "tiny"}, "data": {"image_size": 32}})
     torch.manual_seed(0)
     eps = heldout_episodes(["0:0", "0:1"], 1, image_size=32)
-    return LoadedCheckpoint(build_model(cfg.model).eval(), cfg, Normalizer(_stats(eps), "quantile"),
+    return LoadedCheckpoint(build_model(cfg.model).eval(), cfg, Normalizer(robot_arm_norm_stats(eps), "quantile"),
                             None, None, None, None), eps
 
 

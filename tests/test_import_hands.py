@@ -1,5 +1,6 @@
-"""megavla data import egodex | keypoints: files written by tests/hand_recordings.py (EgoDex schema
-via h5py, NPZ + MP4) from mini-world human episodes, so the expected state/actions are known."""
+"""megavla data import egodex | keypoints: files written by tests/helpers/hand_recordings.py
+(EgoDex schema via h5py, NPZ + MP4) from mini-world human episodes, so the expected state/actions
+are known."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ pytest.importorskip("av")
 pytest.importorskip("h5py")
 import simplejpeg  # noqa: E402
 
-from hand_recordings import write_egodex_episode, write_mp4, write_npz_episode  # noqa: E402
+from helpers.hand_recordings import write_egodex_episode, write_mp4, write_npz_episode  # noqa: E402
 from megavla.data_shards import hands  # noqa: E402
 from megavla.data.cli import main as data_main  # noqa: E402
 from megavla.data_shards.format import sample_to_episode  # noqa: E402

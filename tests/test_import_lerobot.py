@@ -217,7 +217,7 @@ def _v21_from_fixture(dst: Path) -> None:
     made here from the lerobot-written v3.0 fixture (lerobot 0.4.4 writes only v3.0)."""
     import av
 
-    from hand_recordings import write_mp4
+    from helpers.hand_recordings import write_mp4
 
     info = json.loads((SRC / "meta/info.json").read_text())
     info.update(codebase_version="v2.1",

@@ -1,5 +1,5 @@
 """The launcher without SLURM: flags, preflight errors, the local executor's train and requeue path,
-sweeps run one by one. The trainer is the stand-in in test_launch_standin.py (same contract)."""
+sweeps run one by one. The trainer is the stand-in in tests/helpers/launch_standin.py (same contract)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from megavla.config import ConfigError, load_config
 from megavla.launch import cli, rundir, sweep
 from megavla.launch.executor import LaunchError, preflight, submit_run
-from test_launch_standin import STANDIN_ENTRY, losses, use_standin, wait_for_lines
+from helpers.launch_standin import STANDIN_ENTRY, losses, use_standin, wait_for_lines
 
 
 def _cfg(run_dir: Path, *overrides: str):
@@ -73,7 +73,7 @@ def test_preflight_errors_name_the_problem(tmp_path, monkeypatch):
 @pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_local_executor_two_ranks_train_like_one_process(tmp_path, monkeypatch):
     use_standin(monkeypatch)
-    from test_launch_standin import run
+    from helpers.launch_standin import run
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     reference = _cfg(tmp_path / "ref", "train.steps=5")
@@ -110,7 +110,7 @@ def test_local_preemption_checkpoints_requeues_and_resumes(tmp_path, monkeypatch
     assert saved and resumed == saved and 0 < saved[0] < 12
     got = losses(tmp_path / "run")
     assert len(got) == 12  # each step logged once: the resumed job starts after the saved step
-    from test_launch_standin import run
+    from helpers.launch_standin import run
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0")
@@ -156,10 +156,10 @@ def test_local_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, monke
     out_dir, runs = sweep.expand(spec)
     interrupted = Path(runs[1].cfg.train.run_dir)
     from megavla.launch.executor import prepare_run
-    from test_launch_standin import _save
+    from helpers.launch_standin import save_checkpoint
     import torch
     prepare_run(runs[1].cfg)
-    _save(interrupted, 2, torch.zeros(8))
+    save_checkpoint(interrupted, 2, torch.zeros(8))
     rundir.update_launch_record(interrupted, status="requeued", executor="local", job_id="999999999")
     assert sweep.main([str(spec)]) == 0
     assert [json.loads(x)["step"] for x in (interrupted / "metrics.jsonl").read_text().splitlines()] == [3, 4]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megavla.launch import cli, rundir
-from test_launch_standin import STANDIN_ENTRY, losses, use_standin
+from helpers.launch_standin import STANDIN_ENTRY, losses, use_standin
 
 
 def _checkpoint(run_dir: Path, tag: str, step: int | None, pointer: str = "file") -> None:

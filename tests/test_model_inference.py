@@ -4,30 +4,18 @@ import dataclasses
 import pytest
 import torch
 
+from helpers.tiny_models import tiny_vla_and_batch
 from megavla.config.model import ModelConfig
 from megavla.model import cli as model_cli
 from megavla.model.flops import FORWARD_PARTS, flops_breakdown, flops_per_sample, meta_model, parameter_counts
 from megavla.model.io import load_model, save_model
 from megavla.model.presets import PRESETS
-from megavla.model.synthetic import random_batch
 from megavla.model.vla import build_model
-
-
-def make(seed=0, **overrides):
-    """A tiny model with its adaRMS gates open and a random batch (test_model_subtask uses it too)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(preset="tiny", kernels="torch", action_dim=8, state_dim=8, **overrides)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # open the adaRMS gates (zero at init) so the expert really computes
-        for name, p in model.named_parameters():
-            if name.endswith(".dense.weight"):
-                p.normal_(std=0.05)
-    return model, random_batch(cfg, batch_size=3, action_dims=6, state_dims=5, gripper_dim=5, seed=seed)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"time_conditioning": "mlp", "state_mode": "continuous"}])
 def test_kv_cached_inference_equals_uncached(overrides):
-    model, batch = make(**overrides)
+    model, batch = tiny_vla_and_batch(**overrides)
     noise = torch.randn(batch.actions.shape)
     cached = model.sample_actions(batch, num_steps=4, noise=noise, use_cache=True)
     uncached = model.sample_actions(batch, num_steps=4, noise=noise, use_cache=False)
@@ -47,7 +35,7 @@ def test_kv_cached_inference_equals_uncached(overrides):
 def test_sampling_matches_the_training_path_velocity(conditioning, use_cache):
     """One Euler step from t=1 uses the same velocity the training forward computes at t=1 (with
     subtask conditioning: given the same subtask tokens, here the batch's ground truth)."""
-    model, batch = make(fast_weight=0.0, subtask_weight=0.0, action_conditioning=conditioning)
+    model, batch = tiny_vla_and_batch(fast_weight=0.0, subtask_weight=0.0, action_conditioning=conditioning)
     noise = torch.randn(batch.actions.shape)
     used = batch.action_dim_mask[:, None, :]
     one_step = model.sample_actions(batch, num_steps=1, noise=noise, use_cache=use_cache,
@@ -59,7 +47,7 @@ def test_sampling_matches_the_training_path_velocity(conditioning, use_cache):
 
 
 def test_greedy_decode_stops_at_eos():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     ids, _ = model.predict_subtask(batch, max_len=4)
     eos = int(ids[0, -1])
     again, mask = model.predict_subtask(batch, max_len=4, eos_id=eos)
@@ -72,7 +60,7 @@ def test_greedy_decode_stops_at_eos():
 
 
 def test_embed_prefix_ignores_absent_cameras():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     emb = model.embed_prefix(batch)
     assert emb.shape == (batch.batch_size, model.cfg.width) and torch.isfinite(emb).all()
     images = batch.images.clone()
@@ -81,7 +69,7 @@ def test_embed_prefix_ignores_absent_cameras():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model, batch = make(time_conditioning="mlp")
+    model, batch = tiny_vla_and_batch(time_conditioning="mlp")
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m").eval()
     assert loaded.cfg == model.cfg
@@ -135,7 +123,7 @@ def test_summary_cli(capsys):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_grads():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     ckpt = build_model(dataclasses.replace(model.cfg, activation_checkpointing=True))
     ckpt.load_state_dict(model.state_dict())
     noise, time = torch.randn(batch.actions.shape), torch.rand(batch.batch_size)
@@ -150,7 +138,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads():
 
 
 def test_bf16_forward_backward_and_sampling_run():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     model = model.to(torch.bfloat16)
     out = model(batch)
     out["loss"].backward()
@@ -161,7 +149,7 @@ def test_bf16_forward_backward_and_sampling_run():
 
 
 def _backend_outputs(backends):
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     noise, time = torch.randn(batch.actions.shape), torch.rand(batch.batch_size)
     outs = {}
     for backend in backends:
@@ -195,7 +183,7 @@ def test_decode_fast_goes_through_the_fast_tokenizer(caplog):
     rng = np.random.default_rng(0)
     chunks = [np.cumsum(rng.normal(0, 0.05, (10, 6)), axis=0).clip(-1, 1) for _ in range(40)]
     tok = train_fast_tokenizer(chunks, vocab_size=256)
-    model, _ = make(fast_vocab_size=256)
+    model, _ = tiny_vla_and_batch(fast_vocab_size=256)
     ids = tok.encode(chunks[0])
     decoded = model.decode_fast(torch.tensor(ids), tok, horizon=10, dim=6)
     np.testing.assert_array_equal(decoded, tok.decode(ids, 10, 6))

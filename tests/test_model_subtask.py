@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.tiny_models import tiny_vla_and_batch
 from megavla.kernels import EXPERT, EXPERT_STATE, LM_SUFFIX, PREFIX, SUBTASK
 from megavla.model import inference
 from megavla.tokenizers import train_fast_tokenizer
-
-from test_model_inference import make  # tiny model with open adaRMS gates + random batch
 
 
 def record_layouts(model, monkeypatch):
@@ -58,7 +57,7 @@ def expected_expert_rows(batch, model, n_prefix_keys, prefix_valid, conditioning
 @pytest.mark.parametrize("conditioning", ["subtask", "instruction"])
 @pytest.mark.parametrize("state_mode", ["discrete", "continuous"])
 def test_training_expert_mask_element_by_element(conditioning, state_mode, monkeypatch):
-    model, batch = make(action_conditioning=conditioning, state_mode=state_mode)
+    model, batch = tiny_vla_and_batch(action_conditioning=conditioning, state_mode=state_mode)
     seen = record_layouts(model, monkeypatch)
     with torch.no_grad():
         model.run(batch)
@@ -76,7 +75,7 @@ def test_training_expert_mask_element_by_element(conditioning, state_mode, monke
 def test_inference_mask_and_positions_equal_training(conditioning, monkeypatch):
     """Given the same subtask tokens, the action rows at inference (KV cache of prefix + subtask)
     see exactly the keys they see in training with the FAST columns removed, at the same positions."""
-    model, batch = make(action_conditioning=conditioning)
+    model, batch = tiny_vla_and_batch(action_conditioning=conditioning)
     seen = record_layouts(model, monkeypatch)
     positions = []
     original = model.expert_tokens
@@ -98,7 +97,7 @@ def test_inference_mask_and_positions_equal_training(conditioning, monkeypatch):
 
 
 def test_cached_subtask_decoding_equals_predict_subtask_and_reencoding():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     eos = 7
     (ids, mask), context, cache = inference.decode_subtask_cached(model, batch, 6, eos)
     ref_ids, ref_mask = model.predict_subtask(batch, max_len=6, eos_id=eos, use_cache=False)
@@ -112,7 +111,7 @@ def test_cached_subtask_decoding_equals_predict_subtask_and_reencoding():
     (want_ids, want_mask), _, _ = inference.decode_subtask_cached(model, batch, model.cfg.subtask_len,
                                                                   model.cfg.subtask_eos_id)
     assert torch.equal(got_ids, want_ids) and torch.equal(got_mask, want_mask)
-    _, none = make(action_conditioning="instruction")[0].sample_actions(batch, num_steps=1, return_subtask=True)
+    _, none = tiny_vla_and_batch(action_conditioning="instruction")[0].sample_actions(batch, num_steps=1, return_subtask=True)
     assert none is None
     valid = context.valid
     assert torch.equal(valid.sum(1), ctx2.valid.sum(1))
@@ -122,7 +121,7 @@ def test_cached_subtask_decoding_equals_predict_subtask_and_reencoding():
 
 
 def test_subtask_decoding_stops_when_every_row_has_ended():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     eos = 7
     bias = torch.zeros(model.vocab_size)
     bias[eos] = 1e4  # every row's first token is the EOS
@@ -147,7 +146,7 @@ def test_subtask_decoding_stops_when_every_row_has_ended():
 
 @pytest.mark.parametrize("insulated", [True, False])
 def test_knowledge_insulation_also_detaches_the_subtask_keys(insulated):
-    model, batch = make(knowledge_insulation=insulated, fast_weight=0.0, subtask_weight=0.0)
+    model, batch = tiny_vla_and_batch(knowledge_insulation=insulated, fast_weight=0.0, subtask_weight=0.0)
     model.train()
     model(batch)["loss"].backward()
     rows = batch.subtask_tokens[batch.subtask_mask].unique()
@@ -159,7 +158,7 @@ def test_knowledge_insulation_also_detaches_the_subtask_keys(insulated):
 
 def test_pi0_state_token_does_not_see_the_noisy_actions():
     """openpi pi0.py embed_suffix: the state token is its own block (ar_mask=True)."""
-    model, batch = make(state_mode="continuous", time_conditioning="mlp")
+    model, batch = tiny_vla_and_batch(state_mode="continuous", time_conditioning="mlp")
     hidden = []
     hook = model.expert.stack.norm.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
     noise = torch.randn(batch.actions.shape)
@@ -175,7 +174,7 @@ def test_pi0_state_token_does_not_see_the_noisy_actions():
 
 # ---------------------------------------------------------------------------------------- FAST_END
 def test_fast_targets_end_with_fast_end():
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     ids, mask = model.fast_targets(batch)
     lengths = batch.fast_mask.sum(1)
     for i in range(batch.batch_size):
@@ -189,7 +188,7 @@ def test_greedy_fast_decoding_stops_at_fast_end_and_decodes_through_the_tokenize
     t = np.linspace(0, 1, 10)[None, :, None]
     chunks = (rng.uniform(-0.5, 0.5, (300, 1, 6)) + 0.3 * np.sin(6 * t + rng.uniform(0, 6, (300, 1, 6))))
     tok = train_fast_tokenizer(list(chunks.astype(np.float32)), vocab_size=200, scale=10.0)
-    model, batch = make()
+    model, batch = tiny_vla_and_batch()
     chunk = chunks[0].astype(np.float32)
     ids = tok.encode(chunk)
     end = model.fast_end_local

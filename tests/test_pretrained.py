@@ -7,6 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # test-only dependency (extras "test")
 
+from helpers.tiny_models import IMAGE_TOKEN, TEXT_VOCAB, tiny_paligemma  # noqa: E402
 from megavla.batch import Batch  # noqa: E402
 from megavla.config.model import ModelConfig  # noqa: E402
 from megavla.kernels import LM_SUFFIX, AttentionLayout  # noqa: E402
@@ -14,32 +15,6 @@ from megavla.model.gemma import Stream, run_shared_layers  # noqa: E402
 from megavla.model.pretrained import (PretrainedLoadError, hf_to_megavla_name, load_paligemma,  # noqa: E402
                                       paligemma_size_overrides)
 from megavla.model.vla import VLA, Tokens, prefix_length  # noqa: E402
-
-HF_VOCAB, IMAGE_TOKEN = 260, 259
-TEXT_VOCAB = 256  # MegaVLA keeps rows [0, 256): exercises the "rows beyond text vocab" path
-
-
-def _tiny_paligemma(tmp_path, seed=0):
-    cfg = transformers.PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                           vision_use_head=False),
-        text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=HF_VOCAB),
-        image_token_index=IMAGE_TOKEN, projection_dim=64, hidden_size=64)
-    torch.manual_seed(seed)
-    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
-    # HF inits norms to identity (LayerNorm 1/0, Gemma RMSNorm 0): randomize everything so that a
-    # swapped or dropped tensor in the loader shows up in the outputs.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1)
-            if name.endswith("weight") and ("layer_norm" in name or "post_layernorm" in name):
-                p.add_(1.0)  # SigLIP LayerNorm scales around 1 (Gemma's RMSNorm already is 1 + w)
-    path = tmp_path / "paligemma"
-    model.save_pretrained(path)
-    return model, path
-
 
 def _batch(images, prompt, state_dim=4):
     b = images.shape[0]
@@ -89,7 +64,7 @@ def test_name_mapping_covers_both_hf_layouts():
 
 
 def test_paligemma_matches_hf_outputs(tmp_path):
-    hf, path = _tiny_paligemma(tmp_path)
+    hf, path = tiny_paligemma(tmp_path)
     vla = _megavla(path)
     report = load_paligemma(vla, path)
     assert not report.missing and not report.unexpected
@@ -126,7 +101,7 @@ def test_paligemma_matches_hf_outputs(tmp_path):
 
 
 def test_mismatched_model_is_reported(tmp_path):
-    _, path = _tiny_paligemma(tmp_path)
+    _, path = tiny_paligemma(tmp_path)
     deeper = _megavla(path, depth=3)
     with pytest.raises(PretrainedLoadError, match="missing"):
         load_paligemma(deeper, path)
@@ -151,7 +126,7 @@ def _rewrite(src, dst, rename, extra=None):
 def test_hub_and_inmemory_layouts_load_the_same(tmp_path):
     """Hub checkpoints name the tower ``vision_tower.vision_model.*``; transformers>=4.52 in-memory
     state dicts use ``model.language_model.*`` / ``model.vision_tower.*`` and may carry lm_head."""
-    _, path = _tiny_paligemma(tmp_path)
+    _, path = tiny_paligemma(tmp_path)
     reference = _megavla(path)
     load_paligemma(reference, path)
     hub = tmp_path / "hub"

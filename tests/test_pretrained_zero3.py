@@ -16,7 +16,7 @@ from megavla.train.engine import (build_partitioned, free_port, init_distributed
 from megavla.train.entry import default_model_factory
 
 transformers = pytest.importorskip("transformers")  # test-only dependency (extras "test")
-from test_pretrained import TEXT_VOCAB, _tiny_paligemma  # noqa: E402
+from helpers.tiny_models import TEXT_VOCAB, tiny_paligemma  # noqa: E402
 
 
 def _config(path, world: int = 1):
@@ -56,7 +56,7 @@ def test_pretrained_into_a_partitioned_model_equals_a_plain_load(tmp_path, monke
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     init_distributed()
-    _, path = _tiny_paligemma(tmp_path)
+    _, path = tiny_paligemma(tmp_path)
     cfg = _config(path)
     want = _plain_loaded(cfg)
     random_init = {n: p for n, p in default_model_factory(cfg).named_parameters()}
@@ -77,7 +77,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
 
 
 def test_pretrained_into_a_model_partitioned_over_two_ranks(tmp_path):
-    _, path = _tiny_paligemma(tmp_path)
+    _, path = tiny_paligemma(tmp_path)
     out = tmp_path / "gathered.pt"
     mp.start_processes(_rank_main, args=(2, free_port(), str(path), str(out)), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=True)
@@ -94,7 +94,7 @@ def test_a_fresh_run_loads_train_pretrained_and_a_resume_does_not(tmp_path, monk
     run only: a resume's own checkpoint replaces the initial weights."""
     from megavla.model import pretrained
     from megavla.train.entry import run
-    from test_train_toy import toy_loader_factory, toy_model_factory
+    from helpers.toy_training import toy_loader_factory, toy_model_factory
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     calls = []

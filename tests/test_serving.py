@@ -22,8 +22,8 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa:
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
 import megavla  # noqa: E402
+from helpers.observations import observation  # noqa: E402
 from megavla.data_shards.hands import ARM_STATE_DIM as S  # noqa: E402  (robot/arm state dims)
-from megavla.data_shards.miniworld import MiniWorld  # noqa: E402
 from megavla.eval import cli as eval_cli  # noqa: E402
 from megavla.eval import closed_loop  # noqa: E402
 from megavla.eval.policy import VLAPolicy, load_checkpoint  # noqa: E402
@@ -74,12 +74,6 @@ def client(server):
     yield connect
     for c in opened:
         c._ws.close()
-
-
-def observation(seed=1, scene=0, task=0):
-    world = MiniWorld(scene, task, "robot/arm", seed=seed, image_size=32)
-    obs = {f"observation/images/{cam}": world.render(cam) for cam in world.cameras}
-    return {**obs, "observation/state": world.ee_state(), "prompt": world.instruction}
 
 
 def test_round_trip_with_openpi_client(server, client):

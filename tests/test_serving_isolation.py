@@ -32,7 +32,7 @@ from megavla.serving.policy import Request  # noqa: E402
 from megavla.serving.schema import Observation  # noqa: E402
 from megavla.serving.server import PolicyServer, ServerOptions  # noqa: E402
 from megavla.serving.random_export import write_random_export  # noqa: E402
-from test_serving import observation  # noqa: E402
+from helpers.observations import observation  # noqa: E402
 
 KEY = "isolation-key"
 BATCH_WAIT_MS = 1500  # a batch that waited for a connection that sends nothing would cost this much

@@ -1,76 +1,31 @@
 """The launcher against a real SLURM on this host (slurm/local_cluster.sh: 2 simulated nodes).
 
 Skipped, with the reason, when SLURM cannot be installed/started (not root, no apt). `.ci/run`
-starts the cluster before pytest; otherwise the session fixture starts it (and stops it after).
-The trainer is the stand-in of test_launch_standin.py here; test_slurm_trainer.py runs the real one.
+starts the cluster before pytest; otherwise the session fixture `slurm_cluster` (tests/conftest.py)
+starts it (and stops it after). The trainer is the stand-in of tests/helpers/launch_standin.py here; test_slurm_trainer.py runs the real one.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from megavla.config import load_config
+from helpers.launch_standin import STANDIN_ENTRY, losses, use_standin, wait_for_lines
+from helpers.slurm import standin_config, standin_reference, wait_all_finished
 from megavla.launch import rundir, sweep
 from megavla.launch.executor import submit_run
-from test_launch_standin import STANDIN_ENTRY, losses, use_standin, wait_for_lines
-
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
-SLURM_DIR = Path(os.environ.get("MEGAVLA_SLURM_DIR", "/tmp/megavla-slurm"))
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running local SLURM; SLURM_CONF and the sacct shim (slurm/bin) exported to jobs too."""
-    if shutil.which("slurmctld") is None and os.geteuid() != 0:
-        pytest.skip("SLURM is not installed and installing it needs root (slurm/local_cluster.sh start)")
-    was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
-    try:
-        started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("slurm/local_cluster.sh start took over 300 s")
-    if started.returncode != 0:
-        pytest.skip(f"local SLURM could not be started: {started.stderr.strip()[-600:]}")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("SLURM_CONF", str(SLURM_DIR / "slurm.conf"))
-    patch.setenv("PATH", f"{REPO / 'slurm' / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    yield SLURM_DIR
-    patch.undo()
-    if not was_running:
-        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=60)
-
-
-def _cfg(run_dir: Path, *overrides: str, executor: str = "slurm"):
-    slurm = ["launch.master_addr=127.0.0.1"] if executor == "slurm" else []
-    return load_config(overrides=[f"train.run_dir={run_dir}", f"launch.entry={STANDIN_ENTRY}",
-                                  "train.save_every=0", f"launch.executor={executor}", *slurm, *overrides])
-
-
-def _standin_reference(run_dir: Path, steps: int, monkeypatch) -> list[float]:
-    """The uninterrupted curve, in process (the stand-in's batches do not depend on world size)."""
-    from test_launch_standin import run
-    for var in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    cfg = _cfg(run_dir, f"train.steps={steps}", executor="local")
-    run_dir.mkdir(parents=True)
-    assert run(cfg) == 0
-    return losses(run_dir)
 
 
 @pytest.mark.slow  # CI time: covered in the default suite by the SLURM / real-trainer tests
 def test_two_node_job_trains_like_the_local_executor(slurm_cluster, tmp_path, monkeypatch):
     use_standin(monkeypatch)
-    job = submit_run(_cfg(tmp_path / "slurm", "train.steps=5", "launch.nodes=2"))
-    local = submit_run(_cfg(tmp_path / "local", "train.steps=5", "launch.tasks_per_node=2",
-                            executor="local"))
+    job = submit_run(standin_config(tmp_path / "slurm", "train.steps=5", "launch.nodes=2"))
+    local = submit_run(standin_config(tmp_path / "local", "train.steps=5", "launch.tasks_per_node=2",
+                                      executor="local"))
     assert job.results() == [0, 0] and local.results() == [0, 0]
     assert len(losses(tmp_path / "slurm")) == 5
     assert losses(tmp_path / "slurm") == pytest.approx(losses(tmp_path / "local"), rel=1e-6)
@@ -87,7 +42,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     use_standin(monkeypatch)
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0.2")
     steps = 15
-    job = submit_run(_cfg(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
+    job = submit_run(standin_config(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
     wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=120)
     job._interrupt()
     assert job.results() == [0, 0]
@@ -106,7 +61,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] \
         == list(range(1, steps + 1))
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0")
-    assert got == pytest.approx(_standin_reference(tmp_path / "ref", steps, monkeypatch), rel=1e-5)
+    assert got == pytest.approx(standin_reference(tmp_path / "ref", steps, monkeypatch), rel=1e-5)
 
 
 def test_scancel_stops_the_job_without_requeue(slurm_cluster, tmp_path, monkeypatch):
@@ -115,7 +70,7 @@ def test_scancel_stops_the_job_without_requeue(slurm_cluster, tmp_path, monkeypa
     use_standin(monkeypatch)
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0.2")
     steps = 40
-    job = submit_run(_cfg(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
+    job = submit_run(standin_config(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
     wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=120)
     subprocess.run(["scancel", job.job_id], check=True)
     deadline = time.time() + 60
@@ -133,17 +88,6 @@ def test_scancel_stops_the_job_without_requeue(slurm_cluster, tmp_path, monkeypa
     assert 3 <= saved < steps and rundir.latest_checkpoint(tmp_path / "run") == (f"step_{saved:06d}", saved)
 
 
-def _wait_all_finished(out_dir: Path, n: int, timeout_s: float) -> list[dict]:
-    deadline = time.time() + timeout_s
-    rows: list[dict] = []
-    while time.time() < deadline:
-        rows = sweep.status_rows(out_dir)
-        if len(rows) == n and all(r["state"] == "finished" for r in rows):
-            return rows
-        time.sleep(1)
-    raise TimeoutError(f"sweep not finished after {timeout_s} s: {rows}")
-
-
 def test_sweep_is_one_job_array_and_rerun_submits_nothing(slurm_cluster, tmp_path, monkeypatch, capsys):
     use_standin(monkeypatch)
     spec = tmp_path / "sweep.yaml"
@@ -153,7 +97,7 @@ def test_sweep_is_one_job_array_and_rerun_submits_nothing(slurm_cluster, tmp_pat
         "grid": {"train.steps": [3, 4], "train.seed": [0, 1]}}))
     assert sweep.main([str(spec), "--executor", "slurm", "--master-addr", "127.0.0.1"]) == 0
     assert "submitted job array" in capsys.readouterr().out
-    rows = _wait_all_finished(tmp_path / "sw", 4, timeout_s=180)
+    rows = wait_all_finished(tmp_path / "sw", 4, timeout_s=180)
     assert [r["run"] for r in rows] == ["steps-3_seed-0", "steps-3_seed-1", "steps-4_seed-0", "steps-4_seed-1"]
     assert [r["step"] for r in rows] == ["3/3", "3/3", "4/4", "4/4"]
     array_ids = {r["job"].split("_")[0] for r in rows}
@@ -171,7 +115,7 @@ def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster, tmp_path, monke
     use_standin(monkeypatch)
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0.2")
     steps = 15
-    job = submit_run(_cfg(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
+    job = submit_run(standin_config(tmp_path / "run", f"train.steps={steps}", "launch.nodes=2"))
     wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3, timeout_s=120)
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
     deadline = time.time() + 180

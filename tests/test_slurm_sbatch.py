@@ -1,5 +1,5 @@
 """slurm/train.sbatch and slurm/train_multinode.sbatch end to end on the local SLURM (no submitit):
-srun -> megavla.launch.srun_entry -> trainer (the stand-in of test_launch_standin.py)."""
+srun -> megavla.launch.srun_entry -> trainer (the stand-in of tests/helpers/launch_standin.py)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.launch_standin import STANDIN_ENTRY, losses, use_standin, wait_for_lines
+from helpers.slurm import REPO, standin_reference
 from megavla.config import load_config, write_yaml
 from megavla.launch import rundir
-from test_launch_standin import STANDIN_ENTRY, losses, use_standin, wait_for_lines
-from test_slurm_launch import REPO, _standin_reference, slurm_cluster  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slurm
 
@@ -51,7 +51,7 @@ def test_single_node_template_trains(slurm_cluster, tmp_path, monkeypatch):
     _wait_gone(job, 120)
     record = rundir.read_launch_record(tmp_path / "run")
     assert record["status"] == "finished" and record["world_size"] == 2 and record["job_id"] == job
-    assert losses(tmp_path / "run") == pytest.approx(_standin_reference(tmp_path / "ref", 5, monkeypatch),
+    assert losses(tmp_path / "run") == pytest.approx(standin_reference(tmp_path / "ref", 5, monkeypatch),
                                                      rel=1e-5)
 
 
@@ -80,4 +80,4 @@ def test_multinode_template_requeues_after_usr2_and_resumes(slurm_cluster, tmp_p
     assert steps_logged == list(range(1, steps + 1))
     monkeypatch.setenv("MEGAVLA_STANDIN_STEP_S", "0")
     assert losses(tmp_path / "run") == pytest.approx(
-        _standin_reference(tmp_path / "ref", steps, monkeypatch), rel=1e-5)
+        standin_reference(tmp_path / "ref", steps, monkeypatch), rel=1e-5)

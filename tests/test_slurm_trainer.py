@@ -16,9 +16,9 @@ import pytest
 from megavla.config import load_config
 from megavla.launch import rundir
 from megavla.launch.executor import submit_run
-from test_launch_standin import wait_for_lines
-from test_slurm_launch import REPO, slurm_cluster  # noqa: F401 - fixture
-from test_train_resume import losses as step_losses
+from helpers.launch_standin import wait_for_lines
+from helpers.slurm import REPO
+from helpers.toy_training import losses as step_losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -92,13 +92,13 @@ def test_shipped_smoke_sweep_runs_as_a_job_array(slurm_cluster, tiny_data, tmp_p
     """configs/sweeps/smoke.yaml (tiny preset, 2 human shares x 2 seeds, 20 steps) as one array of
     the real trainer; status shows four finished runs; the same command again submits nothing."""
     from megavla.launch import sweep
-    from test_slurm_launch import _wait_all_finished
+    from helpers.slurm import wait_all_finished
     argv = [str(REPO / "configs" / "sweeps" / "smoke.yaml"), "--out-dir", str(tmp_path / "sw"),
             f"data.sources.robot={tiny_data / 'shards' / 'robot'}",
             f"data.sources.human={tiny_data / 'shards' / 'human'}", f"train.tokenizer_dir={tiny_data / 'tok'}",
             "train.progress=false", "train.tensorboard=false", "--executor", "slurm", "--master-addr", "127.0.0.1"]
     assert sweep.main(argv) == 0
-    rows = _wait_all_finished(tmp_path / "sw", 4, timeout_s=400)
+    rows = wait_all_finished(tmp_path / "sw", 4, timeout_s=400)
     assert [r["step"] for r in rows] == ["20/20"] * 4 and all(r["checkpoint"] == "step_000020" for r in rows)
     assert len({r["job"].split("_")[0] for r in rows}) == 1
     for r in rows:  # the trainer learned something in 20 steps

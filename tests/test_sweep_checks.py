@@ -14,7 +14,7 @@ from megavla.config import ConfigError, load_config
 from megavla.config.checks import check_config, config_problems
 from megavla.launch import rundir, sweep
 from megavla.launch.executor import prepare_run
-from test_launch_standin import STANDIN_ENTRY, use_standin
+from helpers.launch_standin import STANDIN_ENTRY, use_standin
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
@@ -26,7 +26,7 @@ def fail_on_seed_1(cfg, resume=None):
     """A trainer that fails like the first forward of a mis-sized model (seed 1), else the stand-in."""
     if cfg.train.seed == 1:
         raise ValueError(f"{FAILURE}; set data.image_size=224\n(a second line the error does not need)")
-    from test_launch_standin import run
+    from helpers.launch_standin import run
     return run(cfg, resume=resume)
 
 

@@ -15,7 +15,7 @@ from megavla.eval.stats import wilson_interval
 from megavla.launch import rundir, sweep
 from megavla.launch.executor import prepare_run
 from megavla.launch.sweep_report import collect, swept_axes
-from test_launch_standin import STANDIN_ENTRY, _save
+from helpers.launch_standin import STANDIN_ENTRY, save_checkpoint
 
 LOSSES = {("tiny", 0.0): 1.0, ("tiny", 0.5): 0.8, ("small", 0.0): 0.6, ("small", 0.5): 0.5}
 
@@ -42,7 +42,7 @@ def sweep_dir(tmp_path):
                 f.write(json.dumps({"step": step, "loss/total": base + (step - 2.5) * 0.01,
                                     "loss/flow": base / 2}) + "\n")
             f.write("{cut by preempt\n")  # an unreadable line is skipped, not fatal
-        _save(d, steps, torch.zeros(2))
+        save_checkpoint(d, steps, torch.zeros(2))
         rundir.update_launch_record(d, status="finished" if steps == 4 else "requeued", executor="local",
                                     job_id="999999999")
         if steps == 4:

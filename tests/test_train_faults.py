@@ -1,5 +1,5 @@
-"""Faults in training, in-process at world size 1 with the toy model (test_train_toy.py): a used run
-dir is never silently restarted, a damaged checkpoint is skipped naming the file, non-finite steps
+"""Faults in training, in-process at world size 1 with the toy model (tests/helpers/toy_training.py):
+a used run dir is never silently restarted, a damaged checkpoint is skipped naming the file, non-finite steps
 are skipped and counted and stop the run after max_nonfinite_steps, a changed batch on resume is
 reported, a full disk is reported with sizes and leaves earlier checkpoints intact."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from megavla.train.entry import run
 from megavla.train.errors import CheckpointError, NonFiniteError, ResumeError
 from megavla.train.export import consolidated_state_dict
 
-from test_train_toy import toy_loader_factory, toy_model_factory
+from helpers.toy_training import toy_loader_factory, toy_model_factory
 
 KW = dict(model_factory=toy_model_factory, loader_factory=toy_loader_factory)
 

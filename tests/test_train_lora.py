@@ -141,14 +141,14 @@ def test_summary_prints_lora_next_to_full_finetune(capsys):
 @pytest.fixture(scope="module")
 def paligemma(tmp_path_factory):
     pytest.importorskip("transformers")
-    from test_pretrained import _tiny_paligemma
-    _, path = _tiny_paligemma(tmp_path_factory.mktemp("pg"))
+    from helpers.tiny_models import tiny_paligemma
+    _, path = tiny_paligemma(tmp_path_factory.mktemp("pg"))
     return path
 
 
 def run_cfg(run_dir: Path, pretrained: Path, *extra: str):
     from megavla.model.pretrained import paligemma_size_overrides
-    from test_pretrained import TEXT_VOCAB
+    from helpers.tiny_models import TEXT_VOCAB
     sizes = dict(paligemma_size_overrides(pretrained), text_vocab_size=TEXT_VOCAB, fast_vocab_size=16,
                  action_dim=8, state_dim=8)
     return load_config(None, ["model.preset=tiny", "model.kernels=torch", f"train.run_dir={run_dir}",

@@ -14,7 +14,7 @@ from megavla.train import checkpoint as ckpt
 from megavla.train.entry import run
 from megavla.train.export import consolidated_state_dict
 
-from test_train_toy import ToyVLA, toy_loader_factory, toy_model_factory
+from helpers.toy_training import ToyVLA, toy_loader_factory, toy_model_factory
 
 
 def test_freeze_ema_accumulation_zero1(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Trainer mechanics on 2 local processes (gloo, DeepSpeed ZeRO-2, fp32) with the toy model/loader
-of test_train_toy.py: exact resume, SIGKILL during a save, SIGTERM -> checkpoint + exit 75, and
-resume at world size 1 from a world-size-2 checkpoint (DeepSpeed universal checkpoint)."""
+of tests/helpers/toy_training.py: exact resume, SIGKILL during a save, SIGTERM -> checkpoint + exit
+75, and resume at world size 1 from a world-size-2 checkpoint (DeepSpeed universal checkpoint)."""
 from __future__ import annotations
 
 import json
@@ -8,36 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from helpers.toy_training import KILL_IN_SAVE_ENV, STEPS, TOY_WORKER, losses, write_config
 from megavla.train.checkpoint import list_checkpoints, read_trainer_state
 from megavla.train.cli import launch_local
 from megavla.train.trainer import EXIT_SIGNAL_SAVED
-from test_train_toy import KILL_IN_SAVE_ENV
 
 pytestmark = pytest.mark.distributed
-TOY_WORKER = [sys.executable, str(Path(__file__).with_name("test_train_toy.py"))]
-STEPS = 20
-
-
-def write_config(tmp: Path, name: str, **train) -> Path:
-    cfg = {"data": {"batch_size": 4, "seed": 1},
-           "train": {"run_dir": str(tmp / name), "steps": STEPS, "zero_stage": 2, "precision": "fp32",
-                     "lr": 1e-2, "warmup_steps": 2, "log_every": 1, "save_every": 5, "keep_last": 2,
-                     "progress": False, "tensorboard": False, **train}}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss/total from metrics.jsonl (a later line for the same step wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss/total" in rec:
-            out[rec["step"]] = rec["loss/total"]
-    return out
 
 
 def launch(config: Path, nproc: int = 2, resume: str | None = None, **env) -> int:

@@ -14,8 +14,8 @@ import pytest
 
 from megavla.train.checkpoint import list_checkpoints, read_trainer_state
 from megavla.train.resume import plan_resume
-from test_launch_standin import wait_for_lines
-from test_train_resume import TOY_WORKER, write_config
+from helpers.launch_standin import wait_for_lines
+from helpers.toy_training import TOY_WORKER, write_config
 
 pytestmark = pytest.mark.distributed
 
