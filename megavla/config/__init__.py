@@ -26,10 +26,10 @@ def follow_model_image_size(mapping: dict) -> dict:
     data, model = mapping.get("data") or {}, mapping.get("model") or {}
     if not isinstance(data, dict) or not isinstance(model, dict) or data.get("image_size") is not None:
         return mapping
-    size = model.get("image_size")
-    if size is None:
+    size, preset = model.get("image_size"), model.get("preset", ModelConfig.preset)
+    if size is None and isinstance(preset, str):
         from megavla.model.presets import PRESETS   # imports torch: only when the mapping leaves it out
-        size = PRESETS.get(model.get("preset", ModelConfig.preset), {}).get("image_size")
+        size = PRESETS.get(preset, {}).get("image_size")
     if not isinstance(size, int) or isinstance(size, bool):
         return mapping   # not a size: build names the model key's error
     return merge(mapping, {"data": {"image_size": size}})
