@@ -194,6 +194,9 @@ def run_shared_layers(backbone: GemmaStack | None, expert: GemmaStack | None, bb
     """All layers. Returns (backbone hidden before the final norm or None, expert hidden before the
     final norm or None, per-layer backbone (k, v) of this call's backbone tokens)."""
     depth = len((backbone or expert).layers)
+    # train.compile=blocks (megavla/model/compile.py) sets `layer_call` on the stacks: one compiled
+    # (checkpoint-inside, as torchtitan) layer function shared by every layer; None = eager.
+    compiled = getattr(backbone if backbone is not None else expert, "layer_call", None)
     kv_per_layer = []
     bb_x = bb.x if bb is not None else None
     ex_x = ex.x if ex is not None else None
@@ -202,7 +205,9 @@ def run_shared_layers(backbone: GemmaStack | None, expert: GemmaStack | None, bb
         ex_i = Stream(ex_x, ex.positions, ex.cond) if ex is not None else None
         bb_layer = backbone.layers[i] if backbone is not None else None
         ex_layer = expert.layers[i] if expert is not None else None
-        if checkpoint and torch.is_grad_enabled():
+        if compiled is not None:
+            bb_x, ex_x, kv = compiled(bb_layer, ex_layer, bb_i, ex_i, ctx, i, checkpoint and torch.is_grad_enabled())
+        elif checkpoint and torch.is_grad_enabled():
             bb_x, ex_x, kv = torch.utils.checkpoint.checkpoint(
                 shared_layer, bb_layer, ex_layer, bb_i, ex_i, ctx, i, use_reentrant=False)
         else:

@@ -53,22 +53,28 @@ def sample_actions(model, batch: Batch, num_steps: int, noise: torch.Tensor | No
     context, cache, subtask = action_context(model, batch, use_cache, subtask)
     start = context.valid.long().sum(dim=1)  # expert positions follow what the action rows read
     for step in range(num_steps):
-        t_value = 1.0 + step * dt
-        t = torch.full((shape[0],), t_value, device=dev)
-        x = torch.where(used, x, t_value * noise)
-        ex, ex_kind, ex_valid = model.expert_tokens(x, t, batch, start)
-        ex_layout = AttentionLayout.from_kinds(torch.cat([context.kind, ex_kind.to(context.kind.dtype)], 1),
-                                               torch.cat([context.valid, ex_valid], 1), ex.x.shape[1])
-        if use_cache:
-            ctx = model.shared_attention(None, ex_layout, cache)
-            _, ex_h, _ = run_shared_layers(None, model.expert.stack, None, ex, ctx)
-        else:
-            ctx = model.shared_attention(AttentionLayout.from_kinds(context.kind, context.valid), ex_layout)
-            _, ex_h, _ = run_shared_layers(model.backbone, model.expert.stack,
-                                           Stream(context.x, context.positions), ex, ctx)
-        x = x + dt * model.expert.velocity(ex_h, ex.cond, cfg.chunk_length)
+        t = torch.full((shape[0],), 1.0 + step * dt, device=dev)
+        x = euler_step(model, batch, x, noise, used, t, dt, context, cache, start)
     actions = torch.where(used, x, torch.zeros_like(x))
     return (actions, subtask) if return_subtask else actions
+
+
+def euler_step(model, batch: Batch, x, noise, used, t, dt: float, context, cache, start):
+    """One Euler step of the flow from time ``t`` [B] to t + dt over the action context (its K/V
+    ``cache``, or recomputed when None) -> the next x [B, H, A] (megavla/model/compile.py compiles
+    this function as it is)."""
+    x = torch.where(used, x, t[:, None, None] * noise)
+    ex, ex_kind, ex_valid = model.expert_tokens(x, t, batch, start)
+    ex_layout = AttentionLayout.from_kinds(torch.cat([context.kind, ex_kind.to(context.kind.dtype)], 1),
+                                           torch.cat([context.valid, ex_valid], 1), ex.x.shape[1])
+    if cache is not None:
+        ctx = model.shared_attention(None, ex_layout, cache)
+        _, ex_h, _ = run_shared_layers(None, model.expert.stack, None, ex, ctx)
+    else:
+        ctx = model.shared_attention(AttentionLayout.from_kinds(context.kind, context.valid), ex_layout)
+        _, ex_h, _ = run_shared_layers(model.backbone, model.expert.stack,
+                                       Stream(context.x, context.positions), ex, ctx)
+    return x + dt * model.expert.velocity(ex_h, ex.cond, model.cfg.chunk_length)
 
 
 def action_context(model, batch: Batch, use_cache: bool, subtask=None):
