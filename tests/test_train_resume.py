@@ -12,7 +12,7 @@ import pytest
 from helpers.toy_training import KILL_IN_SAVE_ENV, STEPS, TOY_WORKER, losses, write_config
 from megavla.train.checkpoint import list_checkpoints, read_trainer_state
 from megavla.train.cli import launch_local
-from megavla.train.trainer import EXIT_SIGNAL_SAVED
+from megavla.train.stop import EXIT_SIGNAL_SAVED
 
 pytestmark = pytest.mark.distributed
 

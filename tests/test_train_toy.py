@@ -11,7 +11,7 @@ from helpers.toy_training import S, ToyVLA
 # ---- tests of the pure helpers -----------------------------------------------------------------
 def test_lr_schedule_warmup_then_cosine_to_floor():
     from megavla.config.train import TrainConfig
-    from megavla.train.engine import lr_factor
+    from megavla.train.optim import lr_factor
     cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == 0.1 and lr_factor(9, cfg) == 1.0
     assert math.isclose(lr_factor(10, cfg), 1.0)
@@ -20,7 +20,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 def test_weight_decay_only_on_matrices_and_freeze():
-    from megavla.train.engine import apply_freeze, param_groups
+    from megavla.train.optim import apply_freeze, param_groups
     model = ToyVLA()
     frozen = apply_freeze(model, ["norm"])
     assert frozen == 2 * S

@@ -18,8 +18,6 @@ from megavla.config.train import TrainConfig
 from .deepspeed_patches import (avoid_dynamo_import, compiler_disable_as_identity, skip_deepspeed_triton_import,
                                 skip_shm_comm_build)
 from .optim import build_optimizer, build_scheduler
-# moved to optim.py; importable here until every test imports them from there (then removed)
-from .optim import EagerAdamW, apply_freeze, lr_factor, param_groups  # noqa: F401
 
 log = logging.getLogger(__name__)
 

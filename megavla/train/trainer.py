@@ -32,7 +32,7 @@ from .engine import DistInfo
 from .errors import NonFiniteError
 from .metrics import DeviceSums, LaunchClock, MetricsLogger, peak_flops, peak_memory_mb, sum_over_ranks
 from .optim import EMA, lr_factor
-from .stop import EXIT_OK, EXIT_SIGNAL_SAVED, StopFlag, exit_code_after_save  # noqa: F401 (until tests import stop)
+from .stop import EXIT_OK, StopFlag, exit_code_after_save
 from .train_state import TrainState
 
 log = logging.getLogger(__name__)
