@@ -2,7 +2,8 @@
 # Standing GPU check for a lent H100/H200 (see /work/.library/device/README.md). From the repo root:
 #   device run: command="bash benchmarks/gpu_check.sh", carry=[".whl"] (if wheels are needed), timeout_s=590
 # Dry run on CPU (GPU stages skip): OUT=/tmp/x GPU_CHECK_BENCH_ARGS="--quick --reps 1" bash benchmarks/gpu_check.sh
-# Stages, each under its own timeout so one hang cannot eat the lease (sum < 10 min):
+# Stages, each under its own timeout so one hang cannot eat the lease (sum 695 s with stage 5: trim one
+# stage or run stage 5 alone to stay under a 10-minute command):
 #   0. install carried wheels (.whl/*.whl, cp312) and make `megavla` importable (editable, offline)
 #   1. GPU kernel tests: pytest -m gpu tests/test_kernels_*.py (full shapes, fp32 + bf16)   150 s
 #   2. kernel benchmark without torch.compile (always yields a table), then with it          45 + 110 s
@@ -10,6 +11,8 @@
 #      FLOPs of the batch actually run (goal >= 40 %)                                          130 s
 #   4. launch -> first step -> steady state (benchmarks/launch.py, 1 process) and the reader
 #      per worker vs decode-only (benchmarks/loader.py), into perf.log                         70 + 70 s
+#   5. torch.compile (benchmarks/compile.py): small, eager vs train.compile=blocks step time and
+#      first-compile time, sample_actions eager vs compiled, appended to perf.log               120 s
 # Everything lands in $OUT (at most 8 files come back): gpu_check.log env.txt kernel_tests.log
 # kernels_bench.log kernels_table_nocompile.md kernels_table.md train_step.log perf.log.
 set -uo pipefail
@@ -65,4 +68,10 @@ log "stage 4: launch cost and reader throughput"
   if [ -n "$BENCH_ARGS" ]; then LD_ARGS="--quick"; else LD_ARGS="--rounds 1 --batches 30 --workers 0 1 2"; fi
   OMP_NUM_THREADS=1 timeout 70 $PY benchmarks/loader.py $LD_ARGS 2>&1; echo "rc=$?"; } > "$OUT/perf.log"
 log "perf rc=$? ($(grep -c '^| ' "$OUT/perf.log") table lines)"
+
+log "stage 5: torch.compile, eager vs compiled (train step, sample_actions)"
+if [ -n "$BENCH_ARGS" ]; then CP_ARGS="--presets tiny --modes blocks --steps 1 --repeats 1 --cold-presets"
+else CP_ARGS="--presets small --modes blocks --steps 10 --batch 16 --repeats 5 --cold-presets"; fi
+{ echo "== benchmarks/compile.py $CP_ARGS"; timeout 120 $PY benchmarks/compile.py $CP_ARGS 2>&1; echo "rc=$?"; } >> "$OUT/perf.log"
+log "compile benchmark $(tail -1 "$OUT/perf.log")"
 log "done"

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 = torch's own; see megavla/eval/threads.py)")
     p.add_argument("--flow-steps", type=int, default=10, help="Euler steps of the flow sampler (default 10)")
     p.add_argument("--subtask", action="store_true", help="also predict the next subtask's text per request")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the sampler (equal to eager; the first request of each prompt-length / "
+                        "batch bucket compiles: seconds from inductor's on-disk cache, ~1 min cold on a CPU)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Api-Key <key>' (or MEGAVLA_API_KEY); may be repeated")
     p.add_argument("--api-key-file", default=None,
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         policy = load_policy(args.path, device=args.device, flow_steps=args.flow_steps, subtask=args.subtask,
-                             schema=args.schema, seed=args.seed, dtype=args.dtype, threads=args.threads)
+                             schema=args.schema, seed=args.seed, dtype=args.dtype, threads=args.threads,
+                             compile=args.compile)
         options = ServerOptions(host=args.host, port=args.port, api_keys=_api_keys(args),
                                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                                 max_message_bytes=int(args.max_message_mb * (1 << 20)),

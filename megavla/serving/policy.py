@@ -44,7 +44,7 @@ class LoadedPolicy:
 
     def __init__(self, loaded: LoadedCheckpoint, schema: ObservationSchema | None = None, *,
                  device: str = "cpu", flow_steps: int = 10, subtask: bool = False, seed: int = 0,
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", compile: bool = False):
         if flow_steps < 1:
             raise ValueError(f"flow_steps={flow_steps} must be >= 1")
         d = loaded.cfg.data
@@ -64,6 +64,13 @@ class LoadedPolicy:
         self.schema.bound_state(loaded.normalizer, d.max_abs_normalized)  # refused before batching
         self.dtype = dtype
         self.model = loaded.model.to(self.device, DTYPES[dtype]).eval()
+        # compile: sample_actions with its prefix encode and flow step compiled (megavla/model/compile.py;
+        # shape buckets, so varying prompt lengths and batch sizes compile a few times, not per request)
+        self.compiled = compile
+        self._sampler = self.model
+        if compile:
+            from megavla.model.compile import CompiledSampler
+            self._sampler = CompiledSampler(self.model)
         self.generator = self.new_generator()
 
     # ------------------------------------------------------------------ description
@@ -122,11 +129,11 @@ class LoadedPolicy:
         texts, mcfg = None, self.loaded.cfg.model
         if self.subtask and self.model.actions_read_subtask:
             # The text returned is the one the actions were conditioned on (action_conditioning=subtask).
-            chunks, subtask = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise,
-                                                        return_subtask=True)
+            chunks, subtask = self._sampler.sample_actions(batch, num_steps=self.flow_steps, noise=noise,
+                                                           return_subtask=True)
             texts = self._decode(*subtask)
         else:
-            chunks = self.model.sample_actions(batch, num_steps=self.flow_steps, noise=noise)
+            chunks = self._sampler.sample_actions(batch, num_steps=self.flow_steps, noise=noise)
             if self.subtask:
                 texts = self._decode(*self.model.predict_subtask(batch, max_len=mcfg.subtask_len,
                                                                  eos_id=mcfg.subtask_eos_id))
@@ -151,7 +158,7 @@ class LoadedPolicy:
 
 def load_policy(path: str | Path, *, device: str = "cpu", flow_steps: int = 10, subtask: bool = False,
                 schema: str | Path | ObservationSchema | None = None, seed: int = 0,
-                dtype: str = "fp32", threads: int | None = None) -> LoadedPolicy:
+                dtype: str = "fp32", threads: int | None = None, compile: bool = False) -> LoadedPolicy:
     """An export (``megavla export``), a checkpoint or a run dir -> :class:`LoadedPolicy`::
 
         policy = megavla.load_policy("runs/mine/export")
@@ -160,6 +167,9 @@ def load_policy(path: str | Path, *, device: str = "cpu", flow_steps: int = 10, 
 
     ``threads``: torch CPU threads of this process (megavla/eval/threads.py): on the CPU, 1 unless
     given here or OMP_NUM_THREADS is set (0 = torch's own setting); on a GPU only when given.
+    ``compile``: torch.compile the sampler (megavla/model/compile.py CompiledSampler; equal to eager
+    within fp32 rounding); the first requests of each shape bucket pay the compile (seconds from
+    inductor's on-disk cache, about a minute cold on a CPU).
     """
     from megavla.eval.threads import use_inference_threads
     if torch.device(device).type == "cpu" or threads is not None:
@@ -168,4 +178,4 @@ def load_policy(path: str | Path, *, device: str = "cpu", flow_steps: int = 10, 
     if not isinstance(schema, ObservationSchema):
         schema = load_schema(schema, loaded.path)
     return LoadedPolicy(loaded, schema, device=device, flow_steps=flow_steps, subtask=subtask, seed=seed,
-                        dtype=dtype)
+                        dtype=dtype, compile=compile)
