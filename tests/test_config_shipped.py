@@ -16,21 +16,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("setup.py", "pyproject.toml", "README.md", "megavla", "configs", "kernels", "launch", "data_shards")
 
 # Run inside the install only (the checkout is nowhere on sys.path): where the package and its
-# presets come from, and that the loaders read them.
+# presets come from, and that the loaders read them (torch-free imports: the test stays cheap; the
+# experiment specs' loader reads its presets through the same resolve_preset: test_experiment_spec).
 PROBE = """
 import sys
 from pathlib import Path
 import megavla
 from megavla.config import load_config
-from megavla.config.shipped import configs_dir
+from megavla.config.core import read_yaml
+from megavla.config.shipped import configs_dir, resolve_preset
 from megavla.demo import demo_config_path
-from megavla.eval.experiments import load_spec
 site = Path(sys.argv[1]).resolve()
-for path in (Path(megavla.__file__), configs_dir(), demo_config_path()):
+toy = resolve_preset("experiments", "toy")
+for path in (Path(megavla.__file__), configs_dir(), demo_config_path(), toy):
     assert path.resolve().is_relative_to(site), f"{path} is outside the install {site}"
 assert load_config(demo_config_path()).model.preset == "tiny"
 assert load_config(configs_dir() / "pi05-3b.yaml").model.preset == "pi05-3b"   # defaults: [model/...]
-print(load_spec("toy").world.scenes, load_spec("mini").world.scenes)
+print(read_yaml(toy)["world"]["scenes"], read_yaml(resolve_preset("experiments", "mini"))["world"]["scenes"])
 """
 
 
