@@ -103,15 +103,15 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def read_rank_state(path: Path, rank: int) -> dict | None:
-    f = path / f"rank_{rank:05d}.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+def rank_state_file(path: Path, rank: int) -> Path:
+    """A rank's RNG + loader state in checkpoint `path` (train_state.TrainState reads it)."""
+    return path / f"rank_{rank:05d}.json"
 
 
 # ---- saving -------------------------------------------------------------------------------------
 def write_rank_state(tmp: Path, rank: int, rank_state: dict) -> None:
     """Each rank's RNG + loader state; the last file a rank writes before the ranks hash the files."""
-    (tmp / f"rank_{rank:05d}.json").write_text(json.dumps(rank_state))
+    rank_state_file(tmp, rank).write_text(json.dumps(rank_state))
 
 
 def _mb(n: float) -> str:

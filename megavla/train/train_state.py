@@ -19,14 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import rank_state_file, rng_state, set_rng_state
 from .errors import ResumeError
 from .resume import STATE_FILE
 
 STATE_FORMAT = 1
-
-
-def rank_file(path: Path, rank: int) -> Path:
-    return path / f"rank_{rank:05d}.json"
 
 
 def batch_layout(micro_batch: int, accum: int, world_size: int) -> dict:
@@ -90,7 +87,6 @@ class TrainState:
     # ---- rank_NNNNN.json ---------------------------------------------------------------------
     def capture_rank(self, loader) -> None:
         """This rank's RNG states and loader position, now (at a save, between steps)."""
-        from .checkpoint import rng_state
         self.rng = rng_state()
         self.loader = loader.state_dict() if hasattr(loader, "state_dict") else None
 
@@ -101,7 +97,6 @@ class TrainState:
         self.rng, self.loader = saved["rng"], saved.get("loader")
 
     def restore_rng(self) -> None:
-        from .checkpoint import set_rng_state
         set_rng_state(self.rng)
 
     # ---- a checkpoint ------------------------------------------------------------------------
@@ -111,8 +106,8 @@ class TrainState:
         checkpoint has it (`has_rank_state` says whether it did)."""
         state = cls()
         state.load_state_dict(json.loads((path / STATE_FILE).read_text()), path / STATE_FILE)
-        if rank is not None and rank_file(path, rank).is_file():
-            state.load_rank_state_dict(json.loads(rank_file(path, rank).read_text()))
+        if rank is not None and rank_state_file(path, rank).is_file():
+            state.load_rank_state_dict(json.loads(rank_state_file(path, rank).read_text()))
         return state
 
     @property
