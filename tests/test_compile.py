@@ -90,6 +90,21 @@ def test_compiled_sample_actions_equals_eager_across_prompt_lengths():
         assert not torch.equal(got, torch.zeros_like(got))
 
 
+def test_load_policy_compile_infers_as_eager(tmp_path):
+    """`load_policy(compile=True)` (what `megavla serve --compile` loads) on an export: the same
+    actions as the eager policy for two observations of different prompt lengths."""
+    import megavla
+    from helpers.observations import observation
+    from megavla.serving.random_export import write_random_export
+    export = write_random_export(tmp_path / "export")
+    eager, compiled = megavla.load_policy(export), megavla.load_policy(export, compile=True)
+    assert compiled.compiled and not eager.compiled
+    for prompt in ("pick up the cube", "put the red block in the bowl, then push the green one left"):
+        obs = {**observation(), "prompt": prompt}
+        np_eager, np_compiled = eager.infer(obs)["actions"], compiled.infer(obs)["actions"]
+        torch.testing.assert_close(torch.from_numpy(np_compiled), torch.from_numpy(np_eager), rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ 2 processes, the real trainer
 def train(data: Path, run_dir: Path, *overrides: str, nproc: int = 2, resume: str | None = None) -> Path:
     from megavla.train.cli import launch_local
