@@ -155,6 +155,7 @@ def eager_runs(tiny_synth_data, tmp_path_factory) -> dict[int, Path]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(3600)   # 2 eager + 1 compiled 2-rank runs: > 600 s on a loaded 2-core box
 @pytest.mark.parametrize("mode,stage", [("blocks", 0), ("blocks", 2), ("full", 2)])
 def test_compiled_training_equals_eager_on_2_ranks(mode, stage, tiny_synth_data, eager_runs, tmp_path, capfd):
     """20 steps of the tiny VLA on 2 processes: per-step loss and gradient norm, and the final
@@ -166,6 +167,7 @@ def test_compiled_training_equals_eager_on_2_ranks(mode, stage, tiny_synth_data,
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(3600)
 def test_compiled_run_resumes_exactly(tiny_synth_data, eager_runs, tmp_path):
     """A compiled (blocks, ZeRO-2) run stopped after step 10 and resumed (compiling again) ends where
     the uninterrupted eager run ends, step for step."""

@@ -7,7 +7,8 @@
   run pairwise through ``gemma.shared_layer`` (no module of their own), get one compiled layer
   function that every layer shares (``GemmaStack.layer_call``). Activation checkpointing is
   applied inside the compiled decoder layer (checkpoint first, then compile, as torchtitan: the
-  compiler sees the recompute region); the vision tower checkpoints its (compiled) layers itself.
+  compiler sees the recompute region), and so is the vision tower's (each SiglipLayer's forward
+  becomes a compiled function that checkpoints the layer; the tower's own checkpoint is turned off).
 * ``full``: the whole model's forward (``model.compile()``, in place: same names again).
 
 ZeRO-3 gathers and releases every module's parameters in module hooks, which a compiled region
@@ -26,11 +27,14 @@ start (megavla/train/deepspeed_patches.py), and `import_compiler` is the one pla
 Inductor's compiled kernels and FX graphs are cached on disk across processes and runs (on by
 default: ``torch._inductor.config.fx_graph_cache``) under ``$TORCHINDUCTOR_CACHE_DIR``, default
 ``/tmp/torchinductor_$USER``; nothing here sets a per-run directory, so a second run of the same
-model compiles in seconds instead of a minute (measured, tiny: 50 s cold, 4.6 s warm).
+model compiles in seconds instead of a minute (measured, tiny: 50 s cold, 4.6 s warm). Where /tmp is
+per job (a SLURM job_container tmpfs), set TORCHINDUCTOR_CACHE_DIR to a persistent directory in the
+job's environment for the cache to outlive the job; the launchers leave the variable alone.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 
@@ -74,6 +78,13 @@ def _layer_body(bb_layer, ex_layer, bb, ex, ctx, checkpoint: bool):
     return shared_layer(bb_layer, ex_layer, bb, ex, ctx, 0)
 
 
+def _checkpointed_forward(layer, x):
+    forward = type(layer).forward
+    if layer.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, layer, x, use_reentrant=False)
+    return forward(layer, x)
+
+
 class CompiledLayerCall:
     """The compiled decoder layer shared by all layers of a model. The layer's own cache entry is
     handed in as a one-entry cache (index 0), so the layer index is not a traced constant: every
@@ -101,9 +112,19 @@ def compile_model(model: torch.nn.Module, mode: str, zero_stage: int = 0) -> Non
         return
     vision = getattr(model, "vision", None)
     n_vision = 0
-    for layer in getattr(vision, "layers", ()):
-        layer.compile()
-        n_vision += 1
+    if getattr(vision, "checkpoint_layers", False):
+        # Checkpoint first, then compile (torchtitan's order): the tower's own checkpoint around a
+        # compiled layer failed its recompute check ("a different number of tensors was saved during
+        # the original forward and recomputation", pytorch#166926); so the tower stops checkpointing
+        # and each layer's forward becomes a compiled function that checkpoints itself.
+        vision.checkpoint_layers = False
+        for layer in vision.layers:
+            layer.forward = torch.compile(functools.partial(_checkpointed_forward, layer))
+            n_vision += 1
+    else:
+        for layer in getattr(vision, "layers", ()):
+            layer.compile()
+            n_vision += 1
     stacks = [s for s in (getattr(model, "backbone", None), getattr(getattr(model, "expert", None), "stack", None))
               if s is not None]
     if zero_stage == 3:
@@ -114,8 +135,8 @@ def compile_model(model: torch.nn.Module, mode: str, zero_stage: int = 0) -> Non
     # use, i.e. inside the first layer; under activation checkpointing dynamo refuses that write in
     # the checkpointed region (and runs the whole layer eagerly) unless told that the backward's
     # recompute need not replay it -- it need not: a memo, recomputed the same if absent.
-    import torch._dynamo
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     call = CompiledLayerCall()
     for stack in stacks:
         stack.layer_call = call
