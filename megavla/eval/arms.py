@@ -46,6 +46,16 @@ def forbidden_start_seeds(spec: ex.ExperimentSpec) -> set[int]:
     return seeds
 
 
+def prepare_data(spec: ex.ExperimentSpec, root: Path) -> dict[str, str]:
+    """experiments.prepare_data (robot + human shard sets, tokenizers) plus, when the spec has
+    control_levels, the positive-control set (``data["control"]``): what `megavla experiment`
+    trains on. Here, not in experiments.py, because the control set is this module's."""
+    data = ex.prepare_data(spec, root)
+    if spec.control_levels:
+        data["control"] = str(write_control_set(spec, root / "control"))
+    return data
+
+
 def write_control_set(spec: ex.ExperimentSpec, out: Path) -> Path:
     """Robot demonstrations of the targets for the positive control arm (refused if one would start
     where an evaluation episode starts)."""

@@ -230,7 +230,8 @@ def _write_set(out: Path, embodiment: str, combos: list[str], per_combo: int, wo
 
 
 def prepare_data(spec: ExperimentSpec, root: Path) -> dict[str, str]:
-    """Shard sets + tokenizers (FAST trained for the runs' chunk length) under ``root``."""
+    """Shard sets + tokenizers (FAST trained for the runs' chunk length) under ``root``; the
+    positive-control set is arms.prepare_data's (the experiment commands call that)."""
     from megavla.tokenizers.pair import train_tokenizers
     world = spec.world
     universe = all_combos(world)
@@ -243,16 +244,11 @@ def prepare_data(spec: ExperimentSpec, root: Path) -> dict[str, str]:
                        {c: world.finetune_episodes_per_combo for c in finetune_combos(world)
                         if world.finetune_episodes_per_combo > 0})
     human = _write_set(root / "human", "human/ego", list(world.targets), world.human_episodes_per_combo, world)
-    control = None
-    if spec.control_levels:
-        from .arms import write_control_set
-        control = write_control_set(spec, root / "control")
     chunk = int(run_config(spec, {}, []).get("data", {}).get("chunk_length", 10))
     tok = root / f"tokenizers_H{chunk}"
     if not (tok / "fast.json").is_file():
         train_tokenizers([robot, human], tok, chunk_length=chunk)
-    return {"robot": str(robot), "human": str(human), "tokenizers": str(tok),
-            **({"control": str(control)} if control else {})}
+    return {"robot": str(robot), "human": str(human), "tokenizers": str(tok)}
 
 
 # ---------------------------------------------------------------------------------- sweeps ----
