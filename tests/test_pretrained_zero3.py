@@ -84,9 +84,11 @@ def test_pretrained_into_a_model_partitioned_over_two_ranks(tmp_path):
     _assert_equal(got, _plain_loaded(_config(path)))
 
 
-def test_missing_pretrained_path_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="pretrained=.*no such file"):
-        load_config(None, [f"train.pretrained={tmp_path / 'nope'}"])
+def test_missing_pretrained_path_is_a_config_error_at_launch_not_at_load(tmp_path):
+    from megavla.train.preflight import check_paths
+    cfg = load_config(None, [f"train.pretrained={tmp_path / 'nope'}"])  # a finetuned run's saved config still loads
+    with pytest.raises(ConfigError, match="train.pretrained=.*no such file"):
+        check_paths(cfg)
 
 
 def test_a_fresh_run_loads_train_pretrained_and_a_resume_does_not(tmp_path, monkeypatch):

@@ -123,13 +123,18 @@ def test_legacy_init_from_json_run_dir_starts_the_same(tmp_path, pretrained, sna
 
 
 def test_bad_init_from_is_a_config_error_naming_the_field(tmp_path):
-    with pytest.raises(ConfigError, match=r"train: init_from='.*missing': no such directory; give a MegaVLA run dir"):
-        load_config(None, [f"train.init_from={tmp_path / 'missing'}"])
+    """Checked at launch (preflight), not at load: a finetuned checkpoint's saved config names its
+    init_from, and evaluation / export must still load it after the pretraining run moved."""
+    from megavla.train.preflight import check_paths
+    moved = load_config(None, [f"train.init_from={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match=r"train.init_from='.*missing': no such directory; give a MegaVLA run dir"):
+        check_paths(moved)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds none of .*checkpoints.*it is not a MegaVLA run dir"):
-        load_config(None, [f"train.init_from={tmp_path / 'empty'}"])
+        check_paths(load_config(None, [f"train.init_from={tmp_path / 'empty'}"]))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     assert load_config(None, [f"train.init_from={tmp_path / 'run'}"]).train.init_from == str(tmp_path / "run")
+    check_paths(load_config(None, [f"train.init_from={tmp_path / 'run'}"]))
     with pytest.raises(ConfigError, match="both set the initial weights; keep one"):
         load_config(None, [f"train.init_from={tmp_path / 'run'}", f"train.pretrained={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="set train.zero3_init=false"):

@@ -179,35 +179,36 @@ class TrainConfig:
                 raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1) or null")
             if self.zero_stage == 3:
                 raise ConfigError("ema_decay needs full parameters on each rank: use zero_stage <= 2")
-        if self.pretrained and not Path(self.pretrained).exists():
-            raise ConfigError(f"pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
-                              "checkpoint: a directory of *.safetensors or one file, or a LeRobot / openpi "
-                              "pi0 / pi0.5 policy directory; empty = random init)")
-        if self.init_from:
-            self._check_init_from()
+        if self.init_from and self.pretrained:
+            raise ConfigError(f"init_from={self.init_from!r} and pretrained={self.pretrained!r} both set the "
+                              "initial weights; keep one of them")
+        if self.init_from and self.zero_stage == 3 and self.zero3_init:
+            raise ConfigError("init_from loads whole tensors into the built model, which zero3_init partitions "
+                              "at build time; set train.zero3_init=false (or zero_stage <= 2) for a warm start")
         if self.trainable_parts and not self.lora.enabled:
             raise ConfigError(f"trainable_parts={self.trainable_parts} applies only with LoRA on: without "
                               "it every parameter trains (but train.freeze); set train.lora.rank or drop it")
         if self.run_dir is not None and not self.run_dir:
             raise ConfigError("run_dir must be a directory path (e.g. train.run_dir=runs/exp1)")
 
-    def _check_init_from(self) -> None:
-        """A directory the warm start can read: a run dir (checkpoints/), a checkpoint
-        (trainer_state.json) or an export (model.safetensors / DeepSpeed model states)."""
+    def check_initial_weights(self) -> None:
+        """The initial weights a run about to start reads exist (train.pretrained, train.init_from).
+        Checked at launch (train/preflight.py), not when a config is built: a finetuned checkpoint's saved
+        config names them too, and it must still load for evaluation or export after they move."""
+        if self.pretrained and not Path(self.pretrained).exists():
+            raise ConfigError(f"train.pretrained={self.pretrained!r}: no such file or directory (a PaliGemma "
+                              "checkpoint: a directory of *.safetensors or one file, or a LeRobot / openpi "
+                              "pi0 / pi0.5 policy directory; empty = random init)")
+        if not self.init_from:
+            return
         path = Path(self.init_from)
         what = ("a MegaVLA run dir, a checkpoint dir (run/checkpoints/step_NNNNNN) or an export dir "
                 "(`megavla export`); empty = no warm start")
         if not path.is_dir():
-            raise ConfigError(f"init_from={self.init_from!r}: no such directory; give {what}")
+            raise ConfigError(f"train.init_from={self.init_from!r}: no such directory; give {what}")
         markers = ("checkpoints", "trainer_state.json", "model.safetensors", "mp_rank_00_model_states.pt")
         if not any((path / m).exists() for m in markers):
-            raise ConfigError(f"init_from={self.init_from!r} holds none of {list(markers)}: it is not {what}")
-        if self.pretrained:
-            raise ConfigError(f"init_from={self.init_from!r} and pretrained={self.pretrained!r} both set the "
-                              "initial weights; keep one of them")
-        if self.zero_stage == 3 and self.zero3_init:
-            raise ConfigError("init_from loads whole tensors into the built model, which zero3_init partitions "
-                              "at build time; set train.zero3_init=false (or zero_stage <= 2) for a warm start")
+            raise ConfigError(f"train.init_from={self.init_from!r} holds none of {list(markers)}: it is not {what}")
 
     def require_run_dir(self) -> Path:
         """The run dir of a run about to start; a ConfigError naming the key and the fix when unset."""

@@ -245,6 +245,8 @@ def _train(cfg: Config, plan: ResumePlan, dist: DistInfo, model_factory: ModelFa
         from megavla.model.compile import import_compiler
         import_compiler()
     # Identical initial weights on every rank; then per-rank streams for noise / timestep sampling.
+    if saved is None:   # a fresh run reads its initial weights: they must exist (a resume reads its own)
+        cfg.train.check_initial_weights()
     seed_everything(cfg.train.seed)
     if cfg.train.zero_stage == 3 and cfg.train.zero3_init:
         model = build_partitioned(model_factory, cfg, cfg.data.batch_size, dist.world_size)

@@ -44,6 +44,7 @@ def check_paths(cfg: Config) -> None:
     tok = cfg.train.tokenizer_dir
     if tok and not Path(tok).is_dir():
         raise ConfigError(f"train.tokenizer_dir={tok}: no such directory (written by `megavla tokenizer train`)")
+    cfg.train.check_initial_weights()
 
 
 def tokenizer_dependents(cfg: Config) -> list[str]:
