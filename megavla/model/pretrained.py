@@ -53,7 +53,7 @@ from torch import nn
 
 # What the PaliGemma and the π0 loaders share (the name map, the report, ZeRO-3-safe writes); the
 # names stay importable from here, where callers have always found them.
-from .pretrained_common import (PRETRAINED_SCOPE, _IGNORED, LoadReport, PretrainedLoadError,  # noqa: F401
+from .pretrained_common import (PRETRAINED_SCOPE, _IGNORED, LoadReport, PretrainedLoadError, checkpoint_target,  # noqa: F401
                                 _canonical, _copy_embedding, _safetensors_files, _whole, hf_to_megavla_name)
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,11 @@ def load_paligemma(model: nn.Module, path: str | Path, strict: bool = True) -> L
                         head = f.get_tensor(key)
                     continue
                 name = hf_to_megavla_name(key)
-                if name is None or name not in params:
-                    report.unexpected.append(key if name is None else f"{key} (-> {name}, not in model)")
+                target = checkpoint_target(key, name, params, report)
+                if target is None:
                     continue
+                param, shape = target
                 tensor = f.get_tensor(key)
-                param = params[name]
-                shape = tuple(getattr(param, "ds_shape", param.shape))   # a ZeRO-3 partition: the full shape
                 if name != "embed_tokens.weight" and tuple(tensor.shape) != shape:
                     raise PretrainedLoadError(
                         f"{file}:{key} has shape {tuple(tensor.shape)} but MegaVLA's {name} is "

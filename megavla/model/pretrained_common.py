@@ -108,6 +108,18 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def checkpoint_target(key: str, name: str | None, params: dict[str, nn.Parameter],
+                      report: LoadReport) -> tuple[nn.Parameter, tuple[int, ...]] | None:
+    """The model parameter checkpoint tensor ``key`` maps to (``name``, from a loader's name map) and its
+    full shape (a ZeRO-3 partition's ``ds_shape``); None, recorded in ``report.unexpected``, when the
+    name map or the model has no such parameter. One rule for every checkpoint loader."""
+    if name is None or name not in params:
+        report.unexpected.append(key if name is None else f"{key} (-> {name}, not in model)")
+        return None
+    param = params[name]
+    return param, tuple(getattr(param, "ds_shape", param.shape))
+
+
 def _whole(param: nn.Parameter):
     """The parameter whole while it is written: under ZeRO-3 (a zero.Init partition, ``ds_id``) it is
     gathered, written on every rank, and rank 0's values re-partitioned on exit -- one tensor at a

@@ -41,7 +41,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .pretrained_common import (LoadReport, PretrainedLoadError, _copy_embedding, _safetensors_files, _whole,
-                                hf_to_megavla_name)
+                                checkpoint_target, hf_to_megavla_name)
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +200,11 @@ def load_pi0(model: nn.Module, path: str | Path, strict: bool = True) -> LoadRep
                     report.ignored[key] = _IGNORED[short]
                     continue
                 name = pi0_to_megavla_name(key)
-                if name is None or name not in params:
-                    report.unexpected.append(key if name is None else f"{key} (-> {name}, not in model)")
+                target = checkpoint_target(key, name, params, report)
+                if target is None:
                     continue
+                param, shape = target
                 tensor = f.get_tensor(key)
-                param = params[name]
-                shape = tuple(getattr(param, "ds_shape", param.shape))
                 if name == "expert.stack.norm.dense.weight" or name == "expert.stack.norm.dense.bias":
                     if tensor.shape[0] == 3 * shape[0] // 2:   # (scale, shift, gate): the final norm's gate is unused
                         tensor = tensor[:shape[0]]
