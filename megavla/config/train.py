@@ -108,7 +108,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-10
     grad_clip: float = 1.0
-    optimizer: Literal["auto", "torch", "fused"] = "auto"   # auto: fused on GPU, torch on CPU
+    optimizer: Literal["auto", "torch", "fused"] = "auto"   # auto = fused (torch's fused AdamW, GPU or CPU)
     # Memory / model options.
     # (activation checkpointing per layer is model.activation_checkpointing; objectives are the
     #  model's loss weights: model.subtask_weight/fast_weight = high level, model.flow_weight = low level)

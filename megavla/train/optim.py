@@ -61,12 +61,11 @@ class EagerAdamW(torch.optim.AdamW):
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     kind = cfg.optimizer
-    if kind == "auto":
-        kind = "fused" if device.type == "cuda" else "torch"
-    # torch's own fused AdamW (CUDA kernels shipped with torch): no JIT build, unlike DeepSpeed's.
-    fused = kind == "fused"
-    if fused and device.type != "cuda":
-        raise ValueError("train.optimizer=fused needs a GPU; use train.optimizer=torch on CPU")
+    # torch's own fused AdamW (one kernel per parameter group, CUDA and CPU kernels shipped with torch,
+    # no JIT build, unlike DeepSpeed's). On a CPU torch's default is a Python loop over the parameters:
+    # the mini experiment's finetune step (tiny, ZeRO-0, 465 parameter tensors) spent 4.1 ms of 43 ms
+    # in its optimizer phase with it, 2.4 ms fused. train.optimizer=torch keeps the loop.
+    fused = kind in ("auto", "fused")
     return EagerAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
