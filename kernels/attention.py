@@ -40,8 +40,9 @@ except Exception:  # pragma: no cover - not installable on CPU boxes
 
 def _any_on_host(bad: torch.Tensor) -> bool:
     """bad.any() for a validity check without a device sync: read on the host for a CPU tensor; on
-    a GPU the check is queued (torch._assert_async) and fails at a later kernel launch instead."""
-    if bad.device.type == "cpu":
+    a GPU the check is queued (torch._assert_async) and fails at a later kernel launch instead; inside
+    a compiled graph (train.compile) it is an assert op of the graph, not a host read (a graph break)."""
+    if bad.device.type == "cpu" and not torch.compiler.is_compiling():
         return bool(bad.numpy().any())
     torch._assert_async(~bad.any(), "AttentionLayout.from_kinds: kinds must be non-decreasing")
     return False

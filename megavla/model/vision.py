@@ -96,9 +96,15 @@ def encode_cameras(tower: VisionTower, projector: nn.Linear, images: torch.Tenso
                          f"resizes) or model.image_size={images.shape[-1]}")
     n = tower.num_patches
     flat_mask = image_mask.reshape(b * c)
+    valid = image_mask[:, :, None].expand(b, c, n).reshape(b, c * n)
+    if torch.compiler.is_compiling():
+        # A compiled graph is static: every camera runs through the tower and absent ones are zeroed
+        # (where(): no gradient reaches their pixels), instead of a data-dependent selection.
+        tokens = projector(tower(images.reshape(b * c, *images.shape[2:])))
+        out = torch.where(flat_mask[:, None, None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        return out.reshape(b, c * n, -1), valid
     features = tower(images.reshape(b * c, *images.shape[2:])[flat_mask])
     tokens = projector(features)
     out = tokens.new_zeros(b * c, n, tokens.shape[-1])
     out = out.index_copy(0, flat_mask.nonzero().squeeze(1), tokens)
-    valid = image_mask[:, :, None].expand(b, c, n).reshape(b, c * n)
     return out.reshape(b, c * n, -1), valid

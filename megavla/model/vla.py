@@ -222,8 +222,13 @@ class VLA(nn.Module):
     def run(self, batch: Batch, noise: torch.Tensor | None = None,
             time: torch.Tensor | None = None) -> Outputs:
         """The training-path computation (objectives with weight 0 are left out of the sequence)."""
-        cfg = self.cfg
         losses.check_batch(self, batch)
+        return self.run_checked(batch, noise, time)
+
+    def run_checked(self, batch: Batch, noise: torch.Tensor | None = None,
+                    time: torch.Tensor | None = None) -> Outputs:
+        """`run` after `losses.check_batch` (host reads of the token ids: outside a compiled graph)."""
+        cfg = self.cfg
         use_flow, use_fast = cfg.flow_weight > 0, cfg.fast_weight > 0
         with_subtask = self.subtask_in_sequence
         prefix = self.prefix_tokens(batch)
@@ -263,8 +268,20 @@ class VLA(nn.Module):
                 time: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Weighted loss of the objectives with weight > 0 (others are not computed) + detached
         per-objective and per-embodiment values ("flow/<embodiment id>", ...) for logging."""
+        losses.check_batch(self, batch)
+        if self.cfg.flow_weight > 0:
+            # Drawn here, outside what train.compile=full compiles: inductor's random ops draw other
+            # numbers than eager's from the same seed. Same order and shapes as noisy_actions.
+            a = batch.actions
+            time = losses.sample_time(a.shape[0], a.device) if time is None else time
+            noise = torch.randn_like(a) if noise is None else noise
+        return self.compute_losses(batch, noise, time)
+
+    def compute_losses(self, batch: Batch, noise: torch.Tensor | None = None,
+                       time: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`forward` after the batch check: what `train.compile=full` compiles (one graph)."""
         cfg = self.cfg
-        res = self.run(batch, noise, time)
+        res = self.run_checked(batch, noise, time)
         out: dict[str, torch.Tensor] = {}
         total = res.backbone_hidden.new_zeros((), dtype=torch.float32)
         if res.velocity is not None:
