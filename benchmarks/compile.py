@@ -1,20 +1,23 @@
 """torch.compile vs eager (`train.compile`, megavla/model/compile.py): training samples per CPU-s,
 first-compile time cold and warm, and `sample_actions` latency, eager vs compiled, in one run.
 
-    python benchmarks/compile.py [--presets tiny small] [--steps 30] [--batch 8] [--cold-presets tiny]
+    python benchmarks/compile.py [--presets tiny small] [--rounds 6] [--steps 10] [--batch 8]
     # quick check that it runs (numbers are not timings):
-    python benchmarks/compile.py --presets tiny --steps 2 --repeats 1 --cold-presets
+    python benchmarks/compile.py --presets tiny --steps 1 --rounds 2 --repeats 1 --cold-presets
 
-Training: one process per (preset, mode), 1 intra-op thread, plain PyTorch (the VLA from
-`build_model` + torch AdamW, fp32, no DeepSpeed, no data pipeline: one fixed `random_batch` of
-`--batch` samples with `--cameras` cameras), modes eager / blocks / full as `train.compile` applies
-them (`compile_model`). First step = forward + backward + optimizer step including compiling;
-`compile s` is what torch's compile metrics count of it; then `--steps` timed steps after 2 warm-up
-steps: ms/step (wall) and samples per CPU-s (process CPU time; on a GPU, where the work is not
-the CPU's, read ms/step: the GPU runs the repo's default kernels there). Ratios are against eager of the same
-preset in the same run. "cold": a fresh, empty inductor cache directory (a first run on a machine);
-"warm": a second process on that directory (every later run); the rows without the word use the
-user's own cache (/tmp/torchinductor_$USER, as training does), whatever it holds.
+Training: one process per (preset, mode, cache), 1 intra-op thread, plain PyTorch (the VLA from
+`build_model` + torch's fused AdamW as the trainer's train.optimizer=auto, fp32, no DeepSpeed, no data
+pipeline: one fixed `random_batch` of `--batch` samples, `--cameras` cameras and `--lengths` token
+columns: by default those of the mini experiment's finetune batches). The process builds the eager
+model and its `train.compile` twin (`compile_model`, same initial weights; the first losses are
+checked equal), then times them in alternating rounds of `--steps` steps: ms/step (wall) and samples
+per CPU-s (process CPU time; on a GPU read ms/step). "x eager" is the median over rounds of eager
+CPU-s / compiled CPU-s, with its range. First step = the compiled model's forward + backward +
+optimizer step including compiling; `compile s` is what torch's compile metrics count of it. "cold":
+a fresh, empty inductor cache directory (a first run on a machine); "warm": a second process on that
+directory (every later run); "user": the user's own cache (/tmp/torchinductor_$USER, as training).
+"ceiling" (CPU): 1 / the share of the eager step's CPU time in dense ops (profiled): compiling fuses
+and removes the rest, not matmuls, so no compile mode can beat it.
 
 Inference: `sample_actions` of one observation (KV cache, `--flow-steps` steps), the model's eager
 method vs `CompiledSampler` (what `load_policy(compile=True)` / `megavla serve --compile` run),
@@ -38,40 +41,87 @@ MODES = ("none", "blocks", "full")
 KERNELS = {"cpu": {"kernels": "torch", "attention": "sdpa"}, "cuda": {}}
 
 
-def train_worker(preset: str, mode: str, steps: int, batch_size: int, cameras: int) -> dict:
+# aten ops that do the dense arithmetic: compiling makes none of them faster, so the eager step's
+# time outside them bounds what compiling can gain.
+DENSE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
+             "aten::convolution", "aten::mkldnn_convolution", "aten::linear")
+
+
+def dense_seconds(model, step) -> tuple[float, float]:
+    """(self CPU-s of the dense ops, total self CPU-s) over 3 steps under the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    dense = sum(e.self_cpu_time_total for e in events if e.key.startswith(DENSE_OPS))
+    return dense / 3e6, total / 3e6
+
+
+def train_worker(preset: str, mode: str, steps: int, rounds: int, batch_size: int, cameras: int,
+                 lengths: list[int]) -> dict:
+    """Eager and ``mode`` in one process on the same batch, timed in alternating rounds (the VM's
+    noise hits both alike); the ratio is the median over rounds of eager CPU-s / compiled CPU-s."""
     import torch
     torch.set_num_threads(1)
     from megavla.config.model import ModelConfig
+    from megavla.model.compile import compile_model, compile_seconds
     from megavla.model.synthetic import random_batch
     from megavla.model.vla import build_model
-    torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(ModelConfig(preset=preset, **KERNELS[device.type])).to(device).train()
-    if mode != "none":
-        from megavla.model.compile import compile_model
-        compile_model(model, mode)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = random_batch(model.cfg, batch_size=batch_size, num_cameras=cameras).to(device)
+    cfg = ModelConfig(preset=preset, action_conditioning="instruction", **KERNELS[device.type])
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = build_model(cfg).to(device).train()
+    text_len, subtask_len, fast_len = lengths
+    batch = random_batch(models["eager"].cfg, batch_size=batch_size, num_cameras=cameras, text_len=text_len,
+                         subtask_len=subtask_len, fast_len=fast_len).to(device)
 
-    def step() -> float:
-        loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)   # a host read: the step has ended (on a GPU too)
+    def make_step(model):
+        # the trainer's optimizer (train.optimizer=auto: torch's fused AdamW, on a CPU too)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
+        def step(noise=None, time=None) -> float:
+            loss = model(batch, noise, time)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss)   # a host read: the step has ended (on a GPU too)
+        return step
+
+    steps_fn = {name: make_step(m) for name, m in models.items()}
+    compile_model(models["compiled"], mode)
+    noise = torch.randn(batch.actions.shape, device=device)
+    flow_time = torch.rand(batch_size, device=device)
     t0 = time.perf_counter()
-    step()
+    first_loss = steps_fn["compiled"](noise, flow_time)
     first = time.perf_counter() - t0
-    for _ in range(WARMUP - 1):
-        step()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    from megavla.model.compile import compile_seconds
-    return {"first_s": first, "compile_s": compile_seconds(), "ms_per_step": wall / steps * 1e3,
-            "samples_per_cpu_s": steps * batch_size / max(cpu, 1e-9)}
+    eager_loss = steps_fn["eager"](noise, flow_time)
+    assert abs(first_loss - eager_loss) <= 1e-4 * abs(eager_loss) + 1e-5, f"compiled loss {first_loss} != eager {eager_loss}"
+    for _ in range(WARMUP):
+        for fn in steps_fn.values():
+            fn()
+    cpu = {name: [] for name in steps_fn}
+    wall = {name: [] for name in steps_fn}
+    for r in range(rounds):
+        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                steps_fn[name]()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    ratios = [e / c for e, c in zip(cpu["eager"], cpu["compiled"])]
+    out = {"first_s": first, "compile_s": compile_seconds(), "ratio": statistics.median(ratios),
+           "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    for name in steps_fn:
+        out[name] = {"ms_per_step": statistics.median(wall[name]) / steps * 1e3,
+                     "samples_per_cpu_s": steps * batch_size / statistics.median(cpu[name])}
+    if device.type == "cpu":
+        dense, total = dense_seconds(models["eager"], steps_fn["eager"])
+        out["eager_dense_share"] = dense / total
+    return out
 
 
 def infer_worker(preset: str, repeats: int, flow_steps: int, cameras: int) -> dict:
@@ -120,12 +170,16 @@ def run_worker(kind: str, args: list, cache_dir: str | None = None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    p.add_argument("--steps", type=int, default=30, help="timed training steps per mode (after 2 warm-up)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds per model (eager and compiled alternate)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cameras", type=int, default=3)
+    p.add_argument("--lengths", type=int, nargs=3, default=[16, 6, 80], metavar=("TEXT", "SUBTASK", "FAST"),
+                   help="token columns of the batch (default: the mini experiment's finetune batches)")
     p.add_argument("--repeats", type=int, default=10, help="timed sample_actions calls")
     p.add_argument("--flow-steps", type=int, default=10)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="train.compile modes to time")
+    p.add_argument("--modes", nargs="+", default=["blocks", "full"], choices=MODES[1:],
+                   help="train.compile modes to time against eager")
     p.add_argument("--cold-presets", nargs="*", default=["tiny"],
                    help="presets whose compiled modes also run cold + warm on a fresh cache directory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -136,26 +190,30 @@ def main() -> None:
         return
     import torch
     where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU, 1 thread per process"
-    print(f"torch {torch.__version__}, {where}, 1 process per row, fp32, batch {args.batch}, "
-          f"{args.cameras} cameras, {args.steps} timed steps\n")
-    print("| preset | compile | cache | first step (s) | compile (s) | ms/step | samples/CPU-s | x eager |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {where}, fp32, batch {args.batch}, {args.cameras} cameras, tokens "
+          f"text/subtask/FAST {'/'.join(map(str, args.lengths))}, {args.rounds} rounds of {args.steps} steps "
+          "per model, eager and compiled alternating in one process\n")
+    print("| preset | compile | cache | first step (s) | compile (s) | ms/step eager | ms/step compiled | "
+          "samples/CPU-s eager | samples/CPU-s compiled | x eager (median [min, max]) | ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
-        runs = []
-        for mode in ["none"] + [m for m in args.modes if m != "none"]:
-            runs.append((mode, "user", run_worker("train", [preset, mode, args.steps, args.batch, args.cameras])))
-            if mode != "none" and preset in args.cold_presets:
+        for mode in args.modes:
+            work = [preset, mode, args.steps, args.rounds, args.batch, args.cameras, args.lengths]
+            runs = [("user", run_worker("train", work))]
+            if preset in args.cold_presets:
                 with tempfile.TemporaryDirectory(prefix="inductor-cold-") as fresh:
-                    for cache in ("cold", "warm"):
-                        runs.append((mode, cache, run_worker("train", [preset, mode, args.steps, args.batch,
-                                                                       args.cameras], fresh)))
-        eager = runs[0][2]["samples_per_cpu_s"]
-        for mode, cache, r in runs:
-            print(f"| {preset} | {mode} | {cache} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
-                  f"{r['ms_per_step']:.1f} | {r['samples_per_cpu_s']:.0f} | {r['samples_per_cpu_s'] / eager:.2f} |",
-                  flush=True)
-    print(f"\nsample_actions, 1 observation, instruction-conditioned actions, {args.flow_steps} flow steps, median of {args.repeats} "
-          "(first call = the compile, user's cache)\n")
+                    runs += [(cache, run_worker("train", work, fresh)) for cache in ("cold", "warm")]
+            for cache, r in runs:
+                e, c = r["eager"], r["compiled"]
+                ceiling = f"{1 / r['eager_dense_share']:.2f}" if "eager_dense_share" in r else "n/a"
+                print(f"| {preset} | {mode} | {cache} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
+                      f"{e['ms_per_step']:.1f} | {c['ms_per_step']:.1f} | {e['samples_per_cpu_s']:.0f} | "
+                      f"{c['samples_per_cpu_s']:.0f} | {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | "
+                      f"{ceiling} |", flush=True)
+    print("\nceiling: eager step CPU time / the part of it in dense ops (matmul, attention, convolution), "
+          "which compiling leaves as they are: the ratio if everything else took no time")
+    print(f"\nsample_actions, 1 observation, instruction-conditioned actions, {args.flow_steps} flow steps, median of "
+          f"{args.repeats} (first call = the compile, user's cache)\n")
     print("| preset | eager (ms) | compiled (ms) | x eager latency | compiled first call (s) |")
     print("|---|---|---|---|---|")
     for preset in args.presets:
