@@ -64,17 +64,19 @@ def test_blocks_compile_equals_eager_with_activation_checkpointing():
     assert compile_seconds() > 0
 
 
-def test_full_compile_is_one_graph_equal_to_eager_across_token_lengths():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_full_compile_is_one_graph_equal_to_eager_across_token_lengths(checkpointing):
     """compile=full: one graph (no break) for forward + backward, reused across batches whose token
     columns differ (marked dynamic: no recompile), wrist cameras absent in human rows
-    (the static vision path); loss and gradients equal eager's."""
+    (the static vision path), with and without activation checkpointing; loss and gradients equal
+    eager's."""
     import copy
 
     import torch._dynamo.utils as dynamo_utils
 
     from megavla.model.compile import compile_model
     from megavla.model.synthetic import random_batch
-    eager = tiny_model(action_conditioning="instruction").train()
+    eager = tiny_model(action_conditioning="instruction", activation_checkpointing=checkpointing).train()
     compiled = copy.deepcopy(eager)
     compile_model(compiled, "full")
     assert list(compiled.state_dict()) == list(eager.state_dict())
@@ -203,11 +205,12 @@ def test_compiled_training_equals_eager_on_2_ranks(mode, stage, tiny_synth_data,
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(3600)
-def test_compiled_run_resumes_exactly(tiny_synth_data, eager_runs, tmp_path):
-    """A compiled (blocks, ZeRO-2) run stopped after step 10 and resumed (compiling again) ends where
-    the uninterrupted eager run ends, step for step."""
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_compiled_run_resumes_exactly(mode, tiny_synth_data, eager_runs, tmp_path):
+    """A compiled (ZeRO-2) run stopped after step 10 and resumed (compiling again) ends where the
+    uninterrupted eager run ends, step for step."""
     run = tmp_path / "run"
-    train(tiny_synth_data, run, "train.compile=blocks", "train.max_steps_per_run=10")
+    train(tiny_synth_data, run, f"train.compile={mode}", "train.max_steps_per_run=10")
     assert sorted(metrics(run)) == list(range(1, 11))
-    train(tiny_synth_data, run, "train.compile=blocks", resume="auto")
+    train(tiny_synth_data, run, f"train.compile={mode}", resume="auto")
     assert_runs_equal(run, eager_runs[2], steps=range(11, STEPS + 1))

@@ -113,9 +113,14 @@ def compile_model(model: torch.nn.Module, mode: str, zero_stage: int = 0) -> Non
     check_compile_config(mode, zero_stage)
     if "torch._dynamo" not in sys.modules:
         import_compiler()
-    # Batches pad their token fields to the longest sample of the batch: a compiled graph would
-    # recompile per length (then fall back to slower dynamic-shape kernels). Pad to static lengths.
+    # Token lengths change every batch: one graph for all of them (DynamicTokenLengths).
     model.forward = DynamicTokenLengths(model.forward)
+    # The attention layout memoizes its masks (kernels/attention.py AttentionLayout._cache) on first
+    # use, i.e. inside the first layer; under activation checkpointing dynamo refuses that write in
+    # the checkpointed region (and runs the whole layer eagerly) unless told that the backward's
+    # recompute need not replay it -- it need not: a memo, recomputed the same if absent.
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if mode == "full":
         # The forward after its host-side batch check (losses.check_batch reads token ids on the
         # host: a graph break); an instance attribute, so parameter names and state_dict keys stay.
@@ -143,12 +148,6 @@ def compile_model(model: torch.nn.Module, mode: str, zero_stage: int = 0) -> Non
         log.info("compile=blocks under ZeRO-3: %d vision layers compiled; the decoder layers stay eager "
                  "(their parameters are gathered by hooks inside the shared layer)", n_vision)
         return
-    # The attention layout memoizes its masks (kernels/attention.py AttentionLayout._cache) on first
-    # use, i.e. inside the first layer; under activation checkpointing dynamo refuses that write in
-    # the checkpointed region (and runs the whole layer eagerly) unless told that the backward's
-    # recompute need not replay it -- it need not: a memo, recomputed the same if absent.
-    import torch._dynamo.config as dynamo_config
-    dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     call = CompiledLayerCall()
     for stack in stacks:
         stack.layer_call = call
