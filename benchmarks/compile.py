@@ -207,8 +207,8 @@ def main() -> None:
                 e, c = r["eager"], r["compiled"]
                 ceiling = f"{1 / r['eager_dense_share']:.2f}" if "eager_dense_share" in r else "n/a"
                 print(f"| {preset} | {mode} | {cache} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
-                      f"{e['ms_per_step']:.1f} | {c['ms_per_step']:.1f} | {e['samples_per_cpu_s']:.0f} | "
-                      f"{c['samples_per_cpu_s']:.0f} | {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | "
+                      f"{e['ms_per_step']:.1f} | {c['ms_per_step']:.1f} | {e['samples_per_cpu_s']:.3g} | "
+                      f"{c['samples_per_cpu_s']:.3g} | {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | "
                       f"{ceiling} |", flush=True)
     print("\nceiling: eager step CPU time / the part of it in dense ops (matmul, attention, convolution), "
           "which compiling leaves as they are: the ratio if everything else took no time")
