@@ -35,31 +35,43 @@ def test_compile_config_is_checked_at_load():
     assert load_config(demo, ["train.run_dir=x", "train.compile=blocks", "train.zero_stage=3"]).train.compile == "blocks"
 
 
+def compiled_twin(mode: str, **overrides):
+    """(eager tiny model, its deepcopy compiled in place with ``mode``); same state_dict keys."""
+    import copy
+
+    from megavla.model.compile import compile_model
+    eager = tiny_model(**overrides).train()
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled, mode)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    return eager, compiled
+
+
+def assert_step_equal(eager, compiled, batch) -> None:
+    """One forward + backward of both on ``batch`` with the same noise and time: equal loss and
+    gradients (fp32)."""
+    noise, time = torch.randn(batch.batch_size, eager.cfg.chunk_length, eager.cfg.action_dim), torch.rand(batch.batch_size)
+    for model in (eager, compiled):
+        model.zero_grad(set_to_none=True)
+        model.loss = model(batch, noise, time)["loss"]
+        model.loss.backward()
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    grads = dict(eager.named_parameters())
+    for name, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_blocks_compile_equals_eager_with_activation_checkpointing():
     """Per-block compile in place, checkpoint inside the compiled layer: the same loss and gradients
     as the eager model over 3 steps (fp32), the same state_dict keys, no graph break."""
-    import copy
-
     import torch._dynamo.utils as dynamo_utils
 
-    from megavla.model.compile import compile_model, compile_seconds
+    from megavla.model.compile import compile_seconds
     from megavla.model.synthetic import random_batch
-    eager = tiny_model(activation_checkpointing=True).train()
-    compiled = copy.deepcopy(eager)
-    compile_model(compiled, "blocks")
-    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager, compiled = compiled_twin("blocks", activation_checkpointing=True)
     breaks_before = sum(dynamo_utils.counters["graph_break"].values())
     for step in range(3):
-        batch = random_batch(eager.cfg, batch_size=4, num_cameras=3, seed=step)
-        noise, time = torch.randn(4, eager.cfg.chunk_length, eager.cfg.action_dim), torch.rand(4)
-        for model in (eager, compiled):
-            model.zero_grad(set_to_none=True)
-            model.loss = model(batch, noise, time)["loss"]
-            model.loss.backward()
-        torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
-        grads = dict(eager.named_parameters())
-        for name, p in compiled.named_parameters():
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_step_equal(eager, compiled, random_batch(eager.cfg, batch_size=4, num_cameras=3, seed=step))
     assert sum(dynamo_utils.counters["graph_break"].values()) == breaks_before
     assert compile_seconds() > 0
 
@@ -70,31 +82,18 @@ def test_full_compile_is_one_graph_equal_to_eager_across_token_lengths(checkpoin
     columns differ (marked dynamic: no recompile), wrist cameras absent in human rows
     (the static vision path), with and without activation checkpointing; loss and gradients equal
     eager's."""
-    import copy
-
     import torch._dynamo.utils as dynamo_utils
 
-    from megavla.model.compile import compile_model
     from megavla.model.synthetic import random_batch
-    eager = tiny_model(action_conditioning="instruction", activation_checkpointing=checkpointing).train()
-    compiled = copy.deepcopy(eager)
-    compile_model(compiled, "full")
-    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager, compiled = compiled_twin("full", action_conditioning="instruction",
+                                    activation_checkpointing=checkpointing)
     breaks = sum(dynamo_utils.counters["graph_break"].values())
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     for step, (text, subtask, fast) in enumerate([(6, 5, 8), (9, 3, 12), (5, 6, 7)]):
         batch = random_batch(eager.cfg, batch_size=4, num_cameras=3, text_len=text, subtask_len=subtask,
                              fast_len=fast, seed=step)
         assert not batch.image_mask.all()
-        noise, time = torch.randn(4, eager.cfg.chunk_length, eager.cfg.action_dim), torch.rand(4)
-        for model in (eager, compiled):
-            model.zero_grad(set_to_none=True)
-            model.loss = model(batch, noise, time)["loss"]
-            model.loss.backward()
-        torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
-        grads = dict(eager.named_parameters())
-        for name, p in compiled.named_parameters():
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_step_equal(eager, compiled, batch)
     assert sum(dynamo_utils.counters["graph_break"].values()) == breaks
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs + 1
 
